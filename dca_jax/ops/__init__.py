@@ -1,0 +1,1 @@
+"""Pure array functions: the gated linear attention engine and exact window attention."""

@@ -1,0 +1,70 @@
+"""Input checks shared by the public functions of `dca_jax.ops`.
+
+Every public op validates its arguments here, at the boundary, so that a bad call fails with a
+message naming the argument, the expected value and the received one, instead of deep inside XLA.
+Inside the ops the data is trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+  """True when `x` holds values we can inspect now (not a tracer under jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_array(name: str, x: Any, ndim: int | Sequence[int], *, floating: bool = True) -> None:
+  """Checks that `x` is an array of the given rank(s) (and a floating dtype when asked)."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}.")
+  ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+  if x.ndim not in ranks:
+    expected = " or ".join(str(r) for r in ranks)
+    raise ValueError(f"{name} must have rank {expected}, got rank {x.ndim} with shape {tuple(x.shape)}.")
+  if floating and not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {x.dtype}.")
+
+
+def check_dim(name: str, x: Any, axis: int, expected: int, what: str) -> None:
+  """Checks one dimension of `x` against the value fixed by another argument."""
+  got = x.shape[axis]
+  if got != expected:
+    raise ValueError(f"{name} has {what} = {got} (shape {tuple(x.shape)}), expected {expected}.")
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+  """Checks that `value` is a Python int >= 1 (or None when allowed)."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def check_reset(reset: Any, batch: int, time: int) -> None:
+  """Checks an optional reset mask of shape [B, T] and boolean dtype."""
+  if reset is None:
+    return
+  if not hasattr(reset, "shape"):
+    raise TypeError(f"reset must be a boolean array of shape [B, T] or None, got {type(reset).__name__}.")
+  if tuple(reset.shape) != (batch, time):
+    raise ValueError(f"reset must have shape [B, T] = {(batch, time)}, got {tuple(reset.shape)}.")
+  if reset.dtype != jnp.bool_:
+    raise TypeError(f"reset must have dtype bool, got {reset.dtype}.")
+
+
+def check_nonpositive(name: str, x: Any) -> None:
+  """Checks that a concrete array has no value > 0 (skipped for tracers, where values are unknown)."""
+  if not is_concrete(x):
+    return
+  values = np.asarray(x)
+  if values.size and np.nanmax(values) > 0:
+    raise ValueError(
+        f"{name} must be <= 0 everywhere (it is a log decay), got a maximum of {float(np.nanmax(values))}.")
+  if np.isnan(values).any():
+    raise ValueError(f"{name} contains NaN.")
