@@ -1,0 +1,129 @@
+"""Public entry point of the engine: `gated_linear_attention` in any of its four forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dca_jax.ops import _checks
+from dca_jax.ops.chunked import chunked
+from dca_jax.ops.planner import Mode, plan_engine
+from dca_jax.ops.quadratic import quadratic
+from dca_jax.ops.scan import associative, recurrent
+
+
+def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None, mode="auto",
+                           chunk_size=None, return_final_state=False):
+  """Gated linear attention: a linear recurrence over a K x V matrix state with data-dependent decay.
+
+  For every batch row and head (B batch, T time, H heads, K key dim, V value dim):
+
+      S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T,      o_t = S_t^T q_t,
+
+  from S_0 = `initial_state` (zeros if None). No scaling is applied: scale q beforehand. Where
+  `reset[b, t]` is true, the state carried into step t is dropped, so a new document starts at t
+  (S_t = k_t v_t^T). All forms compute the same function; they differ in cost:
+
+  | mode        | time            | memory      | use                          |
+  |-------------|-----------------|-------------|------------------------------|
+  | recurrent   | O(T K V)        | O(K V)      | decoding, reference          |
+  | associative | O(T K V) work   | O(T K V)    | parallel hardware, short T   |
+  | chunked     | O(T C (K+V) + T K V) | O(T/C K V + T C) | training, prefill  |
+  | quadratic   | O(T^2 K)        | O(T^2 K)    | tests, tiny T                |
+
+  States and accumulations are float32 whatever the input dtype; any T >= 1 and any chunk size
+  work (inputs are padded internally). Very negative and -inf log decays are exact (they erase
+  the state): no form ever exponentiates a positive sum of log decays.
+
+  Args:
+    q: [B, T, H, K] queries.
+    k: [B, T, H, K] keys.
+    v: [B, T, H, V] values.
+    log_decay: [B, T, H, K] (one decay per key channel, as in GLA) or [B, T, H] (one per head, as
+      in Mamba-2/RetNet); values in [-inf, 0].
+    initial_state: optional [B, H, K, V] state to continue from.
+    reset: optional bool [B, T]; true where a new document starts.
+    mode: "auto", "recurrent", "associative", "chunked" or "quadratic" (or a `Mode`). "auto"
+      asks `plan_engine` (the rule measured by experiments/benchmark_engine.py).
+    chunk_size: chunk length for the chunked form (default: the planner's choice).
+    return_final_state: also return S_T.
+
+  Returns:
+    o [B, T, H, V] in the dtype of the inputs, or (o, S_T) with S_T float32 [B, H, K, V] when
+    `return_final_state` is true.
+
+  Raises:
+    ValueError: on wrong ranks or mismatched dimensions, a positive log decay (checked when the
+      values are concrete), an unknown mode or a chunk size < 1.
+    TypeError: on non-floating inputs or a non-boolean reset.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> q = k = jax.random.normal(jax.random.key(0), (1, 10, 2, 4))
+    >>> v = jnp.ones((1, 10, 2, 3))
+    >>> log_decay = jnp.full((1, 10, 2), -0.1)
+    >>> o, state = gated_linear_attention(q, k, v, log_decay, mode="chunked", chunk_size=4,
+    ...                                   return_final_state=True)
+    >>> o.shape, state.shape
+    ((1, 10, 2, 3), (1, 2, 4, 3))
+
+  References:
+    Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient Training",
+    eq. (3) and sec. 4; Katharopoulos et al. 2020, "Transformers are RNNs", sec. 3.2.
+  """
+  mode = Mode.parse(mode)
+  _checks.check_array("q", q, 4)
+  batch, time, heads, key_dim = q.shape
+  _checks.check_array("k", k, 4)
+  _checks.check_array("v", v, 4)
+  for name, x in (("k", k), ("v", v)):
+    for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
+      _checks.check_dim(name, x, axis, size, what + " (must match q)")
+  _checks.check_dim("k", k, 3, key_dim, "key dim K (must match q)")
+  value_dim = v.shape[3]
+  if time < 1:
+    raise ValueError(f"q must have length T >= 1, got T = {time}.")
+  _checks.check_array("log_decay", log_decay, (3, 4))
+  for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
+    _checks.check_dim("log_decay", log_decay, axis, size, what + " (must match q)")
+  if log_decay.ndim == 4:
+    _checks.check_dim("log_decay", log_decay, 3, key_dim, "key dim K (must match q)")
+  _checks.check_nonpositive("log_decay", log_decay)
+  if initial_state is not None:
+    _checks.check_array("initial_state", initial_state, 4)
+    expected = (batch, heads, key_dim, value_dim)
+    if tuple(initial_state.shape) != expected:
+      raise ValueError(
+          f"initial_state must have shape [B, H, K, V] = {expected}, got {tuple(initial_state.shape)}.")
+  _checks.check_reset(reset, batch, time)
+  _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+
+  out_dtype = jnp.result_type(q, k, v)
+  f32 = jnp.float32
+  q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+  g = log_decay.astype(f32)
+  if g.ndim == 3:
+    g = g[..., None]
+  if reset is not None:
+    # Dropping the carried state at t is a decay of exp(-inf) = 0 at t, in every form alike.
+    g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
+  if initial_state is None:
+    s0 = jnp.zeros((batch, heads, key_dim, value_dim), f32)
+  else:
+    s0 = initial_state.astype(f32)
+
+  if mode is Mode.AUTO:
+    plan = plan_engine(time, key_dim, value_dim)
+    mode = plan.mode
+    chunk_size = chunk_size or plan.chunk_size
+  if mode is Mode.RECURRENT:
+    o, final = recurrent(q, k, v, g, s0)
+  elif mode is Mode.ASSOCIATIVE:
+    o, final = associative(q, k, v, g, s0)
+  elif mode is Mode.QUADRATIC:
+    o, final = quadratic(q, k, v, g, s0)
+  else:
+    chunk = chunk_size or plan_engine(max(time, 1024), key_dim, value_dim).chunk_size
+    o, final = chunked(q, k, v, g, s0, chunk_size=chunk)
+  o = o.astype(out_dtype)
+  return (o, final) if return_final_state else o
