@@ -17,7 +17,7 @@ The chunk summaries (exp(g_chunk), U_n) are combined with `jax.lax.associative_s
 Intra-chunk scores A_ij = sum_c q_ic k_jc exp(g_{j+1..i, c}) need care with per-channel decays:
 the usual factorisation (q_i exp(into_i)) . (k_j exp(-into_j)) overflows once the decay inside a
 chunk exceeds ~88 nats (float32), which data-dependent decays easily reach. Here every chunk is
-cut again into sub-chunks of c <= 16 tokens:
+cut again into sub-chunks of c <= 8 tokens:
 
 * between sub-chunks J < I the decay splits at the two sub-chunk boundaries into three factors,
   each a direct sum of non-positive terms, so every exponential is <= 1 and nothing overflows:
@@ -41,11 +41,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops.quadratic import decay_matrix, decayed_scores, reverse_exclusive_cumsum
+from dca_jax.ops.quadratic import decay_matrix, decayed_scores, prefix_sum, reverse_exclusive_cumsum
 from dca_jax.ops.scan import combine_decayed_states
 
-# Sub-chunk length for per-channel decays: the in-log-space diagonal blocks cost O(c K) per token.
-SUB_CHUNK = 16
+# Sub-chunk length for per-channel decays: the in-log-space diagonal blocks cost O(c K) per token
+# and XLA's CPU backend handles these broadcast-reduce blocks poorly, so c stays small (8 measured
+# faster than 16 at T=8192, H=4, K=64: docs/engine_benchmark.md).
+SUB_CHUNK = 8
 
 
 def effective_chunk_size(chunk_size: int) -> int:
@@ -73,7 +75,7 @@ def _per_channel_scores(q, k, g):
   diagonal = decayed_scores(qs, ks, gs)                             # [..., I, c, c]
   if n_sub == 1:
     return diagonal[..., 0, :, :]
-  into = jnp.cumsum(gs, axis=-2)                                    # start(I)..i
+  into = prefix_sum(gs, axis=-2)                                    # start(I)..i
   after = reverse_exclusive_cumsum(gs, axis=-2)                     # j+1..end(J)
   totals = jnp.sum(gs, axis=-2)                                     # [..., I, K]
   # between[I, J] = sum of the totals of sub-chunks J+1 .. I-1 (direct sums, for J < I).
@@ -81,12 +83,17 @@ def _per_channel_scores(q, k, g):
   between = jnp.concatenate([jnp.zeros_like(spans[..., :1, :, :]), spans[..., :-1, :, :]], axis=-3)
   earlier = jnp.arange(n_sub)[:, None] > jnp.arange(n_sub)[None, :]
   between = jnp.where(earlier[:, :, None], between, -jnp.inf)       # exp -> 0 unless J < I
-  q_pair = (qs * jnp.exp(into))[..., :, None, :, :] * jnp.exp(between)[..., :, :, None, :]
-  off = jnp.einsum("...IJik,...Jjk->...IJij", q_pair, ks * jnp.exp(after))
-  eye = jnp.eye(n_sub, dtype=q.dtype)
-  blocks = off + eye[:, :, None, None] * diagonal[..., :, None, :, :]
-  blocks = jnp.swapaxes(blocks, -3, -2)                             # [..., I, i, J, j]
-  return blocks.reshape(blocks.shape[:-4] + (chunk, chunk))
+  # For each key sub-chunk J, every query of the chunk scaled to J's end: [..., J, I, i, K].
+  pair_decay = jnp.exp(jnp.swapaxes(between, -3, -2))               # [..., J, I, K]
+  q_scaled = (qs * jnp.exp(into))[..., None, :, :, :] * pair_decay[..., :, :, None, :]
+  q_scaled = q_scaled.reshape(q_scaled.shape[:-3] + (chunk, q.shape[-1]))   # [..., J, C, K]
+  off = jnp.einsum("...Jqk,...Jjk->...qJj", q_scaled, ks * jnp.exp(after))    # [..., C, J, c]
+  off = off.reshape(off.shape[:-2] + (chunk,))
+  same = (jnp.arange(chunk)[:, None] // sub) == (jnp.arange(chunk)[None, :] // sub)
+  # Place the diagonal blocks: [..., I, i, j] -> [..., C, C] with zeros off the block diagonal.
+  diag_full = jnp.einsum("...Iij,IJ->...IiJj", diagonal, jnp.eye(n_sub, dtype=q.dtype))
+  diag_full = diag_full.reshape(diag_full.shape[:-4] + (chunk, chunk))
+  return jnp.where(same, diag_full, off)
 
 
 def chunked(q, k, v, g, s0, *, chunk_size: int):
@@ -105,7 +112,7 @@ def chunked(q, k, v, g, s0, *, chunk_size: int):
   q, k, v, g = blocks(q), blocks(k), blocks(v), blocks(g)
 
   # Inter-chunk part: chunk summaries, then a parallel prefix over chunks.
-  into = jnp.cumsum(g, axis=-2)
+  into = prefix_sum(g, axis=-2)
   after = reverse_exclusive_cumsum(g, axis=-2)
   chunk_decay = jnp.exp(jnp.sum(g, axis=-2))[..., None]                     # [B, H, N, D, 1]
   summaries = jnp.einsum("bhnck,bhncv->bhnkv", k * jnp.exp(after), v)       # [B, H, N, K, V]

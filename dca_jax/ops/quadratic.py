@@ -33,7 +33,7 @@ def decay_matrix(g):
   length = g.shape[-2]
   later = jnp.arange(length)[:, None] > jnp.arange(length)[None, :]      # l > j
   terms = jnp.where(later[..., None], g[..., :, None, :], 0.0)            # [..., l, j, D]
-  return jnp.cumsum(terms, axis=-3)
+  return prefix_sum(terms, axis=-3)
 
 
 def decayed_scores(q, k, g):
@@ -60,9 +60,19 @@ def decayed_scores(q, k, g):
   return jnp.where(causal, scores, 0.0)
 
 
+def prefix_sum(x, axis, reverse=False):
+  """Inclusive prefix sum along `axis` (suffix sum when `reverse`).
+
+  Computed as a parallel prefix of additions (`jax.lax.associative_scan`): on CPU this is several
+  times faster than `jnp.cumsum`, which XLA lowers to a quadratic-cost reduce_window, and like
+  any sum of non-positive terms it keeps -inf exact (no subtraction is ever formed).
+  """
+  return jax.lax.associative_scan(jnp.add, x, axis=axis % x.ndim, reverse=reverse)
+
+
 def reverse_exclusive_cumsum(g, axis):
   """sum over l > i of g_l along `axis`, as a direct sum (no subtraction of prefix sums)."""
-  rev = jax.lax.cumsum(g, axis=axis % g.ndim, reverse=True)
+  rev = prefix_sum(g, axis, reverse=True)
   shifted = jax.lax.slice_in_dim(rev, 1, rev.shape[axis], axis=axis)
   pad = [(0, 0)] * g.ndim
   pad[axis % g.ndim] = (0, 1)
@@ -74,7 +84,7 @@ def quadratic(q, k, v, g, s0):
   qh, kh, vh, gh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, g))       # [B, H, T, .]
   scores = decayed_scores(qh, kh, gh)
   o = jnp.einsum("bhij,bhjv->bhiv", scores, vh)
-  into = jnp.cumsum(gh, axis=-2)                                       # decay from 0 to i
+  into = prefix_sum(gh, axis=-2)                                       # decay from 0 to i
   o = o + jnp.einsum("bhtk,bhkv->bhtv", qh * jnp.exp(into), s0)
   after = reverse_exclusive_cumsum(gh, axis=-2)                        # decay from j to T
   total = jnp.sum(gh, axis=-2)[..., None]                              # [B, H, D, 1]

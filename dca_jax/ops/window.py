@@ -2,11 +2,13 @@
 
 Each query sees the last W keys of its own document exactly, at a cost linear in T. The window
 is computed in blocks of P >= W tokens: a query block needs only its own key block and the one
-before it, so the scores never exceed [P, 2P] per block and no T x T matrix is ever formed.
+before it, so there are two [P, P] score blocks per query block and no T x T matrix is ever
+formed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,16 +16,18 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 
-# Smallest block, in tokens. Measured on this project's 2-core CPU (T=8192, B=1, H=4, K=V=64,
-# W=64, float32, jit, forward): P=64 3.6 ms, P=128 4.6 ms, P=256 7.0 ms; forward + backward
-# 16 / 19 / 26 ms. Blocks past 2W only add masked-out work, and tiny blocks (W < 32) pay more in
-# per-block overhead than they save in masked work, hence max(W, 32).
-_MIN_BLOCK = 32
 
+def _block_size(window: int) -> int:
+  """The block size P = W: the smallest with which two blocks cover every window.
 
-def _block_size(window: int, time: int) -> int:
-  """The block size P: at least the window (so two blocks cover it), never past T."""
-  return min(max(window, _MIN_BLOCK), time)
+  Larger blocks only add scores that the mask throws away. Measured on this project's 2-core
+  CPU (T=8192, B=1, H=4, K=V=64, float32, jit, best of 20 runs interleaved; the machine was
+  shared with other jobs, so trust the ratios more than the absolute times), W=64:
+  P=64 37 ms, P=128 55 ms, P=256 90 ms forward; 108 / 158 / 265 ms forward + backward.
+  Small windows gain nothing from a floor on P either (W=4: P=4 15 ms, P=8 20 ms, P=32 27 ms
+  forward; W=1: P=1 3 ms, P=32 24 ms).
+  """
+  return window
 
 
 def sliding_window_attention(
@@ -52,9 +56,9 @@ def sliding_window_attention(
   Shapes (B batch, T time, H heads, K key dim, V value dim, W window, P block):
   q, k: [B, T, H, K]; v: [B, T, H, V]; reset: [B, T] bool; output [B, T, H, V].
 
-  Computation: T is padded to N blocks of P = min(max(W, 32), T) tokens; query block n scores
-  against key blocks n-1 and n ([P, 2P] per block and head) and a position and document mask
-  keeps J_t. Time O(B H T P (K + V)) and memory O(B H T P), linear in T. The scores, softmax
+  Computation: T is padded to N blocks of P = min(W, T) tokens; query block n scores against
+  key blocks n - 1 and n (two [P, P] blocks per block and head) and a position and document
+  mask keeps J_t. Time O(B H T P (K + V)) and memory O(B H T P), linear in T. The scores, softmax
   and accumulation run in float32 (float64 for float64 inputs) whatever the input dtype; the
   result is cast back to q's dtype. Pure, and compatible with jit, vmap and grad.
 
@@ -84,8 +88,9 @@ def sliding_window_attention(
 
   References:
     Beltagy et al. 2020, "Longformer: The Long-Document Transformer", sec. 3.1 (sliding
-    window attention); Arora et al. 2024, "Simple linear attention language models balance
-    the recall-throughput tradeoff" (Based), sec. 3.2 (sliding window with linear attention).
+    window attention). Arora et al. 2024, "Simple linear attention language models balance
+    the recall-throughput tradeoff" (Based: a sliding window beside linear attention).
+    Design brief `docs/design/dca.md`, sec. 3 (the working memory of DCA).
   """
   _checks.check_array("q", q, 4)
   _checks.check_array("k", k, 4)
@@ -100,9 +105,11 @@ def sliding_window_attention(
   _checks.check_reset(reset, batch, time)
   if scale is None:
     scale = 1.0 / math.sqrt(key_dim)
+  if time == 0:
+    return jnp.zeros((batch, 0, heads, v.shape[-1]), q.dtype)
   # Keys further back than T never exist, so a huge window costs no more than W = T.
   window = min(int(window), time)
-  return _blocked(q, k, v, window, scale, reset, _block_size(window, time))
+  return _blocked(q, k, v, window, scale, reset, _block_size(window))
 
 
 def _blocked(
@@ -116,7 +123,6 @@ def _blocked(
 ) -> jax.Array:
   """The blocked computation for any block size P >= W; inputs already checked."""
   batch, time, heads, _ = q.shape
-  out_dtype = q.dtype
   dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
   n_blocks = -(-time // block)
   pad = n_blocks * block - time
@@ -127,37 +133,43 @@ def _blocked(
     x = jnp.pad(x.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
     return x.reshape(batch, n_blocks, block, heads, -1).transpose(0, 3, 1, 2, 4)
 
-  def with_previous(x):
-    # [..., N, P, D] -> [..., N, 2P, D]: block n - 1 then block n (zeros before block 0).
-    if n_blocks == 1:
-      return x
-    prev = jnp.pad(x[..., :-1, :, :], [(0, 0)] * (x.ndim - 3) + [(1, 0), (0, 0), (0, 0)])
-    return jnp.concatenate([prev, x], axis=-2)
+  def previous(x):
+    # Block n - 1 aligned with block n along N; block 0 gets zeros, which the mask drops.
+    return jnp.pad(x[:, :, :-1], [(0, 0), (0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 3))
 
   qb = to_blocks(q) * jnp.asarray(scale, dtype)
-  kb = with_previous(to_blocks(k))
-  vb = with_previous(to_blocks(v))
-  span = kb.shape[-2]  # 2P, or P when there is a single block
+  kb, vb = to_blocks(k), to_blocks(v)
 
-  # Global positions: query i of block n is t = nP + i, key s of the pair is j = nP + s - (span - P).
-  n = jnp.arange(n_blocks)[:, None, None]
-  i = jnp.arange(block)[None, :, None]
-  s = jnp.arange(span)[None, None, :]
-  rel = i - (s - (span - block))  # t - j
-  mask = (rel >= 0) & (rel < window) & (n * block + s - (span - block) >= 0)  # [N, P, span]
-  mask = mask[None, None]
+  # Query i and key s of one block are at t - j = i - s; against the previous block at i - s + P.
+  i = jnp.arange(block)[:, None]
+  s = jnp.arange(block)[None, :]
+  mask_cur = (s <= i) & (i - s < window)  # [P, P]
   if reset is not None:
-    # Padding after T continues the last document; such keys are already masked by causality.
-    doc = jnp.pad(jnp.cumsum(reset.astype(jnp.int32), axis=1), ((0, 0), (0, pad)), mode="edge")
+    # Document ids by a parallel prefix sum, 3x faster on CPU than jnp.cumsum (which XLA lowers
+    # to a reduce_window) at T=65536. Padding after T continues the last document; those keys
+    # are already masked by causality.
+    doc = jax.lax.associative_scan(jnp.add, reset.astype(jnp.int32), axis=1)
+    doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
     doc = doc.reshape(batch, 1, n_blocks, block, 1)
-    mask = mask & (doc == jnp.swapaxes(with_previous(doc), -1, -2))
+    mask_cur = mask_cur & (doc == jnp.swapaxes(doc, -1, -2))  # [B, 1, N, P, P]
+  # Two [P, P] score blocks rather than one [P, 2P] against concatenated keys: no copy of k and
+  # v, and it measured a little faster on CPU.
+  scores = [jnp.where(mask_cur, jnp.einsum("bhnpk,bhnsk->bhnps", qb, kb), -jnp.inf)]
+  values = [vb]
+  if n_blocks > 1:
+    mask_prev = (i - s + block < window) & (jnp.arange(n_blocks) > 0)[:, None, None]  # [N, P, P]
+    if reset is not None:
+      mask_prev = mask_prev & (doc == jnp.swapaxes(previous(doc), -1, -2))
+    scores_prev = jnp.einsum("bhnpk,bhnsk->bhnps", qb, previous(kb))
+    scores.append(jnp.where(mask_prev, scores_prev, -jnp.inf))
+    values.append(previous(vb))
 
-  scores = jnp.einsum("bhnpk,bhnsk->bhnps", qb, kb)
-  scores = jnp.where(mask, scores, -jnp.inf)
-  # The query itself is always unmasked, so the max is finite and the sum is >= 1.
-  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-  p = jnp.exp(scores - m)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bhnps,bhnsv->bhnpv", p, vb) / denom
+  # The query itself is never masked, so the max is finite and the normaliser is >= 1. The max
+  # only stabilises the exponentials; the softmax does not depend on it, hence no gradient.
+  m = functools.reduce(jnp.maximum, [x.max(-1, keepdims=True) for x in scores])
+  m = jax.lax.stop_gradient(m)
+  probs = [jnp.exp(x - m) for x in scores]
+  denom = sum(p.sum(-1, keepdims=True) for p in probs)
+  out = sum(jnp.einsum("bhnps,bhnsv->bhnpv", p, x) for p, x in zip(probs, values)) / denom
   out = out.transpose(0, 2, 3, 1, 4).reshape(batch, n_blocks * block, heads, -1)
-  return out[:, :time].astype(out_dtype)
+  return out[:, :time].astype(q.dtype)
