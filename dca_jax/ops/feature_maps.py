@@ -1,0 +1,89 @@
+"""Positive feature maps phi with phi(q) . phi(k) ~ a softmax kernel, for the compressed memory.
+
+The compressed memory of DCA scores a query against a summary of old keys through a kernel
+phi(q) . phi(k) that stands in for exp(q . k / sqrt(d)). It must be positive (it enters the same
+normaliser as the exact softmax scores of the window) and cheap.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+class FeatureMap(str, enum.Enum):
+  """Feature maps for the compressed memory."""
+
+  TAYLOR = "taylor"      # 2nd-order Taylor expansion of exp (Based, Arora et al. 2024)
+  ELU = "elu"            # elu(x) + 1 (Katharopoulos et al. 2020)
+
+  @classmethod
+  def parse(cls, value: "FeatureMap | str") -> "FeatureMap":
+    try:
+      return cls(value)
+    except ValueError:
+      choices = ", ".join(repr(m.value) for m in cls)
+      raise ValueError(f"feature_map must be one of {choices}, got {value!r}.") from None
+
+
+def feature_dim(kind: FeatureMap | str, dim: int) -> int:
+  """Number of features F that `feature_map(kind, x)` returns for inputs of size `dim`."""
+  kind = FeatureMap.parse(kind)
+  if kind is FeatureMap.TAYLOR:
+    return 1 + dim + dim * (dim + 1) // 2
+  return dim
+
+
+def _upper_pairs(dim: int):
+  rows, cols = jnp.triu_indices(dim)
+  # Off-diagonal products appear twice in (x x^T) . (y y^T); weighting them by sqrt(2) once in
+  # each feature vector keeps the dot product exact with only the upper triangle stored.
+  weight = jnp.where(rows == cols, 1.0, math.sqrt(2.0))
+  return rows, cols, weight
+
+
+def taylor_features(x):
+  """Second-order Taylor features: phi(x) . phi(y) = 1 + s + s^2 / 2 with s = x . y / sqrt(d).
+
+  The kernel 1 + s + s^2/2 >= 1/2 for every s, so it is strictly positive, and it matches
+  exp(s) to second order around s = 0.
+
+  Args:
+    x: [..., d] inputs (d is small: the features grow as d^2 / 2).
+
+  Returns:
+    [..., 1 + d + d (d + 1) / 2] float features, in x's dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x, y = jnp.array([0.3, -0.2]), jnp.array([0.1, 0.5])
+    >>> s = x @ y / jnp.sqrt(2.0)
+    >>> bool(jnp.allclose(taylor_features(x) @ taylor_features(y), 1 + s + s**2 / 2))
+    True
+
+  References:
+    Arora et al. 2024, "Simple linear attention language models balance the recall-throughput
+    tradeoff" (Based), sec. 3.2.
+  """
+  dim = x.shape[-1]
+  rows, cols, weight = _upper_pairs(dim)
+  first = x / dim ** 0.25
+  second = x[..., rows] * x[..., cols] * (weight / math.sqrt(2.0 * dim)).astype(x.dtype)
+  ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
+  return jnp.concatenate([ones, first, second], axis=-1)
+
+
+def elu_features(x):
+  """elu(x) + 1: positive, Katharopoulos et al. 2020 ("Transformers are RNNs"), sec. 3.2."""
+  return jax.nn.elu(x) + 1.0
+
+
+def feature_map(kind: FeatureMap | str, x):
+  """Applies the feature map `kind` to the last axis of `x`."""
+  kind = FeatureMap.parse(kind)
+  if kind is FeatureMap.TAYLOR:
+    return taylor_features(x)
+  return elu_features(x)
