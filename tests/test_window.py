@@ -153,8 +153,13 @@ def test_reset_equals_separate_documents():
 def test_any_block_size_at_least_the_window_agrees(window, block):
   # The public function always takes P = W; larger blocks exercise the masks in other positions.
   q, k, v, reset = _inputs(block, 2, 37, 2, 5, 3, 0.15)
-  out = jax.jit(window_lib._blocked, static_argnums=(3, 4, 6))(
-      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window, 0.5, jnp.asarray(reset), block)
+  def blocked(q, k, v, reset):
+    doc = jnp.cumsum(reset, axis=1, dtype=jnp.int32)
+    num, den, _ = window_lib.window_softmax_parts(q, k, v, window=window, scale=0.5, doc=doc,
+                                                  block_size=block)
+    return num / den[..., None]
+
+  out = jax.jit(blocked)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(reset))
   chex.assert_trees_all_close(np.asarray(out), _oracle(q, k, v, window, 0.5, reset),
                               **_TOL[jnp.float32])
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
+from dca_jax.ops.rotary import apply_rotary
 
 
 def _block_size(window: int) -> int:
@@ -107,49 +108,71 @@ def sliding_window_attention(
     scale = 1.0 / math.sqrt(key_dim)
   if time == 0:
     return jnp.zeros((batch, 0, heads, v.shape[-1]), q.dtype)
-  # Keys further back than T never exist, so a huge window costs no more than W = T.
-  window = min(int(window), time)
-  return _blocked(q, k, v, window, scale, reset, _block_size(window))
+  doc = None if reset is None else jnp.cumsum(reset, axis=1, dtype=jnp.int32)
+  num, den, _ = window_softmax_parts(q, k, v, window=window, scale=scale, doc=doc)
+  return (num / den[..., None]).astype(q.dtype)
 
 
-def _blocked(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    window: int,
-    scale: float | jax.Array,
-    reset: jax.Array | None,
-    block: int,
-) -> jax.Array:
-  """The blocked computation for any block size P >= W; inputs already checked."""
+def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: float | None = None,
+                         score_floor: float | None = None, block_size: int | None = None):
+  """The unnormalised pieces of window softmax, for callers that add other terms to it (DCA).
+
+  Returns N_t = sum_{j in J_t} exp(s_tj - m_t) v_j, Z_t = sum_{j in J_t} exp(s_tj - m_t) and
+  m_t = max(max_{j in J_t} s_tj, score_floor), so that softmax attention is N_t / Z_t and other
+  positive terms can share the normaliser after scaling by exp(-m_t). Inputs are not checked
+  (internal: the public wrappers check them).
+
+  Args:
+    q, k: [B, T, H, K]; v: [B, T, H, V].
+    window: W >= 1.
+    scale: score scale.
+    doc: optional int [B, T] document ids; a query sees only keys with its own id. Any ids work
+      (negative ones mark slots that only match each other), as long as each query's own id
+      makes it see itself.
+    rotary_base: when given, rotary embeddings by relative offsets (query i of a block is rotated
+      by i, or by i + P against the previous block; key s by s): angles stay below 2 P whatever
+      the absolute position, so no precision is lost on long sequences.
+    score_floor: optional lower bound on m_t.
+    block_size: P >= W (default W); larger blocks only add scores the mask drops (for tests).
+
+  Returns:
+    (N [B, T, H, V], Z [B, T, H], m [B, T, H]), float32 (float64 for float64 inputs).
+  """
   batch, time, heads, _ = q.shape
+  # Keys further back than T never exist, so a huge window costs no more than W = T.
+  block = block_size or _block_size(min(int(window), time))
   dtype = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
   n_blocks = -(-time // block)
   pad = n_blocks * block - time
 
+  def padded(x):
+    return jnp.pad(x.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+
   def to_blocks(x):
     # [B, T, H, D] -> [B, H, N, P, D]: batch dims lead and the contraction dim is last, the
     # layout XLA's CPU dot_general runs without copies.
-    x = jnp.pad(x.astype(dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
     return x.reshape(batch, n_blocks, block, heads, -1).transpose(0, 3, 1, 2, 4)
 
   def previous(x):
     # Block n - 1 aligned with block n along N; block 0 gets zeros, which the mask drops.
     return jnp.pad(x[:, :, :-1], [(0, 0), (0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 3))
 
-  qb = to_blocks(q) * jnp.asarray(scale, dtype)
-  kb, vb = to_blocks(k), to_blocks(v)
+  q_pad, k_pad = padded(q) * jnp.asarray(scale, dtype), padded(k)
+  q_prev_pad = q_pad
+  if rotary_base is not None:
+    in_block = jnp.arange(n_blocks * block) % block
+    k_pad = apply_rotary(k_pad, in_block, base=rotary_base)
+    q_prev_pad = apply_rotary(q_pad, in_block + block, base=rotary_base)
+    q_pad = apply_rotary(q_pad, in_block, base=rotary_base)
+  qb, kb, vb = to_blocks(q_pad), to_blocks(k_pad), to_blocks(padded(v))
 
   # Query i and key s of one block are at t - j = i - s; against the previous block at i - s + P.
   i = jnp.arange(block)[:, None]
   s = jnp.arange(block)[None, :]
   mask_cur = (s <= i) & (i - s < window)  # [P, P]
-  if reset is not None:
+  if doc is not None:
     # Padding after T continues the last document; those keys are already masked by causality.
-    # jnp.cumsum rather than an associative_scan: under 1 ms slower at T=65536 on CPU, but the
-    # scan's log(T) levels of slices doubled the compile time of this function (1.5 s vs 0.7 s).
-    doc = jnp.pad(jnp.cumsum(reset, axis=1, dtype=jnp.int32), ((0, 0), (0, pad)), mode="edge")
-    doc = doc.reshape(batch, 1, n_blocks, block, 1)
+    doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge").reshape(batch, 1, n_blocks, block, 1)
     mask_cur = mask_cur & (doc == jnp.swapaxes(doc, -1, -2))  # [B, 1, N, P, P]
   # Two [P, P] score blocks rather than one [P, 2P] against concatenated keys: no copy of k and
   # v, and it measured a little faster on CPU.
@@ -157,18 +180,24 @@ def _blocked(
   values = [vb]
   if n_blocks > 1:
     mask_prev = (i - s + block < window) & (jnp.arange(n_blocks) > 0)[:, None, None]  # [N, P, P]
-    if reset is not None:
+    if doc is not None:
       mask_prev = mask_prev & (doc == jnp.swapaxes(previous(doc), -1, -2))
-    scores_prev = jnp.einsum("bhnpk,bhnsk->bhnps", qb, previous(kb))
+    scores_prev = jnp.einsum("bhnpk,bhnsk->bhnps", to_blocks(q_prev_pad), previous(kb))
     scores.append(jnp.where(mask_prev, scores_prev, -jnp.inf))
     values.append(previous(vb))
 
   # The query itself is never masked, so the max is finite and the normaliser is >= 1. The max
-  # only stabilises the exponentials; the softmax does not depend on it, hence no gradient.
+  # only stabilises the exponentials; the result does not depend on it, hence no gradient.
   m = functools.reduce(jnp.maximum, [x.max(-1, keepdims=True) for x in scores])
+  if score_floor is not None:
+    m = jnp.maximum(m, score_floor)
   m = jax.lax.stop_gradient(m)
   probs = [jnp.exp(x - m) for x in scores]
-  denom = sum(p.sum(-1, keepdims=True) for p in probs)
-  out = sum(jnp.einsum("bhnps,bhnsv->bhnpv", p, x) for p, x in zip(probs, values)) / denom
-  out = out.transpose(0, 2, 3, 1, 4).reshape(batch, n_blocks * block, heads, -1)
-  return out[:, :time].astype(q.dtype)
+  den = sum(p.sum(-1) for p in probs)
+  num = sum(jnp.einsum("bhnps,bhnsv->bhnpv", p, x) for p, x in zip(probs, values))
+
+  def to_time(x):  # [B, H, N, P, ...] -> [B, T, H, ...]
+    x = jnp.moveaxis(x, 1, 3).reshape((batch, n_blocks * block, heads) + x.shape[4:])
+    return x[:, :time]
+
+  return to_time(num), to_time(den), to_time(m[..., 0])
