@@ -1,0 +1,37 @@
+"""The examples in the README and in docstrings run and print what they claim."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pathlib
+import pkgutil
+import re
+
+import pytest
+
+import dca_jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _modules():
+  names = ["dca_jax"]
+  for info in pkgutil.walk_packages(dca_jax.__path__, "dca_jax."):
+    names.append(info.name)
+  return sorted(names)
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_docstring_examples(name):
+  module = importlib.import_module(name)
+  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+  assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+def test_readme_python_blocks_run():
+  text = (ROOT / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+  assert blocks, "the README should show runnable Python"
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), {})
