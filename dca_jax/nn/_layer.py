@@ -1,0 +1,183 @@
+"""Shared pieces of the attention layers in `dca_jax.nn`: input checks, head reshapes, a base class.
+
+Every layer (softmax, sliding window, linear, gated linear, DCA) has the same interface:
+
+    layer = Layer(d_model, num_heads, *, rngs, dtype=None, param_dtype=jnp.float32, **options)
+    y = layer(x, reset=None)                       # x, y: [B, T, d_model]
+    cache = layer.init_cache(batch_size, max_length)
+    y, cache = layer.prefill(x, cache)             # continues from the cache
+    y_t, cache = layer.decode_step(x_t, cache)     # x_t, y_t: [B, d_model]
+
+The cache is an explicit pytree (a `flax.struct.dataclass`) of float32 states and an int32
+position counter, passed in and returned, never stored on the module: the module only holds
+parameters, so it can be split once (`nnx.split`) and its state closed over by `jax.lax.scan`:
+
+    graphdef, params = nnx.split(layer)
+
+    def step(cache, x_t):                         # inside jax.jit / jax.lax.scan
+      y_t, cache = nnx.merge(graphdef, params).decode_step(x_t, cache)
+      return cache, y_t
+
+    cache, ys = jax.lax.scan(step, layer.init_cache(B, L), xs)   # xs: [T, B, D], time-major
+
+or jit the bound call directly: `nnx.jit(lambda m, x_t, c: m.decode_step(x_t, c))`, which
+traces once per layer configuration and shape (the cache position is an array, not a Python
+int). Checks that need values (the softmax cache overflow) run only on concrete caches.
+
+Notation: B batch, T time, D = d_model, H heads, K key dim, V value dim per head, W window.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dca_jax.ops import _checks
+
+
+def check_heads(d_model: Any, num_heads: Any) -> None:
+  """Checks that d_model and num_heads are integers >= 1 and that num_heads divides d_model.
+
+  Raises:
+    ValueError: naming `d_model` or `num_heads`.
+  """
+  _checks.check_positive_int("d_model", d_model)
+  _checks.check_positive_int("num_heads", num_heads)
+  if d_model % num_heads:
+    raise ValueError(
+        f"num_heads must divide d_model, got num_heads = {num_heads} and d_model = {d_model}.")
+
+
+def check_sequence(x: Any, d_model: int, name: str = "x") -> None:
+  """Checks that `x` is a floating [B, T, d_model] array with T >= 1.
+
+  Raises:
+    TypeError: `x` is not an array or not floating.
+    ValueError: wrong rank, T = 0 or a last dim other than d_model.
+  """
+  _checks.check_array(name, x, 3)
+  if x.shape[-1] != d_model:
+    raise ValueError(
+        f"{name} must have shape [B, T, d_model] with d_model = {d_model}, got shape "
+        f"{tuple(x.shape)} (expected last dim {d_model}, got {x.shape[-1]}).")
+  if x.shape[1] < 1:
+    raise ValueError(f"{name} must have at least one token (T >= 1), got shape {tuple(x.shape)}.")
+
+
+def check_token(x_t: Any, d_model: int, name: str = "x_t") -> None:
+  """Checks that `x_t` is a floating [B, d_model] array (one token per batch row).
+
+  Raises:
+    TypeError: `x_t` is not an array or not floating.
+    ValueError: wrong rank or a last dim other than d_model.
+  """
+  _checks.check_array(name, x_t, 2)
+  if x_t.shape[-1] != d_model:
+    raise ValueError(
+        f"{name} must have shape [B, d_model] with d_model = {d_model}, got shape "
+        f"{tuple(x_t.shape)} (expected last dim {d_model}, got {x_t.shape[-1]}).")
+
+
+def check_cache_size(batch_size: Any, max_length: Any) -> None:
+  """Checks the arguments of `init_cache`: two integers >= 1."""
+  _checks.check_positive_int("batch_size", batch_size)
+  _checks.check_positive_int("max_length", max_length)
+
+
+def check_cache(cache: Any, cache_type: type, batch: int,
+                shapes: Mapping[str, tuple[int | None, ...]]) -> None:
+  """Checks that `cache` was made by `init_cache` of a matching layer for a batch of `batch` rows.
+
+  Args:
+    cache: the cache received.
+    cache_type: the class `init_cache` returns.
+    batch: B of the input.
+    shapes: for each array field of the cache, its expected shape; the first entry is ignored (it
+      is checked against `batch`) and None entries match anything (e.g. max_length).
+
+  Raises:
+    TypeError: `cache` is not a `cache_type`.
+    ValueError: naming `cache`, when its batch size or another dim does not match.
+  """
+  if not isinstance(cache, cache_type):
+    raise TypeError(
+        f"cache must be a {cache_type.__name__} (from init_cache), got {type(cache).__name__}.")
+  for field, expected in shapes.items():
+    got = tuple(getattr(cache, field).shape)
+    if got[0] != batch:
+      raise ValueError(
+          f"cache has batch size {got[0]} (cache.{field} shape {got}), but the input has batch "
+          f"size {batch}: build the cache with init_cache({batch}, max_length).")
+    if len(got) != len(expected) or any(e is not None and g != e for g, e in zip(got[1:], expected[1:])):
+      shown = tuple("*" if e is None else e for e in expected)
+      raise ValueError(
+          f"cache.{field} has shape {got}, expected {shown}: the cache was made by a layer with "
+          f"another configuration.")
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[..., H * K] -> [..., H, K]."""
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """[..., H, K] -> [..., H * K]."""
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+class AttentionLayer(nnx.Module):
+  """Base of the attention layers: stores the shared configuration, checks inputs, decodes.
+
+  Subclasses implement `__call__(x, *, reset=None)`, `init_cache(batch_size, max_length)` and
+  `prefill(x, cache)`; `decode_step` is a prefill of one token unless a subclass has a faster
+  path.
+
+  Attributes:
+    d_model: D, the model width (input and output features).
+    num_heads: H.
+    head_dim: D // H.
+    dtype: compute dtype of the projections (None: promote inputs and parameters).
+    param_dtype: dtype of the parameters.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, *, dtype: Any = None,
+               param_dtype: Any = jnp.float32):
+    check_heads(d_model, num_heads)
+    self.d_model = int(d_model)
+    self.num_heads = int(num_heads)
+    self.head_dim = self.d_model // self.num_heads
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+
+  def _linear(self, in_features: int, out_features: int, rngs: nnx.Rngs, *,
+              use_bias: bool = False) -> nnx.Linear:
+    """A projection in the layer's dtypes (bias-free unless asked)."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, rngs=rngs)
+
+  def _check_call(self, x: Any, reset: Any = None) -> None:
+    """Checks the arguments of `__call__`."""
+    check_sequence(x, self.d_model)
+    _checks.check_reset(reset, x.shape[0], x.shape[1])
+
+  def decode_step(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    """Processes one token per batch row, continuing from `cache`.
+
+    Equivalent to `prefill(x_t[:, None], cache)` with the time axis removed.
+
+    Args:
+      x_t: [B, D] the current token.
+      cache: the cache from `init_cache`, `prefill` or a previous `decode_step`.
+
+    Returns:
+      (y_t [B, D] in x_t's dtype, the updated cache).
+
+    Raises:
+      TypeError, ValueError: as `prefill`, and when x_t is not [B, D].
+    """
+    check_token(x_t, self.d_model)
+    y, cache = self.prefill(x_t[:, None, :], cache)
+    return y[:, 0], cache

@@ -1,0 +1,213 @@
+"""Causal multi-head softmax attention with rotary positions and a KV cache: the exact baseline.
+
+Every past token is kept, so time is O(T^2 D) for a sequence and the decode cache grows by one key
+and one value per token (O(max_length H K) memory, O(max_length) work per decoded token). DCA
+matches it exactly while the context fits in its window and must beat it beyond.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dca_jax.nn import _layer
+from dca_jax.ops import _checks
+from dca_jax.ops.rotary import apply_rotary
+
+
+@struct.dataclass
+class KVCache:
+  """Decode cache of `SoftmaxAttention`: every key and value seen so far.
+
+  Attributes:
+    k: [B, L, H, K] float32 keys, already rotated at their absolute positions; slots at and after
+      `position` are unused (zeros). L = max_length.
+    v: [B, L, H, V] float32 values.
+    position: int32 scalar, the number of tokens seen, i.e. the absolute position of the next one.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  position: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    """L, the number of tokens the cache can hold (a static shape)."""
+    return self.k.shape[1]
+
+
+def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      scale: float) -> jax.Array:
+  """softmax(scale q k^T masked) v, in float32.
+
+  Args:
+    q: [B, T, H, K].
+    k: [B, S, H, K].
+    v: [B, S, H, V].
+    mask: bool, broadcastable to [B, T, S]; true where query t may see key s. Every query must
+      see at least one key.
+    scale: score multiplier.
+
+  Returns:
+    [B, T, H, V] float32.
+  """
+  f32 = jnp.float32
+  scores = jnp.einsum("bthk,bshk->bhts", q.astype(f32), k.astype(f32)) * scale
+  scores = jnp.where(mask[:, None], scores, -jnp.inf)
+  # The max only stabilises the exponentials; the softmax does not depend on it.
+  m = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
+  probs = jnp.exp(scores - m)
+  out = jnp.einsum("bhts,bshv->bthv", probs, v.astype(f32))
+  return out / jnp.swapaxes(probs.sum(-1), 1, 2)[..., None]
+
+
+class SoftmaxAttention(_layer.AttentionLayer):
+  r"""Causal multi-head softmax attention with rotary positions and a KV cache.
+
+  With q_t, k_t, v_t the per-head projections of x_t (K = V = d_model / H) and R_p the rotary
+  rotation at absolute position p (`dca_jax.ops.rotary.apply_rotary`):
+
+      o_t = sum_{j <= t, doc(j) = doc(t)} softmax_j( (R_t q_t) . (R_j k_j) / sqrt(K) ) v_j,
+      y_t = W_o concat_heads(o_t).
+
+  Positions are absolute (0..T-1) even across a `reset`: rotary scores depend only on p - j, so
+  restarting the positions of a document would not change anything; resets only mask the keys
+  of other documents. Scores, softmax and the cache are float32 whatever the compute dtype.
+
+  Cache overflow: a `prefill` or `decode_step` that would go past the cache's max_length raises
+  a ValueError when the cache position is concrete (eager calls). Under `jit` the position is a
+  tracer and cannot be checked; then tokens beyond max_length are not stored and their outputs,
+  and those of every later call on that cache, are NaN. That is deliberate: an overflow is never
+  silently wrong (dropping the keys and returning finite numbers would be). Check
+  `int(cache.position) <= cache.max_length` on the host if you need to know before it happens.
+
+  Shapes: x [B, T, D] -> [B, T, D]; reset [B, T] bool.
+
+  Args:
+    d_model: D.
+    num_heads: H, must divide D.
+    rngs: parameter initialisation keys.
+    dtype: compute dtype of the projections (None: promote inputs and parameters).
+    param_dtype: parameter dtype.
+    rotary_base: base of the rotary frequencies.
+
+  Raises:
+    ValueError: num_heads does not divide d_model, or either is not an integer >= 1.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = SoftmaxAttention(32, 4, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 10, 32))
+    >>> cache = layer.init_cache(2, max_length=16)
+    >>> y, cache = layer.prefill(x[:, :6], cache)
+    >>> y_t, cache = layer.decode_step(x[:, 6], cache)
+    >>> layer(x).shape, y_t.shape, int(cache.position)
+    ((2, 10, 32), (2, 32), 7)
+
+  References:
+    Vaswani et al. 2017, "Attention Is All You Need", sec. 3.2; Su et al. 2021, "RoFormer".
+  """
+
+  def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
+               param_dtype: Any = jnp.float32, rotary_base: float = 10000.0):
+    super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
+    if self.head_dim % 2:
+      raise ValueError(
+          f"d_model / num_heads must be even for rotary positions, got d_model = {d_model} and "
+          f"num_heads = {num_heads} (head dim {self.head_dim}).")
+    self.rotary_base = float(rotary_base)
+    self.q_proj = self._linear(d_model, d_model, rngs)
+    self.k_proj = self._linear(d_model, d_model, rngs)
+    self.v_proj = self._linear(d_model, d_model, rngs)
+    self.out_proj = self._linear(d_model, d_model, rngs)
+
+  def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries and keys and the values, each [B, T, H, K]."""
+    heads = self.num_heads
+    q = apply_rotary(_layer.split_heads(self.q_proj(x), heads), positions, base=self.rotary_base)
+    k = apply_rotary(_layer.split_heads(self.k_proj(x), heads), positions, base=self.rotary_base)
+    v = _layer.split_heads(self.v_proj(x), heads)
+    return q, k, v
+
+  def _output(self, o: jax.Array, dtype: Any) -> jax.Array:
+    return self.out_proj(_layer.merge_heads(o)).astype(dtype)
+
+  def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
+    """Full causal attention over x.
+
+    Args:
+      x: [B, T, D] floating.
+      reset: optional bool [B, T]; true where a new document starts (no attention across it).
+
+    Returns:
+      [B, T, D] in x's dtype.
+
+    Raises:
+      TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
+    """
+    self._check_call(x, reset)
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+    q, k, v = self._project(x, positions)
+    mask = (positions[:, None] >= positions[None, :])[None]       # [1, T, T]
+    if reset is not None:
+      doc = jnp.cumsum(reset.astype(jnp.int32), axis=1)             # [B, T]
+      mask = mask & (doc[:, :, None] == doc[:, None, :])
+    o = _masked_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
+    return self._output(o, x.dtype)
+
+  def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens (O(B L D) floats).
+
+    Raises:
+      ValueError: batch_size or max_length not an integer >= 1.
+    """
+    _layer.check_cache_size(batch_size, max_length)
+    shape = (batch_size, max_length, self.num_heads, self.head_dim)
+    return KVCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
+                   position=jnp.zeros((), jnp.int32))
+
+  def prefill(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Attends x to itself and to everything in the cache; appends x's keys and values.
+
+    Two prefills chain exactly like one over the concatenated input.
+
+    Args:
+      x: [B, T, D] floating, at absolute positions cache.position ... cache.position + T - 1.
+      cache: a `KVCache` with batch size B.
+
+    Returns:
+      (y [B, T, D] in x's dtype, the cache with T more tokens).
+
+    Raises:
+      TypeError, ValueError: bad x or a cache of another batch size or configuration.
+      ValueError: naming max_length, when the tokens would not fit in a concrete cache (under jit
+        see the class docstring: outputs past max_length are NaN).
+    """
+    _layer.check_sequence(x, self.d_model)
+    batch, time = x.shape[:2]
+    head_shape = (None, None, self.num_heads, self.head_dim)
+    _layer.check_cache(cache, KVCache, batch, {"k": head_shape, "v": head_shape})
+    max_length = cache.max_length
+    if _checks.is_concrete(cache.position):
+      start = int(cache.position)
+      if start + time > max_length:
+        raise ValueError(
+            f"the cache's max_length = {max_length} is too small: it holds {start} tokens and "
+            f"{time} more were given; build it with init_cache(batch_size, max_length >= "
+            f"{start + time}).")
+    positions = cache.position + jnp.arange(time, dtype=jnp.int32)
+    q, k, v = self._project(x, positions)
+    # mode="drop": past max_length (only reachable under jit) nothing is written, rather than
+    # the clamped overwrite of the last slots that dynamic_update_slice would do.
+    k_buf = cache.k.at[:, positions].set(k.astype(jnp.float32), mode="drop")
+    v_buf = cache.v.at[:, positions].set(v.astype(jnp.float32), mode="drop")
+    # Slots after the last written one are zeros; causality masks them.
+    mask = (jnp.arange(max_length)[None, :] <= positions[:, None])[None]   # [1, T, L]
+    o = _masked_attention(q, k_buf, v_buf, mask, 1.0 / math.sqrt(self.head_dim))
+    o = jnp.where((positions < max_length)[None, :, None, None], o, jnp.nan)
+    return self._output(o, x.dtype), KVCache(k=k_buf, v=v_buf, position=cache.position + time)

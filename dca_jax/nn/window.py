@@ -1,0 +1,184 @@
+"""Sliding-window softmax attention with rotary positions: DCA's working memory on its own.
+
+Each token attends exactly to the last W tokens (itself included), so a sequence costs
+O(T W D) and decoding keeps a ring buffer of W keys and values: constant memory and work per
+token, whatever the context length. Tokens older than W are forgotten entirely, which is the gap
+DCA's compressed memory fills.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dca_jax.nn import _layer
+from dca_jax.ops import _checks
+from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops.window import sliding_window_attention
+
+
+@struct.dataclass
+class WindowCache:
+  """Decode cache of `SlidingWindowAttention`: a ring buffer of the last W keys and values.
+
+  The token at absolute position p lives in slot p mod W. Its size does not depend on
+  max_length.
+
+  Attributes:
+    k: [B, W, H, K] float32 keys, rotated at their absolute positions.
+    v: [B, W, H, V] float32 values.
+    position: int32 scalar, the number of tokens seen (the position of the next one). Slots of
+      positions < 0 (before the first W tokens) hold zeros and are masked.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  position: jax.Array
+
+
+class SlidingWindowAttention(_layer.AttentionLayer):
+  r"""Causal multi-head softmax attention over the last `window` tokens, with rotary positions.
+
+  As `SoftmaxAttention`, but token t attends only to positions j with t - W < j <= t (and of
+  its own document when `reset` is given):
+
+      o_t = sum_{t-W < j <= t, doc(j) = doc(t)} softmax_j( (R_t q_t) . (R_j k_j) / sqrt(K) ) v_j.
+
+  When T <= W it is exactly causal softmax attention. The computation is
+  `dca_jax.ops.window.sliding_window_attention`, linear in T.
+
+  The cache (`WindowCache`) is a ring buffer of W slots whatever `max_length` is; positions are
+  absolute and kept in an int32 counter (valid up to 2^31 tokens; rotary angles lose precision
+  in float32 long before, see `apply_rotary`, but queries and keys at the same positions share
+  the same rounding).
+
+  Shapes: x [B, T, D] -> [B, T, D]; reset [B, T] bool.
+
+  Args:
+    d_model: D.
+    num_heads: H, must divide D, with an even head dim D / H (rotary).
+    rngs: parameter initialisation keys.
+    dtype: compute dtype of the projections (None: promote inputs and parameters).
+    param_dtype: parameter dtype.
+    window: W >= 1, tokens each query sees, itself included.
+    rotary_base: base of the rotary frequencies.
+
+  Raises:
+    ValueError: num_heads does not divide d_model, an odd head dim, or window not an integer >= 1.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = SlidingWindowAttention(32, 4, window=8, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 20, 32))
+    >>> cache = layer.init_cache(2, max_length=1_000_000)  # 8 slots, not a million
+    >>> y, cache = layer.prefill(x, cache)
+    >>> cache.k.shape, y.shape
+    ((2, 8, 4, 8), (2, 20, 32))
+
+  References:
+    Beltagy et al. 2020, "Longformer", sec. 3.1; Su et al. 2021, "RoFormer".
+  """
+
+  def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
+               param_dtype: Any = jnp.float32, window: int = 64, rotary_base: float = 10000.0):
+    super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
+    _checks.check_positive_int("window", window)
+    if self.head_dim % 2:
+      raise ValueError(
+          f"d_model / num_heads must be even for rotary positions, got d_model = {d_model} and "
+          f"num_heads = {num_heads} (head dim {self.head_dim}).")
+    self.window = int(window)
+    self.rotary_base = float(rotary_base)
+    self.q_proj = self._linear(d_model, d_model, rngs)
+    self.k_proj = self._linear(d_model, d_model, rngs)
+    self.v_proj = self._linear(d_model, d_model, rngs)
+    self.out_proj = self._linear(d_model, d_model, rngs)
+
+  def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries and keys and the values, each [B, T, H, K] float32."""
+    heads, f32 = self.num_heads, jnp.float32
+    q = apply_rotary(_layer.split_heads(self.q_proj(x), heads).astype(f32), positions,
+                     base=self.rotary_base)
+    k = apply_rotary(_layer.split_heads(self.k_proj(x), heads).astype(f32), positions,
+                     base=self.rotary_base)
+    v = _layer.split_heads(self.v_proj(x), heads).astype(f32)
+    return q, k, v
+
+  def _output(self, o: jax.Array, dtype: Any) -> jax.Array:
+    return self.out_proj(_layer.merge_heads(o)).astype(dtype)
+
+  def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
+    """Sliding-window attention over x.
+
+    Args:
+      x: [B, T, D] floating.
+      reset: optional bool [B, T]; true where a new document starts.
+
+    Returns:
+      [B, T, D] in x's dtype.
+
+    Raises:
+      TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
+    """
+    self._check_call(x, reset)
+    q, k, v = self._project(x, jnp.arange(x.shape[1], dtype=jnp.int32))
+    o = sliding_window_attention(q, k, v, window=self.window, reset=reset)
+    return self._output(o, x.dtype)
+
+  def init_cache(self, batch_size: int, max_length: int) -> WindowCache:
+    """An empty ring buffer of W slots; `max_length` is only validated (any length fits).
+
+    Raises:
+      ValueError: batch_size or max_length not an integer >= 1.
+    """
+    _layer.check_cache_size(batch_size, max_length)
+    shape = (batch_size, self.window, self.num_heads, self.head_dim)
+    return WindowCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
+                       position=jnp.zeros((), jnp.int32))
+
+  def prefill(self, x: jax.Array, cache: WindowCache) -> tuple[jax.Array, WindowCache]:
+    """Window attention over x continuing from the cache; the ring keeps the last W tokens.
+
+    The W cached tokens are laid out in time order before x and the window op runs over the
+    W + T tokens; a document boundary placed before the first real token masks the empty slots
+    of a young cache. Cost O((W + T) W D), independent of the position.
+
+    Args:
+      x: [B, T, D] floating, at absolute positions cache.position ... cache.position + T - 1.
+      cache: a `WindowCache` with batch size B.
+
+    Returns:
+      (y [B, T, D] in x's dtype, the updated cache).
+
+    Raises:
+      TypeError, ValueError: bad x, or a cache of another batch size or configuration.
+    """
+    _layer.check_sequence(x, self.d_model)
+    batch, time = x.shape[:2]
+    window = self.window
+    head_shape = (None, window, self.num_heads, self.head_dim)
+    _layer.check_cache(cache, WindowCache, batch, {"k": head_shape, "v": head_shape})
+    start = cache.position
+    q, k, v = self._project(x, start + jnp.arange(time, dtype=jnp.int32))
+
+    # Past slot c (0..W-1) holds position start - W + c, found at ring index (start + c) mod W.
+    order = (start + jnp.arange(window, dtype=jnp.int32)) % window
+    k_all = jnp.concatenate([jnp.take(cache.k, order, axis=1), k], axis=1)  # [B, W + T, H, K]
+    v_all = jnp.concatenate([jnp.take(cache.v, order, axis=1), v], axis=1)
+    q_all = jnp.concatenate([jnp.zeros_like(k_all[:, :window]), q], axis=1)
+    # Slots c < W - start hold no token yet: start a document at the first real one.
+    first = jnp.clip(window - start, 0, window)
+    reset = jnp.broadcast_to(jnp.arange(window + time) == first, (batch, window + time))
+    o = sliding_window_attention(q_all, k_all, v_all, window=window, reset=reset)[:, window:]
+
+    # Only the last min(T, W) tokens survive; their slots are distinct, so the scatter is exact.
+    keep = min(time, window)
+    slots = (start + time - keep + jnp.arange(keep, dtype=jnp.int32)) % window
+    new_cache = WindowCache(k=cache.k.at[:, slots].set(k[:, time - keep:]),
+                            v=cache.v.at[:, slots].set(v[:, time - keep:]),
+                            position=start + time)
+    return self._output(o, x.dtype), new_cache
