@@ -12,23 +12,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dca_jax.nn import _layer
+from dca_jax.ops import _checks
 from dca_jax.ops import dca as dca_ops
 from dca_jax.ops.feature_maps import FeatureMap, feature_dim as _feature_dim
 from dca_jax.ops.planner import Mode
 
 
-class DCAttention(nnx.Module):
+class DCAttention(_layer.AttentionLayer):
   """Dynamic Compression Attention: exact softmax over the last `window` tokens + compressed memory.
 
   Args:
     d_model: D, model width.
-    num_heads: H; must divide D unless `head_dim` is given.
+    num_heads: H; must divide D (head dim K = V = D / H).
     rngs: `nnx.Rngs` for the initialisation.
     window: W, tokens kept exactly (default 64).
     feature_dim: P, the size of the projected queries/keys fed to the feature map (default 16;
       the Taylor map turns them into F = 1 + P + P (P + 1) / 2 = 153 features).
     feature_map: "taylor" (default) or "elu".
-    head_dim: K = V per head (default D / H).
     max_half_life_ratio: heads are initialised with half-lives spread from W to this times W.
     rotary_base: rotary base for the window (None: no positions).
     mode: engine form for the compressed memory ("auto" follows `adaptive_scale`).
@@ -52,21 +53,17 @@ class DCAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, window: int = 64,
                feature_dim: int = 16, feature_map: FeatureMap | str = "taylor",
-               head_dim: int | None = None, max_half_life_ratio: float = 16.0,
+               max_half_life_ratio: float = 16.0,
                rotary_base: float | None = 10000.0, mode: Mode | str = "auto",
                chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32):
-    if head_dim is None:
-      if num_heads < 1 or d_model % num_heads:
-        raise ValueError(f"num_heads must divide d_model = {d_model}, got num_heads = {num_heads}.")
-      head_dim = d_model // num_heads
-    if window < 1:
-      raise ValueError(f"window must be an integer >= 1, got {window!r}.")
-    self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
+    super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
+    _checks.check_positive_int("window", window)
+    _checks.check_positive_int("feature_dim", feature_dim)
+    head_dim = self.head_dim
     self.window, self.rotary_base = window, rotary_base
     self.feature_map = FeatureMap.parse(feature_map)
     self.num_features = _feature_dim(self.feature_map, feature_dim)
     self.mode, self.chunk_size = Mode.parse(mode), chunk_size
-    self.dtype, self.param_dtype = dtype, param_dtype
     init = dca_ops.init_params(rngs.params(), d_model, num_heads, window=window, head_dim=head_dim,
                                feature_dim=feature_dim, max_half_life_ratio=max_half_life_ratio)
     self.query = nnx.Param(init.query.astype(param_dtype))
@@ -75,24 +72,18 @@ class DCAttention(nnx.Module):
     self.feature = nnx.Param(init.feature.astype(param_dtype))
     self.decay = nnx.Param(init.decay.astype(param_dtype))
     self.decay_bias = nnx.Param(init.decay_bias.astype(param_dtype))
-    self.out = nnx.Linear(num_heads * head_dim, d_model, use_bias=False, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
+    self.out = self._linear(num_heads * head_dim, d_model, rngs)
 
   def _params(self) -> dca_ops.DCAParams:
     return dca_ops.DCAParams(self.query[...], self.key[...], self.value[...], self.feature[...],
                              self.decay[...], self.decay_bias[...])
 
-  def _check_input(self, x, rank: int, name: str = "x") -> None:
-    shape = "[B, T, d_model]" if rank == 3 else "[B, d_model]"
-    if not hasattr(x, "ndim") or x.ndim != rank or x.shape[-1] != self.d_model:
-      got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-      raise ValueError(f"{name} must have shape {shape} with d_model = {self.d_model}, got {got}.")
-
   def _check_cache(self, cache, batch: int) -> None:
-    if not isinstance(cache, dca_ops.DCAState):
-      raise TypeError(f"cache must be the DCAState from init_cache, got {type(cache).__name__}.")
-    if cache.keys.shape[0] != batch:
-      raise ValueError(f"cache was made for batch size {cache.keys.shape[0]}, but x has batch size {batch}.")
+    window, heads, dim = self.window, self.num_heads, self.head_dim
+    _layer.check_cache(cache, dca_ops.DCAState, batch, {
+        "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
+        "key_features": (batch, window, heads, self.num_features), "doc": (batch, window),
+        "memory": (batch, heads, self.num_features, dim + 1)})
 
   def _weights(self, x):
     dtype = self.dtype or x.dtype
@@ -104,21 +95,20 @@ class DCAttention(nnx.Module):
 
   def __call__(self, x, *, reset=None):
     """[B, T, D] -> [B, T, D]; `reset` optional bool [B, T] (documents packed in one row)."""
-    self._check_input(x, 3)
+    self._check_call(x, reset)
     o = dca_ops.attention_compress(self._weights(x), window=self.window, reset=reset, mode=self.mode,
                                    chunk_size=self.chunk_size, rotary_base=self.rotary_base)
     return self._project_out(o, x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int) -> dca_ops.DCAState:
     """An empty cache; its size does not depend on `max_length` (kept for a uniform interface)."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-      raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}.")
+    _layer.check_cache_size(batch_size, max_length)
     return dca_ops.init_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
                               self.num_features, self.window)
 
   def prefill(self, x, cache):
     """Runs [B, T, D] continuing from `cache`; returns (y [B, T, D], new cache)."""
-    self._check_input(x, 3)
+    _layer.check_sequence(x, self.d_model)
     self._check_cache(cache, x.shape[0])
     o, cache = dca_ops.attention_compress(self._weights(x), window=self.window, state=cache,
                                           mode=self.mode, chunk_size=self.chunk_size,
@@ -127,7 +117,7 @@ class DCAttention(nnx.Module):
 
   def decode_step(self, x_t, cache):
     """One token: x_t [B, D] -> (y_t [B, D], new cache), O(W K + F V) work whatever the context."""
-    self._check_input(x_t, 2, "x_t")
+    _layer.check_token(x_t, self.d_model)
     self._check_cache(cache, x_t.shape[0])
     o, cache = dca_ops.memory_state_update(cache, self._weights(x_t), rotary_base=self.rotary_base)
     return self._project_out(o, x_t.dtype), cache
