@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.chunked import chunked
-from dca_jax.ops.planner import Mode, plan_engine
+from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, Mode, plan_engine
 from dca_jax.ops.quadratic import quadratic
 from dca_jax.ops.scan import associative, recurrent
 
@@ -113,7 +113,7 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
     s0 = initial_state.astype(f32)
 
   if mode is Mode.AUTO:
-    plan = plan_engine(time, key_dim, value_dim)
+    plan = plan_engine(time, key_dim, value_dim, per_channel_decay=log_decay.ndim == 4)
     mode = plan.mode
     chunk_size = chunk_size or plan.chunk_size
   if mode is Mode.RECURRENT:
@@ -123,7 +123,7 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
   elif mode is Mode.QUADRATIC:
     o, final = quadratic(q, k, v, g, s0)
   else:
-    chunk = chunk_size or plan_engine(max(time, 1024), key_dim, value_dim).chunk_size
+    chunk = chunk_size or CHUNK_SIZE.get(jax.default_backend(), DEFAULT_CHUNK_SIZE)
     o, final = chunked(q, k, v, g, s0, chunk_size=chunk)
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o

@@ -10,6 +10,10 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
   far faster with gradients (a scan stores one K x V state per token for the backward pass).
   The associative form over tokens is never chosen: it materialises every state and was the
   slowest everywhere on CPU.
+* Per-channel decay on CPU: the recurrent form. The chunked form needs per-channel decay
+  factors inside the chunk (sub-chunks computed in log space), which XLA's CPU backend runs
+  slowly: at T = 8192 it measured ~15x slower than the token scan forward and only on par with
+  it forward+backward. On GPU/TPU the chunked form is the standard choice (GLA's kernels).
 * Single-token steps (decoding, T = 1 with a carried state) use the recurrent form.
 """
 
@@ -59,7 +63,8 @@ class EnginePlan:
 
 
 def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: str | None = None,
-                needs_grad: bool = False, decoding: bool = False) -> EnginePlan:
+                needs_grad: bool = False, decoding: bool = False,
+                per_channel_decay: bool = False) -> EnginePlan:
   """Picks the mode and chunk size for a call of the engine.
 
   Args:
@@ -71,6 +76,8 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
       machines measured so far (chunked wins both), the argument is kept so that a backend where
       it differs can say so.
     decoding: True for a single-token step that continues a carried state.
+    per_channel_decay: whether the log decay has one value per key channel ([B, T, H, K]) rather
+      than one per head ([B, T, H]).
 
   Returns:
     An `EnginePlan`.
@@ -87,5 +94,7 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
   if sequence_length <= QUADRATIC_MAX_T:
     return EnginePlan(Mode.QUADRATIC)
   backend = backend or jax.default_backend()
+  if per_channel_decay and backend == "cpu":
+    return EnginePlan(Mode.RECURRENT)
   chunk = CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE)
   return EnginePlan(Mode.CHUNKED, chunk)
