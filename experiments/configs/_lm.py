@@ -1,0 +1,24 @@
+"""The shared shape of the byte-level LM experiments (`lm_dca`, `lm_softmax`)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from experiments.configs import ExperimentConfig
+
+
+def lm_config(name: str, attention: str, options: Mapping[str, Any], *,
+              tiny: bool) -> ExperimentConfig:
+  """A byte-level LM config on the default corpus; only the attention layer varies."""
+  if tiny:
+    small = {k: min(v, 8) for k, v in options.items() if k in ("window", "feature_dim")}
+    return ExperimentConfig(
+        name=name, task="lm", d_model=32, num_layers=1, num_heads=2, attention=attention,
+        attention_options={**options, **small}, seq_len=32, batch_size=4, steps=4,
+        peak_lr=3e-3, warmup_steps=1, log_every=1, eval_every=2, eval_batches=2,
+        checkpoint_every=2)
+  return ExperimentConfig(
+      name=name, task="lm", d_model=128, num_layers=4, num_heads=4, attention=attention,
+      attention_options=options, seq_len=256, batch_size=16, steps=600, peak_lr=3e-3,
+      warmup_steps=60, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=0,
+      log_every=10, eval_every=200, eval_batches=8, checkpoint_every=200)

@@ -1,0 +1,21 @@
+"""Byte-level language model with DCA attention on the embedded corpus (Python's stdlib).
+
+Launch:
+  python -m experiments.train --config lm_dca --workdir runs/lm_dca
+  python -m experiments.evaluate --workdir runs/lm_dca --contexts 128,512,2048 --sample 200
+Smoke test (CI): add `--tiny`.
+
+Expected cost: COST_LM_DCA
+
+Same model size, data, optimiser and steps as `lm_softmax`; only the attention layer differs.
+"""
+
+from __future__ import annotations
+
+from experiments.configs import ExperimentConfig
+from experiments.configs import _lm
+
+
+def get_config(tiny: bool = False) -> ExperimentConfig:
+  """The experiment's config; `tiny` gives the CI-sized variant (seconds)."""
+  return _lm.lm_config("lm_dca", "dca", {"window": 64, "feature_dim": 16}, tiny=tiny)

@@ -1,0 +1,21 @@
+"""Multi-query associative recall with softmax attention: (T, P) = (256, 16), d_model 64, 2 layers.
+
+Launch:
+  python -m experiments.train --config mqar_softmax --workdir runs/mqar_softmax
+  python -m experiments.evaluate --workdir runs/mqar_softmax --contexts 256,512
+Smoke test (CI): add `--tiny`.
+
+Expected cost: COST_MQAR_SOFTMAX
+
+The full-attention reference for `mqar_dca` (same model otherwise).
+"""
+
+from __future__ import annotations
+
+from experiments.configs import ExperimentConfig
+from experiments.configs import _mqar
+
+
+def get_config(tiny: bool = False) -> ExperimentConfig:
+  """The experiment's config; `tiny` gives the CI-sized variant (seconds)."""
+  return _mqar.mqar_config("mqar_softmax", "softmax", {}, tiny=tiny)
