@@ -8,9 +8,12 @@
 """
 
 from dca_jax.nn.dca import DCAttention
+from dca_jax.nn.generate import generate, sample_logits
 from dca_jax.nn.linear import GatedLinearAttention, LinearAttention
 from dca_jax.nn.softmax import SoftmaxAttention
+from dca_jax.nn.transformer import ATTENTION_TYPES, TransformerConfig, TransformerLM, count_params
 from dca_jax.nn.window import SlidingWindowAttention
 
-__all__ = ["DCAttention", "GatedLinearAttention", "LinearAttention", "SlidingWindowAttention",
-           "SoftmaxAttention"]
+__all__ = ["ATTENTION_TYPES", "DCAttention", "GatedLinearAttention", "LinearAttention",
+           "SlidingWindowAttention", "SoftmaxAttention", "TransformerConfig", "TransformerLM",
+           "count_params", "generate", "sample_logits"]
