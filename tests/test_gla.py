@@ -1,0 +1,712 @@
+"""Tests for `dca_jax.ops.gated_linear_attention`: every form against a float64 oracle and each other.
+
+The recurrence under test, per batch row and head (B batch, T time, H heads, K key dim, V value
+dim):
+
+    S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T,    o_t = S_t^T q_t,    S_0 = initial state,
+
+with the carried state dropped where `reset[b, t]` is true. Two references are written here, not
+taken from the library: a plain float64 NumPy loop (`_oracle`, forward) and a float64 `lax.scan`
+(`_reference_f64`, forward and, by autodiff, gradients). The library's float64 inputs are cast to
+float32 inside the op, so its own forms cannot serve as a float64 reference.
+
+Compilation dominates the cost of these tests on CPU (every drawn shape compiles anew), so every
+jitted call goes through `_jit`, which asks XLA:CPU for a cheap compile (no LLVM optimisation,
+classic fusion emitters): about ten times faster to compile, same arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dca_jax.ops import Mode, combine_decayed_states, gated_linear_attention, plan_engine
+
+MODES = ("recurrent", "associative", "chunked", "quadratic", "auto")
+CHUNK_SIZES = (1, 2, 3, 7, 8, 16, 20, 64)
+# Awkward lengths: 1, primes, shorter than most chunks, not multiples of any chunk.
+AWKWARD_T = (1, 2, 3, 5, 7, 11, 13, 17, 31, 37, 61, 67)
+
+# Float32 forms against the float64 references, relative to the magnitude of the reference.
+F32_TOL = 1e-4
+F32_GRAD_TOL = 2e-4
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _jit(fn, **kwargs):
+  """`jax.jit` with a cheap compile on CPU (the tests' time goes to compiling, not running)."""
+  options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+  return jax.jit(fn, compiler_options=options, **kwargs)
+
+
+def _settings(examples):
+  return settings(max_examples=examples, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# Random problems.
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Shapes, options and a seed; `arrays()` draws fresh random inputs from them."""
+
+  batch: int
+  time: int
+  heads: int
+  key_dim: int
+  value_dim: int
+  per_channel: bool
+  with_reset: bool
+  with_state: bool
+  decay_scale: float
+  seed: int
+  extreme: bool = False
+
+  def arrays(self):
+    """Returns dict(q, k, v, log_decay, initial_state, reset) as float32 / bool NumPy arrays."""
+    rng = np.random.default_rng(self.seed)
+    b, t, h, kd, vd = self.batch, self.time, self.heads, self.key_dim, self.value_dim
+    decay_shape = (b, t, h, kd) if self.per_channel else (b, t, h)
+    if self.extreme:
+      # Exact zeros, -1e4, -inf and ordinary values, mixed at random positions in random
+      # proportions (some draws are all -inf or all 0).
+      choices = np.array([0.0, -1e4, -np.inf, np.nan])
+      kind = rng.choice(4, size=decay_shape, p=rng.dirichlet(np.full(4, 0.5)))
+      log_decay = np.where(kind == 3, -rng.exponential(0.5, decay_shape), choices[kind])
+    else:
+      log_decay = -rng.exponential(self.decay_scale, decay_shape)
+    reset = None
+    if self.with_reset:
+      reset = rng.random((b, t)) < rng.choice([0.05, 0.2, 0.5])
+    initial_state = rng.normal(size=(b, h, kd, vd)).astype(np.float32) if self.with_state else None
+    return dict(
+        q=rng.normal(size=(b, t, h, kd)).astype(np.float32),
+        k=rng.normal(size=(b, t, h, kd)).astype(np.float32),
+        v=rng.normal(size=(b, t, h, vd)).astype(np.float32),
+        log_decay=log_decay.astype(np.float32),
+        initial_state=initial_state,
+        reset=reset,
+    )
+
+  def loss_weights(self):
+    """Random weights for the loss sum(sin(o) * w_o) + sum(S_T * w_s)."""
+    rng = np.random.default_rng(self.seed + 1)
+    w_o = rng.normal(size=(self.batch, self.time, self.heads, self.value_dim)).astype(np.float32)
+    w_s = rng.normal(size=(self.batch, self.heads, self.key_dim, self.value_dim)).astype(np.float32)
+    return w_o, w_s
+
+
+@st.composite
+def problems(draw, *, min_time=1, max_time=70, reset=None, state=None, per_channel=None,
+             extreme=False):
+  """Random shapes (awkward lengths favoured) and options; None means "drawn"."""
+  time = draw(st.one_of(st.sampled_from([t for t in AWKWARD_T if min_time <= t <= max_time]),
+                        st.integers(min_time, max_time)))
+  pick = lambda fixed: draw(st.booleans()) if fixed is None else fixed
+  return Problem(
+      batch=draw(st.integers(1, 2)),
+      time=time,
+      heads=draw(st.integers(1, 3)),
+      key_dim=draw(st.integers(1, 9)),
+      value_dim=draw(st.integers(1, 9)),
+      per_channel=pick(per_channel),
+      with_reset=pick(reset),
+      with_state=pick(state),
+      decay_scale=draw(st.sampled_from([0.01, 0.3, 3.0])),
+      seed=draw(st.integers(0, 2**31 - 1)),
+      extreme=extreme,
+  )
+
+
+chunk_sizes = st.sampled_from(CHUNK_SIZES)
+
+
+# References.
+
+
+def _oracle(q, k, v, log_decay, initial_state=None, reset=None):
+  """The recurrence as an explicit float64 NumPy loop over t: returns (o [B,T,H,V], S_T [B,H,K,V])."""
+  q, k, v, log_decay = (np.asarray(x, np.float64) for x in (q, k, v, log_decay))
+  batch, time, heads, key_dim = q.shape
+  value_dim = v.shape[-1]
+  if log_decay.ndim == 3:
+    log_decay = np.broadcast_to(log_decay[..., None], q.shape)
+  decay = np.exp(log_decay)                       # exp(-inf) = 0: the state is erased.
+  if initial_state is None:
+    state = np.zeros((batch, heads, key_dim, value_dim))
+  else:
+    state = np.asarray(initial_state, np.float64).copy()
+  o = np.zeros((batch, time, heads, value_dim))
+  for t in range(time):
+    a_t = decay[:, t]
+    if reset is not None:
+      a_t = np.where(np.asarray(reset)[:, t, None, None], 0.0, a_t)
+    state = a_t[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+    o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], state)
+  return o, state
+
+
+def _reference_f64(q, k, v, log_decay, initial_state, reset):
+  """The recurrence in float64 JAX (`lax.scan`), differentiable. Call under `enable_x64`."""
+  if log_decay.ndim == 3:
+    log_decay = jnp.broadcast_to(log_decay[..., None], q.shape)
+  decay = jnp.exp(log_decay)
+  if reset is not None:
+    decay = jnp.where(reset[:, :, None, None], 0.0, decay)
+  if initial_state is None:
+    initial_state = jnp.zeros(q.shape[:1] + q.shape[2:] + v.shape[-1:], q.dtype)
+
+  def step(state, inputs):
+    q_t, k_t, v_t, a_t = inputs
+    state = a_t[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+  final, o = jax.lax.scan(step, initial_state, [jnp.swapaxes(x, 0, 1) for x in (q, k, v, decay)])
+  return jnp.swapaxes(o, 0, 1), final
+
+
+def _loss(forward, q, k, v, log_decay, initial_state, reset, w_o, w_s):
+  """A non-linear scalar of the outputs and the final state, and both as auxiliary outputs."""
+  o, final = forward(q, k, v, log_decay, initial_state, reset)
+  return jnp.sum(jnp.sin(o) * w_o) + jnp.sum(final * w_s), (o, final)
+
+
+def _value_and_grads(forward, q, k, v, log_decay, initial_state, reset, w_o, w_s):
+  """(o, S_T, grads wrt q, k, v, log_decay[, initial_state]) of `_loss`."""
+  argnums = (0, 1, 2, 3) if initial_state is None else (0, 1, 2, 3, 4)
+  loss = functools.partial(_loss, forward)
+  (_, (o, final)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
+      q, k, v, log_decay, initial_state, reset, w_o, w_s)
+  return o, final, grads
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_runner():
+  return _jit(functools.partial(_value_and_grads, _reference_f64))
+
+
+def _reference(problem, arrays):
+  """Float64 (o, S_T, grads) of the JAX reference, as NumPy float64 arrays."""
+  w_o, w_s = problem.loss_weights()
+  with jax.enable_x64(True):
+    as64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)
+    reset = None if arrays["reset"] is None else jnp.asarray(arrays["reset"])
+    out = _reference_runner()(*(as64(arrays[n]) for n in ("q", "k", "v", "log_decay", "initial_state")),
+                              reset, as64(w_o), as64(w_s))
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), out)
+
+
+def _library_forward(mode, chunk_size):
+  def forward(q, k, v, log_decay, initial_state, reset):
+    return gated_linear_attention(q, k, v, log_decay, initial_state=initial_state, reset=reset,
+                                  mode=mode, chunk_size=chunk_size, return_final_state=True)
+  return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _modes_runner(configs, with_grads):
+  """One jitted function evaluating every (mode, chunk_size) in `configs` on the same inputs.
+
+  Compiling the forms together costs less than compiling them one by one.
+  """
+  def run(q, k, v, log_decay, initial_state, reset, w_o, w_s):
+    results = []
+    for mode, chunk_size in configs:
+      forward = _library_forward(mode, chunk_size)
+      if with_grads:
+        results.append(_value_and_grads(forward, q, k, v, log_decay, initial_state, reset, w_o, w_s))
+      else:
+        results.append(forward(q, k, v, log_decay, initial_state, reset))
+    return results
+  return _jit(run)
+
+
+def _run_modes(configs, problem, arrays, with_grads=False):
+  """{(mode, chunk_size): (o, S_T[, grads])} as NumPy arrays, for float32 inputs."""
+  w_o, w_s = problem.loss_weights()
+  configs = tuple(configs)
+  out = _modes_runner(configs, with_grads)(
+      arrays["q"], arrays["k"], arrays["v"], arrays["log_decay"], arrays["initial_state"],
+      arrays["reset"], w_o, w_s)
+  return {config: jax.tree.map(np.asarray, result) for config, result in zip(configs, out)}
+
+
+def _assert_close(actual, expected, tol, what):
+  """|actual - expected| <= tol * (|expected| + max|expected| + 1), elementwise; all finite."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+  assert np.all(np.isfinite(actual)), f"{what}: non-finite values {actual[~np.isfinite(actual)][:5]}"
+  scale = 1.0 + (np.max(np.abs(expected)) if expected.size else 0.0)
+  chex.assert_trees_all_close(actual, expected, rtol=tol, atol=tol * scale, custom_message=what)
+
+
+# Every form against the references.
+
+
+def _check_against_references(problem, chunk_size, grad_tol=F32_GRAD_TOL):
+  arrays = problem.arrays()
+  oracle_o, oracle_s = _oracle(**arrays)
+  ref_o, ref_s, ref_grads = _reference(problem, arrays)
+  # The two references agree to float64 precision.
+  _assert_close(ref_o, oracle_o, 1e-10, "jax float64 reference vs NumPy oracle, o")
+  _assert_close(ref_s, oracle_s, 1e-10, "jax float64 reference vs NumPy oracle, S_T")
+  configs = [(mode, chunk_size) for mode in MODES]
+  results = _run_modes(configs, problem, arrays, with_grads=True)
+  names = ("q", "k", "v", "log_decay", "initial_state")
+  for (mode, chunk), (o, final, grads) in results.items():
+    where = f"mode={mode}, chunk_size={chunk}"
+    assert o.dtype == np.float32 and final.dtype == np.float32
+    _assert_close(o, oracle_o, F32_TOL, f"{where}: o")
+    _assert_close(final, oracle_s, F32_TOL, f"{where}: final state")
+    assert len(grads) == len(ref_grads)
+    for name, grad, ref in zip(names, grads, ref_grads):
+      _assert_close(grad, ref, grad_tol, f"{where}: d loss / d {name}")
+
+
+@_settings(15)
+@given(problem=problems(), chunk_size=chunk_sizes)
+def test_every_mode_matches_float64_references_forward_and_gradients(problem, chunk_size):
+  """o and S_T vs the NumPy oracle; grads wrt q, k, v, log_decay, initial_state vs float64 autodiff."""
+  _check_against_references(problem, chunk_size)
+
+
+@_settings(10)
+@given(problem=problems(extreme=True), chunk_size=chunk_sizes)
+def test_extreme_decays_are_finite_and_exact(problem, chunk_size):
+  """log_decay with 0, -1e4 and -inf mixed in: finite outputs and gradients, equal to the oracle."""
+  _check_against_references(problem, chunk_size)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_extreme_decays_all_inf_all_zero(per_channel):
+  """Degenerate decays everywhere: all -inf (no memory), all 0 (no forgetting), all -1e4."""
+  base = Problem(2, 37, 2, 3, 4, per_channel, with_reset=True, with_state=True, decay_scale=1.0,
+                 seed=7)
+  for value in (-np.inf, 0.0, -1e4):
+    arrays = base.arrays()
+    arrays["log_decay"] = np.full_like(arrays["log_decay"], value)
+    oracle_o, oracle_s = _oracle(**arrays)
+    for (mode, chunk), (o, final) in _run_modes([(m, 8) for m in MODES], base, arrays).items():
+      _assert_close(o, oracle_o, F32_TOL, f"log_decay={value}, mode={mode}: o")
+      _assert_close(final, oracle_s, F32_TOL, f"log_decay={value}, mode={mode}: final state")
+
+
+# Every form against every other.
+
+
+@_settings(12)
+@given(problem=problems(), chunks=st.lists(chunk_sizes, min_size=2, max_size=2, unique=True))
+def test_modes_agree_pairwise(problem, chunks):
+  arrays = problem.arrays()
+  configs = [(m, None) for m in MODES if m != "chunked"] + [("chunked", c) for c in chunks]
+  results = _run_modes(configs, problem, arrays)
+  for (a, (o_a, s_a)), (b, (o_b, s_b)) in itertools.combinations(results.items(), 2):
+    _assert_close(o_a, o_b, F32_TOL, f"o: {a} vs {b}")
+    _assert_close(s_a, s_b, F32_TOL, f"final state: {a} vs {b}")
+
+
+# The associative combine.
+
+
+def _random_segment(rng, per_channel, shape=(2, 3), key_dim=4, value_dim=5):
+  """(a, U) with a in [0, 1] (some exact 0 and 1) of shape [..., D, 1] and U [..., K, V]."""
+  d = key_dim if per_channel else 1
+  a = rng.uniform(0, 1, size=shape + (d, 1))
+  a = np.where(rng.random(a.shape) < 0.1, 0.0, np.where(rng.random(a.shape) < 0.1, 1.0, a))
+  u = rng.normal(size=shape + (key_dim, value_dim))
+  return a.astype(np.float32), u.astype(np.float32)
+
+
+@_settings(20)
+@given(seed=st.integers(0, 2**31 - 1), per_channel=st.booleans())
+def test_combine_decayed_states_is_associative(seed, per_channel):
+  rng = np.random.default_rng(seed)
+  x, y, z = (_random_segment(rng, per_channel) for _ in range(3))
+  left = combine_decayed_states(combine_decayed_states(x, y), z)
+  right = combine_decayed_states(x, combine_decayed_states(y, z))
+  chex.assert_trees_all_close(left, right, rtol=1e-6, atol=1e-6)
+
+
+@_settings(20)
+@given(seed=st.integers(0, 2**31 - 1), per_channel=st.booleans())
+def test_combine_decayed_states_equals_applying_segments_in_sequence(seed, per_channel):
+  rng = np.random.default_rng(seed)
+  (a1, u1), (a2, u2) = _random_segment(rng, per_channel), _random_segment(rng, per_channel)
+  state = rng.normal(size=u1.shape)
+  in_sequence = a2 * (a1 * state + u1) + u2
+  a, u = combine_decayed_states((a1, u1), (a2, u2))
+  assert a.shape == a1.shape and u.shape == u1.shape
+  chex.assert_trees_all_close(np.asarray(a) * state + np.asarray(u), in_sequence, rtol=1e-5, atol=1e-5)
+
+
+# Chaining, resets, per-head decays.
+
+
+def _slice_time(arrays, start, stop):
+  out = dict(arrays)
+  for name in ("q", "k", "v", "log_decay"):
+    out[name] = arrays[name][:, start:stop]
+  if arrays["reset"] is not None:
+    out["reset"] = arrays["reset"][:, start:stop]
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _chained_runner(configs, split):
+  """Per (mode, chunk_size): the whole run, and [0, split) then [split, T) from the carried state."""
+  def run(q, k, v, log_decay, initial_state, reset):
+    part = lambda x, start, stop: None if x is None else x[:, start:stop]
+    results = []
+    for mode, chunk_size in configs:
+      forward = _library_forward(mode, chunk_size)
+      whole = forward(q, k, v, log_decay, initial_state, reset)
+      head_o, head_s = forward(*(part(x, 0, split) for x in (q, k, v, log_decay)), initial_state,
+                               part(reset, 0, split))
+      tail_o, tail_s = forward(*(part(x, split, None) for x in (q, k, v, log_decay)), head_s,
+                               part(reset, split, None))
+      results.append((whole, (jnp.concatenate([head_o, tail_o], axis=1), tail_s)))
+    return results
+  return _jit(run)
+
+
+@_settings(8)
+@given(problem=problems(min_time=2), chunk_size=chunk_sizes, data=st.data())
+def test_chaining_equals_whole_run(problem, chunk_size, data):
+  """[0, T1) then [T1, T) from the carried state equals the whole run, in every mode."""
+  split = data.draw(st.integers(1, problem.time - 1), label="split")
+  arrays = problem.arrays()
+  configs = tuple((mode, chunk_size) for mode in MODES)
+  results = _chained_runner(configs, split)(
+      *(arrays[n] for n in ("q", "k", "v", "log_decay", "initial_state", "reset")))
+  for config, ((whole_o, whole_s), (chained_o, chained_s)) in zip(configs, results):
+    _assert_close(chained_o, whole_o, F32_TOL, f"{config}: chained o")
+    _assert_close(chained_s, whole_s, F32_TOL, f"{config}: chained final state")
+
+
+@_settings(10)
+@given(problem=problems(reset=True, state=True), chunk_size=chunk_sizes, data=st.data())
+def test_reset_equals_separate_documents(problem, chunk_size, data):
+  """With resets, each document is computed as if alone, from a zero state; the initial state
+  only feeds the part of a row before its first reset."""
+  arrays = problem.arrays()
+  # At most three resets per row, one of them possibly at t = 0.
+  positions = data.draw(st.lists(st.lists(st.integers(0, problem.time - 1), max_size=3),
+                                 min_size=problem.batch, max_size=problem.batch), label="resets")
+  reset = np.zeros((problem.batch, problem.time), bool)
+  for row, starts in enumerate(positions):
+    reset[row, starts] = True
+  arrays["reset"] = reset
+  configs = [(mode, chunk_size) for mode in MODES]
+  results = _run_modes(configs, problem, arrays)
+
+  # Separate runs, one per document, with the recurrent form (checked against the other forms
+  # without resets elsewhere): zero state for a document that starts at a reset.
+  expected_o = np.zeros((problem.batch, problem.time, problem.heads, problem.value_dim))
+  expected_s = np.zeros((problem.batch, problem.heads, problem.key_dim, problem.value_dim))
+  for row in range(problem.batch):
+    bounds = sorted(set([0] + list(np.flatnonzero(reset[row])) + [problem.time]))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+      doc = {name: None if x is None else x[row:row + 1] for name, x in arrays.items()}
+      doc = _slice_time(doc, start, stop)
+      doc["reset"] = None
+      if reset[row, start]:
+        doc["initial_state"] = None
+      doc_problem = dataclasses.replace(problem, batch=1, time=stop - start)
+      doc_o, doc_s = _run_modes([("recurrent", None)], doc_problem, doc)[("recurrent", None)]
+      expected_o[row, start:stop] = doc_o[0]
+      expected_s[row] = doc_s[0]
+  for config, (o, final) in results.items():
+    _assert_close(o, expected_o, F32_TOL, f"{config}: o with resets vs separate documents")
+    _assert_close(final, expected_s, F32_TOL, f"{config}: final state with resets")
+
+  # From the first reset on, the initial state makes no difference.
+  other = dict(arrays, initial_state=arrays["initial_state"] * -3.0 + 1.0)
+  other_results = _run_modes(configs, problem, other)
+  for config, (o, final) in results.items():
+    o_other, final_other = other_results[config]
+    for row in range(problem.batch):
+      if reset[row].any():
+        first = int(np.argmax(reset[row]))
+        np.testing.assert_array_equal(o[row, first:], o_other[row, first:], err_msg=str(config))
+        np.testing.assert_array_equal(final[row], final_other[row], err_msg=str(config))
+
+
+@_settings(8)
+@given(problem=problems(per_channel=False), chunk_size=chunk_sizes)
+def test_per_head_decay_equals_broadcast_per_channel(problem, chunk_size):
+  """A [B, T, H] log decay acts like the [B, T, H, K] one with the same value on every channel.
+
+  (Gradients of both layouts are checked against the float64 reference in the tests above.)
+  """
+  arrays = problem.arrays()
+  wide = dict(arrays, log_decay=np.repeat(arrays["log_decay"][..., None], problem.key_dim, -1))
+  configs = [(mode, chunk_size) for mode in MODES]
+  per_head = _run_modes(configs, problem, arrays)
+  per_channel = _run_modes(configs, dataclasses.replace(problem, per_channel=True), wide)
+  for config in configs:
+    (o_h, s_h), (o_c, s_c) = per_head[config], per_channel[config]
+    _assert_close(o_h, o_c, F32_TOL, f"{config}: o")
+    _assert_close(s_h, s_c, F32_TOL, f"{config}: final state")
+
+
+# Long sequences.
+
+
+@pytest.mark.parametrize("decays", ["per_head_slow", "per_channel_slow", "per_channel_strong"])
+def test_long_sequence_chunked_matches_recurrent(decays):
+  """T = 2**16: no overflow of accumulated decays; chunked equals the token-by-token scan."""
+  batch, time, heads, dim = 1, 2**16, 1, 4
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(batch, time, heads, dim)).astype(np.float32) for _ in range(3))
+  if decays == "per_head_slow":
+    log_decay = np.full((batch, time, heads), -1e-4, np.float32)
+  elif decays == "per_channel_slow":
+    log_decay = np.full((batch, time, heads, dim), -1e-4, np.float32)
+  else:
+    # Strong decays (hundreds of nats per chunk) with occasional near-1 channels and -inf.
+    log_decay = -rng.exponential(3.0, (batch, time, heads, dim)).astype(np.float32)
+    log_decay[..., 0] *= 1e-3
+    log_decay[rng.random(log_decay.shape) < 1e-3] = -np.inf
+  s0 = rng.normal(size=(batch, heads, dim, dim)).astype(np.float32)
+
+  def run(mode):
+    fn = functools.partial(gated_linear_attention, mode=mode, chunk_size=64, return_final_state=True)
+    return _jit(fn)(q, k, v, log_decay, initial_state=s0)
+
+  o_chunked, s_chunked = run("chunked")
+  o_recurrent, s_recurrent = run("recurrent")
+  assert np.all(np.isfinite(o_chunked)) and np.all(np.isfinite(s_chunked))
+  _assert_close(o_chunked, o_recurrent, F32_TOL, "o")
+  _assert_close(s_chunked, s_recurrent, F32_TOL, "final state")
+
+
+# Dtypes.
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+def test_low_precision_inputs(dtype):
+  """Output in the input dtype, final state float32, close to float32 on the same rounded inputs."""
+  problem = Problem(2, 29, 2, 5, 3, per_channel=True, with_reset=True, with_state=True,
+                    decay_scale=0.3, seed=3)
+  arrays = problem.arrays()
+  low = {n: x if n == "reset" else jnp.asarray(x, dtype) for n, x in arrays.items()}
+  exact = {n: x if n == "reset" else np.asarray(low[n], np.float32) for n, x in arrays.items()}
+  configs = [(mode, 8) for mode in MODES]
+  out_low = _run_modes(configs, problem, low)
+  out_f32 = _run_modes(configs, problem, exact)
+  for config in configs:
+    o, final = out_low[config]
+    assert o.dtype == dtype, config
+    assert final.dtype == np.float32, config
+    _assert_close(o.astype(np.float32), out_f32[config][0], 2e-2, f"{config}: o")
+    _assert_close(final, out_f32[config][1], 1e-5, f"{config}: final state")
+
+
+def test_float64_inputs_return_float64_outputs():
+  """Outputs come back in the input dtype also for float64 (the computation itself is float32)."""
+  problem = Problem(1, 9, 1, 3, 2, True, False, True, 0.3, seed=4)
+  arrays = problem.arrays()
+  oracle_o, _ = _oracle(**arrays)
+  with jax.enable_x64(True):
+    as64 = {n: None if x is None else np.asarray(x, np.float64) for n, x in arrays.items()}
+    o, final = gated_linear_attention(as64["q"], as64["k"], as64["v"], as64["log_decay"],
+                                      initial_state=as64["initial_state"], mode="recurrent",
+                                      return_final_state=True)
+    assert o.dtype == jnp.float64
+    assert final.dtype == jnp.float32
+  _assert_close(o, oracle_o, F32_TOL, "o")
+
+
+# Transformations.
+
+
+def _small_problem(seed=0, **kwargs):
+  fields = dict(batch=2, time=11, heads=2, key_dim=3, value_dim=4, per_channel=True,
+                with_reset=True, with_state=True, decay_scale=0.3, seed=seed)
+  fields.update(kwargs)
+  return Problem(**fields)
+
+
+@pytest.mark.parametrize("mode", ["recurrent", "chunked"])
+def test_jit_equals_eager(mode):
+  arrays = _small_problem(seed=1).arrays()
+  fn = functools.partial(gated_linear_attention, mode=mode, chunk_size=4, return_final_state=True)
+  args = (arrays["q"], arrays["k"], arrays["v"], arrays["log_decay"])
+  kwargs = dict(initial_state=arrays["initial_state"], reset=arrays["reset"])
+  chex.assert_trees_all_close(jax.jit(fn)(*args, **kwargs), fn(*args, **kwargs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vmap_equals_stacked_items_forward_and_grad(mode):
+  """vmap over a leading axis of problems, of the forward and of jax.grad, equals item by item."""
+  items = [_small_problem(seed=s).arrays() for s in range(3)]
+  names = ("q", "k", "v", "log_decay", "initial_state", "reset")
+  stacked = [np.stack([item[n] for item in items]) for n in names]
+
+  def loss(q, k, v, log_decay, initial_state, reset):
+    o, final = gated_linear_attention(q, k, v, log_decay, initial_state=initial_state, reset=reset,
+                                      mode=mode, chunk_size=4, return_final_state=True)
+    return jnp.sum(jnp.sin(o)) + jnp.sum(final ** 2), (o, final)
+
+  value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+  batched = _jit(jax.vmap(value_and_grad))(*stacked)
+  single = _jit(value_and_grad)
+  per_item = [single(*(item[n] for n in names)) for item in items]
+  expected = jax.tree.map(lambda *xs: np.stack(xs), *per_item)
+  chex.assert_trees_all_close(batched, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_traces_once_for_inputs_of_one_shape():
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(q, k, v, log_decay, initial_state):
+    return gated_linear_attention(q, k, v, log_decay, initial_state=initial_state, mode="chunked",
+                                  chunk_size=4, return_final_state=True)
+
+  try:
+    for seed in range(3):
+      arrays = _small_problem(seed=seed, with_reset=False).arrays()
+      o, final = step(arrays["q"], arrays["k"], arrays["v"], arrays["log_decay"],
+                      arrays["initial_state"])
+      assert np.all(np.isfinite(o)) and np.all(np.isfinite(final))
+  finally:
+    chex.clear_trace_counter()
+
+
+# Bad inputs.
+
+
+def _good_inputs(**changes):
+  rng = np.random.default_rng(0)
+  b, t, h, kd, vd = 2, 5, 3, 4, 6
+  args = dict(
+      q=rng.normal(size=(b, t, h, kd)).astype(np.float32),
+      k=rng.normal(size=(b, t, h, kd)).astype(np.float32),
+      v=rng.normal(size=(b, t, h, vd)).astype(np.float32),
+      log_decay=-rng.random((b, t, h, kd)).astype(np.float32),
+  )
+  args.update(changes)
+  return args
+
+
+def _arr(*shape, dtype=np.float32, value=-0.5):
+  return np.full(shape, value, dtype)
+
+
+def _with(x, index, value):
+  x = x.copy()
+  x[index] = value
+  return x
+
+
+# (what, changed arguments, keyword arguments, exception, pattern the message must contain)
+BAD_INPUTS = [
+    ("q rank 3", dict(q=_arr(2, 5, 12)), {}, ValueError, "q"),
+    ("q rank 5", dict(q=_arr(2, 5, 3, 4, 1)), {}, ValueError, "q"),
+    ("k rank", dict(k=_arr(2, 5, 12)), {}, ValueError, "k"),
+    ("v rank", dict(v=_arr(2, 5, 3)), {}, ValueError, "v"),
+    ("log_decay rank 2", dict(log_decay=_arr(2, 5)), {}, ValueError, "log_decay"),
+    ("log_decay rank 5", dict(log_decay=_arr(2, 5, 3, 4, 1)), {}, ValueError, "log_decay"),
+    ("k batch", dict(k=_arr(1, 5, 3, 4)), {}, ValueError, "k"),
+    ("v batch", dict(v=_arr(1, 5, 3, 6)), {}, ValueError, "v"),
+    ("log_decay batch", dict(log_decay=_arr(1, 5, 3, 4)), {}, ValueError, "log_decay"),
+    ("k time", dict(k=_arr(2, 4, 3, 4)), {}, ValueError, "k"),
+    ("v time", dict(v=_arr(2, 6, 3, 6)), {}, ValueError, "v"),
+    ("log_decay time", dict(log_decay=_arr(2, 4, 3)), {}, ValueError, "log_decay"),
+    ("k heads", dict(k=_arr(2, 5, 2, 4)), {}, ValueError, "k"),
+    ("v heads", dict(v=_arr(2, 5, 1, 6)), {}, ValueError, "v"),
+    ("log_decay heads", dict(log_decay=_arr(2, 5, 2, 4)), {}, ValueError, "log_decay"),
+    ("k key dim", dict(k=_arr(2, 5, 3, 5)), {}, ValueError, "k"),
+    ("log_decay key dim", dict(log_decay=_arr(2, 5, 3, 5)), {}, ValueError, "log_decay"),
+    ("positive log_decay", dict(log_decay=_arr(2, 5, 3, 4, value=0.1)), {}, ValueError, "log_decay"),
+    ("one positive log_decay", dict(log_decay=_with(_arr(2, 5, 3), (1, 2, 0), 1e-3)), {}, ValueError,
+     "log_decay"),
+    ("positive bfloat16 log_decay", dict(log_decay=jnp.full((2, 5, 3), 0.25, jnp.bfloat16)), {},
+     ValueError, "log_decay"),
+    ("NaN log_decay", dict(log_decay=_with(_arr(2, 5, 3, 4), (0, 4, 2, 1), np.nan)), {}, ValueError,
+     "log_decay"),
+    ("integer q", dict(q=_arr(2, 5, 3, 4, dtype=np.int32, value=1)), {}, TypeError, "q"),
+    ("q not an array", dict(q=[[1.0]]), {}, TypeError, "q"),
+    ("unknown mode", {}, dict(mode="fast"), ValueError, "mode"),
+    ("chunk_size 0", {}, dict(mode="chunked", chunk_size=0), ValueError, "chunk_size"),
+    ("chunk_size < 0", {}, dict(mode="chunked", chunk_size=-4), ValueError, "chunk_size"),
+    ("chunk_size float", {}, dict(mode="chunked", chunk_size=4.0), (ValueError, TypeError), "chunk_size"),
+    ("chunk_size bool", {}, dict(mode="chunked", chunk_size=True), (ValueError, TypeError), "chunk_size"),
+    ("initial_state shape", {}, dict(initial_state=_arr(2, 3, 4, 4)), ValueError, "initial_state"),
+    ("initial_state rank", {}, dict(initial_state=_arr(2, 3, 24)), ValueError, "initial_state"),
+    ("reset shape", {}, dict(reset=np.zeros((2, 4), bool)), ValueError, "reset"),
+    ("reset rank", {}, dict(reset=np.zeros((2, 5, 1), bool)), ValueError, "reset"),
+    ("reset dtype", {}, dict(reset=np.zeros((2, 5), np.int32)), TypeError, "reset"),
+    ("reset float", {}, dict(reset=np.zeros((2, 5), np.float32)), TypeError, "reset"),
+    ("T = 0", dict(q=_arr(2, 0, 3, 4), k=_arr(2, 0, 3, 4), v=_arr(2, 0, 3, 6),
+                   log_decay=_arr(2, 0, 3, 4)), {}, ValueError, "T"),
+]
+
+
+@pytest.mark.parametrize("what, changes, kwargs, error, pattern", BAD_INPUTS,
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_bad_inputs_raise_naming_the_argument(what, changes, kwargs, error, pattern):
+  del what
+  args = _good_inputs(**changes)
+  # The message names the argument as a word (so "q" is not found inside "requires").
+  with pytest.raises(error, match=rf"\b{pattern}\b"):
+    gated_linear_attention(args["q"], args["k"], args["v"], args["log_decay"], **kwargs)
+
+
+def test_good_inputs_pass_the_checks():
+  """The baseline of BAD_INPUTS is valid, so each case fails for its one change only."""
+  args = _good_inputs()
+  o = gated_linear_attention(args["q"], args["k"], args["v"], args["log_decay"], mode="recurrent",
+                             initial_state=_arr(2, 3, 4, 6), reset=np.zeros((2, 5), bool))
+  assert o.shape == (2, 5, 3, 6)
+
+
+def test_mode_accepts_the_enum():
+  args = _good_inputs()
+  by_enum = gated_linear_attention(*args.values(), mode=Mode.RECURRENT)
+  by_name = gated_linear_attention(*args.values(), mode="recurrent")
+  np.testing.assert_array_equal(by_enum, by_name)
+
+
+# Planner.
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", "gpu", "tpu", "other"])
+@pytest.mark.parametrize("decoding", [False, True])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_plan_engine_returns_a_concrete_mode(backend, decoding, needs_grad):
+  for length in (1, 2, 15, 16, 17, 64, 1000, 2**16):
+    plan = plan_engine(length, 16, 32, backend=backend, needs_grad=needs_grad, decoding=decoding)
+    assert isinstance(plan.mode, Mode) and plan.mode is not Mode.AUTO
+    if plan.mode is Mode.CHUNKED:
+      assert isinstance(plan.chunk_size, int) and plan.chunk_size >= 1
+
+
+def test_plan_engine_decodes_single_steps_recurrently():
+  for backend in ("cpu", "gpu", "tpu"):
+    assert plan_engine(1, 64, 64, backend=backend, decoding=True).mode is Mode.RECURRENT
+
+
+@pytest.mark.parametrize("length", [0, -1])
+def test_plan_engine_rejects_empty_sequences(length):
+  with pytest.raises(ValueError, match="sequence_length"):
+    plan_engine(length, 16, 16)
+
+
+def test_mode_parse():
+  assert Mode.parse("chunked") is Mode.CHUNKED
+  assert Mode.parse(Mode.QUADRATIC) is Mode.QUADRATIC
+  with pytest.raises(ValueError, match="mode"):
+    Mode.parse("linear")
