@@ -137,3 +137,9 @@ def test_masked_cross_entropy_ignores_masked_targets():
   logp = jax.nn.log_softmax(logits)
   expected = -sum(float(logp[b, t, targets[b, t]]) for b, t in zip(*np.nonzero(mask)))
   assert float(count) == 4 and float(total) == pytest.approx(expected, rel=1e-5)
+
+
+def test_config_docstring_examples():
+  import doctest  # pylint: disable=g-import-not-at-top
+  result = doctest.testmod(configs, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0

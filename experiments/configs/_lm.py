@@ -18,7 +18,7 @@ def lm_config(name: str, attention: str, options: Mapping[str, Any], *,
         peak_lr=3e-3, warmup_steps=1, log_every=1, eval_every=2, eval_batches=2,
         checkpoint_every=2)
   return ExperimentConfig(
-      name=name, task="lm", d_model=128, num_layers=4, num_heads=4, attention=attention,
-      attention_options=options, seq_len=256, batch_size=16, steps=600, peak_lr=3e-3,
-      warmup_steps=60, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=0,
-      log_every=10, eval_every=200, eval_batches=8, checkpoint_every=200)
+      name=name, task="lm", d_model=128, num_layers=2, num_heads=4, attention=attention,
+      attention_options=options, seq_len=256, batch_size=8, steps=300, peak_lr=3e-3,
+      warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, seed=0,
+      log_every=10, eval_every=100, eval_batches=8, checkpoint_every=100)

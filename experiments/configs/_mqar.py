@@ -21,6 +21,6 @@ def mqar_config(name: str, attention: str, options: Mapping[str, Any], *,
   # leaves 255 keys and 256 values to draw the 16 pairs from.
   return ExperimentConfig(
       name=name, task="mqar", d_model=64, num_layers=2, num_heads=2, attention=attention,
-      attention_options=options, vocab_size=512, seq_len=256, batch_size=32, steps=1500,
+      attention_options=options, vocab_size=512, seq_len=256, batch_size=32, steps=1000,
       peak_lr=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
-      seed=0, log_every=25, eval_every=250, eval_batches=4, checkpoint_every=500, mqar_pairs=16)
+      seed=0, log_every=25, eval_every=250, eval_batches=4, checkpoint_every=250, mqar_pairs=16)

@@ -5,7 +5,8 @@ Launch:
   python -m experiments.evaluate --workdir runs/lm_dca --contexts 128,512,2048 --sample 200
 Smoke test (CI): add `--tiny`.
 
-Expected cost: COST_LM_DCA
+Expected cost: about 5 minutes on the shared 2-core CPU (measured ~1.25 steps/s,
+  ~2,600 tokens/s, at load ~7; ~25 s compilation; 300 steps of 8 x 256 bytes), 0.43 M params.
 
 Same model size, data, optimiser and steps as `lm_softmax`; only the attention layer differs.
 """

@@ -5,7 +5,8 @@ Launch:
   python -m experiments.evaluate --workdir runs/mqar_dca --contexts 256,512
 Smoke test (CI): add `--tiny`.
 
-Expected cost: COST_MQAR_DCA
+Expected cost: about 25 minutes on the shared 2-core CPU (measured ~0.7 steps/s at
+  load ~8; 1000 steps of 32 x 256 tokens); `--set steps=300` for a quick look.
 
 The exact window (32) is shorter than most key-query distances, so recall must come through the
 compressed memory; compare with `mqar_softmax` (same model otherwise).
