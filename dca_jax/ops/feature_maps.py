@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class FeatureMap(str, enum.Enum):
@@ -35,14 +36,6 @@ def feature_dim(kind: FeatureMap | str, dim: int) -> int:
   if kind is FeatureMap.TAYLOR:
     return 1 + dim + dim * (dim + 1) // 2
   return dim
-
-
-def _upper_pairs(dim: int):
-  rows, cols = jnp.triu_indices(dim)
-  # Off-diagonal products appear twice in (x x^T) . (y y^T); weighting them by sqrt(2) once in
-  # each feature vector keeps the dot product exact with only the upper triangle stored.
-  weight = jnp.where(rows == cols, 1.0, math.sqrt(2.0))
-  return rows, cols, weight
 
 
 def taylor_features(x):
@@ -69,11 +62,15 @@ def taylor_features(x):
     tradeoff" (Based), sec. 3.2.
   """
   dim = x.shape[-1]
-  rows, cols, weight = _upper_pairs(dim)
-  first = x / dim ** 0.25
-  second = x[..., rows] * x[..., cols] * (weight / math.sqrt(2.0 * dim)).astype(x.dtype)
-  ones = jnp.ones(x.shape[:-1] + (1,), x.dtype)
-  return jnp.concatenate([ones, first, second], axis=-1)
+  parts = [jnp.ones(x.shape[:-1] + (1,), x.dtype), x / dim ** 0.25]
+  # Row i of the upper triangle of x x^T: x_i * x_{i..d-1}. Off-diagonal products appear twice in
+  # (x x^T) . (y y^T); weighting them by sqrt(2) once in each feature vector keeps the dot product
+  # exact with only the upper triangle stored. Static slices rather than a gather: the gather's
+  # gradient (a scatter-add) measured 1.3x slower on CPU, a selection matmul 2x slower.
+  for i in range(dim):
+    weight = np.where(np.arange(i, dim) == i, 1.0, math.sqrt(2.0)) / math.sqrt(2.0 * dim)
+    parts.append(x[..., i:i + 1] * x[..., i:] * jnp.asarray(weight, x.dtype))
+  return jnp.concatenate(parts, axis=-1)
 
 
 def elu_features(x):
