@@ -242,6 +242,8 @@ def machine_info() -> dict[str, Any]:
       "jaxlib": _jaxlib_version(),
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
+      # Load averages over 1, 5, 15 min: a loaded machine explains noisy absolute times.
+      "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
 
@@ -268,8 +270,12 @@ def format_seconds(seconds: float | None) -> str:
   if seconds < 1e-3:
     return f"{seconds * 1e6:.0f} us"
   if seconds < 1:
-    return f"{seconds * 1e3:.3g} ms"
-  return f"{seconds:.3g} s"
+    return f"{_three_digits(seconds * 1e3)} ms"
+  return f"{_three_digits(seconds)} s"
+
+
+def _three_digits(x: float) -> str:
+  return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def format_bytes(num: float | None) -> str:
@@ -278,5 +284,5 @@ def format_bytes(num: float | None) -> str:
     return "-"
   for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
     if num >= size:
-      return f"{num / size:.3g} {unit}"
+      return f"{_three_digits(num / size)} {unit}"
   return f"{int(num)} B"
