@@ -127,8 +127,9 @@ def get_config(quick: bool = False, **overrides: Any) -> Config:
   """The full configuration, or the `--quick` subset (~2-3 min on a 2-core CPU).
 
   Args:
-    quick: the smoke subset: T in {256, 1024, 4096, 8192} with every contender up to 1024 and
-      only those the targets need beyond, fewer repeats, no long T, a tiny planner sweep.
+    quick: the smoke subset: T in {256, 1024, 4096, 8192} with every contender at 256 and only
+      those the targets need beyond (compilation dominates its cost), fewer repeats, no long T,
+      a tiny planner sweep.
     **overrides: fields of `Config` to replace.
 
   Returns:
@@ -140,8 +141,8 @@ def get_config(quick: bool = False, **overrides: Any) -> Config:
   config = Config()
   if quick:
     config = dataclasses.replace(
-        config, lengths=(256, 1024, 4096, 8192), full_grid_max_t=1024, long_lengths=(),
-        long_fwd_bwd_lengths=(), repeats=3, big_repeats=2, min_total_s=0.2, max_repeats=10,
+        config, lengths=(256, 1024, 4096, 8192), full_grid_max_t=256, long_lengths=(),
+        long_fwd_bwd_lengths=(), repeats=3, big_repeats=3, min_total_s=0.5, max_repeats=15,
         max_timed_s=15.0, planner_lengths=(16, 64), planner_chunks=(64,),
         planner_min_total_s=0.1)
   fields = {f.name for f in dataclasses.fields(Config)}
