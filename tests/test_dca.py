@@ -448,8 +448,8 @@ def test_large_inputs_are_finite():
   """x * 30: scores in the thousands, Taylor features ~1e4, decays near 0: everything stays finite.
 
   The key projection is tied to the query's so that s_tt = |q_t|^2 / sqrt(K) >= 0: the true
-  normaliser is then >= 1 and representable. (With untied projections a token whose window scores
-  are all below ~-88 and whose memory is empty gets NaN: the xfail tests below.)
+  normaliser is then >= 1 and representable. (Untied projections, whose window scores can all be
+  far below zero, are covered by the tests below.)
   """
   params = random_params(21)
   params = params._replace(key=params.query)
@@ -473,9 +473,6 @@ def test_large_inputs_are_finite():
       assert np.all(np.isfinite(np.asarray(g))), (mode, name)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with the score floor m_t >= 0, a token whose window "
-                   "scores are all below ~-88 and whose memory is empty (start of a document, or "
-                   "of the sequence on the engine path) gets den = 0 + 0 in float32: 0/0 = NaN")
 def test_very_negative_scores_with_empty_memory_are_finite():
   # One token, s_00 = q.k / sqrt(2) = -144 / sqrt(2) ~ -102; the exact answer is o = v = 1.
   q = jnp.array([[[[12.0, 0.0]]]])
@@ -601,8 +598,6 @@ def test_attention_compress_rejects_bad_arguments():
     attention_compress(weights._replace(q=weights.q.astype(jnp.int32)), window=WINDOW)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: chunk_size is validated only on the engine path; "
-                   "T <= W without state takes the softmax shortcut and accepts chunk_size=0")
 def test_attention_compress_checks_chunk_size_on_every_path():
   weights, _ = _good()
   with pytest.raises(ValueError, match="chunk_size"):
@@ -769,9 +764,6 @@ def test_layer_bfloat16():
   np.testing.assert_allclose(y, expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: x * 30 gives NaN at the first tokens (all window "
-                   "scores < ~-88, empty memory, m_t floored at 0: 0/0); see "
-                   "test_very_negative_scores_with_empty_memory_are_finite")
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
 def test_layer_large_inputs_are_finite(dtype):
   layer = make_layer(8, dtype=dtype)

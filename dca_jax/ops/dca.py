@@ -10,8 +10,9 @@ relative offsets < W only) and phi a positive feature map with phi(q) . phi(k) ~
     memory:  M_t = a_t M_{t-1} + phi(k_{t-W}) [v_{t-W}, 1]^T        (a_t = exp(log_decay_t))
     output:  o_t = (N_t + e^{-m_t} phi(q_t)^T M_t[:, :V]) / (Z_t + e^{-m_t} phi(q_t)^T M_t[:, V])
 
-where m_t = max(0, max_j s_tj) stabilises both terms (the memory kernel is O(1), >= 1/2 for the
-Taylor map, so m_t must not fall far below 0). The memory is the gated linear attention engine
+where both terms are evaluated relative to m_t = max(max_j s_tj, log(phi(q_t)^T z_t)) (z the
+memory's normaliser column), so every exponential is <= 1 and the denominator >= 1; the output
+does not depend on m_t. The memory is the gated linear attention engine
 run on the stream delayed by W tokens, so a token is counted either in the window or in the
 memory, never in both. When T <= W the memory is empty and DCA is exactly causal softmax.
 
@@ -298,10 +299,24 @@ def _check_state(state: DCAState, batch: int, weights: DCAWeights) -> None:
 
 
 def _combine(window_num, window_den, window_max, memory_out, value_dim):
-  """o = (N + e^{-m} M_num) / (Z + e^{-m} M_den): the single normaliser of both memories."""
-  weight = jnp.exp(-window_max)[..., None]
-  num = window_num + weight * memory_out[..., :value_dim]
-  den = window_den[..., None] + weight * memory_out[..., value_dim:]
+  """Both memories under one normaliser, with a stabiliser that keeps every term finite.
+
+      o = (N e^{m_w} + M_num) / (Z e^{m_w} + M_den),   N, Z computed relative to m_w (window max)
+
+  is evaluated relative to m = max(m_w, log M_den): every exponential is then <= 1 and one of
+  the two weights is exactly 1, so the denominator is >= 1 (no NaN even when all window scores
+  are far below zero and the memory is empty). o does not depend on m, hence no gradient.
+  """
+  mem_num, mem_den = memory_out[..., :value_dim], memory_out[..., value_dim]
+  has_memory = mem_den > 0
+  safe_den = jnp.where(has_memory, mem_den, 1.0)
+  log_mem = jnp.where(has_memory, jnp.log(safe_den), -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.maximum(window_max, log_mem))
+  window_weight = jnp.exp(window_max - top)[..., None]
+  memory_weight = jnp.exp(log_mem - top)[..., None]
+  mem_mean = jnp.where(has_memory[..., None], mem_num / safe_den[..., None], 0.0)
+  num = window_num * window_weight + memory_weight * mem_mean
+  den = window_den[..., None] * window_weight + memory_weight
   return num / den
 
 
@@ -347,6 +362,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   """
   _check_weights(weights, step=False)
   _checks.check_positive_int("window", window)
+  _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
   batch, time, heads, key_dim = weights.q.shape
   value_dim = weights.v.shape[-1]
   _checks.check_reset(reset, batch, time)
@@ -381,7 +397,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   ext_doc = jnp.concatenate([state.doc, doc], axis=1)
   ext_q = jnp.concatenate([jnp.zeros_like(state.keys), weights.q.astype(f32)], axis=1)
   num, den, top = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale, doc=ext_doc,
-                                       rotary_base=rotary_base, score_floor=0.0)
+                                       rotary_base=rotary_base)
   num, den, top = num[:, window:], den[:, window:], top[:, window:]
 
   # Memory: step t folds in the token at t - W, if it belongs to t's document (otherwise it
@@ -465,7 +481,7 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   scores = jnp.einsum("bhk,bshk->bhs", q, k) / math.sqrt(key_dim)
   valid = (doc == 0)[:, None, :]
   scores = jnp.where(valid, scores, -jnp.inf)
-  top = jnp.maximum(jnp.max(scores, axis=-1), 0.0)
+  top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # the new token is always valid
   probs = jnp.exp(scores - top[..., None])
   num = jnp.einsum("bhs,bshv->bhv", probs, vals)
   den = jnp.sum(probs, axis=-1)

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.chunked import chunked
-from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, Mode, plan_engine
+import functools
+
+from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode, plan_engine
 from dca_jax.ops.quadratic import quadratic
 from dca_jax.ops.scan import associative, recurrent
 
@@ -113,17 +115,50 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
     s0 = initial_state.astype(f32)
 
   if mode is Mode.AUTO:
-    plan = plan_engine(time, key_dim, value_dim, per_channel_decay=log_decay.ndim == 4)
-    mode = plan.mode
-    chunk_size = chunk_size or plan.chunk_size
-  if mode is Mode.RECURRENT:
-    o, final = recurrent(q, k, v, g, s0)
-  elif mode is Mode.ASSOCIATIVE:
-    o, final = associative(q, k, v, g, s0)
-  elif mode is Mode.QUADRATIC:
-    o, final = quadratic(q, k, v, g, s0)
+    plans = [plan_engine(time, key_dim, value_dim, needs_grad=grad, per_channel_decay=g.shape[-1] > 1)
+             for grad in (False, True)]
+    if chunk_size is not None:
+      plans = [EnginePlan(p.mode, chunk_size if p.mode is Mode.CHUNKED else None) for p in plans]
+    o, final = _auto(plans[0], plans[1], q, k, v, g, s0)
   else:
-    chunk = chunk_size or CHUNK_SIZE.get(jax.default_backend(), DEFAULT_CHUNK_SIZE)
-    o, final = chunked(q, k, v, g, s0, chunk_size=chunk)
+    o, final = _run(EnginePlan(mode, chunk_size), q, k, v, g, s0)
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
+
+
+def _run(plan: EnginePlan, q, k, v, g, s0):
+  """Evaluates one concrete form (internal contract of `scan.py`)."""
+  if plan.mode is Mode.RECURRENT:
+    return recurrent(q, k, v, g, s0)
+  if plan.mode is Mode.ASSOCIATIVE:
+    return associative(q, k, v, g, s0)
+  if plan.mode is Mode.QUADRATIC:
+    return quadratic(q, k, v, g, s0)
+  chunk = plan.chunk_size or CHUNK_SIZE.get(jax.default_backend(), DEFAULT_CHUNK_SIZE)
+  return chunked(q, k, v, g, s0, chunk_size=chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _auto(forward_plan, grad_plan, q, k, v, g, s0):
+  """The forward-only plan when evaluated; the gradient plan's forward and VJP when differentiated.
+
+  All forms compute the same function, so this is the same function with a faster way to
+  evaluate it in each case (on CPU: the token scan without gradients, chunks with them). Being a
+  `custom_vjp`, it supports reverse-mode autodiff (grad, vjp, jacrev) but not forward-mode
+  (jvp, jacfwd): pass an explicit mode for those.
+  """
+  return _run(forward_plan, q, k, v, g, s0)
+
+
+def _auto_fwd(forward_plan, grad_plan, q, k, v, g, s0):
+  del forward_plan
+  out, vjp = jax.vjp(functools.partial(_run, grad_plan), q, k, v, g, s0)
+  return out, vjp
+
+
+def _auto_bwd(forward_plan, grad_plan, vjp, cotangent):
+  del forward_plan, grad_plan
+  return vjp(cotangent)
+
+
+_auto.defvjp(_auto_fwd, _auto_bwd)

@@ -1,20 +1,27 @@
 """Chooses how to compute gated linear attention: the form and the chunk size.
 
 The rule is the outcome of `experiments/benchmark_engine.py` on this project's reference CPU
-(see docs/engine_benchmark.md for the figures behind it):
+(2 cores; docs/engine_benchmark.md has the figures, including its planner sweep):
 
-* T <= `QUADRATIC_MAX_T`: the quadratic form. For a handful of tokens one masked matmul beats
-  any scan (no loop overhead, no chunk bookkeeping).
-* otherwise the chunked form with chunk size `CHUNK_SIZE[backend]`. On CPU it was faster than
-  the token-level scan for the forward pass at every T measured above the quadratic range, and
-  far faster with gradients (a scan stores one K x V state per token for the backward pass).
-  The associative form over tokens is never chosen: it materialises every state and was the
-  slowest everywhere on CPU.
-* Per-channel decay on CPU: the recurrent form. The chunked form needs per-channel decay
-  factors inside the chunk (sub-chunks computed in log space), which XLA's CPU backend runs
-  slowly: at T = 8192 it measured ~15x slower than the token scan forward and only on par with
-  it forward+backward. On GPU/TPU the chunked form is the standard choice (GLA's kernels).
-* Single-token steps (decoding, T = 1 with a carried state) use the recurrent form.
+* Forward only (inference, prefill) on CPU: the recurrent form. Its `lax.scan` over tokens was
+  the fastest forward at every T measured, from 8 to 2^20 tokens (3-5x faster than the chunked
+  form: XLA's CPU backend runs the chunked form's many small batched matmuls at ~11% of its
+  dense-matmul rate, while the scan's per-token work is small and cache-resident).
+* With gradients: the quadratic form up to T = `QUADRATIC_MAX_T` (one masked matmul; fastest up
+  to T = 128 in the sweep), the chunked form with C = min(64, T) above (7.5x faster than autodiff
+  through the token scan at T = 8192, which stores one K x V state per token).
+* Per-channel decay on CPU: the recurrent form in both cases. The chunked form then needs decay
+  factors inside the chunk (sub-chunks in log space), which XLA's CPU backend runs slowly:
+  ~10x slower than per-head decay forward and no faster than the scan with gradients.
+* GPU/TPU (not measured here): the chunked form, the standard choice of GLA's and Mamba-2's
+  kernels, with the quadratic form for tiny T.
+* The associative form over tokens is never chosen: it materialises every state and was the
+  slowest form everywhere on CPU.
+* Single-token steps (decoding) use the recurrent form.
+
+`gated_linear_attention(mode="auto")` asks this planner twice, for the forward-only and the
+differentiated case, and uses the first when the call is evaluated and the second when it is
+differentiated (a `jax.custom_vjp`), so one call site gets the fast form for both.
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ class Mode(str, enum.Enum):
 
 
 # Measured thresholds (docs/engine_benchmark.md); keyed by jax.default_backend().
-QUADRATIC_MAX_T = 16
+QUADRATIC_MAX_T = 128
 CHUNK_SIZE = {"cpu": 64, "gpu": 64, "tpu": 128}
 DEFAULT_CHUNK_SIZE = 64
+BACKENDS = ("cpu", "gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +80,7 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
     key_dim: K.
     value_dim: V.
     backend: "cpu", "gpu" or "tpu"; defaults to `jax.default_backend()`.
-    needs_grad: whether the call will be differentiated. The rule is the same either way on the
-      machines measured so far (chunked wins both), the argument is kept so that a backend where
-      it differs can say so.
+    needs_grad: whether the call will be differentiated.
     decoding: True for a single-token step that continues a carried state.
     per_channel_decay: whether the log decay has one value per key channel ([B, T, H, K]) rather
       than one per head ([B, T, H]).
@@ -83,18 +89,22 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
     An `EnginePlan`.
 
   Example:
-    >>> plan_engine(8192, 64, 64, backend="cpu")
+    >>> plan_engine(8192, 64, 64, backend="cpu", needs_grad=True)
     EnginePlan(mode=<Mode.CHUNKED: 'chunked'>, chunk_size=64)
+    >>> plan_engine(8192, 64, 64, backend="cpu").mode.value
+    'recurrent'
   """
-  del key_dim, value_dim, needs_grad  # Not (yet) decisive on any measured backend.
-  if sequence_length < 1:
-    raise ValueError(f"sequence_length must be >= 1, got {sequence_length}.")
-  if decoding and sequence_length == 1:
+  del key_dim, value_dim  # Not decisive at the sizes measured so far.
+  if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 1:
+    raise ValueError(f"sequence_length must be an integer >= 1, got {sequence_length!r}.")
+  backend = backend or jax.default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
+  if decoding or sequence_length == 1:
+    return EnginePlan(Mode.RECURRENT)
+  if backend == "cpu" and (per_channel_decay or not needs_grad):
     return EnginePlan(Mode.RECURRENT)
   if sequence_length <= QUADRATIC_MAX_T:
     return EnginePlan(Mode.QUADRATIC)
-  backend = backend or jax.default_backend()
-  if per_channel_decay and backend == "cpu":
-    return EnginePlan(Mode.RECURRENT)
-  chunk = CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE)
+  chunk = min(CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE), sequence_length)
   return EnginePlan(Mode.CHUNKED, chunk)

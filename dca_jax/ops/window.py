@@ -114,12 +114,12 @@ def sliding_window_attention(
 
 
 def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: float | None = None,
-                         score_floor: float | None = None, block_size: int | None = None):
+                         block_size: int | None = None):
   """The unnormalised pieces of window softmax, for callers that add other terms to it (DCA).
 
   Returns N_t = sum_{j in J_t} exp(s_tj - m_t) v_j, Z_t = sum_{j in J_t} exp(s_tj - m_t) and
-  m_t = max(max_{j in J_t} s_tj, score_floor), so that softmax attention is N_t / Z_t and other
-  positive terms can share the normaliser after scaling by exp(-m_t). Inputs are not checked
+  m_t = max_{j in J_t} s_tj, so that softmax attention is N_t / Z_t and other positive terms can
+  share the normaliser after rescaling (see `dca._combine`). Inputs are not checked
   (internal: the public wrappers check them).
 
   Args:
@@ -132,7 +132,6 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
     rotary_base: when given, rotary embeddings by relative offsets (query i of a block is rotated
       by i, or by i + P against the previous block; key s by s): angles stay below 2 P whatever
       the absolute position, so no precision is lost on long sequences.
-    score_floor: optional lower bound on m_t.
     block_size: P >= W (default W); larger blocks only add scores the mask drops (for tests).
 
   Returns:
@@ -189,8 +188,6 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
   # The query itself is never masked, so the max is finite and the normaliser is >= 1. The max
   # only stabilises the exponentials; the result does not depend on it, hence no gradient.
   m = functools.reduce(jnp.maximum, [x.max(-1, keepdims=True) for x in scores])
-  if score_floor is not None:
-    m = jnp.maximum(m, score_floor)
   m = jax.lax.stop_gradient(m)
   probs = [jnp.exp(x - m) for x in scores]
   den = sum(p.sum(-1) for p in probs)
