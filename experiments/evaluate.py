@@ -13,7 +13,7 @@ length T:
           batch's tokens: max(1, batch_size * seq_len // T).
   "mqar": answer accuracy on fresh MQAR sequences of length T with the run's number of pairs
           (a length-generalisation check beyond the training length).
-With `--sample N`, also samples N bytes with `dca_jax.nn.generate.generate` from a prompt (the
+With `--sample N`, also samples N bytes with `dca_jax.nn.generation.generate` from a prompt (the
 start of the test split, or `--prompt`). Writes `workdir/eval.json`.
 """
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dca_jax.nn.generate import generate
+from dca_jax.nn.generation import generate
 from experiments import data as data_lib
 from experiments import train as train_lib
 

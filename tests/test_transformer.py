@@ -1,4 +1,4 @@
-"""Tests for `dca_jax.nn.transformer` (the language model) and `dca_jax.nn.generate`.
+"""Tests for `dca_jax.nn.transformer` (the language model) and `dca_jax.nn.generation`.
 
 Equivalence is the heart: for every attention layer, the full forward equals prefill + decode
 token by token and two chained prefills; a reset mask equals separate runs per document; greedy
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dca_jax.nn import generate as generate_lib
-from dca_jax.nn.generate import generate, sample_logits
+from dca_jax.nn import generation as generate_lib
+from dca_jax.nn.generation import generate, sample_logits
 from dca_jax.nn.transformer import (ATTENTION_TYPES, TransformerConfig, TransformerLM,
                                     attention_layer_class, count_params)
 

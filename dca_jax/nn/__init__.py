@@ -8,7 +8,7 @@
 """
 
 from dca_jax.nn.dca import DCAttention
-from dca_jax.nn.generate import generate, sample_logits
+from dca_jax.nn.generation import generate, sample_logits
 from dca_jax.nn.linear import GatedLinearAttention, LinearAttention
 from dca_jax.nn.softmax import SoftmaxAttention
 from dca_jax.nn.transformer import ATTENTION_TYPES, TransformerConfig, TransformerLM, count_params

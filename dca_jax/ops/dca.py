@@ -247,7 +247,7 @@ def adaptive_scale(sequence_length: int, *, window: int, feature_dim: int = 153,
   Example:
     >>> adaptive_scale(48, window=64).kind.value
     'softmax'
-    >>> adaptive_scale(4096, window=64).engine.mode.value
+    >>> adaptive_scale(4096, window=64, needs_grad=True, backend="cpu").engine.mode.value
     'chunked'
   """
   _checks.check_positive_int("sequence_length", sequence_length)
