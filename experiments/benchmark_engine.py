@@ -38,24 +38,21 @@ The machine may be shared: the numbers to trust are the ratios, measured side by
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import os
-import shlex
-import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dca_jax.flops import count_flops
 from dca_jax.ops import gated_linear_attention, plan_engine
 from dca_jax.ops.window import sliding_window_attention
-from experiments import _timing
+from experiments import _report, _timing
+
+_log = _report.log
 
 FWD = "fwd"
 FWD_BWD = "fwd+bwd"
@@ -283,10 +280,6 @@ def _all_finite(tree: Any) -> bool:
 # Measuring.
 
 
-def _log(message: str) -> None:
-  print(message, flush=True)
-
-
 class Runner:
   """Compiles, guards, times and records; remembers which contenders ran out of time budget."""
 
@@ -507,42 +500,18 @@ def ratio_targets(config: Config, records: list[dict[str, Any]], matmul: dict[st
 # Reports.
 
 
-def _cell_time(r):
-  if r is None:
-    return ""
-  if r["status"] == "ok":
-    return _timing.format_seconds(r["median_s"]) + ("" if r.get("finite", True) else " (NaN!)")
-  reason = r.get("reason") or ""
-  if reason.startswith("memory"):
-    return "skip: mem"
-  if reason.startswith("time"):
-    return "skip: time"
-  return "-" if reason.startswith("form limited") else "error"
-
-
-def _cell_memory(r):
-  if r is None or r.get("temp_bytes") is None:
-    return ""
-  text = _timing.format_bytes(r["temp_bytes"])
-  return text if r["status"] == "ok" else f"({text})"
-
-
 def _table(records, contenders, lengths, pass_name, cell):
-  header = "| contender | " + " | ".join(f"T={t}" for t in lengths) + " |"
-  lines = [header, "|---|" + "---:|" * len(lengths)]
-  for name in contenders:
-    cells = [cell(_find(records, name, pass_name, t)) for t in lengths]
-    if any(cells):
-      lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return _report.grid_table("contender", contenders, lengths,
+                            lambda name, t: cell(_find(records, name, pass_name, t)))
 
 
-def _load_text(machine: dict[str, Any]) -> str:
-  start, end = machine.get("load_average"), machine.get("load_average_end")
-  if not start:
-    return ""
-  text = f" Load average (1 min) at start: {start[0]:.1f}"
-  return text + (f", at end: {end[0]:.1f}." if end else ".")
+def _target_text(row: dict[str, Any]) -> str:
+  value = row["value"]
+  if isinstance(value, bool) or value is None:
+    return str(value) if value is not None else "-"
+  if "memory at" in row["target"]:
+    return _timing.format_bytes(value)
+  return f"{value:.3g}x" if "rate" not in row["target"] else f"{value:.1%}"
 
 
 def write_markdown(path: str, result: dict[str, Any]) -> None:
@@ -560,7 +529,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       "",
       f"Machine: {_timing.machine_line(machine)}. Date: {machine['date']}. "
       f"Run time: {result['runtime_s'] / 60:.1f} min."
-      + _load_text(machine),
+      + _report.load_text(machine),
       "",
       f"Setup: B={config['batch']}, H={config['heads']}, K={config['key_dim']}, "
       f"V={config['value_dim']}, float32, jit. Median of {config['repeats']} calls after one "
@@ -578,24 +547,12 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       + ", ".join(f"{p['gflops']:.1f}" for p in result["matmul"]["probes"])
       + " GFLOP/s (start, end of run).",
       "",
-      "## Targets",
-      "",
-      "| target | value | goal | status | detail |",
-      "|---|---:|---|---|---|",
   ]
-  for row in result["targets"]:
-    value = row["value"]
-    if isinstance(value, bool) or value is None:
-      text = str(value) if value is not None else "-"
-    elif "memory at" in row["target"]:
-      text = _timing.format_bytes(value)
-    else:
-      text = f"{value:.3g}x" if "rate" not in row["target"] else f"{value:.1%}"
-    lines.append(f"| {row['target']} | {text} | {row['goal']} | **{row['status']}** | "
-                 f"{row['detail']} |")
-  sections = [("Forward time", FWD, _cell_time), ("Forward + backward time", FWD_BWD, _cell_time),
-              ("Forward temp memory", FWD, _cell_memory),
-              ("Forward + backward temp memory", FWD_BWD, _cell_memory)]
+  lines += _report.targets_section(result["targets"], _target_text)
+  sections = [("Forward time", FWD, _report.cell_time),
+              ("Forward + backward time", FWD_BWD, _report.cell_time),
+              ("Forward temp memory", FWD, _report.cell_memory),
+              ("Forward + backward temp memory", FWD_BWD, _report.cell_memory)]
   for title, pass_name, cell in sections:
     lines += ["", f"## {title}", ""]
     if "memory" in title:
@@ -669,23 +626,14 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
     if fwd:
       ax_time.plot(*zip(*fwd), style, color=cmap(contenders.index(name) % 10), alpha=0.6,
                    label=f"{name} (forward only)")
-  budget = result["config"]["memory_budget_gib"] * 1024
-  ax_mem.axhline(budget, color="gray", ls="--", lw=1)
-  ax_mem.annotate("memory budget (x: compiled, not run)", (0.02, budget),
-                  xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points",
-                  color="gray", fontsize=8)
+  _report.memory_budget_line(ax_mem, result["config"]["memory_budget_gib"])
   ax_time.axhline(result["config"]["time_budget_s"], color="gray", ls="--", lw=1)
   ax_time.annotate("time budget per call", (0.02, result["config"]["time_budget_s"]),
                    xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points",
                    color="gray", fontsize=8)
   for ax, title, ylabel in ((ax_time, "Forward + backward time", "median time per call [s]"),
                             (ax_mem, "Forward + backward XLA temp memory", "temp memory [MiB]")):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
+    _report.log_log_axes(ax, title, "sequence length T", ylabel)
   handles, labels = ax_time.get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
   config = result["config"]
@@ -763,61 +711,16 @@ def print_summary(result: dict[str, Any]) -> None:
       _log(f"  T={row['T']:4d} {row['pass']:7s} best {row['best']:13s} planner {row['planner']:13s}"
            f" {'-' if ratio is None else f'{ratio:.2f}x'}{'  FLAG' if row['flag'] else ''}"
            f"   [{times}]")
-  _log("\nTargets:")
-  for row in result["targets"]:
-    value = row["value"]
-    text = value if isinstance(value, (bool, type(None))) else f"{value:.4g}"
-    _log(f"  {row['status']:4s} {row['target']}: {text} (goal {row['goal']}) {row['detail']}")
+  _report.log_targets(result["targets"])
   _log(f"\nRun time {result['runtime_s'] / 60:.1f} min")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="the ~2-3 min subset")
-  parser.add_argument("--out", default="docs", help="output folder (default: docs)")
-  parser.add_argument("--memory-budget-gib", type=float, default=None,
-                      help="skip programs whose XLA temp memory exceeds this (default 6)")
-  parser.add_argument("--time-budget-s", type=float, default=None,
-                      help="stop growing T for a contender once a call takes longer (default 20)")
-  parser.add_argument("--render-only", action="store_true",
-                      help="measure nothing: rewrite the .md and .png from the .json in --out")
-  args = parser.parse_args(argv)
-  stem = os.path.join(args.out, "engine_benchmark")
-  if args.render_only:
-    with open(stem + ".json", encoding="utf-8") as f:
-      result = json.load(f)
-    write_markdown(stem + ".md", result)
-    write_plot(stem + ".png", result)
-    _log(f"Rewrote {stem}.md, {stem}.png from {stem}.json")
-    return result
-  overrides = {}
-  if args.memory_budget_gib is not None:
-    overrides["memory_budget_gib"] = args.memory_budget_gib
-  if args.time_budget_s is not None:
-    overrides["time_budget_s"] = args.time_budget_s
-  config = get_config(args.quick, **overrides)
-  command = "python -m experiments.benchmark_engine " + " ".join(
-      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-  result = run(config, command.strip())
-  print_summary(result)
-  os.makedirs(args.out, exist_ok=True)
-  with open(stem + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1, default=_json_default)
-  write_markdown(stem + ".md", result)
-  write_plot(stem + ".png", result)
-  _log(f"Wrote {stem}.json, {stem}.md, {stem}.png")
-  return result
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, np.bool_):
-    return bool(x)
-  raise TypeError(f"not JSON serialisable: {type(x)}")
+  """Parses the command line, runs, writes `<out>/engine_benchmark.{json,md,png}`."""
+  return _report.main(argv, doc=__doc__, module="experiments.benchmark_engine",
+                      stem_name="engine_benchmark", noun="contender", get_config=get_config,
+                      run=run, print_summary=print_summary, write_markdown=write_markdown,
+                      write_plot=write_plot)
 
 
 if __name__ == "__main__":

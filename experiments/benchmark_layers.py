@@ -38,27 +38,24 @@ The machine may be shared: the numbers to trust are the ratios, measured side by
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
-import shlex
-import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dca_jax.nn.dca import DCAttention
 from dca_jax.nn.linear import GatedLinearAttention, LinearAttention
 from dca_jax.nn.softmax import SoftmaxAttention
 from dca_jax.nn.window import SlidingWindowAttention
-from experiments import _timing
+from experiments import _report, _timing
+
+_log = _report.log
 
 FWD = "fwd"
 FWD_BWD = "fwd+bwd"
@@ -229,10 +226,6 @@ def fwd_bwd_fn(graphdef: Any) -> Callable[[Any, jax.Array], Any]:
 def _all_finite(tree: Any) -> bool:
   return bool(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
                   if jnp.issubdtype(x.dtype, jnp.floating)))
-
-
-def _log(message: str) -> None:
-  print(message, flush=True)
 
 
 def _input(config: Config, length: int, salt: int = 0) -> jax.Array:
@@ -650,47 +643,15 @@ def targets(config: Config, result: dict[str, Any]) -> list[dict[str, Any]]:
 # Reports.
 
 
-def _cell_time(r):
-  if r is None:
-    return ""
-  if r["status"] == "ok":
-    return _timing.format_seconds(r["median_s"]) + ("" if r.get("finite", True) else " (NaN!)")
-  reason = r.get("reason") or ""
-  if reason.startswith("memory"):
-    return "skip: mem"
-  if reason.startswith("time"):
-    return "skip: time"
-  return "error"
-
-
-def _cell_memory(r):
-  if r is None or r.get("temp_bytes") is None:
-    return ""
-  text = _timing.format_bytes(r["temp_bytes"])
-  return text if r["status"] == "ok" else f"({text})"
-
-
 def _grid_table(records, layers, lengths, pass_name, cell):
-  lines = ["| layer | " + " | ".join(f"T={t}" for t in lengths) + " |",
-           "|---|" + "---:|" * len(lengths)]
-  for name in layers:
-    cells = [cell(_find(records, name, pass_name, t)) for t in lengths]
-    if any(cells):
-      lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return _report.grid_table("layer", layers, lengths,
+                            lambda name, t: cell(_find(records, name, pass_name, t)))
 
 
 def _speedup_table(records, layers, lengths, pass_name):
-  lines = ["| layer | " + " | ".join(f"T={t}" for t in lengths) + " |",
-           "|---|" + "---:|" * len(lengths)]
-  for name in layers:
-    if name == SOFTMAX:
-      continue
-    ratios = speedups(records, name, pass_name)
-    cells = [f"{ratios[t]:.3g}x" if t in ratios else "" for t in lengths]
-    if any(cells):
-      lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  ratios = {name: speedups(records, name, pass_name) for name in layers if name != SOFTMAX}
+  return _report.grid_table("layer", list(ratios), lengths,
+                            lambda name, t: f"{ratios[name][t]:.3g}x" if t in ratios[name] else "")
 
 
 def _decode_table(records, layers, contexts):
@@ -716,13 +677,15 @@ def _decode_table(records, layers, contexts):
   return "\n".join(lines)
 
 
-def _load_text(machine: dict[str, Any]) -> str:
-  """' Load average (1 min) at start: x, at end: y.' when recorded (a loaded machine is noisy)."""
-  start, end = machine.get("load_average"), machine.get("load_average_end")
-  if not start:
-    return ""
-  text = f" Load average (1 min) at start: {start[0]:.1f}"
-  return text + (f", at end: {end[0]:.1f}." if end else ".")
+def _target_text(row: dict[str, Any]) -> str:
+  value = row["value"]
+  if value is None:
+    return "-"
+  if "crossover" in row["target"]:
+    return f"T={value}"
+  if "parameter" in row["target"]:
+    return f"{value:.4f}"
+  return f"{value:.3g}x"
 
 
 def write_markdown(path: str, result: dict[str, Any]) -> None:
@@ -744,7 +707,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       f"Machine: {_timing.machine_line(machine)}. Date: {machine['date']}. "
       f"Run time: {result['runtime_s'] / 60:.1f} min. Dense {probes[0]['n']}^2 float32 matmul: "
       + ", ".join(f"{p['gflops']:.1f}" for p in probes) + " GFLOP/s (start, end of run)."
-      + _load_text(machine),
+      + _report.load_text(machine),
       "",
       f"Setup: B={config['batch']}, d_model={config['d_model']}, {config['num_heads']} heads, "
       f"float32, jit; each layer with its defaults (DCA: W={config['window']}, 16 projected "
@@ -763,23 +726,8 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       "'skip: time'). The machine may have been shared with other jobs: trust the ratios within "
       "one T more than absolute times.",
       "",
-      "## Targets",
-      "",
-      "| target | value | goal | status | detail |",
-      "|---|---:|---|---|---|",
   ]
-  for row in result["targets"]:
-    value = row["value"]
-    if value is None:
-      text = "-"
-    elif "crossover" in row["target"]:
-      text = f"T={value}"
-    elif "parameter" in row["target"]:
-      text = f"{value:.4f}"
-    else:
-      text = f"{value:.3g}x"
-    lines.append(f"| {row['target']} | {text} | {row['goal']} | **{row['status']}** | "
-                 f"{row['detail']} |")
+  lines += _report.targets_section(result["targets"], _target_text)
   lines += ["", "## Parameters", "", "| layer | parameters | / softmax | options |",
             "|---|---:|---:|---|"]
   for name, count in result["params"].items():
@@ -789,10 +737,10 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       ("Forward + backward: speed-up over softmax (softmax time / layer time; > 1 is faster)",
        FWD_BWD, None),
       ("Forward: speed-up over softmax (softmax time / layer time)", FWD, None),
-      ("Forward + backward time", FWD_BWD, _cell_time),
-      ("Forward time", FWD, _cell_time),
-      ("Forward + backward XLA temp memory", FWD_BWD, _cell_memory),
-      ("Forward XLA temp memory", FWD, _cell_memory),
+      ("Forward + backward time", FWD_BWD, _report.cell_time),
+      ("Forward time", FWD, _report.cell_time),
+      ("Forward + backward XLA temp memory", FWD_BWD, _report.cell_memory),
+      ("Forward XLA temp memory", FWD, _report.cell_memory),
   ]
   for title, pass_name, cell in sections:
     lines += ["", f"## {title}", ""]
@@ -863,22 +811,13 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
   ax_dec.plot([], [], "k:", alpha=0.6, label="per token in a lax.scan (dotted)")
   config = result["config"]
   ax_time.axhline(config["time_budget_s"], color="gray", ls="--", lw=1)
-  budget = config["memory_budget_gib"] * 1024
-  ax_mem.axhline(budget, color="gray", ls="--", lw=1)
-  ax_mem.annotate("memory budget (x: compiled, not run)", (0.02, budget),
-                  xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points",
-                  color="gray", fontsize=8)
+  _report.memory_budget_line(ax_mem, config["memory_budget_gib"])
   for ax, title, xlabel, ylabel in (
       (ax_time, "Layer time vs T", "sequence length T", "median time per call [s]"),
       (ax_mem, "Forward + backward XLA temp memory", "sequence length T", "temp memory [MiB]"),
       (ax_dec, "Decode time per token vs context", "context (tokens in the cache)",
        "time per token [ms]")):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
+    _report.log_log_axes(ax, title, xlabel, ylabel)
   ax_time.legend(fontsize=7, loc="upper left")
   ax_mem.legend(fontsize=7, loc="lower right")
   ax_dec.legend(fontsize=7, loc="best")
@@ -946,62 +885,16 @@ def print_summary(result: dict[str, Any]) -> None:
       if name != SOFTMAX:
         ratios = speedups(result["records"], name, pass_name)
         _log(f"  {name:24s} " + "  ".join(f"T={t}: {r:.3g}x" for t, r in ratios.items()))
-  _log("\nTargets:")
-  for row in result["targets"]:
-    value = row["value"]
-    text = "-" if value is None else f"{value:.4g}"
-    _log(f"  {row['status']:4s} {row['target']}: {text} (goal {row['goal']}) {row['detail']}")
+  _report.log_targets(result["targets"], none_text="-")
   _log(f"\nRun time {result['runtime_s'] / 60:.1f} min")
-
-
-def _json_default(x):
-  if isinstance(x, np.integer):
-    return int(x)
-  if isinstance(x, np.floating):
-    return float(x)
-  if isinstance(x, np.bool_):
-    return bool(x)
-  raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Parses the command line, runs, writes `<out>/layer_benchmark.{json,md,png}`."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="the ~2-3 min subset")
-  parser.add_argument("--out", default="docs", help="output folder (default: docs)")
-  parser.add_argument("--memory-budget-gib", type=float, default=None,
-                      help="skip programs whose XLA temp memory exceeds this (default 6)")
-  parser.add_argument("--time-budget-s", type=float, default=None,
-                      help="stop growing T for a layer once a call takes longer (default 20)")
-  parser.add_argument("--render-only", action="store_true",
-                      help="measure nothing: rewrite the .md and .png from the .json in --out")
-  args = parser.parse_args(argv)
-  stem = os.path.join(args.out, "layer_benchmark")
-  if args.render_only:
-    with open(stem + ".json", encoding="utf-8") as f:
-      result = json.load(f)
-    write_markdown(stem + ".md", result)
-    write_plot(stem + ".png", result)
-    _log(f"Rewrote {stem}.md, {stem}.png from {stem}.json")
-    return result
-  overrides = {}
-  if args.memory_budget_gib is not None:
-    overrides["memory_budget_gib"] = args.memory_budget_gib
-  if args.time_budget_s is not None:
-    overrides["time_budget_s"] = args.time_budget_s
-  config = get_config(args.quick, **overrides)
-  command = "python -m experiments.benchmark_layers " + " ".join(
-      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-  result = run(config, command.strip())
-  print_summary(result)
-  os.makedirs(args.out, exist_ok=True)
-  with open(stem + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1, default=_json_default)
-  write_markdown(stem + ".md", result)
-  write_plot(stem + ".png", result)
-  _log(f"Wrote {stem}.json, {stem}.md, {stem}.png")
-  return result
+  return _report.main(argv, doc=__doc__, module="experiments.benchmark_layers",
+                      stem_name="layer_benchmark", noun="layer", get_config=get_config, run=run,
+                      print_summary=print_summary, write_markdown=write_markdown,
+                      write_plot=write_plot)
 
 
 if __name__ == "__main__":
