@@ -118,6 +118,18 @@ def check_cache(cache: Any, cache_type: type, batch: int,
           f"another configuration.")
 
 
+def check_rotary_head_dim(d_model: int, num_heads: int, head_dim: int) -> None:
+  """Checks that the head dim is even, as rotary positions rotate pairs of channels.
+
+  Raises:
+    ValueError: an odd head dim.
+  """
+  if head_dim % 2:
+    raise ValueError(
+        f"d_model / num_heads must be even for rotary positions, got d_model = {d_model} and "
+        f"num_heads = {num_heads} (head dim {head_dim}).")
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   """[..., H * K] -> [..., H, K]."""
   return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
@@ -131,9 +143,17 @@ def merge_heads(x: jax.Array) -> jax.Array:
 class AttentionLayer(nnx.Module):
   """Base of the attention layers: stores the shared configuration, checks inputs, decodes.
 
-  Subclasses implement `__call__(x, *, reset=None)`, `init_cache(batch_size, max_length)` and
-  `prefill(x, cache)`; `decode_step` is a prefill of one token unless a subclass has a faster
-  path.
+  Subclasses implement `_sequence(x, reset)` (the body of `__call__`, after the input checks) or
+  override `__call__`, and `init_cache(batch_size, max_length)` and `prefill(x, cache)`;
+  `decode_step` is a prefill of one token unless a subclass has a faster path.
+
+  Constructor arguments shared by every layer (Shapes: x [B, T, D] -> [B, T, D]; reset [B, T]
+  bool):
+    d_model: D.
+    num_heads: H, must divide D.
+    rngs: parameter initialisation keys.
+    dtype: compute dtype of the projections (None: promote inputs and parameters).
+    param_dtype: parameter dtype.
 
   Attributes:
     d_model: D, the model width (input and output features).
@@ -162,6 +182,36 @@ class AttentionLayer(nnx.Module):
     """Checks the arguments of `__call__`."""
     check_sequence(x, self.d_model)
     _checks.check_reset(reset, x.shape[0], x.shape[1])
+
+  def _check_prefill(self, x: Any, cache: Any, cache_type: type,
+                     shapes: Mapping[str, tuple[int | None, ...]]) -> None:
+    """Checks the arguments of `prefill`: x as in `check_sequence`, cache as in `check_cache`."""
+    check_sequence(x, self.d_model)
+    check_cache(cache, cache_type, x.shape[0], shapes)
+
+  def _output(self, o: jax.Array, dtype: Any) -> jax.Array:
+    """[B, T, H, V] head outputs -> out_proj(concat_heads(o)) [B, T, D] in `dtype`."""
+    return self.out_proj(merge_heads(o)).astype(dtype)
+
+  def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
+    """The layer over x.
+
+    Args:
+      x: [B, T, D] floating.
+      reset: optional bool [B, T]; true where a new document starts (no attention across it).
+
+    Returns:
+      [B, T, D] in x's dtype.
+
+    Raises:
+      TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
+    """
+    self._check_call(x, reset)
+    return self._sequence(x, reset)
+
+  def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
+    """`__call__` on checked inputs."""
+    raise NotImplementedError
 
   def decode_step(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
     """Processes one token per batch row, continuing from `cache`.

@@ -39,7 +39,53 @@ def elu_plus_one(x: jax.Array) -> jax.Array:
   return jax.nn.elu(x) + 1.0
 
 
-class LinearAttention(_layer.AttentionLayer):
+class _RecurrentAttention(_layer.AttentionLayer):
+  """Base of the linear attention layers: the cache is one state of shape `_state_shape`.
+
+  Subclasses set up their parameters and implement `_state_shape(batch_size)` and
+  `_forward(x, state, reset) -> (y, final_state)`.
+  """
+
+  def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
+    raise NotImplementedError
+
+  def _forward(self, x: jax.Array, state: jax.Array | None,
+               reset: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    raise NotImplementedError
+
+  def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
+    return self._forward(x, None, reset)[0]
+
+  def init_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
+    """A zero float32 state (see `RecurrentCache`); `max_length` is only validated (the size is
+    constant).
+
+    Raises:
+      ValueError: batch_size or max_length not an integer >= 1.
+    """
+    _layer.check_cache_size(batch_size, max_length)
+    return RecurrentCache(state=jnp.zeros(self._state_shape(batch_size), jnp.float32),
+                          position=jnp.zeros((), jnp.int32))
+
+  def prefill(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache]:
+    """The layer over x continuing from the cached state.
+
+    Args:
+      x: [B, T, D] floating.
+      cache: a `RecurrentCache` from this layer's `init_cache`, batch size B.
+
+    Returns:
+      (y [B, T, D] in x's dtype, the updated cache).
+
+    Raises:
+      TypeError, ValueError: bad x, or a cache of another batch size or configuration.
+    """
+    self._check_prefill(x, cache, RecurrentCache, {"state": self._state_shape(None)})
+    y, state = self._forward(x, cache.state, None)
+    return y, RecurrentCache(state=state, position=cache.position + x.shape[1])
+
+
+class LinearAttention(_RecurrentAttention):
   r"""Causal linear attention with the elu + 1 feature map, normalised.
 
   Per head, with phi = elu + 1 applied to the projections q_t, k_t (K = V = D / H):
@@ -52,14 +98,9 @@ class LinearAttention(_layer.AttentionLayer):
   positions (the state is a sum). A `reset` drops S and z. Everything after the projections
   runs in float32.
 
-  Shapes: x [B, T, D] -> [B, T, D]; reset [B, T] bool.
+  Shapes and args d_model, num_heads, rngs, dtype, param_dtype: see `AttentionLayer`.
 
   Args:
-    d_model: D.
-    num_heads: H, must divide D.
-    rngs: parameter initialisation keys.
-    dtype: compute dtype of the projections (None: promote inputs and parameters).
-    param_dtype: parameter dtype.
     eps: added to the normaliser (which is > 0 since phi > 0).
 
   Raises:
@@ -104,55 +145,14 @@ class LinearAttention(_layer.AttentionLayer):
     o, final = gated_linear_attention(q, k, v, log_decay, initial_state=state, reset=reset,
                                       return_final_state=True)
     o = o[..., :-1] / (o[..., -1:] + self.eps)
-    return self.out_proj(_layer.merge_heads(o)).astype(x.dtype), final
+    return self._output(o, x.dtype), final
 
-  def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
-    """Linear attention over x.
-
-    Args:
-      x: [B, T, D] floating.
-      reset: optional bool [B, T]; true where a new document starts.
-
-    Returns:
-      [B, T, D] in x's dtype.
-
-    Raises:
-      TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
-    """
-    self._check_call(x, reset)
-    return self._forward(x, None, reset)[0]
-
-  def init_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
-    """A zero state [B, H, K, V + 1]; `max_length` is only validated (the size is constant).
-
-    Raises:
-      ValueError: batch_size or max_length not an integer >= 1.
-    """
-    _layer.check_cache_size(batch_size, max_length)
-    shape = (batch_size, self.num_heads, self.head_dim, self.head_dim + 1)
-    return RecurrentCache(state=jnp.zeros(shape, jnp.float32), position=jnp.zeros((), jnp.int32))
-
-  def prefill(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache]:
-    """Linear attention over x continuing from the cached state.
-
-    Args:
-      x: [B, T, D] floating.
-      cache: a `RecurrentCache` from this layer's `init_cache`, batch size B.
-
-    Returns:
-      (y [B, T, D] in x's dtype, the updated cache).
-
-    Raises:
-      TypeError, ValueError: bad x, or a cache of another batch size or configuration.
-    """
-    _layer.check_sequence(x, self.d_model)
-    expected = (None, self.num_heads, self.head_dim, self.head_dim + 1)
-    _layer.check_cache(cache, RecurrentCache, x.shape[0], {"state": expected})
-    y, state = self._forward(x, cache.state, None)
-    return y, RecurrentCache(state=state, position=cache.position + x.shape[1])
+  def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
+    """[B, H, K, V + 1]: S and, in the last column, z."""
+    return (batch_size, self.num_heads, self.head_dim, self.head_dim + 1)
 
 
-class GatedLinearAttention(_layer.AttentionLayer):
+class GatedLinearAttention(_RecurrentAttention):
   r"""Gated linear attention (GLA): linear attention with data-dependent per-channel forgetting.
 
   Per head, with q_t, k_t in R^K (K = expand_k D / H) and v_t in R^V (V = D / H):
@@ -171,14 +171,9 @@ class GatedLinearAttention(_layer.AttentionLayer):
 
   The state S is float32 [B, H, K, V] and constant in size; a `reset` drops it.
 
-  Shapes: x [B, T, D] -> [B, T, D]; reset [B, T] bool.
+  Shapes and args d_model, num_heads, rngs, dtype, param_dtype: see `AttentionLayer`.
 
   Args:
-    d_model: D.
-    num_heads: H, must divide D.
-    rngs: parameter initialisation keys.
-    dtype: compute dtype of the projections (None: promote inputs and parameters).
-    param_dtype: parameter dtype.
     expand_k: total key width as a fraction of D; D * expand_k must be a multiple of H.
     gate_rank: r, the rank of the forget gate's projection.
     gate_temperature: tau >= 1 divides the log gate, pushing decays towards 1 (slow forgetting).
@@ -245,47 +240,6 @@ class GatedLinearAttention(_layer.AttentionLayer):
     o = o.astype(out_gate.dtype) * jax.nn.silu(out_gate)
     return self.out_proj(o).astype(x.dtype), final
 
-  def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
-    """Gated linear attention over x.
-
-    Args:
-      x: [B, T, D] floating.
-      reset: optional bool [B, T]; true where a new document starts.
-
-    Returns:
-      [B, T, D] in x's dtype.
-
-    Raises:
-      TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
-    """
-    self._check_call(x, reset)
-    return self._forward(x, None, reset)[0]
-
-  def init_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
-    """A zero state [B, H, K, V]; `max_length` is only validated (the size is constant).
-
-    Raises:
-      ValueError: batch_size or max_length not an integer >= 1.
-    """
-    _layer.check_cache_size(batch_size, max_length)
-    shape = (batch_size, self.num_heads, self.key_dim, self.head_dim)
-    return RecurrentCache(state=jnp.zeros(shape, jnp.float32), position=jnp.zeros((), jnp.int32))
-
-  def prefill(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache]:
-    """Gated linear attention over x continuing from the cached state.
-
-    Args:
-      x: [B, T, D] floating.
-      cache: a `RecurrentCache` from this layer's `init_cache`, batch size B.
-
-    Returns:
-      (y [B, T, D] in x's dtype, the updated cache).
-
-    Raises:
-      TypeError, ValueError: bad x, or a cache of another batch size or configuration.
-    """
-    _layer.check_sequence(x, self.d_model)
-    expected = (None, self.num_heads, self.key_dim, self.head_dim)
-    _layer.check_cache(cache, RecurrentCache, x.shape[0], {"state": expected})
-    y, state = self._forward(x, cache.state, None)
-    return y, RecurrentCache(state=state, position=cache.position + x.shape[1])
+  def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
+    """[B, H, K, V]."""
+    return (batch_size, self.num_heads, self.key_dim, self.head_dim)

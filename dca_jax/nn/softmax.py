@@ -85,14 +85,9 @@ class SoftmaxAttention(_layer.AttentionLayer):
   silently wrong (dropping the keys and returning finite numbers would be). Check
   `int(cache.position) <= cache.max_length` on the host if you need to know before it happens.
 
-  Shapes: x [B, T, D] -> [B, T, D]; reset [B, T] bool.
+  Shapes and args d_model, num_heads, rngs, dtype, param_dtype: see `AttentionLayer`.
 
   Args:
-    d_model: D.
-    num_heads: H, must divide D.
-    rngs: parameter initialisation keys.
-    dtype: compute dtype of the projections (None: promote inputs and parameters).
-    param_dtype: parameter dtype.
     rotary_base: base of the rotary frequencies.
 
   Raises:
@@ -116,10 +111,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, rotary_base: float = 10000.0):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
-    if self.head_dim % 2:
-      raise ValueError(
-          f"d_model / num_heads must be even for rotary positions, got d_model = {d_model} and "
-          f"num_heads = {num_heads} (head dim {self.head_dim}).")
+    _layer.check_rotary_head_dim(d_model, num_heads, self.head_dim)
     self.rotary_base = float(rotary_base)
     self.q_proj = self._linear(d_model, d_model, rngs)
     self.k_proj = self._linear(d_model, d_model, rngs)
@@ -134,23 +126,8 @@ class SoftmaxAttention(_layer.AttentionLayer):
     v = _layer.split_heads(self.v_proj(x), heads)
     return q, k, v
 
-  def _output(self, o: jax.Array, dtype: Any) -> jax.Array:
-    return self.out_proj(_layer.merge_heads(o)).astype(dtype)
-
-  def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
-    """Full causal attention over x.
-
-    Args:
-      x: [B, T, D] floating.
-      reset: optional bool [B, T]; true where a new document starts (no attention across it).
-
-    Returns:
-      [B, T, D] in x's dtype.
-
-    Raises:
-      TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
-    """
-    self._check_call(x, reset)
+  def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
+    """Full causal attention over x (see `AttentionLayer.__call__`)."""
     positions = jnp.arange(x.shape[1], dtype=jnp.int32)
     q, k, v = self._project(x, positions)
     mask = (positions[:, None] >= positions[None, :])[None]       # [1, T, T]
@@ -188,10 +165,9 @@ class SoftmaxAttention(_layer.AttentionLayer):
       ValueError: naming max_length, when the tokens would not fit in a concrete cache (under jit
         see the class docstring: outputs past max_length are NaN).
     """
-    _layer.check_sequence(x, self.d_model)
-    batch, time = x.shape[:2]
     head_shape = (None, None, self.num_heads, self.head_dim)
-    _layer.check_cache(cache, KVCache, batch, {"k": head_shape, "v": head_shape})
+    self._check_prefill(x, cache, KVCache, {"k": head_shape, "v": head_shape})
+    time = x.shape[1]
     max_length = cache.max_length
     if _checks.is_concrete(cache.position):
       start = int(cache.position)

@@ -55,14 +55,10 @@ class SlidingWindowAttention(_layer.AttentionLayer):
   in float32 long before, see `apply_rotary`, but queries and keys at the same positions share
   the same rounding).
 
-  Shapes: x [B, T, D] -> [B, T, D]; reset [B, T] bool.
+  Shapes and args d_model, num_heads, rngs, dtype, param_dtype: see `AttentionLayer`; the head
+  dim D / H must be even (rotary).
 
   Args:
-    d_model: D.
-    num_heads: H, must divide D, with an even head dim D / H (rotary).
-    rngs: parameter initialisation keys.
-    dtype: compute dtype of the projections (None: promote inputs and parameters).
-    param_dtype: parameter dtype.
     window: W >= 1, tokens each query sees, itself included.
     rotary_base: base of the rotary frequencies.
 
@@ -87,10 +83,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
                param_dtype: Any = jnp.float32, window: int = 64, rotary_base: float = 10000.0):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     _checks.check_positive_int("window", window)
-    if self.head_dim % 2:
-      raise ValueError(
-          f"d_model / num_heads must be even for rotary positions, got d_model = {d_model} and "
-          f"num_heads = {num_heads} (head dim {self.head_dim}).")
+    _layer.check_rotary_head_dim(d_model, num_heads, self.head_dim)
     self.window = int(window)
     self.rotary_base = float(rotary_base)
     self.q_proj = self._linear(d_model, d_model, rngs)
@@ -108,23 +101,8 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     v = _layer.split_heads(self.v_proj(x), heads).astype(f32)
     return q, k, v
 
-  def _output(self, o: jax.Array, dtype: Any) -> jax.Array:
-    return self.out_proj(_layer.merge_heads(o)).astype(dtype)
-
-  def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
-    """Sliding-window attention over x.
-
-    Args:
-      x: [B, T, D] floating.
-      reset: optional bool [B, T]; true where a new document starts.
-
-    Returns:
-      [B, T, D] in x's dtype.
-
-    Raises:
-      TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
-    """
-    self._check_call(x, reset)
+  def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
+    """Sliding-window attention over x (see `AttentionLayer.__call__`)."""
     q, k, v = self._project(x, jnp.arange(x.shape[1], dtype=jnp.int32))
     o = sliding_window_attention(q, k, v, window=self.window, reset=reset)
     return self._output(o, x.dtype)
@@ -157,11 +135,10 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     Raises:
       TypeError, ValueError: bad x, or a cache of another batch size or configuration.
     """
-    _layer.check_sequence(x, self.d_model)
-    batch, time = x.shape[:2]
     window = self.window
     head_shape = (None, window, self.num_heads, self.head_dim)
-    _layer.check_cache(cache, WindowCache, batch, {"k": head_shape, "v": head_shape})
+    self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape})
+    batch, time = x.shape[:2]
     start = cache.position
     q, k, v = self._project(x, start + jnp.arange(time, dtype=jnp.int32))
 
