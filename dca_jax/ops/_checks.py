@@ -68,3 +68,12 @@ def check_nonpositive(name: str, x: Any) -> None:
         f"{name} must be <= 0 everywhere (it is a log decay), got a maximum of {float(np.nanmax(values))}.")
   if np.isnan(values).any():
     raise ValueError(f"{name} contains NaN.")
+
+
+def parse_choice(choices: type, value: Any, name: str):
+  """`choices(value)` for a str-valued Enum, or a ValueError naming `name` and the valid values."""
+  try:
+    return choices(value)
+  except ValueError:
+    valid = ", ".join(repr(member.value) for member in choices)
+    raise ValueError(f"{name} must be one of {valid}, got {value!r}.") from None

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dca_jax.ops import _checks
+
 
 class FeatureMap(str, enum.Enum):
   """Feature maps for the compressed memory."""
@@ -23,11 +25,7 @@ class FeatureMap(str, enum.Enum):
 
   @classmethod
   def parse(cls, value: "FeatureMap | str") -> "FeatureMap":
-    try:
-      return cls(value)
-    except ValueError:
-      choices = ", ".join(repr(m.value) for m in cls)
-      raise ValueError(f"feature_map must be one of {choices}, got {value!r}.") from None
+    return _checks.parse_choice(cls, value, "feature_map")
 
 
 def feature_dim(kind: FeatureMap | str, dim: int) -> int:

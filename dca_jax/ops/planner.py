@@ -31,6 +31,8 @@ import enum
 
 import jax
 
+from dca_jax.ops import _checks
+
 
 class Mode(str, enum.Enum):
   """How `gated_linear_attention` evaluates the recurrence."""
@@ -43,11 +45,7 @@ class Mode(str, enum.Enum):
 
   @classmethod
   def parse(cls, value: "Mode | str") -> "Mode":
-    try:
-      return cls(value)
-    except ValueError:
-      choices = ", ".join(repr(m.value) for m in cls)
-      raise ValueError(f"mode must be one of {choices}, got {value!r}.") from None
+    return _checks.parse_choice(cls, value, "mode")
 
 
 # Measured thresholds (docs/engine_benchmark.md); keyed by jax.default_backend().
