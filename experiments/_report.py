@@ -9,6 +9,7 @@ machine-load text, the plot's budget line and log-log axes, the JSON encoder and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -18,6 +19,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from experiments import _timing
+
+
+def replace_checked(config, overrides: Mapping[str, Any]):
+  """`dataclasses.replace(config, **overrides)`, naming any key the config does not have."""
+  fields = {f.name for f in dataclasses.fields(config)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"Unknown config keys {unknown}; expected some of {sorted(fields)}.")
+  return dataclasses.replace(config, **overrides)
 
 
 def log(message: str) -> None:

@@ -142,11 +142,7 @@ def get_config(quick: bool = False, **overrides: Any) -> Config:
         long_fwd_bwd_lengths=(), repeats=3, big_repeats=3, min_total_s=0.5, max_repeats=15,
         max_timed_s=15.0, planner_lengths=(16, 64), planner_chunks=(64,),
         planner_min_total_s=0.1)
-  fields = {f.name for f in dataclasses.fields(Config)}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f"Unknown config keys {unknown}; expected some of {sorted(fields)}.")
-  return dataclasses.replace(config, **overrides)
+  return _report.replace_checked(config, overrides)
 
 
 # ----------------------------------------------------------------------------------------------

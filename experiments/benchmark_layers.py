@@ -153,11 +153,7 @@ def get_config(quick: bool = False, **overrides: Any) -> Config:
         max_repeats=10, max_timed_s=15.0, decode_contexts=(1024, 8192),
         decode_all_contexts=(1024, 8192), decode_warmup=5, decode_steps=40, loop_steps=32,
         loop_repeats=3, loop_min_total_s=0.2, loop_max_repeats=20, matmul_n=1024)
-  fields = {f.name for f in dataclasses.fields(Config)}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f"Unknown config keys {unknown}; expected some of {sorted(fields)}.")
-  return dataclasses.replace(config, **overrides)
+  return _report.replace_checked(config, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
