@@ -45,8 +45,8 @@ from dca_jax.ops.quadratic import decay_matrix, decayed_scores, prefix_sum, reve
 from dca_jax.ops.scan import combine_decayed_states
 
 # Sub-chunk length for per-channel decays: the in-log-space diagonal blocks cost O(c K) per token
-# and XLA's CPU backend handles these broadcast-reduce blocks poorly, so c stays small (8 measured
-# faster than 16 at T=8192, H=4, K=64: docs/engine_benchmark.md).
+# and XLA's CPU backend handles these broadcast-reduce blocks poorly, so c stays small (8 was faster
+# than 16 in a one-off check at T=8192, H=4, K=64 during development; not a committed benchmark).
 SUB_CHUNK = 8
 
 

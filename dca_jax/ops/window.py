@@ -21,12 +21,10 @@ from dca_jax.ops.rotary import apply_rotary
 def _block_size(window: int) -> int:
   """The block size P = W: the smallest with which two blocks cover every window.
 
-  Larger blocks only add scores that the mask throws away. Measured on this project's 2-core
-  CPU (T=8192, B=1, H=4, K=V=64, float32, jit, best of 20 runs interleaved; the machine was
-  shared with other jobs, so trust the ratios more than the absolute times), W=64:
-  P=64 37 ms, P=128 55 ms, P=256 90 ms forward; 108 / 158 / 265 ms forward + backward.
-  Small windows gain nothing from a floor on P either (W=4: P=4 15 ms, P=8 20 ms, P=32 27 ms
-  forward; W=1: P=1 3 ms, P=32 24 ms).
+  Larger blocks only add scores that the mask throws away, and small windows gain nothing from
+  a floor on P: in a one-off development check on 2026-11-28 (2-core CPU, shared; T=8192, H=4,
+  K=V=64; no committed script reproduces it) every larger P tried was slower, forward and
+  forward+backward.
   """
   return window
 
