@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dca_jax.nn.dca import DCAttention
+from dca_jax.nn.dca import DCAttention, causal_short_conv
 from dca_jax.ops.dca import (DCAParams, DCAState, DCAWeights, PlanKind, adaptive_scale,
                              attention_compress, compute_weights, half_life_bias, init_params,
                              init_state, memory_state_update)
@@ -52,13 +52,25 @@ _compress = jax.jit(attention_compress,
 _step = jax.jit(memory_state_update, static_argnames=("rotary_base",))
 
 
-def random_params(seed, window=WINDOW):
-  """`init_params` with random (nonzero) decay weights, so the compression rate depends on x."""
-  key, decay_key = jax.random.split(jax.random.key(seed))
+# The variants of the mechanism (`combine`, `decay` of `init_params`) the tests run besides the
+# default (unified combination, one rate per head).
+VARIANTS = (dict(combine="gated"), dict(decay="channel"), dict(combine="gated", decay="channel"))
+
+
+def random_params(seed, window=WINDOW, **variant):
+  """`init_params` with random (nonzero) decay and gate weights, so rates and gates depend on x."""
+  key, decay_key, up_key, gate_key = jax.random.split(jax.random.key(seed), 4)
   params = init_params(key, D_MODEL, HEADS, window=window, head_dim=HEAD_DIM, value_dim=VALUE_DIM,
-                       feature_dim=FEAT)
-  decay = 0.5 / math.sqrt(D_MODEL) * jax.random.normal(decay_key, (D_MODEL, HEADS))
-  return params._replace(decay=decay)
+                       feature_dim=FEAT, **variant)
+  changes = {}
+  if params.decay_up is None:
+    changes["decay"] = 0.5 / math.sqrt(D_MODEL) * jax.random.normal(decay_key, (D_MODEL, HEADS))
+  else:
+    changes["decay_up"] = 0.3 * jax.random.normal(up_key, params.decay_up.shape)
+  if params.gate is not None:
+    changes["gate"] = jax.random.normal(gate_key, params.gate.shape) / math.sqrt(D_MODEL)
+    changes["gate_bias"] = jnp.linspace(-1.0, 1.0, HEADS)
+  return params._replace(**changes)
 
 
 def random_x(seed, shape, dtype=jnp.float32):
@@ -69,19 +81,23 @@ def random_reset(seed, batch, time, prob=0.2):
   return jnp.asarray(np.random.default_rng(seed).random((batch, time)) < prob)
 
 
-def random_weights(seed, batch=BATCH, time=TIME, window=WINDOW):
-  return _weights(random_params(seed, window), random_x(seed + 1000, (batch, time, D_MODEL)))
+def random_weights(seed, batch=BATCH, time=TIME, window=WINDOW, **variant):
+  return _weights(random_params(seed, window, **variant),
+                  random_x(seed + 1000, (batch, time, D_MODEL)))
 
 
 def slice_time(weights, start, stop):
-  return DCAWeights(*(x[:, start:stop] for x in weights))
+  return DCAWeights(*(None if x is None else x[:, start:stop] for x in weights))
 
 
 def step_weights(weights, t):
-  return DCAWeights(*(x[:, t] for x in weights))
+  return DCAWeights(*(None if x is None else x[:, t] for x in weights))
 
 
 def assert_states_close(got, expected, **tol):
+  if hasattr(got, "inputs"):           # a DCAConvCache: the inputs kept for the convolution too
+    chex.assert_trees_all_close(got.inputs, expected.inputs, **tol, custom_message="inputs")
+    got, expected = got.state, expected.state
   for name in ("keys", "values", "key_features", "memory"):
     chex.assert_trees_all_close(getattr(got, name), getattr(expected, name), **tol,
                                 custom_message=f"state.{name}")
@@ -111,9 +127,13 @@ def dca_oracle(weights, window, reset=None, rotary_base=ROTARY, memory0=None, me
   M_t = sum_{j <= t-W, doc(j) = doc(t)} (prod_{i=j+W+1..t} a_i) phi(k_j) [v_j, 1]^T
         (+ prod_{i<=t} a_i M_0 while t is still in the first document);
   o_t = (sum e^{s-m} v + e^{-m} phi(q_t) M_t[:, :V]) / (sum e^{s-m} + e^{-m} phi(q_t) M_t[:, V]).
-  With memory=False, M_t = 0: window softmax alone.
+  With memory=False, M_t = 0: window softmax alone. Per-channel decay: a_i [H, F] multiplies
+  memory row f by its own rate. Gated combination (weights.gate = g): each part normalised on its
+  own, o_t = sigmoid(g) window + (1 - sigmoid(g)) phi(q) M[:, :V] / phi(q) M[:, V] (0 if empty).
   """
-  q, k, v, qf, kf, log_decay = (np.asarray(x, np.float64) for x in weights)
+  q, k, v, qf, kf, log_decay = (np.asarray(x, np.float64) for x in weights[:6])
+  gate = None if weights.gate is None else 1.0 / (1.0 + np.exp(-np.asarray(weights.gate, np.float64)))
+  per_channel = log_decay.ndim == 4
   batch, time, heads, key_dim = q.shape
   value_dim, feats = v.shape[-1], qf.shape[-1]
   doc = np.zeros((batch, time), int) if reset is None else np.cumsum(np.asarray(reset), axis=1)
@@ -133,12 +153,21 @@ def dca_oracle(weights, window, reset=None, rotary_base=ROTARY, memory0=None, me
       num, den = np.einsum("hj,jhv->hv", p, v[b, win]), p.sum(-1)
       mem = np.zeros((heads, feats, value_dim + 1))
       for j in old:
-        decay = np.prod(a[b, j + window + 1:t + 1], axis=0)                        # [H]
+        decay = np.prod(a[b, j + window + 1:t + 1], axis=0)                  # [H] or [H, F]
+        decay = decay[:, :, None] if per_channel else decay[:, None, None]
         v1 = np.concatenate([v[b, j], np.ones((heads, 1))], axis=-1)
-        mem += decay[:, None, None] * kf[b, j][:, :, None] * v1[:, None, :]
+        mem += decay * kf[b, j][:, :, None] * v1[:, None, :]
       if memory0 is not None and doc[b, t] == 0:
-        mem += np.prod(a[b, :t + 1], axis=0)[:, None, None] * np.asarray(memory0[b], np.float64)
+        decay0 = np.prod(a[b, :t + 1], axis=0)
+        decay0 = decay0[:, :, None] if per_channel else decay0[:, None, None]
+        mem += decay0 * np.asarray(memory0[b], np.float64)
       read = np.einsum("hf,hfv->hv", qf[b, t], mem)
+      if gate is not None:
+        mem_part = np.where(read[:, value_dim:] > 0,
+                            read[:, :value_dim] / np.where(read[:, value_dim:] > 0, read[:, value_dim:], 1), 0)
+        g = gate[b, t][:, None]
+        out[b, t] = g * num / den[:, None] + (1 - g) * mem_part
+        continue
       w = np.exp(-m)[:, None]
       out[b, t] = (num + w * read[:, :value_dim]) / (den[:, None] + w * read[:, value_dim:])
   return out
@@ -146,8 +175,10 @@ def dca_oracle(weights, window, reset=None, rotary_base=ROTARY, memory0=None, me
 
 def dca_dense(weights, window, reset=None, rotary_base=ROTARY):
   """The oracle as dense masked T x T JAX (differentiable; float64 under jax.enable_x64)."""
-  q, k, v, qf, kf, log_decay = weights
+  q, k, v, qf, kf, log_decay = weights[:6]
   dtype = q.dtype
+  if log_decay.ndim == 3:
+    log_decay = log_decay[..., None]                                              # [B, T, H, 1]
   log_decay = log_decay.astype(dtype)
   batch, time, _, key_dim = q.shape
   doc = jnp.zeros((batch, time), jnp.int32) if reset is None else jnp.cumsum(reset, axis=1)
@@ -163,13 +194,24 @@ def dca_dense(weights, window, reset=None, rotary_base=ROTARY):
   s = jnp.where(in_window, s, -jnp.inf)
   m = jax.lax.stop_gradient(jnp.maximum(0.0, s.max(-1)))                       # [B, H, T]
   p = jnp.exp(s - m[..., None])
-  # Decay of key j at query t: exp(L_t - L_{j+W}) with L the prefix sum of log decays.
-  cum = jnp.moveaxis(jnp.cumsum(log_decay, axis=1), 2, 1)                         # [B, H, T]
-  shifted = jnp.concatenate([cum[..., window:], jnp.zeros(cum.shape[:-1] + (min(window, time),),
-                                                           dtype)], axis=-1)[..., :time]
-  expo = cum[..., :, None] - shifted[..., None, :]
-  decay = jnp.where(in_memory, jnp.exp(jnp.where(in_memory, expo, 0.0)), 0.0)
-  kernel = jnp.einsum("bthf,bjhf->bhtj", qf, kf) * decay
+  # Decay of key j at query t: exp(L_t - L_{j+W}) with L the prefix sum of log decays, per head
+  # (last axis 1) or per feature.
+  cum = jnp.moveaxis(jnp.cumsum(log_decay, axis=1), 2, 1)                         # [B, H, T, C]
+  pad = jnp.zeros(cum.shape[:2] + (min(window, time),) + cum.shape[3:], dtype)
+  shifted = jnp.concatenate([cum[:, :, window:], pad], axis=2)[:, :, :time]
+  expo = cum[:, :, :, None] - shifted[:, :, None, :]                              # [B, H, T, T, C]
+  mask = in_memory[..., None]
+  decay = jnp.where(mask, jnp.exp(jnp.where(mask, expo, 0.0)), 0.0)
+  kernel = jnp.einsum("bthf,bjhf,bhtjf->bhtj", qf, kf,
+                      jnp.broadcast_to(decay, decay.shape[:4] + (qf.shape[-1],)))
+  if weights.gate is not None:
+    g = jax.nn.sigmoid(jnp.moveaxis(weights.gate.astype(dtype), 2, 1))[..., None]  # [B, H, T, 1]
+    window_part = jnp.einsum("bhtj,bjhv->bhtv", p, v) / p.sum(-1)[..., None]
+    mem_den = kernel.sum(-1)[..., None]
+    has = mem_den > 0
+    mem_part = jnp.where(has, jnp.einsum("bhtj,bjhv->bhtv", kernel, v)
+                         / jnp.where(has, mem_den, 1.0), 0.0)
+    return jnp.moveaxis(g * window_part + (1 - g) * mem_part, 1, 2)
   w = jnp.exp(-m)
   num = jnp.einsum("bhtj,bjhv->bthv", p + w[..., None] * kernel, v)
   den = (p.sum(-1) + w * kernel.sum(-1))
@@ -230,6 +272,50 @@ def test_matches_oracle_random_shapes(window, extra, mode, reset_prob, rotary_ba
                   rotary_base=rotary_base)
   np.testing.assert_allclose(np.asarray(got), dca_oracle(weights, window, reset, rotary_base),
                              **ORACLE_TOL, err_msg=f"T={time}, W={window}, mode={mode}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch,time,window,with_reset,rotary_base",
+                         [(2, 3, 4, True, None), (2, 13, 4, True, ROTARY), (2, 23, 5, False, None)])
+def test_variants_match_oracle_every_mode(variant, batch, time, window, with_reset, rotary_base):
+  """Gated combination and per-channel decay, in every engine form, against the float64 oracle."""
+  weights = random_weights(time * 7 + window, batch, time, window, **variant)
+  reset = random_reset(time, batch, time, prob=0.3) if with_reset else None
+  expected = dca_oracle(weights, window, reset, rotary_base)
+  for (mode, chunk), got in every_mode(weights, reset, window, rotary_base):
+    np.testing.assert_allclose(np.asarray(got), expected, **ORACLE_TOL,
+                               err_msg=f"{variant}, mode={mode}, chunk_size={chunk}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_decode_and_chained_calls_equal_whole_sequence(variant):
+  weights = random_weights(21, **variant)
+  reset = jnp.zeros((BATCH, TIME), bool).at[0, 6].set(True)
+  full, state_full = _compress(weights, window=WINDOW, reset=reset, return_state=True)
+  # The whole sequence without reset for the decode comparison (decode steps take no reset).
+  plain = _compress(weights, window=WINDOW)
+  state = init_state(BATCH, HEADS, HEAD_DIM, VALUE_DIM, NUM_FEATURES, WINDOW)
+  outs = []
+  for t in range(TIME):
+    o, state = _step(state, step_weights(weights, t))
+    outs.append(o)
+  np.testing.assert_allclose(np.asarray(jnp.stack(outs, 1)), np.asarray(plain), **F32_TOL)
+  o1, mid = _compress(slice_time(weights, 0, 5), window=WINDOW, return_state=True)
+  o2, end = _compress(slice_time(weights, 5, TIME), window=WINDOW, state=mid, return_state=True)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate([o1, o2], 1)), np.asarray(plain), **F32_TOL)
+  assert_states_close(end, state, **F32_TOL)
+  np.testing.assert_allclose(np.asarray(full), dca_oracle(weights, WINDOW, reset), **ORACLE_TOL)
+
+
+def test_gate_and_channel_decay_matter():
+  """The variant parameters change the output once tokens are in memory (the tests have teeth)."""
+  x = random_x(5, (BATCH, TIME, D_MODEL))
+  for variant, field in ((dict(combine="gated"), "gate_bias"), (dict(decay="channel"), "decay_up")):
+    params = random_params(4, **variant)
+    base = np.asarray(_compress(_weights(params, x), window=WINDOW))
+    other = params._replace(**{field: 2.0 * getattr(params, field) + 0.5})
+    changed = np.asarray(_compress(_weights(other, x), window=WINDOW))
+    assert np.abs(changed[:, WINDOW + 1:] - base[:, WINDOW + 1:]).max() > 1e-4, variant
 
 
 def test_memory_matters():
@@ -387,9 +473,10 @@ def _grads_three_modes(params, x, cotangent, reset, window):
 GRAD_SHAPE = (BATCH, 11, 3)   # batch, T, W
 
 
-def test_gradients_match_float64_reference():
+@pytest.mark.parametrize("variant", ({},) + VARIANTS)
+def test_gradients_match_float64_reference(variant):
   batch, time, window = GRAD_SHAPE
-  params = random_params(15, window=window)
+  params = random_params(15, window=window, **variant)
   x = random_x(16, (batch, time, D_MODEL))
   cotangent = random_x(17, (batch, time, HEADS, VALUE_DIM))
   reset = jnp.zeros((batch, time), bool).at[1, 7].set(True)
@@ -410,6 +497,9 @@ def test_gradients_match_float64_reference():
   np.testing.assert_allclose(o64, dca_oracle(weights64, window, reset), rtol=1e-10, atol=1e-10)
   for mode, grad in grads.items():
     for name, got, want in zip(DCAParams._fields, grad, ref):
+      if want is None:
+        assert got is None and getattr(params, name) is None, name
+        continue
       assert np.all(np.isfinite(got)), (mode, name)
       scale = np.abs(want).max()
       assert scale > 0, name                      # every parameter matters, decay included
@@ -669,11 +759,20 @@ L_D, L_HEADS, L_WINDOW = 32, 4, 8
 LAYER_TOL = dict(rtol=1e-5, atol=2e-5)
 
 
+# Layer options besides the defaults: gated combination, per-channel decay, short convolution.
+LAYER_VARIANTS = (dict(combine="gated", decay="channel", decay_rank=3), dict(short_conv=3),
+                  dict(short_conv=1, combine="gated"))
+
+
 def make_layer(seed=0, **kwargs):
   layer = DCAttention(L_D, L_HEADS, window=L_WINDOW, feature_dim=4, rngs=nnx.Rngs(seed), **kwargs)
-  # Random decay weights so the compression rate depends on the input.
-  layer.decay[...] = 0.5 / math.sqrt(L_D) * jax.random.normal(jax.random.key(seed + 1),
-                                                              layer.decay[...].shape)
+  # Random decay, gate and convolution weights so that every part depends on the input.
+  keys = iter(jax.random.split(jax.random.key(seed + 1), 4))
+  for name, scale in (("decay", 0.5 / math.sqrt(L_D)), ("decay_up", 0.3),
+                      ("gate", 1 / math.sqrt(L_D)), ("conv", 0.5)):
+    param = getattr(layer, name)
+    if param is not None:
+      param[...] = param[...] + scale * jax.random.normal(next(keys), param[...].shape)
   return layer
 
 
@@ -692,10 +791,12 @@ def _decode(layer, x_t, cache):
   return layer.decode_step(x_t, cache)
 
 
-# T below, equal to and above the window; prefixes below and above it.
-@pytest.mark.parametrize("time,split", [(5, 2), (L_WINDOW, 3), (21, 13), (21, 5)])
-def test_layer_prefill_and_decode_equal_forward(time, split):
-  layer = make_layer()
+# T below, equal to and above the window; prefixes below and above it; every variant at T = 21.
+@pytest.mark.parametrize("time,split,options", [(5, 2, {}), (L_WINDOW, 3, {}), (21, 13, {}),
+                                                (21, 5, {})]
+                         + [(21, 5, options) for options in LAYER_VARIANTS])
+def test_layer_prefill_and_decode_equal_forward(time, split, options):
+  layer = make_layer(**options)
   x = random_x(time, (2, time, L_D))
   full = _forward(layer, x)
   # Two chained prefills, and one prefill of everything.
@@ -720,8 +821,9 @@ def test_layer_prefill_and_decode_equal_forward(time, split):
   chex.assert_trees_all_close(jnp.stack(ys, 1), full, **LAYER_TOL)
 
 
-def test_layer_reset_equals_separate_documents():
-  layer = make_layer(3)
+@pytest.mark.parametrize("options", ({},) + LAYER_VARIANTS)
+def test_layer_reset_equals_separate_documents(options):
+  layer = make_layer(3, **options)
   x = random_x(4, (2, 21, L_D))
   starts = [0, 5, 13]            # documents of 5, 8 and 8 tokens
   reset = jnp.zeros((2, 21), bool).at[:, jnp.array(starts[1:])].set(True)
@@ -731,8 +833,9 @@ def test_layer_reset_equals_separate_documents():
                                 **LAYER_TOL)
 
 
-def test_layer_gradients_reach_every_parameter():
-  layer = make_layer(5)
+@pytest.mark.parametrize("options,extra", [({}, 0), (LAYER_VARIANTS[0], 3), (LAYER_VARIANTS[1], 1)])
+def test_layer_gradients_reach_every_parameter(options, extra):
+  layer = make_layer(5, **options)
   x = random_x(6, (2, 21, L_D))
   cotangent = random_x(7, (2, 21, L_D))
 
@@ -744,7 +847,8 @@ def test_layer_gradients_reach_every_parameter():
   names = [jax.tree_util.keystr(path) for path, _ in leaves]
   params = jax.tree_util.tree_leaves_with_path(nnx.state(layer, nnx.Param))
   assert sorted(names) == sorted(jax.tree_util.keystr(path) for path, _ in params)
-  assert len(names) == 7, names        # query, key, value, feature, decay, decay_bias, out
+  # query, key, value, feature, decay, decay_bias, out (+ decay_up, gate, gate_bias | conv)
+  assert len(names) == 7 + extra, names
   for name, (_, g) in zip(names, leaves):
     g = np.asarray(g)
     assert np.all(np.isfinite(g)), name
@@ -788,6 +892,49 @@ def test_layer_decode_step_compiles_once():
     ys.append(y_t)
   assert len(traces) == 1
   chex.assert_trees_all_close(jnp.stack(ys, 1), _forward(layer, x), **LAYER_TOL)
+
+
+def test_short_conv_matches_numpy():
+  """The causal depthwise convolution, with resets and a history, against a loop in float64."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 9, 5))
+  kernel = rng.normal(size=(3, 5))
+  history = rng.normal(size=(2, 2, 5))
+  reset = np.zeros((2, 9), bool)
+  reset[1, 4] = True
+  doc = np.cumsum(reset, axis=1)
+  expected = np.zeros_like(x)
+  for b in range(2):
+    for t in range(9):
+      for i in range(3):
+        j = t - 2 + i
+        if j >= 0 and doc[b, j] == doc[b, t]:
+          expected[b, t] += kernel[i] * x[b, j]
+        elif j < 0 and doc[b, t] == 0:
+          pass            # with a reset the history is not seen (see the next assertion)
+  got = causal_short_conv(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32),
+                          jnp.asarray(reset))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  # Without reset, a history continues the sequence.
+  got = causal_short_conv(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32),
+                          history=jnp.asarray(history, jnp.float32))
+  ext = np.concatenate([history, x], axis=1)
+  expected = sum(kernel[i] * ext[:, i:i + 9] for i in range(3))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_rejects_bad_options():
+  with pytest.raises(ValueError, match="combine"):
+    DCAttention(32, 4, combine="sum", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="decay"):
+    DCAttention(32, 4, decay="token", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="short_conv"):
+    DCAttention(32, 4, short_conv=-1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="decay_rank"):
+    DCAttention(32, 4, decay="channel", decay_rank=0, rngs=nnx.Rngs(0))
+  layer = make_layer(short_conv=2)
+  with pytest.raises(TypeError, match="DCAConvCache"):
+    layer.decode_step(random_x(0, (2, L_D)), make_layer().init_cache(2, 8))
 
 
 def test_layer_cache_size_does_not_depend_on_max_length():

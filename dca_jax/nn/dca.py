@@ -10,13 +10,57 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from dca_jax.nn import _layer
 from dca_jax.ops import _checks
 from dca_jax.ops import dca as dca_ops
 from dca_jax.ops.feature_maps import FeatureMap, feature_dim as _feature_dim
 from dca_jax.ops.planner import Mode
+
+
+@struct.dataclass
+class DCAConvCache:
+  """Decode cache of a `DCAttention` with a short convolution (`short_conv` > 0).
+
+  Attributes:
+    state: the `DCAState` of the attention.
+    inputs: [B, short_conv - 1, D] float32, the layer inputs of the last short_conv - 1 tokens,
+      oldest first (zeros before the first token).
+  """
+
+  state: dca_ops.DCAState
+  inputs: jax.Array
+
+
+def causal_short_conv(x: jax.Array, kernel: jax.Array, reset: jax.Array | None = None,
+                      history: jax.Array | None = None) -> jax.Array:
+  """Depthwise causal convolution y_t = sum_i kernel[i] * x_{t - (S - 1) + i} over time.
+
+  Args:
+    x: [B, T, D].
+    kernel: [S, D]; kernel[S - 1] weighs the current token.
+    reset: optional bool [B, T]; a token never sees inputs from before its document's start.
+    history: optional [B, S - 1, D], the inputs preceding x (zeros: none).
+
+  Returns:
+    [B, T, D] in x's dtype.
+  """
+  size = kernel.shape[0]
+  batch, time, _ = x.shape
+  if history is None:
+    history = jnp.zeros((batch, size - 1, x.shape[-1]), x.dtype)
+  ext = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+  if reset is not None:
+    doc = jax.lax.associative_scan(jnp.add, reset.astype(jnp.int32), axis=1)
+    ext_doc = jnp.concatenate([jnp.full((batch, size - 1), -1, jnp.int32), doc], axis=1)
+  y = jnp.zeros_like(x)
+  for i in range(size):
+    term = ext[:, i:i + time] * kernel[i].astype(x.dtype)
+    if reset is not None and i < size - 1:
+      term = jnp.where((ext_doc[:, i:i + time] == doc)[..., None], term, 0)
+    y = y + term
+  return y
 
 
 class DCAttention(_layer.AttentionLayer):
@@ -30,6 +74,14 @@ class DCAttention(_layer.AttentionLayer):
     feature_dim: P, the size of the projected queries/keys fed to the feature map (default 16;
       the Taylor map turns them into F = 1 + P + P (P + 1) / 2 = 153 features).
     feature_map: "taylor" (default) or "elu".
+    combine: "unified" (default: window and memory share one softmax normaliser) or "gated"
+      (each normalised on its own, mixed by a learned per-head sigmoid gate of the input).
+    decay: "head" (default: one data-dependent rate per head) or "channel" (one per memory row,
+      low rank `decay_rank`).
+    decay_rank: rank of the per-channel rate projection.
+    short_conv: S, the width of a depthwise causal convolution over the layer input before the
+      projections (0: none). The decode cache then also keeps the last S - 1 inputs
+      (`DCAConvCache`).
     max_half_life_ratio: heads are initialised with half-lives spread from W to this times W.
     rotary_base: rotary base for the window (None: no positions).
     mode: engine form for the compressed memory ("auto" follows `adaptive_scale`).
@@ -53,7 +105,8 @@ class DCAttention(_layer.AttentionLayer):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, window: int = 64,
                feature_dim: int = 16, feature_map: FeatureMap | str = "taylor",
-               max_half_life_ratio: float = 16.0,
+               combine: str = "unified", decay: str = "head", decay_rank: int = 16,
+               short_conv: int = 0, max_half_life_ratio: float = 16.0,
                rotary_base: float | None = 10000.0, mode: Mode | str = "auto",
                chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
@@ -64,22 +117,43 @@ class DCAttention(_layer.AttentionLayer):
     self.feature_map = FeatureMap.parse(feature_map)
     self.num_features = _feature_dim(self.feature_map, feature_dim)
     self.mode, self.chunk_size = Mode.parse(mode), chunk_size
+    self.combine, self.decay_kind = dca_ops.Combine.parse(combine), dca_ops.DecayKind.parse(decay)
+    if not isinstance(short_conv, int) or isinstance(short_conv, bool) or short_conv < 0:
+      raise ValueError(f"short_conv must be an integer >= 0 (0: no convolution), got {short_conv!r}.")
+    self.short_conv = short_conv
     init = dca_ops.init_params(rngs.params(), d_model, num_heads, window=window, head_dim=head_dim,
-                               feature_dim=feature_dim, max_half_life_ratio=max_half_life_ratio)
-    self.query = nnx.Param(init.query.astype(param_dtype))
-    self.key = nnx.Param(init.key.astype(param_dtype))
-    self.value = nnx.Param(init.value.astype(param_dtype))
-    self.feature = nnx.Param(init.feature.astype(param_dtype))
-    self.decay = nnx.Param(init.decay.astype(param_dtype))
-    self.decay_bias = nnx.Param(init.decay_bias.astype(param_dtype))
+                               feature_dim=feature_dim, max_half_life_ratio=max_half_life_ratio,
+                               num_features=self.num_features, combine=self.combine,
+                               decay=self.decay_kind, decay_rank=decay_rank)
+    def param(value):
+      return None if value is None else nnx.Param(value.astype(param_dtype))
+    self.query = param(init.query)
+    self.key = param(init.key)
+    self.value = param(init.value)
+    self.feature = param(init.feature)
+    self.decay = param(init.decay)
+    self.decay_bias = param(init.decay_bias)
+    self.decay_up = param(init.decay_up)
+    self.gate = param(init.gate)
+    self.gate_bias = param(init.gate_bias)
+    # The convolution starts as the identity (all weight on the current token).
+    self.conv = (nnx.Param(jnp.zeros((short_conv, d_model), param_dtype).at[-1].set(1.0))
+                 if short_conv else None)
     self.out = self._linear(num_heads * head_dim, d_model, rngs)
 
   def _params(self) -> dca_ops.DCAParams:
+    def value(p):
+      return None if p is None else p[...]
     return dca_ops.DCAParams(self.query[...], self.key[...], self.value[...], self.feature[...],
-                             self.decay[...], self.decay_bias[...])
+                             self.decay[...], self.decay_bias[...], value(self.decay_up),
+                             value(self.gate), value(self.gate_bias))
 
   def _check_cache(self, cache, batch: int) -> None:
     window, heads, dim = self.window, self.num_heads, self.head_dim
+    if self.short_conv:
+      _layer.check_cache(cache, DCAConvCache, batch,
+                         {"inputs": (batch, self.short_conv - 1, self.d_model)})
+      cache = cache.state
     _layer.check_cache(cache, dca_ops.DCAState, batch, {
         "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
         "key_features": (batch, window, heads, self.num_features), "doc": (batch, window),
@@ -93,31 +167,56 @@ class DCAttention(_layer.AttentionLayer):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
     return self.out(o).astype(self.dtype or x_dtype)
 
+  def _convolve(self, x, reset=None, history=None):
+    if self.conv is None:
+      return x
+    return causal_short_conv(x, self.conv[...].astype(self.dtype or x.dtype), reset, history)
+
   def __call__(self, x, *, reset=None):
     """[B, T, D] -> [B, T, D]; `reset` optional bool [B, T] (documents packed in one row)."""
     self._check_call(x, reset)
-    o = dca_ops.attention_compress(self._weights(x), window=self.window, reset=reset, mode=self.mode,
+    weights = self._weights(self._convolve(x, reset))
+    o = dca_ops.attention_compress(weights, window=self.window, reset=reset, mode=self.mode,
                                    chunk_size=self.chunk_size, rotary_base=self.rotary_base)
     return self._project_out(o, x.dtype)
 
-  def init_cache(self, batch_size: int, max_length: int) -> dca_ops.DCAState:
-    """An empty cache; its size does not depend on `max_length` (kept for a uniform interface)."""
+  def init_cache(self, batch_size: int, max_length: int):
+    """An empty cache (a `DCAState`, or a `DCAConvCache` with a short convolution); its size does
+    not depend on `max_length` (kept for a uniform interface)."""
     _layer.check_cache_size(batch_size, max_length)
-    return dca_ops.init_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
-                              self.num_features, self.window)
+    state = dca_ops.init_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
+                               self.num_features, self.window)
+    if not self.short_conv:
+      return state
+    return DCAConvCache(state, jnp.zeros((batch_size, self.short_conv - 1, self.d_model),
+                                         jnp.float32))
+
+  def _split_cache(self, cache):
+    return (cache.state, cache.inputs) if self.short_conv else (cache, None)
+
+  def _join_cache(self, state, inputs, x):
+    if not self.short_conv:
+      return state
+    keep = self.short_conv - 1
+    tail = jnp.concatenate([inputs, x.astype(jnp.float32)], axis=1)
+    return DCAConvCache(state, tail[:, tail.shape[1] - keep:])
 
   def prefill(self, x, cache):
     """Runs [B, T, D] continuing from `cache`; returns (y [B, T, D], new cache)."""
     _layer.check_sequence(x, self.d_model)
     self._check_cache(cache, x.shape[0])
-    o, cache = dca_ops.attention_compress(self._weights(x), window=self.window, state=cache,
+    state, inputs = self._split_cache(cache)
+    weights = self._weights(self._convolve(x, history=inputs))
+    o, state = dca_ops.attention_compress(weights, window=self.window, state=state,
                                           mode=self.mode, chunk_size=self.chunk_size,
                                           rotary_base=self.rotary_base, return_state=True)
-    return self._project_out(o, x.dtype), cache
+    return self._project_out(o, x.dtype), self._join_cache(state, inputs, x)
 
   def decode_step(self, x_t, cache):
     """One token: x_t [B, D] -> (y_t [B, D], new cache), O(W K + F V) work whatever the context."""
     _layer.check_token(x_t, self.d_model)
     self._check_cache(cache, x_t.shape[0])
-    o, cache = dca_ops.memory_state_update(cache, self._weights(x_t), rotary_base=self.rotary_base)
-    return self._project_out(o, x_t.dtype), cache
+    state, inputs = self._split_cache(cache)
+    weights = self._weights(self._convolve(x_t[:, None], history=inputs)[:, 0])
+    o, state = dca_ops.memory_state_update(state, weights, rotary_base=self.rotary_base)
+    return self._project_out(o, x_t.dtype), self._join_cache(state, inputs, x_t[:, None])

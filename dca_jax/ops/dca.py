@@ -50,8 +50,16 @@ class DCAParams(NamedTuple):
     key: [D, H, K] key projection.
     value: [D, H, V] value projection.
     feature: [H, K, P] projection of queries/keys to the feature map's input (P small, e.g. 16).
-    decay: [D, H] data-dependent part of the compression rate.
-    decay_bias: [H] sets each head's half-life at initialisation (`half_life_bias`).
+    decay: [D, H] data-dependent part of the compression rate (one rate per head); with
+      per-channel decay [D, R], the down-projection of a rank-R rate, see `decay_up`.
+    decay_bias: [H] sets each head's half-life at initialisation (`half_life_bias`); [H, F] with
+      per-channel decay.
+    decay_up: None (one rate per head) or [R, H, F]: per-channel decay, one rate per memory row
+      (feature) computed as (x decay) decay_up + decay_bias, as in GLA's low-rank gates.
+    gate: None (unified combination: window and memory share one softmax normaliser) or [D, H]:
+      gated combination, o = g o_window + (1 - g) o_memory with g = sigmoid(x gate + gate_bias),
+      each memory normalised on its own (as in Infini-attention).
+    gate_bias: [H] bias of the gate (None when `gate` is None).
   """
 
   query: jax.Array
@@ -60,6 +68,9 @@ class DCAParams(NamedTuple):
   feature: jax.Array
   decay: jax.Array
   decay_bias: jax.Array
+  decay_up: jax.Array | None = None
+  gate: jax.Array | None = None
+  gate_bias: jax.Array | None = None
 
 
 class DCAWeights(NamedTuple):
@@ -71,7 +82,9 @@ class DCAWeights(NamedTuple):
     v: [B, T, H, V] values.
     q_features: [B, T, H, F] phi of the projected queries (for the compressed memory).
     k_features: [B, T, H, F] phi of the projected keys.
-    log_decay: [B, T, H] float32 log forgetting rate, <= 0 (the compression rate).
+    log_decay: [B, T, H] float32 log forgetting rate, <= 0 (the compression rate), or
+      [B, T, H, F] for per-channel decay (one rate per memory row).
+    gate: None (unified combination) or [B, T, H] float32 logit of the gated combination.
   For one decoding step the T axis is absent.
   """
 
@@ -81,6 +94,7 @@ class DCAWeights(NamedTuple):
   q_features: jax.Array
   k_features: jax.Array
   log_decay: jax.Array
+  gate: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -177,28 +191,82 @@ def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Featur
   project = params.feature.astype(dtype)
   q_features = feature_map(feature_map_kind, jnp.einsum("...hk,hkp->...hp", q, project))
   k_features = feature_map(feature_map_kind, jnp.einsum("...hk,hkp->...hp", k, project))
-  rate = jnp.einsum("...d,dh->...h", x.astype(jnp.float32), params.decay.astype(jnp.float32))
+  x32 = x.astype(jnp.float32)
+  if params.decay_up is None:
+    rate = jnp.einsum("...d,dh->...h", x32, params.decay.astype(jnp.float32))
+  else:
+    low = jnp.einsum("...d,dr->...r", x32, params.decay.astype(jnp.float32))
+    rate = jnp.einsum("...r,rhf->...hf", low, params.decay_up.astype(jnp.float32))
   log_decay = -jax.nn.softplus(rate + params.decay_bias.astype(jnp.float32))
-  return DCAWeights(q, k, v, q_features, k_features, log_decay)
+  gate = None
+  if params.gate is not None:
+    gate = jnp.einsum("...d,dh->...h", x32, params.gate.astype(jnp.float32))
+    gate = gate + params.gate_bias.astype(jnp.float32)
+  return DCAWeights(q, k, v, q_features, k_features, log_decay, gate)
+
+
+class Combine(str, enum.Enum):
+  """How the window and the compressed memory are combined (see `DCAParams.gate`)."""
+  UNIFIED = "unified"    # one softmax normaliser over both (default)
+  GATED = "gated"        # each normalised on its own, mixed by a learned sigmoid gate
+
+  @classmethod
+  def parse(cls, value: "Combine | str") -> "Combine":
+    return _checks.parse_choice(cls, value, "combine")
+
+
+class DecayKind(str, enum.Enum):
+  """Granularity of the compression rate (see `DCAParams.decay_up`)."""
+  HEAD = "head"          # one rate per head and token (default)
+  CHANNEL = "channel"    # one rate per memory row (feature), low-rank data dependent
+
+  @classmethod
+  def parse(cls, value: "DecayKind | str") -> "DecayKind":
+    return _checks.parse_choice(cls, value, "decay")
 
 
 def init_params(key: jax.Array, d_model: int, num_heads: int, *, window: int, head_dim: int | None = None,
-                value_dim: int | None = None, feature_dim: int = 16, max_half_life_ratio: float = 16.0
-                ) -> DCAParams:
-  """Initial `DCAParams` (lecun-normal projections, zero decay weights, spread half-lives)."""
+                value_dim: int | None = None, feature_dim: int = 16, max_half_life_ratio: float = 16.0,
+                num_features: int | None = None, combine: Combine | str = "unified",
+                decay: DecayKind | str = "head", decay_rank: int = 16) -> DCAParams:
+  """Initial `DCAParams` (lecun-normal projections, zero decay weights, spread half-lives).
+
+  `num_features` (F, needed for per-channel decay) defaults to the Taylor map's size for
+  `feature_dim`. The gate starts at zero weights and bias (g = 1/2 for every token); per-channel
+  rates start data-independent with each head's half-life on all its rows.
+  """
+  _checks.check_positive_int("d_model", d_model)
+  _checks.check_positive_int("num_heads", num_heads)
+  _checks.check_positive_int("window", window)
+  _checks.check_positive_int("decay_rank", decay_rank)
+  combine, decay = Combine.parse(combine), DecayKind.parse(decay)
   head_dim = head_dim or d_model // num_heads
   value_dim = value_dim or head_dim
-  kq, kk, kv, kf = jax.random.split(key, 4)
+  if num_features is None:
+    num_features = 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
+  kq, kk, kv, kf, kd = jax.random.split(key, 5)
   projection = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
   per_head = jax.nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
+  f32 = jnp.float32
+  bias = half_life_bias(num_heads, window, max_half_life_ratio)
+  extra = {}
+  if decay is DecayKind.HEAD:
+    decay_weight = jnp.zeros((d_model, num_heads), f32)
+  else:
+    # Down-projection random, up-projection zero: rates start data independent, and the
+    # gradient reaches both (d/d up needs x decay != 0, d/d down needs up != 0 after one step).
+    decay_weight = jax.nn.initializers.lecun_normal()(kd, (d_model, decay_rank), f32)
+    extra["decay_up"] = jnp.zeros((decay_rank, num_heads, num_features), f32)
+    bias = jnp.broadcast_to(bias[:, None], (num_heads, num_features))
+  if combine is Combine.GATED:
+    extra["gate"] = jnp.zeros((d_model, num_heads), f32)
+    extra["gate_bias"] = jnp.zeros((num_heads,), f32)
   return DCAParams(
-      query=projection(kq, (d_model, num_heads, head_dim), jnp.float32),
-      key=projection(kk, (d_model, num_heads, head_dim), jnp.float32),
-      value=projection(kv, (d_model, num_heads, value_dim), jnp.float32),
-      feature=per_head(kf, (num_heads, head_dim, feature_dim), jnp.float32),
-      decay=jnp.zeros((d_model, num_heads), jnp.float32),
-      decay_bias=half_life_bias(num_heads, window, max_half_life_ratio),
-  )
+      query=projection(kq, (d_model, num_heads, head_dim), f32),
+      key=projection(kk, (d_model, num_heads, head_dim), f32),
+      value=projection(kv, (d_model, num_heads, value_dim), f32),
+      feature=per_head(kf, (num_heads, head_dim, feature_dim), f32),
+      decay=decay_weight, decay_bias=bias, **extra)
 
 
 class PlanKind(str, enum.Enum):
@@ -266,14 +334,20 @@ def _check_weights(weights: DCAWeights, step: bool) -> None:
   names = ("q", "k", "v", "q_features", "k_features")
   for name in names:
     _checks.check_array(f"weights.{name}", getattr(weights, name), rank)
-  _checks.check_array("weights.log_decay", weights.log_decay, rank - 1)
+  _checks.check_array("weights.log_decay", weights.log_decay, (rank - 1, rank))
   lead = weights.q.shape[:-1]
   for name in names[1:]:
     got = getattr(weights, name).shape[:-1]
     if got != lead:
       raise ValueError(f"weights.{name} has leading shape {got}, expected {lead} (from weights.q).")
-  if weights.log_decay.shape != lead:
-    raise ValueError(f"weights.log_decay has shape {weights.log_decay.shape}, expected {lead}.")
+  per_channel = lead + (weights.q_features.shape[-1],)
+  if weights.log_decay.shape not in (lead, per_channel):
+    raise ValueError(f"weights.log_decay has shape {weights.log_decay.shape}, expected {lead} "
+                     f"(per head) or {per_channel} (per channel).")
+  if weights.gate is not None:
+    _checks.check_array("weights.gate", weights.gate, rank - 1)
+    if weights.gate.shape != lead:
+      raise ValueError(f"weights.gate has shape {weights.gate.shape}, expected {lead}.")
   if weights.k.shape[-1] != weights.q.shape[-1]:
     raise ValueError(f"weights.k has key dim {weights.k.shape[-1]}, expected {weights.q.shape[-1]}.")
   if weights.k_features.shape[-1] != weights.q_features.shape[-1]:
@@ -298,7 +372,7 @@ def _check_state(state: DCAState, batch: int, weights: DCAWeights) -> None:
       raise ValueError(f"state.{name} has shape {got}, expected {shape} (from the weights' B, H, K, V, F).")
 
 
-def _combine(window_num, window_den, window_max, memory_out, value_dim):
+def _combine(window_num, window_den, window_max, memory_out, value_dim, gate=None):
   """Both memories under one normaliser, with a stabiliser that keeps every term finite.
 
       o = (N e^{m_w} + M_num) / (Z e^{m_w} + M_den),   N, Z computed relative to m_w (window max)
@@ -306,10 +380,17 @@ def _combine(window_num, window_den, window_max, memory_out, value_dim):
   is evaluated relative to m = max(m_w, log M_den): every exponential is then <= 1 and one of
   the two weights is exactly 1, so the denominator is >= 1 (no NaN even when all window scores
   are far below zero and the memory is empty). o does not depend on m, hence no gradient.
+
+  With a `gate` logit g (gated combination) the two are normalised separately instead:
+  o = sigmoid(g) N / Z + (1 - sigmoid(g)) M_num / M_den (an empty memory contributes 0).
   """
   mem_num, mem_den = memory_out[..., :value_dim], memory_out[..., value_dim]
   has_memory = mem_den > 0
   safe_den = jnp.where(has_memory, mem_den, 1.0)
+  if gate is not None:
+    g = jax.nn.sigmoid(gate)[..., None]
+    mem_mean = jnp.where(has_memory[..., None], mem_num / safe_den[..., None], 0.0)
+    return g * window_num / window_den[..., None] + (1.0 - g) * mem_mean
   log_mem = jnp.where(has_memory, jnp.log(safe_den), -jnp.inf)
   top = jax.lax.stop_gradient(jnp.maximum(window_max, log_mem))
   window_weight = jnp.exp(window_max - top)[..., None]
@@ -382,7 +463,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
 
   plan = adaptive_scale(time, window=window, feature_dim=weights.q_features.shape[-1],
                         value_dim=value_dim, has_state=state is not None)
-  if plan.kind is PlanKind.SOFTMAX and not return_state:
+  if plan.kind is PlanKind.SOFTMAX and not return_state and weights.gate is None:
     num, den, _ = window_softmax_parts(weights.q, weights.k, weights.v, window=window, scale=scale,
                                        doc=doc, rotary_base=rotary_base)
     return (num / den[..., None]).astype(out_dtype)
@@ -410,7 +491,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       weights.q_features.astype(f32), inserted_features, inserted_values, weights.log_decay,
       initial_state=state.memory, reset=reset, mode=mode, chunk_size=chunk_size,
       return_final_state=True)
-  o = _combine(num, den, top, memory_out, value_dim).astype(out_dtype)
+  o = _combine(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o
   last_doc = ext_doc[:, -1:]
@@ -461,7 +542,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   leaving = (state.doc[:, 0] == 0)[:, None, None]
   features = jnp.where(leaving, state.key_features[:, 0], 0.0)                      # [B, H, F]
   values = jnp.concatenate([state.values[:, 0], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
-  decay = jnp.exp(weights.log_decay.astype(f32))[..., None, None]
+  decay = jnp.exp(weights.log_decay.astype(f32))
+  decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]   # per channel / head
   memory = decay * state.memory + features[..., :, None] * values[..., None, :]
 
   def push(buffer, new):
@@ -486,5 +568,5 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   num = jnp.einsum("bhs,bshv->bhv", probs, vals)
   den = jnp.sum(probs, axis=-1)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
-  o = _combine(num, den, top, memory_out, value_dim).astype(weights.v.dtype)
+  o = _combine(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
   return o, DCAState(keys=keys, values=vals, key_features=key_features, doc=doc, memory=memory)
