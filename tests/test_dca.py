@@ -760,7 +760,7 @@ LAYER_TOL = dict(rtol=1e-5, atol=2e-5)
 
 
 # Layer options besides the defaults: gated combination, per-channel decay, short convolution.
-LAYER_VARIANTS = (dict(combine="gated", decay="channel", decay_rank=3), dict(short_conv=3),
+LAYER_VARIANTS = (dict(combine="gated", decay="channel", decay_rank=3), dict(short_conv=0),
                   dict(short_conv=1, combine="gated"))
 
 
@@ -833,7 +833,7 @@ def test_layer_reset_equals_separate_documents(options):
                                 **LAYER_TOL)
 
 
-@pytest.mark.parametrize("options,extra", [({}, 0), (LAYER_VARIANTS[0], 3), (LAYER_VARIANTS[1], 1)])
+@pytest.mark.parametrize("options,extra", [({}, 1), (LAYER_VARIANTS[0], 4), (LAYER_VARIANTS[1], 0)])
 def test_layer_gradients_reach_every_parameter(options, extra):
   layer = make_layer(5, **options)
   x = random_x(6, (2, 21, L_D))
@@ -847,7 +847,8 @@ def test_layer_gradients_reach_every_parameter(options, extra):
   names = [jax.tree_util.keystr(path) for path, _ in leaves]
   params = jax.tree_util.tree_leaves_with_path(nnx.state(layer, nnx.Param))
   assert sorted(names) == sorted(jax.tree_util.keystr(path) for path, _ in params)
-  # query, key, value, feature, decay, decay_bias, out (+ decay_up, gate, gate_bias | conv)
+  # query, key, value, feature, decay, decay_bias, out (+ conv by default, + decay_up, gate,
+  # gate_bias)
   assert len(names) == 7 + extra, names
   for name, (_, g) in zip(names, leaves):
     g = np.asarray(g)
@@ -934,7 +935,7 @@ def test_layer_rejects_bad_options():
     DCAttention(32, 4, decay="channel", decay_rank=0, rngs=nnx.Rngs(0))
   layer = make_layer(short_conv=2)
   with pytest.raises(TypeError, match="DCAConvCache"):
-    layer.decode_step(random_x(0, (2, L_D)), make_layer().init_cache(2, 8))
+    layer.decode_step(random_x(0, (2, L_D)), make_layer(short_conv=0).init_cache(2, 8))
 
 
 def test_layer_cache_size_does_not_depend_on_max_length():
@@ -989,4 +990,4 @@ def test_layer_rejects_bad_input():
   with pytest.raises(ValueError, match="max_length"):
     layer.init_cache(2, 0)
   with pytest.raises(TypeError, match="cache"):
-    layer.decode_step(x[:, 0], (cache.keys,))
+    layer.decode_step(x[:, 0], (cache.state.keys,))

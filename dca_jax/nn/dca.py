@@ -80,8 +80,9 @@ class DCAttention(_layer.AttentionLayer):
       low rank `decay_rank`).
     decay_rank: rank of the per-channel rate projection.
     short_conv: S, the width of a depthwise causal convolution over the layer input before the
-      projections (0: none). The decode cache then also keeps the last S - 1 inputs
-      (`DCAConvCache`).
+      projections (default 4, initialised as the identity; 0: none). It hands each token its
+      neighbours, which recall needs (the ablations in docs/benchmark_results.md). With S > 0
+      the decode cache is a `DCAConvCache`: the `DCAState` plus the last S - 1 inputs.
     max_half_life_ratio: heads are initialised with half-lives spread from W to this times W.
     rotary_base: rotary base for the window (None: no positions).
     mode: engine form for the compressed memory ("auto" follows `adaptive_scale`).
@@ -106,7 +107,7 @@ class DCAttention(_layer.AttentionLayer):
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, window: int = 64,
                feature_dim: int = 16, feature_map: FeatureMap | str = "taylor",
                combine: str = "unified", decay: str = "head", decay_rank: int = 16,
-               short_conv: int = 0, max_half_life_ratio: float = 16.0,
+               short_conv: int = 4, max_half_life_ratio: float = 16.0,
                rotary_base: float | None = 10000.0, mode: Mode | str = "auto",
                chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
