@@ -1,0 +1,101 @@
+"""The experiment suite, the speed/energy report and the demo, at CI size through the real code.
+
+`python -m experiments.suite run --tiny` trains the same configs as the full suite with a tiny
+model and a few steps; here one run of every group goes through training, evaluation, result.json
+and the report, and the demo runs end to end with two training steps per model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import demo
+from experiments import suite
+from experiments import suite_report
+
+# One run of every group and task, the variants with their own code paths included.
+TINY_RUNS = ("lm_dca", "mqar_64_4_d64_softmax", "ablation_mqar_decay_channel",
+             "ablation_lm_combine_gated")
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+  root = tmp_path_factory.mktemp("suite")
+  runs = [suite.find_run(name) for name in TINY_RUNS]
+  failed = suite.run_suite(runs, root, tiny=True, in_process=True)
+  assert not failed
+  return root
+
+
+def test_suite_lists_every_configuration():
+  runs = suite.suite_runs("all")
+  names = [r.name for r in runs]
+  assert len(names) == len(set(names))
+  mqar = [r for r in runs if r.group == "mqar"]
+  assert len(mqar) == 2 * 4 * 5              # d_model x (T, pairs) x attention
+  assert {r.override_dict()["attention"] for r in runs if r.group == "lm"} == set(suite.ATTENTIONS)
+  assert len([r for r in runs if r.group == "ablation_mqar"]) == len(suite.ABLATIONS) - 1
+  assert len([r for r in runs if r.group == "ablation_lm"]) == len(suite.ABLATIONS)
+  with pytest.raises(ValueError, match="suite"):
+    suite.suite_runs("everything")
+  with pytest.raises(ValueError, match="unknown run"):
+    suite.find_run("nope")
+
+
+def test_tiny_runs_write_results(tiny_suite):
+  for name in TINY_RUNS:
+    result = json.loads((tiny_suite / name / "result.json").read_text())
+    assert result["tiny"] and result["steps"] == 4
+    evaluation = result["evaluation"]
+    if result["config"]["task"] == "lm":
+      # 1/4x, 1x, 4x and 16x the training length.
+      t = result["config"]["seq_len"]
+      assert sorted(int(k) for k in evaluation) == sorted({max(8, int(t * f))
+                                                           for f in suite.LM_CONTEXT_FACTORS})
+      assert all(0 < e["bpb"] < 20 for e in evaluation.values())
+    else:
+      (e,) = evaluation.values()
+      assert 0 <= e["accuracy"] <= 1 and e["targets"] > 0
+
+
+def test_rerun_skips_finished_runs(tiny_suite, capsys):
+  runs = [suite.find_run(TINY_RUNS[0])]
+  assert suite.run_suite(runs, tiny_suite, tiny=True, in_process=True) == []
+  assert "1 of 1 runs already done" in capsys.readouterr().out
+
+
+def test_render_writes_tables_and_plots(tiny_suite, tmp_path):
+  summary = suite_report.render(tiny_suite, tmp_path)
+  text = (tmp_path / "benchmark_results.md").read_text()
+  assert "CI-sized" in text
+  assert "bpb @" in text and "MQAR" in text and "Ablations of DCA" in text
+  assert (tmp_path / "benchmark_lm_contexts.png").stat().st_size > 1000
+  assert (tmp_path / "benchmark_mqar.png").stat().st_size > 1000
+  assert set(summary["runs"]) == set(TINY_RUNS)
+
+
+def test_speed_and_energy_tiny(tmp_path):
+  result = suite_report.measure_speed(tmp_path / "speed.json", tiny=True)
+  models = result["models"]
+  assert set(models) == set(suite.ATTENTIONS)
+  for m in models.values():
+    assert m["train_tokens_per_s"] > 0 and m["decode_tokens_per_s/64"] > 0
+    assert m["forward_flops_per_token"]["64"] > 0
+  energy = result["energy"]
+  assert energy["softmax"]["forward/64"] == pytest.approx(1.0)
+  # The softmax cache grows with the context; the recurrent layers' caches do not.
+  assert models["linear"]["cache_bytes/64"] < models["softmax"]["cache_bytes/64"] * 64
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+  assert demo.main(["--out", str(tmp_path), "--steps", "2", "--lengths", "64", "--sample",
+                    "8"]) == 0
+  out = capsys.readouterr().out
+  assert "validation bits per byte" in out and "lm_dca" in out and "lm_softmax" in out
+  assert "decode cache" in out and "speed-up" in out
+  result = json.loads((tmp_path / "demo.json").read_text())
+  assert result["layers"][0]["T"] == 64
+  assert result["sample"]["cache_bytes"]["1024"]["dca"] == result["sample"]["cache_bytes"][
+      "1048576"]["dca"]
