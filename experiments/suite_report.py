@@ -206,7 +206,8 @@ def _compact(r: Mapping[str, Any]) -> dict[str, Any]:
   out["config"] = {k: config[k] for k in ("attention", "attention_options", "d_model", "num_layers",
                                           "num_heads", "seq_len", "batch_size", "steps", "peak_lr",
                                           "mqar_pairs", "vocab_size", "task")}
-  out["machine"] = {k: r["machine"].get(k) for k in ("processor", "cpu_count", "jax", "backend")}
+  out["machine"] = {k: r["machine"].get(k) for k in ("cpu_model", "processor", "cpu_count", "jax",
+                                                      "backend")}
   return out
 
 
@@ -215,7 +216,7 @@ def _machine_line(results: Sequence[Mapping[str, Any]]) -> str:
     return ""
   m = results[0]["machine"]
   dates = sorted(r["date"][:10] for r in results)
-  return (f"{m.get('processor')} x {m.get('cpu_count')} cores, JAX {m.get('jax')} "
+  return (f"{m.get('cpu_model') or _timing._cpu_model()} x {m.get('cpu_count')} cores, JAX {m.get('jax')} "
           f"({m.get('backend')}), trained {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
 
 
@@ -269,7 +270,7 @@ def _markdown(by_group, speed, suite) -> list[str]:
                        f"({'no worse' if d_long <= d_t else 'worse'} than its {_fmt(d_t)} at T), "
                        f"softmax {_fmt(s_long)}.")
       lines.append("")
-    lines += ["![bits per byte vs context](benchmark_lm_contexts.png)", ""]
+    lines += ["", "![bits per byte vs context](benchmark_lm_contexts.png)", ""]
   mq = by_group.get("mqar", [])
   if mq:
     lines += _mqar_section(mq)
@@ -300,9 +301,9 @@ def _markdown(by_group, speed, suite) -> list[str]:
 def _mqar_section(mq) -> list[str]:
   lines = ["## MQAR (multi-query associative recall)", ""]
   c = mq[0]["config"]
-  lines += [f"2 layers, vocabulary {c['vocab_size']}, {mq[0]['steps']} steps of "
+  lines += [f"{c['num_layers']} layers, vocabulary {c['vocab_size']}, {mq[0]['steps']} steps of "
             f"{c['batch_size']} sequences per configuration, AdamW peak lr {c['peak_lr']}. "
-            "Answer accuracy on fresh test sequences (1024 answers or more). Zoology "
+            f"Answer accuracy on fresh test sequences ({_answers(mq)} answers per cell). Zoology "
             "(Arora et al. 2023) trains each point far longer (tens of epochs of 100,000 "
             "sequences, with a learning-rate sweep) on a vocabulary of 8192: compare with its "
             f"figures only with that caveat. Machine: {_machine_line(mq)}.", ""]
@@ -326,8 +327,26 @@ def _mqar_section(mq) -> list[str]:
         cells.append(_fmt(_metric(r, t, "accuracy")) if r else "")
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-  lines += ["![MQAR accuracy](benchmark_mqar.png)", ""]
+  for d_model in sorted({r["config"]["d_model"] for r in mq}):
+    at = {r["config"]["attention"]: _metric(r, 256, "accuracy") for r in mq
+          if r["config"]["d_model"] == d_model and r["config"]["seq_len"] == 256
+          and r["config"]["mqar_pairs"] == 16}
+    if at.get("dca") is None:
+      continue
+    others = {a: v for a, v in at.items() if a in ("window", "linear", "gla") and v is not None}
+    best = max(others.items(), key=lambda kv: kv[1]) if others else None
+    verdict = "met" if at["dca"] >= 0.99 and (best is None or at["dca"] > best[1]) else "missed"
+    lines.append(f"- (256, 16) at d_model {d_model}: DCA {_fmt(at['dca'])}; best other "
+                 f"sub-quadratic layer " + (f"{best[0]} {_fmt(best[1])}" if best else "-")
+                 + f"; softmax {_fmt(at.get('softmax'))} (target at d_model 128: DCA >= 0.99 and "
+                 f"above every other sub-quadratic layer: {verdict if d_model == 128 else 'n/a'}).")
+  lines += ["", "![MQAR accuracy](benchmark_mqar.png)", ""]
   return lines
+
+
+def _answers(mq) -> str:
+  counts = sorted({e["targets"] for r in mq for e in r["evaluation"].values()})
+  return f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,} to {counts[-1]:,}"
 
 
 def _speed_section(speed) -> list[str]:
