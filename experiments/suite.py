@@ -119,44 +119,56 @@ SUITES = ("lm", "ablations", "mqar", "all")
 
 
 def suite_runs(suite: str) -> list[Run]:
-  """The runs of a suite: "lm", "ablations", "mqar" or "all" (in this order of priority:
-  "all" runs the LM comparison, then the MQAR ablations, MQAR at (256, 16), the rest of MQAR at
-  d_model 64, the corpus ablations and last MQAR at d_model 128)."""
+  """The runs of a suite: "lm", "ablations", "mqar" or "all" ("all" in order of priority: the LM
+  comparison, the MQAR ablations, the corpus ablations, then the MQAR grid in `MQAR_ORDER`)."""
   if suite not in SUITES:
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}.")
-  lm, ablation_mqar, ablation_lm, mqar_main, mqar_64, mqar_128 = [], [], [], [], [], []
+  lm, ablation_mqar, ablation_lm = [], [], []
   for attention in ATTENTIONS:
     lm.append(_run(f"lm_{attention}", "lm", "lm_dca", LABELS[attention], attention=attention,
                    attention_options=attention_options(attention, "lm"), **LM_BUDGET))
   for label, change in ABLATIONS:
     slug = label.replace("=", "_").replace("/", "").replace(",", "_")
     options = _ablation_options(attention_options("dca", "mqar", 64), change)
-    # The default's row is the comparison's run "mqar_256_16_d64_dca" (the same config).
+    # The default's row is the comparison's run at the same config (see ABLATION_MQAR).
     if change:
       ablation_mqar.append(_run(f"ablation_mqar_{slug}", "ablation_mqar", "mqar_dca", label,
-                                attention_options=options, d_model=64, **MQAR_BUDGET))
+                                attention_options=options, d_model=64,
+                                seq_len=ABLATION_MQAR[0], mqar_pairs=ABLATION_MQAR[1],
+                                **MQAR_BUDGET))
     options = _ablation_options(attention_options("dca", "lm"), change)
     ablation_lm.append(_run(f"ablation_lm_{slug}", "ablation_lm", "lm_dca", label,
                             attention_options=options, **ABLATION_LM_BUDGET))
+  mqar: dict[tuple[int, int, int], list[Run]] = {}
   for d_model in (64, 128):
     for seq_len, pairs in MQAR_CONFIGS:
       for attention in ATTENTIONS:
-        run = _run(f"mqar_{seq_len}_{pairs}_d{d_model}_{attention}", "mqar", "mqar_dca",
-                   LABELS[attention], attention=attention, d_model=d_model, seq_len=seq_len,
-                   mqar_pairs=pairs, attention_options=attention_options(attention, "mqar", d_model),
-                   **MQAR_BUDGET)
-        if (seq_len, pairs) == (256, 16):
-          mqar_main.append(run)
-        else:
-          (mqar_64 if d_model == 64 else mqar_128).append(run)
+        mqar.setdefault((seq_len, pairs, d_model), []).append(_run(
+            f"mqar_{seq_len}_{pairs}_d{d_model}_{attention}", "mqar", "mqar_dca",
+            LABELS[attention], attention=attention, d_model=d_model, seq_len=seq_len,
+            mqar_pairs=pairs, attention_options=attention_options(attention, "mqar", d_model),
+            **MQAR_BUDGET))
+  # Priority: the ablation's default row and the ablations, the rest of that configuration, the
+  # corpus ablations, then the MQAR grid from cheap to expensive, d_model 128 last.
+  first = mqar.pop((*ABLATION_MQAR, 64))
+  mqar_order = [first[0]] + ablation_mqar + first[1:]
+  grid = [mqar[k] for k in MQAR_ORDER if k in mqar]
   if suite == "lm":
     return lm
   if suite == "ablations":
-    return mqar_main[:1] + ablation_mqar + ablation_lm
+    return [first[0]] + ablation_mqar + ablation_lm
   if suite == "mqar":
-    return mqar_main + mqar_64 + mqar_128
-  return lm + mqar_main[:1] + ablation_mqar + mqar_main[1:] + mqar_64 + ablation_lm + mqar_128
+    return first + [r for runs in grid for r in runs]
+  return lm + mqar_order + ablation_lm + [r for runs in grid for r in runs]
 
+
+# The MQAR configuration of the ablations (T, pairs). The issue asked for (256, 16), but at this
+# CPU budget no layer learns it (DCA 0.036, softmax 0.043 answer accuracy after 400 and 600 steps,
+# chance 1/256 = 0.004 to 1/16): (128, 8) is the hardest configuration where the variants differ.
+ABLATION_MQAR = (128, 8)
+# The MQAR grid after the ablations: cheap configurations first, d_model 128 mostly last.
+MQAR_ORDER = ((64, 4, 64), (256, 16, 64), (256, 16, 128), (512, 64, 64), (64, 4, 128),
+              (128, 8, 128), (512, 64, 128))
 
 # Training budgets (steps x batch x length), sized for the 2-core CPU; see the module docstring.
 LM_BUDGET = dict(steps=1000, batch_size=16, seq_len=256, warmup_steps=100, eval_every=500,

@@ -186,7 +186,7 @@ def render(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
   by_group: dict[str, list[dict[str, Any]]] = {}
   for r in results:
     by_group.setdefault(r["group"], []).append(r)
-    if r["name"] == "mqar_256_16_d64_dca":     # also the default row of the MQAR ablations
+    if r["name"] == "mqar_{}_{}_d64_dca".format(*suite.ABLATION_MQAR):   # the ablations' default
       by_group.setdefault("ablation_mqar", []).insert(0, {**r, "label": "default"})
   summary = {"date": _now(), "runs": {r["name"]: _compact(r) for r in results}, "speed": speed}
   out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,8 @@ def _markdown(by_group, speed, suite) -> list[str]:
   mq = by_group.get("mqar", [])
   if mq:
     lines += _mqar_section(mq)
-  for group, title in (("ablation_mqar", "Ablations of DCA on MQAR (256, 16), d_model 64"),
+  for group, title in (("ablation_mqar", "Ablations of DCA on MQAR {}, d_model 64".format(
+                           suite.ABLATION_MQAR)),
                        ("ablation_lm", "Ablations of DCA on the corpus (small budget)")):
     rs = by_group.get(group, [])
     if not rs:
