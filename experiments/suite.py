@@ -167,8 +167,8 @@ def suite_runs(suite: str) -> list[Run]:
 # chance 1/256 = 0.004 to 1/16): (128, 8) is the hardest configuration where the variants differ.
 ABLATION_MQAR = (128, 8)
 # The MQAR grid after the ablations: cheap configurations first, d_model 128 mostly last.
-MQAR_ORDER = ((64, 4, 64), (256, 16, 64), (256, 16, 128), (512, 64, 64), (64, 4, 128),
-              (128, 8, 128), (512, 64, 128))
+MQAR_ORDER = ((64, 4, 64), (256, 16, 64), (256, 16, 128), (64, 4, 128), (128, 8, 128),
+              (512, 64, 64), (512, 64, 128))
 
 # Training budgets (steps x batch x length), sized for the 2-core CPU; see the module docstring.
 LM_BUDGET = dict(steps=1000, batch_size=16, seq_len=256, warmup_steps=100, eval_every=500,
