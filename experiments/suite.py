@@ -85,10 +85,9 @@ def attention_options(attention: str, task: str, d_model: int = 128) -> dict[str
   of softmax's parameter count.
   """
   window = 64 if task == "lm" else 32
-  if attention == "dca":
-    return {"window": window, **({"feature_dim": 12} if d_model <= 64 else {})}
-  if attention == "window":
-    return {"window": window}
+  if attention in ("dca", "window"):
+    small = {"feature_dim": 12} if attention == "dca" and d_model <= 64 else {}
+    return {"window": window, **small}
   if attention == "gla" and d_model <= 64:
     return {"gate_rank": 8}
   return {}

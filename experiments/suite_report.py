@@ -68,7 +68,7 @@ def measure_speed(out: pathlib.Path, *, repeats: int = 7, tiny: bool = False,
   configs = {a: _lm_config(a, tiny) for a in suite.ATTENTIONS}
   states, thunks, info = {}, {}, {}
   for attention, config in configs.items():
-    graphdef, tx, train_step, _ = train_lib.compiled_steps(config)
+    _, tx, train_step, _ = train_lib.compiled_steps(config)
     model = train_lib.build_model(config)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     data = train_lib._Data(config)  # pylint: disable=protected-access
