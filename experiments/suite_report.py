@@ -277,6 +277,8 @@ def _markdown(by_group, speed, suite) -> list[str]:
   mq = by_group.get("mqar", [])
   if mq:
     lines += _mqar_section(mq, suite)
+  if by_group.get("mqar_long"):
+    lines += _mqar_long_section(by_group["mqar_long"], suite)
   for group, title in (("ablation_mqar", "Ablations of DCA on MQAR {}, d_model 64".format(
                            suite.ABLATION_MQAR)),
                        ("ablation_lm", "Ablations of DCA on the corpus (small budget)")):
@@ -352,6 +354,49 @@ def _mqar_section(mq, suite) -> list[str]:
     lines.append("- not run yet (the suite is resumable; these come last in its order): "
                  + ", ".join(f"({t}, {p}) at d_model {d}" for t, p, d in missing) + ".")
   lines += ["", "![MQAR accuracy](benchmark_mqar.png)", ""]
+  return lines
+
+
+def _mqar_long_section(rows, suite) -> list[str]:
+  """The budget study: test accuracy and the steps each layer trained (stopped at 99%)."""
+  c = rows[0]["config"]
+  budget = suite.MQAR_LONG_BUDGET
+  lines = ["## MQAR with a longer budget: does each layer learn, and after how many steps?", "",
+           f"The same models and data as above, up to {budget['steps']} steps of "
+           f"{budget['batch_size']} sequences at peak lr {budget['peak_lr']} "
+           f"(cosine schedule over {budget['steps']} steps), validated every "
+           f"{budget['eval_every']} steps; a run stops at the first validation with answer "
+           f"accuracy >= {budget['stop_accuracy']} (`stop_accuracy`). Each cell: answer accuracy "
+           "on fresh test sequences, then the steps trained (a number below the budget means it "
+           f"reached {budget['stop_accuracy']} there). Machine: {_machine_line(rows)}.", ""]
+  cells = []
+  for t, p, d, _ in suite.MQAR_LONG_ORDER:
+    if (t, p, d) not in cells:
+      cells.append((t, p, d))
+  labels = [suite.LABELS[a] for a in suite.ATTENTIONS]
+  lines += ["| (T, pairs), d_model | " + " | ".join(labels) + " |",
+            "|---|" + "---:|" * len(labels)]
+  by_key = {(r["config"]["seq_len"], r["config"]["mqar_pairs"], r["config"]["d_model"],
+             r["config"]["attention"]): r for r in rows}
+  for t, p, d in cells:
+    out = []
+    for attention in suite.ATTENTIONS:
+      r = by_key.get((t, p, d, attention))
+      out.append("not run" if r is None else
+                 f"{_fmt(_metric(r, t, 'accuracy'))} ({r['steps']})")
+    lines.append(f"| ({t}, {p}), {d} | " + " | ".join(out) + " |")
+  target = {a: by_key.get((256, 16, 128, a)) for a in suite.ATTENTIONS}
+  if target["dca"] is not None:
+    acc = _metric(target["dca"], 256, "accuracy")
+    others = {a: _metric(r, 256, "accuracy") for a, r in target.items()
+              if r is not None and a in ("window", "linear", "gla")}
+    verdict = ("missed" if acc < 0.99 else "met" if len(others) == 3 and all(
+        acc > v for v in others.values()) else "DCA >= 0.99; the other layers not all run")
+    lines += ["", f"- Target, (256, 16) at d_model 128 with this budget: DCA {_fmt(acc)} after "
+              f"{target['dca']['steps']} steps; " + (", ".join(
+                  f"{suite.LABELS[a]} {_fmt(v)}" for a, v in others.items()) or
+                  "no other sub-quadratic layer run") + f": {verdict}."]
+  lines.append("")
   return lines
 
 

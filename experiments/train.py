@@ -375,7 +375,7 @@ class _StopFlag:
 # Fields that may change when a run is resumed: they do not change what step s computes
 # (`steps` changes the schedule, so resuming with another `steps` is no longer equivalent).
 _RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "eval_batches",
-                                "eval_batch_size", "checkpoint_every"})
+                                "eval_batch_size", "checkpoint_every", "stop_accuracy"})
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -396,14 +396,15 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
 
   Returns:
     A summary: "step" (steps done), "steps" (config.steps), "loss" (the last step's loss),
-    "interrupted" (stopped by a signal), "validation" (the last validation's metrics, or None),
+    "interrupted" (stopped by a signal), "stopped_early" (`config.stop_accuracy` was reached),
+    "validation" (the last validation's metrics, or None),
     "elapsed_s" and "checkpoint_step".
 
   Raises:
     ValueError: `workdir` already holds checkpoints and `resume` is false, `resume` without a
       checkpoint, or a resumed config that differs from the run's in a field other than
       bookkeeping (steps, log_every, eval_every, eval_batches, eval_batch_size,
-      checkpoint_every).
+      checkpoint_every, stop_accuracy).
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -456,6 +457,7 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
   interval_losses: list[jax.Array] = []
   interval_start, interval_steps = time.perf_counter(), 0
   last_loss, last_norm, validation = math.nan, math.nan, None
+  stopped_early = False
   step = start
 
   def save(step: int) -> None:
@@ -497,6 +499,12 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
         interval_losses, interval_steps = [], 0
       if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
         validation = validate(step)
+        if (config.stop_accuracy is not None
+            and validation["val_accuracy"] >= config.stop_accuracy):
+          bar.message(f"step {step}: val_accuracy {validation['val_accuracy']:.4f} >= "
+                      f"stop_accuracy {config.stop_accuracy}: stopping early.")
+          stopped_early = True
+          break
       if step % config.checkpoint_every == 0:
         save(step)
       if interval_steps == 0:
@@ -512,7 +520,8 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
   elif progress and bar.tty:
     sys.stdout.write("\n")
   return {"step": step, "steps": config.steps, "loss": last_loss, "interrupted": interrupted,
-          "validation": validation, "elapsed_s": time.perf_counter() - t_start,
+          "stopped_early": stopped_early, "validation": validation,
+          "elapsed_s": time.perf_counter() - t_start,
           "checkpoint_step": step}
 
 

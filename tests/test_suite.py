@@ -17,7 +17,7 @@ from experiments import suite_report
 
 # One run of every group and task, the variants with their own code paths included.
 TINY_RUNS = ("lm_dca", "mqar_64_4_d64_softmax", "ablation_mqar_decay_channel",
-             "ablation_lm_combine_gated")
+             "ablation_lm_combine_gated", "mqar_long_64_4_d64_dca")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,9 @@ def test_suite_lists_every_configuration():
   assert {r.override_dict()["attention"] for r in runs if r.group == "lm"} == set(suite.ATTENTIONS)
   assert len([r for r in runs if r.group == "ablation_mqar"]) == len(suite.ABLATIONS) - 1
   assert len([r for r in runs if r.group == "ablation_lm"]) == len(suite.ABLATIONS)
+  long_runs = [r for r in runs if r.group == "mqar_long"]
+  assert len(long_runs) == len(suite.MQAR_LONG_ORDER)
+  assert all(r.override_dict()["stop_accuracy"] == 0.99 for r in long_runs)
   with pytest.raises(ValueError, match="suite"):
     suite.suite_runs("everything")
   with pytest.raises(ValueError, match="unknown run"):
@@ -47,7 +50,7 @@ def test_suite_lists_every_configuration():
 def test_tiny_runs_write_results(tiny_suite):
   for name in TINY_RUNS:
     result = json.loads((tiny_suite / name / "result.json").read_text())
-    assert result["tiny"] and result["steps"] == 4
+    assert result["tiny"] and result["steps"] == 4 and result["stopped_early"] is False
     evaluation = result["evaluation"]
     if result["config"]["task"] == "lm":
       # 1/4x, 1x, 4x and 16x the training length.
@@ -71,6 +74,8 @@ def test_render_writes_tables_and_plots(tiny_suite, tmp_path):
   text = (tmp_path / "benchmark_results.md").read_text()
   assert "CI-sized" in text
   assert "bpb @" in text and "MQAR" in text and "Ablations of DCA" in text
+  # The budget study's table: the tiny run's cell and "not run" for the others.
+  assert "MQAR with a longer budget" in text and "| (64, 4), 64 | " in text and "not run" in text
   assert (tmp_path / "benchmark_lm_contexts.png").stat().st_size > 1000
   assert (tmp_path / "benchmark_mqar.png").stat().st_size > 1000
   assert set(summary["runs"]) == set(TINY_RUNS)

@@ -93,6 +93,28 @@ def test_unknown_override_key_raises():
     configs.load_config("lm_nothing")
 
 
+def test_stop_accuracy_ends_the_run_at_the_first_good_validation(tmp_path, monkeypatch):
+  # The validation's accuracies are scripted: the run must stop at the first one >= 0.99 (step
+  # 2 of 4), with its checkpoint, and say so.
+  accuracies = iter([0.5, 0.995, 1.0, 1.0])
+
+  def scripted(*args, **kwargs):
+    del args, kwargs
+    return {"loss": 1.0, "accuracy": next(accuracies), "targets": 8, "bpb": math.nan}
+
+  monkeypatch.setattr(train_lib, "evaluate_batches", scripted)
+  config = configs.load_config("mqar_softmax", tiny=True,
+                               overrides={"eval_every": 1, "stop_accuracy": 0.99})
+  summary = train_lib.train(config, tmp_path, progress=False)
+  assert summary["stopped_early"] and not summary["interrupted"]
+  assert summary["step"] == summary["checkpoint_step"] == 2
+  assert [r["step"] for r in _records(tmp_path) if "val_accuracy" in r] == [1, 2]
+  assert train_lib.load_checkpoint(tmp_path)[2] == 2
+  for bad in (0.0, 1.5, True):
+    with pytest.raises(ValueError, match=f"stop_accuracy must be None or in \\(0, 1\\], got {bad!r}"):
+      configs.load_config("mqar_softmax", tiny=True, overrides={"stop_accuracy": bad})
+
+
 def test_override_parsing():
   assert configs.parse_override("peak_lr=1e-3") == ("peak_lr", 1e-3)
   assert configs.parse_override("grad_clip=None") == ("grad_clip", None)

@@ -53,6 +53,9 @@ class ExperimentConfig:
     eval_batch_size: rows per validation batch (0: batch_size).
     checkpoint_every: steps between checkpoints (one is also written at the end and on interrupt).
     mqar_pairs: P, key-value pairs per MQAR sequence (task "mqar").
+    stop_accuracy: stop the run early, with a checkpoint, at the first validation whose answer
+      accuracy is at least this (for MQAR: a budget study needs the steps to learn, not more);
+      None: always run `steps`. The learning-rate schedule still spans `steps`.
     corpus_path: a text file or directory for `load_corpus`; None: `build_default_corpus()`.
   """
 
@@ -84,6 +87,7 @@ class ExperimentConfig:
   checkpoint_every: int = 250
   # Task data.
   mqar_pairs: int = 16
+  stop_accuracy: float | None = None
   corpus_path: str | None = None
 
   def __post_init__(self):
@@ -112,6 +116,10 @@ class ExperimentConfig:
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
     if self.grad_clip is not None and not self.grad_clip >= 0:
       raise ValueError(f"grad_clip must be >= 0 or None, got {self.grad_clip!r}.")
+    if self.stop_accuracy is not None and not (
+        isinstance(self.stop_accuracy, (int, float)) and not isinstance(self.stop_accuracy, bool)
+        and 0 < self.stop_accuracy <= 1):
+      raise ValueError(f"stop_accuracy must be None or in (0, 1], got {self.stop_accuracy!r}.")
     if self.task == "mqar" and self.seq_len < 4 * self.mqar_pairs:
       raise ValueError(f"seq_len must be >= 4 * mqar_pairs = {4 * self.mqar_pairs} for MQAR, "
                        f"got {self.seq_len}.")
