@@ -81,6 +81,22 @@ def test_render_writes_tables_and_plots(tiny_suite, tmp_path):
   assert set(summary["runs"]) == set(TINY_RUNS)
 
 
+def test_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):
+  # A run stopped before its end (metrics, no result.json) shows its last validation, marked.
+  import shutil  # pylint: disable=g-import-not-at-top
+  runs = tmp_path / "runs"
+  shutil.copytree(tiny_suite, runs)
+  workdir = runs / "mqar_long_256_16_d128_dca"
+  workdir.mkdir()
+  records = [{"step": 100, "val_loss": 5.0, "val_accuracy": 0.125},
+             {"step": 150, "loss": 4.0}, {"step": 200, "val_loss": 4.0, "val_accuracy": 0.25}]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  suite_report.render(runs, tmp_path / "out")
+  text = (tmp_path / "out" / "benchmark_results.md").read_text()
+  assert "| (256, 16), 128 | unfinished: val 0.250 at step 200 | not run |" in text
+  assert "DCA's run is unfinished (validation accuracy 0.250 at step 200 of 2000)" in text
+
+
 def test_speed_and_energy_tiny(tmp_path):
   result = suite_report.measure_speed(tmp_path / "speed.json", tiny=True)
   models = result["models"]
