@@ -149,12 +149,11 @@ def suite_runs(suite: str) -> list[Run]:
             LABELS[attention], attention=attention, d_model=d_model, seq_len=seq_len,
             mqar_pairs=pairs, attention_options=attention_options(attention, "mqar", d_model),
             **MQAR_BUDGET))
-  long_runs = {(t, p, d, attention): _run(
-      f"mqar_long_{t}_{p}_d{d}_{attention}", "mqar_long", "mqar_dca", LABELS[attention],
-      attention=attention, d_model=d, seq_len=t, mqar_pairs=p,
-      attention_options=attention_options(attention, "mqar", d), **MQAR_LONG_BUDGET)
-               for t, p, d, attention in MQAR_LONG_ORDER}
-  mqar_long = list(long_runs.values())
+  mqar_long = [_run(f"mqar_long_{t}_{p}_d{d}_{attention}", "mqar_long", "mqar_dca",
+                    LABELS[attention], attention=attention, d_model=d, seq_len=t, mqar_pairs=p,
+                    attention_options=attention_options(attention, "mqar", d),
+                    **MQAR_LONG_BUDGET)
+               for t, p, d, attention in MQAR_LONG_ORDER]
   # Priority: the ablation's default row and the ablations, the rest of that configuration, the
   # corpus ablations, then the MQAR grid from cheap to expensive, d_model 128 last.
   first = mqar.pop((*ABLATION_MQAR, 64))

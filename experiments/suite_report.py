@@ -375,7 +375,6 @@ def _mqar_section(mq, suite) -> list[str]:
 def _mqar_long_section(rows, suite, unfinished: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """The budget study: test accuracy and the steps each layer trained (stopped at 99%); a run
   stopped before its end shows its last validation accuracy instead, marked as such."""
-  c = rows[0]["config"]
   budget = suite.MQAR_LONG_BUDGET
   lines = ["## MQAR with a longer budget: does each layer learn, and after how many steps?", "",
            f"The same models and data as above, up to {budget['steps']} steps of "
