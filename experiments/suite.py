@@ -149,7 +149,7 @@ def suite_runs(suite: str) -> list[Run]:
             LABELS[attention], attention=attention, d_model=d_model, seq_len=seq_len,
             mqar_pairs=pairs, attention_options=attention_options(attention, "mqar", d_model),
             **MQAR_BUDGET))
-  mqar_long = [_run(f"mqar_long_{t}_{p}_d{d}_{attention}", "mqar_long", "mqar_dca",
+  mqar_long = [_run(long_run_name(t, p, d, attention), "mqar_long", "mqar_dca",
                     LABELS[attention], attention=attention, d_model=d, seq_len=t, mqar_pairs=p,
                     attention_options=attention_options(attention, "mqar", d),
                     **MQAR_LONG_BUDGET)
@@ -205,6 +205,11 @@ MQAR_LONG_ORDER = tuple(
     + [(128, 8, 64, a) for a in ATTENTIONS])
 
 
+def long_run_name(seq_len: int, pairs: int, d_model: int, attention: str) -> str:
+  """The name (and directory) of a budget-study run."""
+  return f"mqar_long_{seq_len}_{pairs}_d{d_model}_{attention}"
+
+
 def tiny_overrides(run: Run) -> dict[str, Any]:
   """The CI-sized version of a run: tiny model and a few steps, same code paths."""
   options = dict(run.override_dict().get("attention_options", {}))
@@ -254,8 +259,7 @@ def run_one(run: Run, runs_root: pathlib.Path, *, tiny: bool = False) -> dict[st
     evaluation = evaluate_lib.evaluate(workdir, [config.seq_len],
                                        max_batches=2 if tiny else 16, batch_size=64, write=True)
   model = nnx.eval_shape(lambda: TransformerLM(config.model_config(), rngs=nnx.Rngs(0)))
-  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-             if line.strip()]
+  metrics = train_lib.read_metrics(workdir)
   train_records = [m for m in metrics if "loss" in m]
   result = {
       "name": run.name, "group": run.group, "label": run.label, "config": config.to_dict(),

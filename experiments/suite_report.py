@@ -229,18 +229,30 @@ def _metric(r, t, key):
 
 
 def _unfinished(runs: pathlib.Path, suite) -> dict[str, dict[str, Any]]:
-  """The last validation record of each suite run that has metrics but no result.json yet."""
+  """The last validation record of each budget-study run with metrics but no result.json yet."""
+  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
   out = {}
-  for run in suite.suite_runs("all"):
+  for run in suite.suite_runs("mqar_long"):
     workdir = runs / run.name
     if (workdir / "result.json").exists() or not (workdir / "metrics.jsonl").exists():
       continue
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    val = [r for r in records if "val_accuracy" in r]
+    val = [r for r in train_lib.read_metrics(workdir) if "val_accuracy" in r]
     if val:
       out[run.name] = val[-1]
   return out
+
+
+# The issue's MQAR target: DCA >= 0.99 at (256, 16), d_model 128, above these layers.
+_SUBQUADRATIC = ("window", "linear", "gla")
+
+
+def _target_verdict(dca: float, others: Mapping[str, float]) -> str:
+  """"missed", "met" (above every sub-quadratic layer), or undecided while some were not run."""
+  if dca < 0.99:
+    return "missed"
+  if set(others) >= set(_SUBQUADRATIC):
+    return "met" if all(dca > others[a] for a in _SUBQUADRATIC) else "missed"
+  return "DCA >= 0.99; the other layers not all run"
 
 
 def _markdown(by_group, speed, suite, runs_dir: pathlib.Path) -> list[str]:
@@ -354,9 +366,9 @@ def _mqar_section(mq, suite) -> list[str]:
           and r["config"]["mqar_pairs"] == 16}
     if at.get("dca") is None:
       continue
-    others = {a: v for a, v in at.items() if a in ("window", "linear", "gla") and v is not None}
+    others = {a: v for a, v in at.items() if a in _SUBQUADRATIC and v is not None}
     best = max(others.items(), key=lambda kv: kv[1]) if others else None
-    verdict = "met" if at["dca"] >= 0.99 and (best is None or at["dca"] > best[1]) else "missed"
+    verdict = _target_verdict(at["dca"], others)
     lines.append(f"- (256, 16) at d_model {d_model}: DCA {_fmt(at['dca'])}; best other "
                  f"sub-quadratic layer " + (f"{best[0]} {_fmt(best[1])}" if best else "-")
                  + f"; softmax {_fmt(at.get('softmax'))} (target at d_model 128: DCA >= 0.99 and "
@@ -386,10 +398,7 @@ def _mqar_long_section(rows, suite, unfinished: Mapping[str, Mapping[str, Any]])
            f"reached {budget['stop_accuracy']} there). \"unfinished\": the run was stopped "
            "before its end (it resumes from its checkpoint when the suite is run again); its "
            f"last validation accuracy is shown. Machine: {_machine_line(rows)}.", ""]
-  cells = []
-  for t, p, d, _ in suite.MQAR_LONG_ORDER:
-    if (t, p, d) not in cells:
-      cells.append((t, p, d))
+  cells = list(dict.fromkeys((t, p, d) for t, p, d, _ in suite.MQAR_LONG_ORDER))
   labels = [suite.LABELS[a] for a in suite.ATTENTIONS]
   lines += ["| (T, pairs), d_model | " + " | ".join(labels) + " |",
             "|---|" + "---:|" * len(labels)]
@@ -399,7 +408,7 @@ def _mqar_long_section(rows, suite, unfinished: Mapping[str, Mapping[str, Any]])
     out = []
     for attention in suite.ATTENTIONS:
       r = by_key.get((t, p, d, attention))
-      partial = unfinished.get(f"mqar_long_{t}_{p}_d{d}_{attention}")
+      partial = unfinished.get(suite.long_run_name(t, p, d, attention))
       if r is not None:
         out.append(f"{_fmt(_metric(r, t, 'accuracy'))} ({r['steps']})")
       elif partial is not None:
@@ -411,15 +420,14 @@ def _mqar_long_section(rows, suite, unfinished: Mapping[str, Mapping[str, Any]])
   if target["dca"] is not None:
     acc = _metric(target["dca"], 256, "accuracy")
     others = {a: _metric(r, 256, "accuracy") for a, r in target.items()
-              if r is not None and a in ("window", "linear", "gla")}
-    verdict = ("missed" if acc < 0.99 else "met" if len(others) == 3 and all(
-        acc > v for v in others.values()) else "DCA >= 0.99; the other layers not all run")
+              if r is not None and a in _SUBQUADRATIC}
+    verdict = _target_verdict(acc, others)
     lines += ["", f"- Target, (256, 16) at d_model 128 with this budget: DCA {_fmt(acc)} after "
               f"{target['dca']['steps']} steps; " + (", ".join(
                   f"{suite.LABELS[a]} {_fmt(v)}" for a, v in others.items()) or
                   "no other sub-quadratic layer run") + f": {verdict}."]
-  elif "mqar_long_256_16_d128_dca" in unfinished:
-    partial = unfinished["mqar_long_256_16_d128_dca"]
+  elif suite.long_run_name(256, 16, 128, "dca") in unfinished:
+    partial = unfinished[suite.long_run_name(256, 16, 128, "dca")]
     lines += ["", "- Target, (256, 16) at d_model 128 with this budget: DCA's run is unfinished "
               f"(validation accuracy {_fmt(partial['val_accuracy'])} at step {partial['step']} "
               f"of {budget['steps']}): not decided."]

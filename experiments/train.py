@@ -321,6 +321,12 @@ class _Metrics:
       f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """The records of a run's metrics.jsonl, in order (training and validation records)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class _Progress:
   """A one-line progress bar on stdout (carriage return on a terminal, lines otherwise)."""
 

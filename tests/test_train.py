@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
 
 
 def _records(workdir):
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return train_lib.read_metrics(workdir)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
