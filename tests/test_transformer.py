@@ -20,23 +20,15 @@ from flax import nnx
 
 from dca_jax.nn import generation as generate_lib
 from dca_jax.nn.generation import generate, sample_logits
-from dca_jax.nn.transformer import (ATTENTION_TYPES, TransformerConfig, TransformerLM,
-                                    attention_layer_class, count_params)
+from dca_jax.nn import (ATTENTION_TYPES, TransformerConfig, TransformerLM, count_params,
+                        layer_spec)
 
 VOCAB, D_MODEL, LAYERS, HEADS, WINDOW = 256, 32, 2, 2, 4
 # Logits are O(1); prefill and decode take different engine forms, so allow float32 reordering.
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _available(name):
-  try:
-    attention_layer_class(name)
-  except ImportError:
-    return False
-  return True
-
-
-AVAILABLE = tuple(name for name in ATTENTION_TYPES if _available(name))
+AVAILABLE = ATTENTION_TYPES
 OPTIONS = {"dca": {"window": WINDOW}, "window": {"window": WINDOW}}
 
 
@@ -80,9 +72,9 @@ decode_step = model_jit(lambda model, token, cache: model.decode_step(token, cac
 
 def test_dca_and_the_registry_are_available():
   assert "dca" in AVAILABLE
-  assert attention_layer_class("dca").__name__ == "DCAttention"
+  assert layer_spec("dca").layer.__name__ == "DCAttention"
   with pytest.raises(ValueError, match="'dca', 'softmax', 'window', 'linear', 'gla'"):
-    attention_layer_class("flash")
+    layer_spec("flash")
 
 
 # Decoding equivalences, for every attention layer.

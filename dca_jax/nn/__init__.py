@@ -5,15 +5,21 @@
     cache = layer.init_cache(batch_size, max_length)
     y, cache = layer.prefill(x, cache)
     y_t, cache = layer.decode_step(x_t, cache)
+
+`LAYERS` (name -> `LayerSpec`: class and typed options) is the one list of them.
 """
 
-from dca_jax.nn.dca import DCAttention
+from dca_jax.nn._layer import AttentionLayer
+from dca_jax.nn.dca import DCAConvCache, DCAttention
 from dca_jax.nn.generation import generate, sample_logits
-from dca_jax.nn.linear import GatedLinearAttention, LinearAttention
-from dca_jax.nn.softmax import SoftmaxAttention
-from dca_jax.nn.transformer import ATTENTION_TYPES, TransformerConfig, TransformerLM, count_params
-from dca_jax.nn.window import SlidingWindowAttention
+from dca_jax.nn.linear import GatedLinearAttention, LinearAttention, RecurrentCache
+from dca_jax.nn.registry import ATTENTION_TYPES, LAYERS, LayerOptions, LayerSpec, layer_spec
+from dca_jax.nn.softmax import KVCache, SoftmaxAttention
+from dca_jax.nn.transformer import Block, SwiGLU, TransformerConfig, TransformerLM, count_params
+from dca_jax.nn.window import SlidingWindowAttention, WindowCache
 
-__all__ = ["ATTENTION_TYPES", "DCAttention", "GatedLinearAttention", "LinearAttention",
-           "SlidingWindowAttention", "SoftmaxAttention", "TransformerConfig", "TransformerLM",
-           "count_params", "generate", "sample_logits"]
+__all__ = ["ATTENTION_TYPES", "AttentionLayer", "Block", "DCAConvCache", "DCAttention",
+           "GatedLinearAttention", "KVCache", "LAYERS", "LayerOptions", "LayerSpec",
+           "LinearAttention", "RecurrentCache", "SlidingWindowAttention", "SoftmaxAttention",
+           "SwiGLU", "TransformerConfig", "TransformerLM", "WindowCache", "count_params",
+           "generate", "layer_spec", "sample_logits"]

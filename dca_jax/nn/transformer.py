@@ -19,57 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dca_jax.nn.registry import layer_spec
 from dca_jax.ops import _checks
-
-AttentionType = Literal["dca", "softmax", "window", "linear", "gla"]
-ATTENTION_TYPES: tuple[str, ...] = ("dca", "softmax", "window", "linear", "gla")
-
-
-def attention_layer_class(name: str) -> type[nnx.Module]:
-  """The attention layer class registered under `name`.
-
-  Imports are lazy so that the model works with whichever layers are installed and so that
-  building a model with one kind does not import the others.
-
-  Args:
-    name: one of `ATTENTION_TYPES`: "dca" (`DCAttention`), "softmax" (`SoftmaxAttention`),
-      "window" (`SlidingWindowAttention`), "linear" (`LinearAttention`) or "gla"
-      (`GatedLinearAttention`).
-
-  Returns:
-    The class; it is called as `cls(d_model, num_heads, rngs=..., dtype=..., param_dtype=...,
-    **options)`.
-
-  Raises:
-    ValueError: `name` is not one of `ATTENTION_TYPES` (the message lists them).
-
-  Example:
-    >>> attention_layer_class("dca").__name__
-    'DCAttention'
-  """
-  if name == "dca":
-    from dca_jax.nn.dca import DCAttention
-    return DCAttention
-  if name == "softmax":
-    from dca_jax.nn.softmax import SoftmaxAttention
-    return SoftmaxAttention
-  if name == "window":
-    from dca_jax.nn.window import SlidingWindowAttention
-    return SlidingWindowAttention
-  if name == "linear":
-    from dca_jax.nn.linear import LinearAttention
-    return LinearAttention
-  if name == "gla":
-    from dca_jax.nn.linear import GatedLinearAttention
-    return GatedLinearAttention
-  raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {name!r}.")
-
 
 def _parse_dtype(name: str, value: Any, *, allow_none: bool) -> Any:
   """A jnp dtype from a string or dtype-like, or None when allowed; ValueError naming `name`."""
@@ -87,29 +44,6 @@ def _parse_dtype(name: str, value: Any, *, allow_none: bool) -> Any:
   return dtype
 
 
-def _normalise_options(options: Any) -> tuple[tuple[str, Any], ...]:
-  """Attention options as a tuple of (name, value) pairs sorted by name; ValueError otherwise."""
-  original = options
-  if isinstance(options, Mapping):
-    options = options.items()
-  try:
-    pairs = [(k, v) for k, v in options]
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"attention_options must be a mapping from option names to values or a "
-                     f"sequence of (name, value) pairs, got {original!r}.") from e
-  names = [k for k, _ in pairs]
-  if any(not isinstance(k, str) for k in names) or len(set(names)) != len(names):
-    raise ValueError(f"attention_options names must be distinct strings, got {original!r}.")
-  pairs = tuple(sorted(pairs, key=lambda kv: kv[0]))
-  try:
-    # The config is a static attribute of the model: jit hashes it with the graph.
-    hash(pairs)
-  except TypeError as e:
-    raise ValueError(f"attention_options values must be hashable (use tuples, not lists), got "
-                     f"{original!r}.") from e
-  return pairs
-
-
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Hyper-parameters of `TransformerLM`; validated on construction.
@@ -121,9 +55,10 @@ class TransformerConfig:
     num_heads: H, attention heads per block; must divide d_model.
     attention: the attention layer, one of `ATTENTION_TYPES`.
     attention_options: keyword options of the attention layer (e.g. `{"window": 64}` for "dca" and
-      "window"), as a mapping or a sequence of (name, value) pairs. Stored as a sorted tuple of
-      pairs so the config stays hashable; `attention_kwargs` gives it back as a dict. Unknown
-      options are rejected by the layer when the model is built (TypeError).
+      "window"), as a mapping, a sequence of (name, value) pairs or the layer's options dataclass
+      (`dca_jax.nn.layer_spec(attention).options`). Stored as that (frozen, hashable) dataclass;
+      `attention_kwargs` gives back the options that differ from the layer's defaults. Unknown
+      option names are rejected here (TypeError naming them).
     mlp_ratio: the SwiGLU hidden width is mlp_ratio * d_model rounded up to a multiple of
       `mlp_multiple_of` (default 8/3, which keeps the MLP at the 8 D^2 parameters of a 4x GELU MLP).
     mlp_multiple_of: see `mlp_ratio`.
@@ -150,8 +85,8 @@ class TransformerConfig:
   d_model: int = 256
   num_layers: int = 4
   num_heads: int = 4
-  attention: AttentionType = "dca"
-  attention_options: Any = ()
+  attention: str = "dca"
+  attention_options: Any = None
   mlp_ratio: float = 8.0 / 3.0
   mlp_multiple_of: int = 8
   dtype: str | None = None
@@ -165,9 +100,8 @@ class TransformerConfig:
     if self.d_model % self.num_heads:
       raise ValueError(f"num_heads must divide d_model, got num_heads = {self.num_heads} and "
                        f"d_model = {self.d_model}.")
-    if self.attention not in ATTENTION_TYPES:
-      raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}.")
-    object.__setattr__(self, "attention_options", _normalise_options(self.attention_options))
+    spec = layer_spec(self.attention)
+    object.__setattr__(self, "attention_options", spec.parse_options(self.attention_options))
     if not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
       raise ValueError(f"mlp_ratio must be a number > 0, got {self.mlp_ratio!r}.")
     if not self.norm_eps > 0:
@@ -182,8 +116,8 @@ class TransformerConfig:
 
   @property
   def attention_kwargs(self) -> dict[str, Any]:
-    """`attention_options` as keyword arguments for the attention layer."""
-    return dict(self.attention_options)
+    """The attention options that differ from the layer's defaults, as keyword arguments."""
+    return self.attention_options.changed()
 
   @property
   def mlp_hidden(self) -> int:
@@ -267,9 +201,9 @@ class Block(nnx.Module):
     dtype, param_dtype = config.compute_dtype, config.parameter_dtype
     self.compute_dtype = dtype
     self.attn_norm = _norm(config.d_model, config.norm_eps, param_dtype, rngs)
-    self.attn = attention_layer_class(config.attention)(
-        config.d_model, config.num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-        **config.attention_kwargs)
+    self.attn = layer_spec(config.attention).build(
+        config.d_model, config.num_heads, config.attention_options, rngs=rngs, dtype=dtype,
+        param_dtype=param_dtype)
     self.mlp_norm = _norm(config.d_model, config.norm_eps, param_dtype, rngs)
     self.mlp = SwiGLU(config.d_model, config.mlp_hidden, rngs=rngs, dtype=dtype,
                       param_dtype=param_dtype)

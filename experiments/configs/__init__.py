@@ -21,7 +21,7 @@ import importlib
 import pkgutil
 from typing import Any, Literal, Mapping
 
-from dca_jax.nn.transformer import ATTENTION_TYPES, TransformerConfig
+from dca_jax.nn import ATTENTION_TYPES, TransformerConfig
 
 TASKS = ("lm", "mqar")
 # Prefix of override keys that set one option of the attention layer.
