@@ -13,13 +13,14 @@ from dca_jax.nn._layer import AttentionLayer
 from dca_jax.nn.dca import DCAConvCache, DCAttention
 from dca_jax.nn.generation import generate, sample_logits
 from dca_jax.nn.linear import GatedLinearAttention, LinearAttention, RecurrentCache
-from dca_jax.nn.registry import ATTENTION_TYPES, LAYERS, LayerOptions, LayerSpec, layer_spec
+from dca_jax.nn.registry import (ATTENTION_TYPES, LAYERS, NO_WEIGHT_DECAY, LayerOptions, LayerSpec,
+                                 layer_spec)
 from dca_jax.nn.softmax import KVCache, SoftmaxAttention
 from dca_jax.nn.transformer import Block, SwiGLU, TransformerConfig, TransformerLM, count_params
 from dca_jax.nn.window import SlidingWindowAttention, WindowCache
 
 __all__ = ["ATTENTION_TYPES", "AttentionLayer", "Block", "DCAConvCache", "DCAttention",
-           "GatedLinearAttention", "KVCache", "LAYERS", "LayerOptions", "LayerSpec",
+           "GatedLinearAttention", "KVCache", "LAYERS", "LayerOptions", "LayerSpec", "NO_WEIGHT_DECAY",
            "LinearAttention", "RecurrentCache", "SlidingWindowAttention", "SoftmaxAttention",
            "SwiGLU", "TransformerConfig", "TransformerLM", "WindowCache", "count_params",
            "generate", "layer_spec", "sample_logits"]

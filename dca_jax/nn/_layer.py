@@ -163,6 +163,9 @@ class AttentionLayer(nnx.Module):
     param_dtype: dtype of the parameters.
   """
 
+  # Names of parameters that weight decay must not touch (see `registry.NO_WEIGHT_DECAY`).
+  no_weight_decay: frozenset[str] = frozenset()
+
   def __init__(self, d_model: int, num_heads: int, *, dtype: Any = None,
                param_dtype: Any = jnp.float32):
     check_heads(d_model, num_heads)

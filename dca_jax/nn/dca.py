@@ -104,6 +104,8 @@ class DCAttention(_layer.AttentionLayer):
     (1, 32)
   """
 
+  no_weight_decay = frozenset({"decay", "decay_bias", "decay_up"})
+
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, window: int = 64,
                feature_dim: int = 16, feature_map: FeatureMap | str = "taylor",
                combine: str = "unified", decay: str = "head", decay_rank: int = 16,

@@ -136,6 +136,12 @@ LAYERS: Mapping[str, LayerSpec] = {spec.name: spec for spec in (
 
 ATTENTION_TYPES: tuple[str, ...] = tuple(LAYERS)
 
+# Parameter names that weight decay must leave alone in any registered layer: learned rates and
+# their projections (pulling a decay rate's weights to zero changes the memory's time scale,
+# not its capacity). Each layer declares its own in `no_weight_decay`.
+NO_WEIGHT_DECAY: frozenset[str] = frozenset().union(
+    *(spec.layer.no_weight_decay for spec in LAYERS.values()))
+
 
 def layer_spec(name: str) -> LayerSpec:
   """The `LayerSpec` registered under `name`.
