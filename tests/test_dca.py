@@ -23,12 +23,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dca_jax.nn.dca import DCAttention, causal_short_conv
-from dca_jax.ops.dca import (DCAParams, DCAState, DCAWeights, PlanKind, adaptive_scale,
-                             attention_compress, compute_weights, half_life_bias, init_params,
-                             init_state, memory_state_update)
-from dca_jax.ops.planner import Mode, plan_engine
-from dca_jax.ops.rotary import apply_rotary
+from dca_jax import (DCAParams, DCAState, DCAWeights, Mode, PlanKind, adaptive_scale, apply_rotary,
+                     attention_compress, causal_short_conv, compute_weights, half_life_bias,
+                     init_params, init_state, memory_state_update, plan_engine)
+from dca_jax.nn import DCAttention
 
 D_MODEL, HEADS, HEAD_DIM, VALUE_DIM, FEAT = 16, 2, 8, 6, 4   # K != V on purpose
 NUM_FEATURES = 1 + FEAT + FEAT * (FEAT + 1) // 2             # Taylor: F = 15

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dca_jax.ops.feature_maps import (FeatureMap, elu_features, feature_dim, feature_map,
+from dca_jax import (FeatureMap, elu_features, feature_dim, feature_map,
                                       taylor_features)
 
 _taylor = jax.jit(taylor_features)

@@ -20,10 +20,9 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dca_jax.nn.linear import GatedLinearAttention, LinearAttention
-from dca_jax.nn.softmax import SoftmaxAttention
-from dca_jax.nn.window import SlidingWindowAttention
-from dca_jax.ops.rotary import apply_rotary, rotary_frequencies
+from dca_jax import apply_rotary, rotary_frequencies
+from dca_jax.nn import (GatedLinearAttention, LinearAttention, SlidingWindowAttention,
+                        SoftmaxAttention)
 
 D_MODEL, HEADS, WINDOW = 32, 4, 8
 # Below, equal to and above the window; 21 also takes the engine past its quadratic range

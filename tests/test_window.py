@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dca_jax.ops import window as window_lib
-from dca_jax.ops.window import sliding_window_attention
+from dca_jax import window_softmax_parts
+from dca_jax import sliding_window_attention
 
 # Tolerances of the float32 kernel against the float64 oracle, and of low-precision kernels
 # against the float32 kernel run on the same (already rounded) inputs: only the output rounding
@@ -155,7 +155,7 @@ def test_any_block_size_at_least_the_window_agrees(window, block):
   q, k, v, reset = _inputs(block, 2, 37, 2, 5, 3, 0.15)
   def blocked(q, k, v, reset):
     doc = jnp.cumsum(reset, axis=1, dtype=jnp.int32)
-    num, den, _ = window_lib.window_softmax_parts(q, k, v, window=window, scale=0.5, doc=doc,
+    num, den, _ = window_softmax_parts(q, k, v, window=window, scale=0.5, doc=doc,
                                                   block_size=block)
     return num / den[..., None]
 

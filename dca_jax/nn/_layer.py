@@ -8,8 +8,8 @@ Every layer (softmax, sliding window, linear, gated linear, DCA) has the same in
     y, cache = layer.prefill(x, cache)             # continues from the cache
     y_t, cache = layer.decode_step(x_t, cache)     # x_t, y_t: [B, d_model]
 
-The cache is an explicit pytree (a `flax.struct.dataclass`) of float32 states and an int32
-position counter, passed in and returned, never stored on the module: the module only holds
+The cache is an explicit pytree (a `typing.NamedTuple`, the one pytree style of the package) of
+float32 states and an int32 position counter, passed in and returned, never stored on the module: the module only holds
 parameters, so it can be split once (`nnx.split`) and its state closed over by `jax.lax.scan`:
 
     graphdef, params = nnx.split(layer)

@@ -8,19 +8,17 @@ window, heads and feature dimension, never on the context length.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
+from dca_jax import ops
 from dca_jax.nn import _layer
-from dca_jax.ops import _checks
-from dca_jax.ops import dca as dca_ops
-from dca_jax.ops.feature_maps import FeatureMap, feature_dim as _feature_dim
-from dca_jax.ops.planner import Mode
 
 
-@struct.dataclass
-class DCAConvCache:
+class DCAConvCache(NamedTuple):
   """Decode cache of a `DCAttention` with a short convolution (`short_conv` > 0).
 
   Attributes:
@@ -29,38 +27,8 @@ class DCAConvCache:
       oldest first (zeros before the first token).
   """
 
-  state: dca_ops.DCAState
+  state: ops.DCAState
   inputs: jax.Array
-
-
-def causal_short_conv(x: jax.Array, kernel: jax.Array, reset: jax.Array | None = None,
-                      history: jax.Array | None = None) -> jax.Array:
-  """Depthwise causal convolution y_t = sum_i kernel[i] * x_{t - (S - 1) + i} over time.
-
-  Args:
-    x: [B, T, D].
-    kernel: [S, D]; kernel[S - 1] weighs the current token.
-    reset: optional bool [B, T]; a token never sees inputs from before its document's start.
-    history: optional [B, S - 1, D], the inputs preceding x (zeros: none).
-
-  Returns:
-    [B, T, D] in x's dtype.
-  """
-  size = kernel.shape[0]
-  batch, time, _ = x.shape
-  if history is None:
-    history = jnp.zeros((batch, size - 1, x.shape[-1]), x.dtype)
-  ext = jnp.concatenate([history.astype(x.dtype), x], axis=1)
-  if reset is not None:
-    doc = jax.lax.associative_scan(jnp.add, reset.astype(jnp.int32), axis=1)
-    ext_doc = jnp.concatenate([jnp.full((batch, size - 1), -1, jnp.int32), doc], axis=1)
-  y = jnp.zeros_like(x)
-  for i in range(size):
-    term = ext[:, i:i + time] * kernel[i].astype(x.dtype)
-    if reset is not None and i < size - 1:
-      term = jnp.where((ext_doc[:, i:i + time] == doc)[..., None], term, 0)
-    y = y + term
-  return y
 
 
 class DCAttention(_layer.AttentionLayer):
@@ -107,49 +75,39 @@ class DCAttention(_layer.AttentionLayer):
   no_weight_decay = frozenset({"decay", "decay_bias", "decay_up"})
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, window: int = 64,
-               feature_dim: int = 16, feature_map: FeatureMap | str = "taylor",
+               feature_dim: int = 16, feature_map: ops.FeatureMap | str = "taylor",
                combine: str = "unified", decay: str = "head", decay_rank: int = 16,
                short_conv: int = 4, max_half_life_ratio: float = 16.0,
-               rotary_base: float | None = 10000.0, mode: Mode | str = "auto",
+               rotary_base: float | None = 10000.0, mode: ops.Mode | str = "auto",
                chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
-    _checks.check_positive_int("window", window)
-    _checks.check_positive_int("feature_dim", feature_dim)
-    head_dim = self.head_dim
-    self.window, self.rotary_base = window, rotary_base
-    self.feature_map = FeatureMap.parse(feature_map)
-    self.num_features = _feature_dim(self.feature_map, feature_dim)
-    self.mode, self.chunk_size = Mode.parse(mode), chunk_size
-    self.combine, self.decay_kind = dca_ops.Combine.parse(combine), dca_ops.DecayKind.parse(decay)
     if not isinstance(short_conv, int) or isinstance(short_conv, bool) or short_conv < 0:
       raise ValueError(f"short_conv must be an integer >= 0 (0: no convolution), got {short_conv!r}.")
+    head_dim = self.head_dim
+    self.feature_map = ops.FeatureMap.parse(feature_map)
+    self.num_features = ops.feature_dim(self.feature_map, feature_dim)
+    # init_params checks window, feature_dim, combine, decay and decay_rank (the one boundary).
+    init = ops.init_params(rngs.params(), d_model, num_heads, window=window, head_dim=head_dim,
+                           feature_dim=feature_dim, max_half_life_ratio=max_half_life_ratio,
+                           num_features=self.num_features, combine=combine, decay=decay,
+                           decay_rank=decay_rank)
+    # attention_compress checks mode and chunk_size; do it here too, so a bad option fails when
+    # the layer is built rather than at its first call.
+    ops.adaptive_scale(1, window=window, mode=mode, chunk_size=chunk_size)
+    self.window, self.rotary_base = window, rotary_base
+    self.mode, self.chunk_size = ops.Mode.parse(mode), chunk_size
     self.short_conv = short_conv
-    init = dca_ops.init_params(rngs.params(), d_model, num_heads, window=window, head_dim=head_dim,
-                               feature_dim=feature_dim, max_half_life_ratio=max_half_life_ratio,
-                               num_features=self.num_features, combine=self.combine,
-                               decay=self.decay_kind, decay_rank=decay_rank)
-    def param(value):
-      return None if value is None else nnx.Param(value.astype(param_dtype))
-    self.query = param(init.query)
-    self.key = param(init.key)
-    self.value = param(init.value)
-    self.feature = param(init.feature)
-    self.decay = param(init.decay)
-    self.decay_bias = param(init.decay_bias)
-    self.decay_up = param(init.decay_up)
-    self.gate = param(init.gate)
-    self.gate_bias = param(init.gate_bias)
+    # One parameter per field of DCAParams, under the field's name (None: option not in use).
+    for name, value in init._asdict().items():
+      setattr(self, name, None if value is None else nnx.Param(value.astype(param_dtype)))
     # The convolution starts as the identity (all weight on the current token).
     self.conv = (nnx.Param(jnp.zeros((short_conv, d_model), param_dtype).at[-1].set(1.0))
                  if short_conv else None)
     self.out = self._linear(num_heads * head_dim, d_model, rngs)
 
-  def _params(self) -> dca_ops.DCAParams:
-    def value(p):
-      return None if p is None else p[...]
-    return dca_ops.DCAParams(self.query[...], self.key[...], self.value[...], self.feature[...],
-                             self.decay[...], self.decay_bias[...], value(self.decay_up),
-                             value(self.gate), value(self.gate_bias))
+  def _params(self) -> ops.DCAParams:
+    return ops.DCAParams(**{name: None if getattr(self, name) is None else getattr(self, name)[...]
+                            for name in ops.DCAParams._fields})
 
   def _check_cache(self, cache, batch: int) -> None:
     window, heads, dim = self.window, self.num_heads, self.head_dim
@@ -157,14 +115,14 @@ class DCAttention(_layer.AttentionLayer):
       _layer.check_cache(cache, DCAConvCache, batch,
                          {"inputs": (batch, self.short_conv - 1, self.d_model)})
       cache = cache.state
-    _layer.check_cache(cache, dca_ops.DCAState, batch, {
+    _layer.check_cache(cache, ops.DCAState, batch, {
         "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
         "key_features": (batch, window, heads, self.num_features), "doc": (batch, window),
         "memory": (batch, heads, self.num_features, dim + 1)})
 
   def _weights(self, x):
     dtype = self.dtype or x.dtype
-    return dca_ops.compute_weights(self._params(), x.astype(dtype), feature_map_kind=self.feature_map)
+    return ops.compute_weights(self._params(), x.astype(dtype), feature_map_kind=self.feature_map)
 
   def _project_out(self, o, x_dtype):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
@@ -173,13 +131,13 @@ class DCAttention(_layer.AttentionLayer):
   def _convolve(self, x, reset=None, history=None):
     if self.conv is None:
       return x
-    return causal_short_conv(x, self.conv[...].astype(self.dtype or x.dtype), reset, history)
+    return ops.causal_short_conv(x, self.conv[...].astype(self.dtype or x.dtype), reset, history)
 
   def __call__(self, x, *, reset=None):
     """[B, T, D] -> [B, T, D]; `reset` optional bool [B, T] (documents packed in one row)."""
     self._check_call(x, reset)
     weights = self._weights(self._convolve(x, reset))
-    o = dca_ops.attention_compress(weights, window=self.window, reset=reset, mode=self.mode,
+    o = ops.attention_compress(weights, window=self.window, reset=reset, mode=self.mode,
                                    chunk_size=self.chunk_size, rotary_base=self.rotary_base)
     return self._project_out(o, x.dtype)
 
@@ -187,7 +145,7 @@ class DCAttention(_layer.AttentionLayer):
     """An empty cache (a `DCAState`, or a `DCAConvCache` with a short convolution); its size does
     not depend on `max_length` (kept for a uniform interface)."""
     _layer.check_cache_size(batch_size, max_length)
-    state = dca_ops.init_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
+    state = ops.init_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
                                self.num_features, self.window)
     if not self.short_conv:
       return state
@@ -210,7 +168,7 @@ class DCAttention(_layer.AttentionLayer):
     self._check_cache(cache, x.shape[0])
     state, inputs = self._split_cache(cache)
     weights = self._weights(self._convolve(x, history=inputs))
-    o, state = dca_ops.attention_compress(weights, window=self.window, state=state,
+    o, state = ops.attention_compress(weights, window=self.window, state=state,
                                           mode=self.mode, chunk_size=self.chunk_size,
                                           rotary_base=self.rotary_base, return_state=True)
     return self._project_out(o, x.dtype), self._join_cache(state, inputs, x)
@@ -221,5 +179,5 @@ class DCAttention(_layer.AttentionLayer):
     self._check_cache(cache, x_t.shape[0])
     state, inputs = self._split_cache(cache)
     weights = self._weights(self._convolve(x_t[:, None], history=inputs)[:, 0])
-    o, state = dca_ops.memory_state_update(state, weights, rotary_base=self.rotary_base)
+    o, state = ops.memory_state_update(state, weights, rotary_base=self.rotary_base)
     return self._project_out(o, x_t.dtype), self._join_cache(state, inputs, x_t[:, None])

@@ -10,17 +10,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from dca_jax.nn import _layer
 from dca_jax.ops import _checks
 from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops.segments import document_ids
+from dca_jax.ops.softmax import masked_attention
 
 
-@struct.dataclass
-class KVCache:
+class KVCache(NamedTuple):
   """Decode cache of `SoftmaxAttention`: every key and value seen so far.
 
   Attributes:
@@ -38,31 +41,6 @@ class KVCache:
   def max_length(self) -> int:
     """L, the number of tokens the cache can hold (a static shape)."""
     return self.k.shape[1]
-
-
-def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                      scale: float) -> jax.Array:
-  """softmax(scale q k^T masked) v, in float32.
-
-  Args:
-    q: [B, T, H, K].
-    k: [B, S, H, K].
-    v: [B, S, H, V].
-    mask: bool, broadcastable to [B, T, S]; true where query t may see key s. Every query must
-      see at least one key.
-    scale: score multiplier.
-
-  Returns:
-    [B, T, H, V] float32.
-  """
-  f32 = jnp.float32
-  scores = jnp.einsum("bthk,bshk->bhts", q.astype(f32), k.astype(f32)) * scale
-  scores = jnp.where(mask[:, None], scores, -jnp.inf)
-  # The max only stabilises the exponentials; the softmax does not depend on it.
-  m = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
-  probs = jnp.exp(scores - m)
-  out = jnp.einsum("bhts,bshv->bthv", probs, v.astype(f32))
-  return out / jnp.swapaxes(probs.sum(-1), 1, 2)[..., None]
 
 
 class SoftmaxAttention(_layer.AttentionLayer):
@@ -132,9 +110,9 @@ class SoftmaxAttention(_layer.AttentionLayer):
     q, k, v = self._project(x, positions)
     mask = (positions[:, None] >= positions[None, :])[None]       # [1, T, T]
     if reset is not None:
-      doc = jnp.cumsum(reset.astype(jnp.int32), axis=1)             # [B, T]
+      doc = document_ids(reset)                                     # [B, T]
       mask = mask & (doc[:, :, None] == doc[:, None, :])
-    o = _masked_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
+    o = masked_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
     return self._output(o, x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
@@ -184,6 +162,6 @@ class SoftmaxAttention(_layer.AttentionLayer):
     v_buf = cache.v.at[:, positions].set(v.astype(jnp.float32), mode="drop")
     # Slots after the last written one are zeros; causality masks them.
     mask = (jnp.arange(max_length)[None, :] <= positions[:, None])[None]   # [1, T, L]
-    o = _masked_attention(q, k_buf, v_buf, mask, 1.0 / math.sqrt(self.head_dim))
+    o = masked_attention(q, k_buf, v_buf, mask, 1.0 / math.sqrt(self.head_dim))
     o = jnp.where((positions < max_length)[None, :, None, None], o, jnp.nan)
     return self._output(o, x.dtype), KVCache(k=k_buf, v=v_buf, position=cache.position + time)

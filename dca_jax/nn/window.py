@@ -8,11 +8,11 @@ DCA's compressed memory fills.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from dca_jax.nn import _layer
 from dca_jax.ops import _checks
@@ -20,8 +20,7 @@ from dca_jax.ops.rotary import apply_rotary
 from dca_jax.ops.window import sliding_window_attention
 
 
-@struct.dataclass
-class WindowCache:
+class WindowCache(NamedTuple):
   """Decode cache of `SlidingWindowAttention`: a ring buffer of the last W keys and values.
 
   The token at absolute position p lives in slot p mod W. Its size does not depend on

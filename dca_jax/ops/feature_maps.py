@@ -29,8 +29,14 @@ class FeatureMap(str, enum.Enum):
 
 
 def feature_dim(kind: FeatureMap | str, dim: int) -> int:
-  """Number of features F that `feature_map(kind, x)` returns for inputs of size `dim`."""
+  """Number of features F that `feature_map(kind, x)` returns for inputs of size `dim`.
+
+  Raises:
+    ValueError: an unknown kind, or dim not an integer >= 1 (named `feature_dim`, the option
+      that sets it in `DCAttention` and `init_params`).
+  """
   kind = FeatureMap.parse(kind)
+  _checks.check_positive_int("feature_dim", dim)
   if kind is FeatureMap.TAYLOR:
     return 1 + dim + dim * (dim + 1) // 2
   return dim
@@ -63,9 +69,8 @@ def taylor_features(x):
   parts = [jnp.ones(x.shape[:-1] + (1,), x.dtype), x / dim ** 0.25]
   # Row i of the upper triangle of x x^T: x_i * x_{i..d-1}. Off-diagonal products appear twice in
   # (x x^T) . (y y^T); weighting them by sqrt(2) once in each feature vector keeps the dot product
-  # exact with only the upper triangle stored. Static slices rather than a gather: the gather's
-  # gradient (a scatter-add) was slower on CPU in a one-off development check, and so was a
-  # selection matmul (it multiplies d^2 products by a mostly-zero matrix).
+  # exact with only the upper triangle stored. Static slices rather than a gather, whose gradient
+  # is a scatter-add, or a selection matmul, which multiplies d^2 products by a mostly-zero matrix.
   for i in range(dim):
     weight = np.where(np.arange(i, dim) == i, 1.0, math.sqrt(2.0)) / math.sqrt(2.0 * dim)
     parts.append(x[..., i:i + 1] * x[..., i:] * jnp.asarray(weight, x.dtype))

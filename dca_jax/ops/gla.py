@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.chunked import chunked
-import functools
-
-from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode, plan_engine
+from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode, engine_plans
 from dca_jax.ops.quadratic import quadratic
 from dca_jax.ops.scan import associative, recurrent
 
@@ -101,6 +101,24 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
   _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
 
   out_dtype = jnp.result_type(q, k, v)
+  plans = engine_plans(time, per_channel_decay=log_decay.ndim == 4 and key_dim > 1, mode=mode,
+                       chunk_size=chunk_size)
+  o, final = run_engine(plans, q, k, v, log_decay, initial_state=initial_state, reset=reset)
+  o = o.astype(out_dtype)
+  return (o, final) if return_final_state else o
+
+
+def run_engine(plans: tuple[EnginePlan, EnginePlan], q, k, v, log_decay, *, initial_state=None,
+               reset=None):
+  """The engine on checked inputs with plans already made (see `planner.engine_plans`).
+
+  Internal entry point for callers that have validated their inputs and planned once
+  (`gated_linear_attention`, `attention_compress`): casts to float32, folds resets into the
+  decays, and evaluates `plans[0]`, differentiating through `plans[1]` when they differ.
+
+  Returns:
+    (o [B, T, H, V], S_T [B, H, K, V]), both float32.
+  """
   f32 = jnp.float32
   q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
   g = log_decay.astype(f32)
@@ -110,20 +128,14 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
     # Dropping the carried state at t is a decay of exp(-inf) = 0 at t, in every form alike.
     g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
   if initial_state is None:
-    s0 = jnp.zeros((batch, heads, key_dim, value_dim), f32)
+    batch, _, heads, key_dim = q.shape
+    s0 = jnp.zeros((batch, heads, key_dim, v.shape[-1]), f32)
   else:
     s0 = initial_state.astype(f32)
-
-  if mode is Mode.AUTO:
-    plans = [plan_engine(time, key_dim, value_dim, needs_grad=grad, per_channel_decay=g.shape[-1] > 1)
-             for grad in (False, True)]
-    if chunk_size is not None:
-      plans = [EnginePlan(p.mode, chunk_size if p.mode is Mode.CHUNKED else None) for p in plans]
-    o, final = _auto(plans[0], plans[1], q, k, v, g, s0)
-  else:
-    o, final = _run(EnginePlan(mode, chunk_size), q, k, v, g, s0)
-  o = o.astype(out_dtype)
-  return (o, final) if return_final_state else o
+  forward, grad = plans
+  if forward == grad:
+    return _run(forward, q, k, v, g, s0)
+  return _auto(forward, grad, q, k, v, g, s0)
 
 
 def _run(plan: EnginePlan, q, k, v, g, s0):

@@ -19,6 +19,8 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
   slowest form everywhere on CPU.
 * Single-token steps (decoding) use the recurrent form.
 
+`adaptive_scale` plans a whole DCA call on top of it (exact softmax, compressed, or one step).
+
 `gated_linear_attention(mode="auto")` asks this planner twice, for the forward-only and the
 differentiated case, and uses the first when the call is evaluated and the second when it is
 differentiated (a `jax.custom_vjp`), so one call site gets the fast form for both.
@@ -106,3 +108,96 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
     return EnginePlan(Mode.QUADRATIC)
   chunk = min(CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE), sequence_length)
   return EnginePlan(Mode.CHUNKED, chunk)
+
+
+def engine_plans(sequence_length: int, *, per_channel_decay: bool, mode: Mode = Mode.AUTO,
+                 chunk_size: int | None = None, backend: str | None = None
+                 ) -> tuple[EnginePlan, EnginePlan]:
+  """The (evaluated, differentiated) pair of plans for one engine call, computed once.
+
+  With `mode` AUTO the two come from `plan_engine` without and with gradients (the engine then
+  evaluates the first and differentiates through the second, see `gla.run_engine`); with a
+  concrete mode both are that mode. An explicit `chunk_size` overrides the planner's chunk.
+  """
+  if mode is not Mode.AUTO:
+    plan = EnginePlan(mode, chunk_size if mode is Mode.CHUNKED else None)
+    return plan, plan
+  plans = [plan_engine(sequence_length, 0, 0, backend=backend, needs_grad=grad,
+                       per_channel_decay=per_channel_decay) for grad in (False, True)]
+  if chunk_size is not None:
+    plans = [EnginePlan(p.mode, chunk_size if p.mode is Mode.CHUNKED else None) for p in plans]
+  return plans[0], plans[1]
+
+
+class PlanKind(str, enum.Enum):
+  SOFTMAX = "softmax"          # T <= W and no carried state: the memory is empty
+  COMPRESSED = "compressed"    # window + compressed memory through the engine
+  STEP = "step"                # one decoding step on a DCAState
+
+
+@dataclasses.dataclass(frozen=True)
+class DCAPlan:
+  """What `adaptive_scale` decided.
+
+  Attributes:
+    kind: `PlanKind`.
+    engine: the engine's form and chunk size for the compressed memory when the call is
+      evaluated (None for SOFTMAX/STEP).
+    engine_grad: the form used when the call is differentiated (the same as `engine` unless
+      the mode is "auto"; see `engine_plans`).
+  """
+
+  kind: PlanKind
+  engine: EnginePlan | None = None
+  engine_grad: EnginePlan | None = None
+
+
+def adaptive_scale(sequence_length: int, *, window: int, has_state: bool = False,
+                   decoding: bool = False, needs_grad: bool = False,
+                   per_channel_decay: bool = False, mode: Mode | str = "auto",
+                   chunk_size: int | None = None, backend: str | None = None,
+                   feature_dim: int | None = None, value_dim: int | None = None) -> DCAPlan:
+  """Chooses how much machinery a call needs: the computation adapts to the input's length.
+
+  * decoding (one token continuing a state): `memory_state_update`, O(W K + F V) per token;
+  * T <= W with no carried state: no token has left the window, so the memory is empty and DCA
+    is exact causal softmax over T tokens (no engine call at all);
+  * otherwise: window + compressed memory, the engine's form and chunk size chosen by its
+    planner (`plan_engine`, measured by experiments/benchmark_engine.py).
+
+  Args:
+    sequence_length: T.
+    window: W.
+    has_state: whether the call continues from a `DCAState`.
+    decoding: whether this is a single-token decoding step.
+    needs_grad: the call is always differentiated: `engine` is then the gradient plan too.
+    per_channel_decay: one decay per memory row rather than per head (changes the CPU plan).
+    mode: the engine form ("auto": the planner's, per evaluated/differentiated case).
+    chunk_size: the engine's chunk size (None: the planner's).
+    backend: "cpu", "gpu", "tpu"; default `jax.default_backend()`.
+    feature_dim, value_dim: F and V of the memory (not decisive at the sizes measured; kept
+      for callers that pass them).
+
+  Returns:
+    A `DCAPlan`.
+
+  Example:
+    >>> adaptive_scale(48, window=64).kind.value
+    'softmax'
+    >>> adaptive_scale(4096, window=64, needs_grad=True, backend="cpu").engine.mode.value
+    'chunked'
+  """
+  del feature_dim, value_dim
+  _checks.check_positive_int("sequence_length", sequence_length)
+  _checks.check_positive_int("window", window)
+  _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+  mode = Mode.parse(mode)
+  if decoding:
+    return DCAPlan(PlanKind.STEP)
+  if sequence_length <= window and not has_state:
+    return DCAPlan(PlanKind.SOFTMAX)
+  forward, grad = engine_plans(sequence_length, per_channel_decay=per_channel_decay, mode=mode,
+                               chunk_size=chunk_size, backend=backend)
+  return DCAPlan(PlanKind.COMPRESSED, grad if needs_grad else forward, grad)
+
+

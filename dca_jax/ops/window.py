@@ -16,15 +16,14 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops.segments import document_ids
 
 
 def _block_size(window: int) -> int:
   """The block size P = W: the smallest with which two blocks cover every window.
 
   Larger blocks only add scores that the mask throws away, and small windows gain nothing from
-  a floor on P: in a one-off development check on 2026-11-28 (2-core CPU, shared; T=8192, H=4,
-  K=V=64; no committed script reproduces it) every larger P tried was slower, forward and
-  forward+backward.
+  a floor on P.
   """
   return window
 
@@ -89,7 +88,7 @@ def sliding_window_attention(
     Beltagy et al. 2020, "Longformer: The Long-Document Transformer", sec. 3.1 (sliding
     window attention). Arora et al. 2024, "Simple linear attention language models balance
     the recall-throughput tradeoff" (Based: a sliding window beside linear attention).
-    Design brief `docs/design/dca.md`, sec. 3 (the working memory of DCA).
+    docs/theory.md (the working memory of DCA).
   """
   _checks.check_array("q", q, 4)
   _checks.check_array("k", k, 4)
@@ -106,7 +105,7 @@ def sliding_window_attention(
     scale = 1.0 / math.sqrt(key_dim)
   if time == 0:
     return jnp.zeros((batch, 0, heads, v.shape[-1]), q.dtype)
-  doc = None if reset is None else jnp.cumsum(reset, axis=1, dtype=jnp.int32)
+  doc = None if reset is None else document_ids(reset)
   num, den, _ = window_softmax_parts(q, k, v, window=window, scale=scale, doc=doc)
   return (num / den[..., None]).astype(q.dtype)
 
@@ -117,7 +116,7 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
 
   Returns N_t = sum_{j in J_t} exp(s_tj - m_t) v_j, Z_t = sum_{j in J_t} exp(s_tj - m_t) and
   m_t = max_{j in J_t} s_tj, so that softmax attention is N_t / Z_t and other positive terms can
-  share the normaliser after rescaling (see `dca._combine`). Inputs are not checked
+  share the normaliser after rescaling (see `dca_memory.combine_memories`). Inputs are not checked
   (internal: the public wrappers check them).
 
   Args:

@@ -1,0 +1,89 @@
+"""One decoding step of DCA on a constant-size state: `memory_state_update`.
+
+The step costs O(W K + F V) whatever the position: the token leaving the window is folded into
+the compressed memory, the new token enters the window buffer, and the output reads both
+memories under one normaliser (`dca_memory.combine_memories`). Step by step it equals the
+whole-sequence form `attention_compress`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories
+from dca_jax.ops.dca_params import DCAWeights, check_weights
+from dca_jax.ops.rotary import apply_rotary
+
+
+def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: float | None = 10000.0):
+  """One decoding step of DCA with a constant-size state: O(W K + F V) work, independent of t.
+
+  The oldest buffered token leaves the window and is folded into the compressed memory
+  (M <- a_t M + phi(k_{t-W}) [v_{t-W}, 1]^T), the new token enters the window, and the output
+  combines both memories under one normaliser (module docstring). Equal, step by step, to
+  `attention_compress` over the whole sequence.
+
+  Args:
+    state: `DCAState` (from `init_state` or `attention_compress(..., return_state=True)`).
+    weights: `DCAWeights` of one token: q, k [B, H, K], v [B, H, V], features [B, H, F],
+      log_decay [B, H].
+    rotary_base: as in `attention_compress` (must match it for the two to agree).
+
+  Returns:
+    (o [B, H, V] in v's dtype, new `DCAState`).
+
+  Raises:
+    ValueError / TypeError: malformed weights or a state of another shape.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=8)
+    >>> state = init_state(1, 2, 16, 16, 153, 8)
+    >>> o, state = memory_state_update(state, compute_weights(params, jnp.ones((1, 32))))
+    >>> o.shape
+    (1, 2, 16)
+  """
+  check_weights(weights, step=True)
+  if not isinstance(state, DCAState):
+    raise TypeError(f"state must be a DCAState, got {type(state).__name__}.")
+  batch = weights.q.shape[0]
+  check_state(state, batch, weights)
+  f32 = jnp.float32
+  window = state.window
+  key_dim, value_dim = weights.q.shape[-1], weights.v.shape[-1]
+
+  # Evict the oldest slot into memory (an empty or foreign slot adds nothing).
+  leaving = (state.doc[:, 0] == 0)[:, None, None]
+  features = jnp.where(leaving, state.key_features[:, 0], 0.0)                      # [B, H, F]
+  values = jnp.concatenate([state.values[:, 0], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
+  decay = jnp.exp(weights.log_decay.astype(f32))
+  decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]   # per channel / head
+  memory = decay * state.memory + features[..., :, None] * values[..., None, :]
+
+  def push(buffer, new):
+    return jnp.concatenate([buffer[:, 1:], new[:, None].astype(buffer.dtype)], axis=1)
+
+  keys = push(state.keys, weights.k)
+  vals = push(state.values, weights.v)
+  key_features = push(state.key_features, weights.k_features)
+  doc = push(state.doc, jnp.zeros((batch,), jnp.int32))
+
+  q = weights.q.astype(f32)
+  k = keys
+  if rotary_base is not None:
+    # Slot s holds the token W - 1 - s steps back: rotate it back by that offset, leave q as is.
+    offsets = jnp.arange(window) - (window - 1)
+    k = apply_rotary(keys, offsets, base=rotary_base)
+  scores = jnp.einsum("bhk,bshk->bhs", q, k) / math.sqrt(key_dim)
+  valid = (doc == 0)[:, None, :]
+  scores = jnp.where(valid, scores, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # the new token is always valid
+  probs = jnp.exp(scores - top[..., None])
+  num = jnp.einsum("bhs,bshv->bhv", probs, vals)
+  den = jnp.sum(probs, axis=-1)
+  memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
+  o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
+  return o, DCAState(keys=keys, values=vals, key_features=key_features, doc=doc, memory=memory)

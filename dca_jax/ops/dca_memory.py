@@ -1,0 +1,104 @@
+"""DCA's memories: the constant-size state and the rule that reads both under one normaliser.
+
+`DCAState` is what DCA keeps after a prefix of the sequence (the last W tokens exactly, the
+compressed memory of everything older); `combine_memories` is the output rule shared by the
+whole-sequence form (`attention_compress`) and the decode step (`memory_state_update`).
+Notation: B batch, W window, H heads, K key dim, V value dim, F features.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dca_jax.ops import _checks
+from dca_jax.ops.dca_params import DCAWeights
+
+
+class DCAState(NamedTuple):
+  """Constant-size state of DCA after a prefix of the sequence.
+
+  Attributes:
+    keys: [B, W, H, K] float32, the last W keys, oldest first (working memory).
+    values: [B, W, H, V] float32, their values.
+    key_features: [B, W, H, F] float32, their features (folded into memory on eviction).
+    doc: [B, W] int32, document of each slot relative to the current one: 0 = same document as
+      the last token, negative = an earlier document or an empty slot (never attended).
+    memory: [B, H, F, V + 1] float32 compressed memory; the last column is the normaliser z.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  key_features: jax.Array
+  doc: jax.Array
+  memory: jax.Array
+
+  @property
+  def window(self) -> int:
+    return self.keys.shape[1]
+
+
+def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, feature_dim: int,
+               window: int) -> DCAState:
+  """An empty `DCAState` (no token seen): zero memory, every window slot empty."""
+  for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("key_dim", key_dim),
+                      ("value_dim", value_dim), ("feature_dim", feature_dim), ("window", window)):
+    _checks.check_positive_int(name, value)
+  f32 = jnp.float32
+  return DCAState(
+      keys=jnp.zeros((batch_size, window, num_heads, key_dim), f32),
+      values=jnp.zeros((batch_size, window, num_heads, value_dim), f32),
+      key_features=jnp.zeros((batch_size, window, num_heads, feature_dim), f32),
+      doc=jnp.full((batch_size, window), -1, jnp.int32),
+      memory=jnp.zeros((batch_size, num_heads, feature_dim, value_dim + 1), f32),
+  )
+
+
+def check_state(state: DCAState, batch: int, weights: DCAWeights) -> None:
+  heads, key_dim = weights.q.shape[-2:]
+  value_dim, feature_dim = weights.v.shape[-1], weights.q_features.shape[-1]
+  window = state.window
+  expected = {
+      "keys": (batch, window, heads, key_dim),
+      "values": (batch, window, heads, value_dim),
+      "key_features": (batch, window, heads, feature_dim),
+      "doc": (batch, window),
+      "memory": (batch, heads, feature_dim, value_dim + 1),
+  }
+  for name, shape in expected.items():
+    got = tuple(getattr(state, name).shape)
+    if got != shape:
+      raise ValueError(f"state.{name} has shape {got}, expected {shape} (from the weights' B, H, K, V, F).")
+
+
+def combine_memories(window_num, window_den, window_max, memory_out, value_dim, gate=None):
+  """Both memories under one normaliser, with a stabiliser that keeps every term finite.
+
+      o = (N e^{m_w} + M_num) / (Z e^{m_w} + M_den),   N, Z computed relative to m_w (window max)
+
+  is evaluated relative to m = max(m_w, log M_den): every exponential is then <= 1 and one of
+  the two weights is exactly 1, so the denominator is >= 1 (no NaN even when all window scores
+  are far below zero and the memory is empty). o does not depend on m, hence no gradient.
+
+  With a `gate` logit g (gated combination) the two are normalised separately instead:
+  o = sigmoid(g) N / Z + (1 - sigmoid(g)) M_num / M_den (an empty memory contributes 0).
+  """
+  mem_num, mem_den = memory_out[..., :value_dim], memory_out[..., value_dim]
+  has_memory = mem_den > 0
+  safe_den = jnp.where(has_memory, mem_den, 1.0)
+  if gate is not None:
+    g = jax.nn.sigmoid(gate)[..., None]
+    mem_mean = jnp.where(has_memory[..., None], mem_num / safe_den[..., None], 0.0)
+    return g * window_num / window_den[..., None] + (1.0 - g) * mem_mean
+  log_mem = jnp.where(has_memory, jnp.log(safe_den), -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.maximum(window_max, log_mem))
+  window_weight = jnp.exp(window_max - top)[..., None]
+  memory_weight = jnp.exp(log_mem - top)[..., None]
+  mem_mean = jnp.where(has_memory[..., None], mem_num / safe_den[..., None], 0.0)
+  num = window_num * window_weight + memory_weight * mem_mean
+  den = window_den[..., None] * window_weight + memory_weight
+  return num / den
+
+

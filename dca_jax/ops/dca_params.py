@@ -1,0 +1,234 @@
+"""DCA's parameters and per-token weights: `init_params` and `compute_weights`.
+
+From the layer input x, per head: queries, keys and values, the feature maps phi of projected
+queries and keys for the compressed memory, the data-dependent log decay (the compression rate)
+and, for the gated combination, the gate logit. Notation: B batch, T time, D model width,
+H heads, K key dim, V value dim, P projected feature input dim, F features, R decay rank.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dca_jax.ops import _checks
+from dca_jax.ops.feature_maps import FeatureMap, feature_map
+
+
+class DCAParams(NamedTuple):
+  """Parameters of `compute_weights` (the layer owns them; this is a plain pytree).
+
+  Attributes:
+    query: [D, H, K] query projection.
+    key: [D, H, K] key projection.
+    value: [D, H, V] value projection.
+    feature: [H, K, P] projection of queries/keys to the feature map's input (P small, e.g. 16).
+    decay: [D, H] data-dependent part of the compression rate (one rate per head); with
+      per-channel decay [D, R], the down-projection of a rank-R rate, see `decay_up`.
+    decay_bias: [H] sets each head's half-life at initialisation (`half_life_bias`); [H, F] with
+      per-channel decay.
+    decay_up: None (one rate per head) or [R, H, F]: per-channel decay, one rate per memory row
+      (feature) computed as (x decay) decay_up + decay_bias, as in GLA's low-rank gates.
+    gate: None (unified combination: window and memory share one softmax normaliser) or [D, H]:
+      gated combination, o = g o_window + (1 - g) o_memory with g = sigmoid(x gate + gate_bias),
+      each memory normalised on its own (as in Infini-attention).
+    gate_bias: [H] bias of the gate (None when `gate` is None).
+  """
+
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
+  feature: jax.Array
+  decay: jax.Array
+  decay_bias: jax.Array
+  decay_up: jax.Array | None = None
+  gate: jax.Array | None = None
+  gate_bias: jax.Array | None = None
+
+
+class DCAWeights(NamedTuple):
+  """Per-token quantities of DCA, the output of `compute_weights`.
+
+  Attributes:
+    q: [B, T, H, K] queries (no position applied yet; rotary acts inside the window).
+    k: [B, T, H, K] keys.
+    v: [B, T, H, V] values.
+    q_features: [B, T, H, F] phi of the projected queries (for the compressed memory).
+    k_features: [B, T, H, F] phi of the projected keys.
+    log_decay: [B, T, H] float32 log forgetting rate, <= 0 (the compression rate), or
+      [B, T, H, F] for per-channel decay (one rate per memory row).
+    gate: None (unified combination) or [B, T, H] float32 logit of the gated combination.
+  For one decoding step the T axis is absent.
+  """
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  q_features: jax.Array
+  k_features: jax.Array
+  log_decay: jax.Array
+  gate: jax.Array | None = None
+
+
+def half_life_bias(num_heads: int, window: int, max_ratio: float = 16.0) -> jax.Array:
+  """Decay biases giving head h a half-life geometrically spread from W to `max_ratio` * W tokens.
+
+  With log_decay = -softplus(x . w + b) and w = 0 at initialisation, a half-life of tau tokens
+  needs softplus(b) = ln 2 / tau, i.e. b = log(expm1(ln 2 / tau)). The spread of time scales over
+  heads is DCA's hierarchy: short-lived heads summarise the recent past, long-lived ones keep a
+  coarse trace of the distant past.
+  """
+  if num_heads == 1:
+    half_lives = jnp.array([float(window)])
+  else:
+    half_lives = window * max_ratio ** (jnp.arange(num_heads) / (num_heads - 1))
+  return jnp.log(jnp.expm1(math.log(2.0) / half_lives))
+
+
+def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: FeatureMap | str = "taylor"
+                    ) -> DCAWeights:
+  """From the layer input to queries, keys, values, features and the compression rate.
+
+      q = x W_q,  k = x W_k,  v = x W_v                       (per head)
+      phi_q = phi(q W_phi),  phi_k = phi(k W_phi)             (feature map on P dims)
+      log_decay = -softplus(x w_a + b_a)  <= 0               (per head, data dependent)
+
+  Args:
+    params: `DCAParams`.
+    x: [B, T, D] or, for one decoding step, [B, D].
+    feature_map_kind: "taylor" (default; phi(q).phi(k) = 1 + s + s^2/2) or "elu".
+
+  Returns:
+    `DCAWeights` with shapes [B, T, H, .] (or [B, H, .] for [B, D] input); q, k, v, features in
+    x's dtype, log_decay float32.
+
+  Raises:
+    ValueError: when x's last dim does not match the parameters' D.
+
+  Example:
+    >>> import jax
+    >>> params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=8)
+    >>> w = compute_weights(params, jax.numpy.ones((1, 5, 32)))
+    >>> w.q.shape, w.q_features.shape, w.log_decay.shape
+    ((1, 5, 2, 16), (1, 5, 2, 153), (1, 5, 2))
+  """
+  _checks.check_array("x", x, (2, 3))
+  d_model = params.query.shape[0]
+  if x.shape[-1] != d_model:
+    raise ValueError(f"x must have last dim d_model = {d_model}, got shape {tuple(x.shape)}.")
+  dtype = x.dtype
+  q = jnp.einsum("...d,dhk->...hk", x, params.query.astype(dtype))
+  k = jnp.einsum("...d,dhk->...hk", x, params.key.astype(dtype))
+  v = jnp.einsum("...d,dhk->...hk", x, params.value.astype(dtype))
+  project = params.feature.astype(dtype)
+  q_features = feature_map(feature_map_kind, jnp.einsum("...hk,hkp->...hp", q, project))
+  k_features = feature_map(feature_map_kind, jnp.einsum("...hk,hkp->...hp", k, project))
+  x32 = x.astype(jnp.float32)
+  if params.decay_up is None:
+    rate = jnp.einsum("...d,dh->...h", x32, params.decay.astype(jnp.float32))
+  else:
+    low = jnp.einsum("...d,dr->...r", x32, params.decay.astype(jnp.float32))
+    rate = jnp.einsum("...r,rhf->...hf", low, params.decay_up.astype(jnp.float32))
+  log_decay = -jax.nn.softplus(rate + params.decay_bias.astype(jnp.float32))
+  gate = None
+  if params.gate is not None:
+    gate = jnp.einsum("...d,dh->...h", x32, params.gate.astype(jnp.float32))
+    gate = gate + params.gate_bias.astype(jnp.float32)
+  return DCAWeights(q, k, v, q_features, k_features, log_decay, gate)
+
+
+class Combine(str, enum.Enum):
+  """How the window and the compressed memory are combined (see `DCAParams.gate`)."""
+  UNIFIED = "unified"    # one softmax normaliser over both (default)
+  GATED = "gated"        # each normalised on its own, mixed by a learned sigmoid gate
+
+  @classmethod
+  def parse(cls, value: "Combine | str") -> "Combine":
+    return _checks.parse_choice(cls, value, "combine")
+
+
+class DecayKind(str, enum.Enum):
+  """Granularity of the compression rate (see `DCAParams.decay_up`)."""
+  HEAD = "head"          # one rate per head and token (default)
+  CHANNEL = "channel"    # one rate per memory row (feature), low-rank data dependent
+
+  @classmethod
+  def parse(cls, value: "DecayKind | str") -> "DecayKind":
+    return _checks.parse_choice(cls, value, "decay")
+
+
+def init_params(key: jax.Array, d_model: int, num_heads: int, *, window: int, head_dim: int | None = None,
+                value_dim: int | None = None, feature_dim: int = 16, max_half_life_ratio: float = 16.0,
+                num_features: int | None = None, combine: Combine | str = "unified",
+                decay: DecayKind | str = "head", decay_rank: int = 16) -> DCAParams:
+  """Initial `DCAParams` (lecun-normal projections, zero decay weights, spread half-lives).
+
+  `num_features` (F, needed for per-channel decay) defaults to the Taylor map's size for
+  `feature_dim`. The gate starts at zero weights and bias (g = 1/2 for every token); per-channel
+  rates start data-independent with each head's half-life on all its rows.
+  """
+  _checks.check_positive_int("d_model", d_model)
+  _checks.check_positive_int("num_heads", num_heads)
+  _checks.check_positive_int("window", window)
+  _checks.check_positive_int("feature_dim", feature_dim)
+  _checks.check_positive_int("decay_rank", decay_rank)
+  combine, decay = Combine.parse(combine), DecayKind.parse(decay)
+  head_dim = head_dim or d_model // num_heads
+  value_dim = value_dim or head_dim
+  if num_features is None:
+    num_features = 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
+  kq, kk, kv, kf, kd = jax.random.split(key, 5)
+  projection = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+  per_head = jax.nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
+  f32 = jnp.float32
+  bias = half_life_bias(num_heads, window, max_half_life_ratio)
+  extra = {}
+  if decay is DecayKind.HEAD:
+    decay_weight = jnp.zeros((d_model, num_heads), f32)
+  else:
+    # Down-projection random, up-projection zero: rates start data independent, and the
+    # gradient reaches both (d/d up needs x decay != 0, d/d down needs up != 0 after one step).
+    decay_weight = jax.nn.initializers.lecun_normal()(kd, (d_model, decay_rank), f32)
+    extra["decay_up"] = jnp.zeros((decay_rank, num_heads, num_features), f32)
+    bias = jnp.broadcast_to(bias[:, None], (num_heads, num_features))
+  if combine is Combine.GATED:
+    extra["gate"] = jnp.zeros((d_model, num_heads), f32)
+    extra["gate_bias"] = jnp.zeros((num_heads,), f32)
+  return DCAParams(
+      query=projection(kq, (d_model, num_heads, head_dim), f32),
+      key=projection(kk, (d_model, num_heads, head_dim), f32),
+      value=projection(kv, (d_model, num_heads, value_dim), f32),
+      feature=per_head(kf, (num_heads, head_dim, feature_dim), f32),
+      decay=decay_weight, decay_bias=bias, **extra)
+
+
+def check_weights(weights: DCAWeights, step: bool) -> None:
+  rank = 3 if step else 4
+  names = ("q", "k", "v", "q_features", "k_features")
+  for name in names:
+    _checks.check_array(f"weights.{name}", getattr(weights, name), rank)
+  _checks.check_array("weights.log_decay", weights.log_decay, (rank - 1, rank))
+  lead = weights.q.shape[:-1]
+  for name in names[1:]:
+    got = getattr(weights, name).shape[:-1]
+    if got != lead:
+      raise ValueError(f"weights.{name} has leading shape {got}, expected {lead} (from weights.q).")
+  per_channel = lead + (weights.q_features.shape[-1],)
+  if weights.log_decay.shape not in (lead, per_channel):
+    raise ValueError(f"weights.log_decay has shape {weights.log_decay.shape}, expected {lead} "
+                     f"(per head) or {per_channel} (per channel).")
+  if weights.gate is not None:
+    _checks.check_array("weights.gate", weights.gate, rank - 1)
+    if weights.gate.shape != lead:
+      raise ValueError(f"weights.gate has shape {weights.gate.shape}, expected {lead}.")
+  if weights.k.shape[-1] != weights.q.shape[-1]:
+    raise ValueError(f"weights.k has key dim {weights.k.shape[-1]}, expected {weights.q.shape[-1]}.")
+  if weights.k_features.shape[-1] != weights.q_features.shape[-1]:
+    raise ValueError("weights.k_features and weights.q_features must have the same feature dim, got "
+                     f"{weights.k_features.shape[-1]} and {weights.q_features.shape[-1]}.")
+
+
