@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, segments
 
 
 def check_heads(d_model: Any, num_heads: Any) -> None:
@@ -130,6 +130,23 @@ def check_rotary_head_dim(d_model: int, num_heads: int, head_dim: int) -> None:
         f"num_heads = {num_heads} (head dim {head_dim}).")
 
 
+def next_doc_start(doc_start: jax.Array, position: jax.Array, reset: jax.Array | None) -> jax.Array:
+  """Where each row's current document starts after a chunk at `position` with `reset` [B, T].
+
+  Args:
+    doc_start: int32 [B], the absolute start positions before the chunk.
+    position: int32 scalar, the absolute position of the chunk's first token.
+    reset: optional bool [B, T] of the chunk.
+
+  Returns:
+    int32 [B]: position + the index of the row's last reset in the chunk, or doc_start if none.
+  """
+  if reset is None:
+    return doc_start
+  last = jnp.max(jnp.where(reset, jnp.arange(reset.shape[1], dtype=jnp.int32), -1), axis=1)
+  return jnp.where(last >= 0, position + last, doc_start)
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   """[..., H * K] -> [..., H, K]."""
   return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
@@ -196,8 +213,18 @@ class AttentionLayer(nnx.Module):
     """[B, T, H, V] head outputs -> out_proj(concat_heads(o)) [B, T, D] in `dtype`."""
     return self.out_proj(merge_heads(o)).astype(dtype)
 
+  # How many of the most recent tokens (itself included) a token's output can depend on, or None
+  # for the whole document so far: the reach of a non-finite input (see `__call__`).
+  def _reach(self) -> int | None:
+    return None
+
   def __call__(self, x: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
     """The layer over x.
+
+    A non-finite entry of x makes NaN exactly the outputs that can see its token (later tokens
+    of its document, within the layer's reach); every other output, and every gradient with
+    respect to the parameters and to the other tokens, stays what it is without it. (The token
+    is replaced by zeros before any computation, so no 0 x NaN reaches a gradient.)
 
     Args:
       x: [B, T, D] floating.
@@ -210,27 +237,40 @@ class AttentionLayer(nnx.Module):
       TypeError, ValueError: x not a floating [B, T, D] array, or a bad reset.
     """
     self._check_call(x, reset)
-    return self._sequence(x, reset)
+    bad = segments.nonfinite(x)                                            # [B, T]
+    x, = segments.zero_where(bad, x)
+    y = self._sequence(x, reset)
+    doc = None if reset is None else segments.document_ids(reset)
+    poisoned = segments.sees_nonfinite(bad, doc, window=self._reach())
+    return jnp.where(poisoned[..., None], jnp.nan, y)
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     """`__call__` on checked inputs."""
     raise NotImplementedError
 
-  def decode_step(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+  def _check_prefill_reset(self, x: Any, reset: Any) -> None:
+    """Checks `prefill`'s optional reset: bool [B, T] like x's first two dims."""
+    _checks.check_reset(reset, x.shape[0], x.shape[1])
+
+  def decode_step(self, x_t: jax.Array, cache: Any,
+                  reset: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Processes one token per batch row, continuing from `cache`.
 
-    Equivalent to `prefill(x_t[:, None], cache)` with the time axis removed.
+    Equivalent to `prefill(x_t[:, None], cache, reset[:, None])` with the time axis removed.
 
     Args:
       x_t: [B, D] the current token.
       cache: the cache from `init_cache`, `prefill` or a previous `decode_step`.
+      reset: optional bool [B]; true in a row where a new document starts at this token (nothing
+        cached for that row is seen any more), so packed prompts decode per document.
 
     Returns:
       (y_t [B, D] in x_t's dtype, the updated cache).
 
     Raises:
-      TypeError, ValueError: as `prefill`, and when x_t is not [B, D].
+      TypeError, ValueError: as `prefill`, when x_t is not [B, D] or reset is not bool [B].
     """
     check_token(x_t, self.d_model)
-    y, cache = self.prefill(x_t[:, None, :], cache)
+    _checks.check_step_reset(reset, x_t.shape[0])
+    y, cache = self.prefill(x_t[:, None, :], cache, None if reset is None else reset[:, None])
     return y[:, 0], cache

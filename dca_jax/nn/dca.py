@@ -16,6 +16,7 @@ from flax import nnx
 
 from dca_jax import ops
 from dca_jax.nn import _layer
+from dca_jax.ops import _checks
 
 
 class DCAConvCache(NamedTuple):
@@ -133,9 +134,8 @@ class DCAttention(_layer.AttentionLayer):
       return x
     return ops.causal_short_conv(x, self.conv[...].astype(self.dtype or x.dtype), reset, history)
 
-  def __call__(self, x, *, reset=None):
-    """[B, T, D] -> [B, T, D]; `reset` optional bool [B, T] (documents packed in one row)."""
-    self._check_call(x, reset)
+  def _sequence(self, x, reset):
+    """[B, T, D] -> [B, T, D] on checked inputs (see `AttentionLayer.__call__`)."""
     weights = self._weights(self._convolve(x, reset))
     o = ops.attention_compress(weights, window=self.window, reset=reset, mode=self.mode,
                                    chunk_size=self.chunk_size, rotary_base=self.rotary_base)
@@ -162,22 +162,30 @@ class DCAttention(_layer.AttentionLayer):
     tail = jnp.concatenate([inputs, x.astype(jnp.float32)], axis=1)
     return DCAConvCache(state, tail[:, tail.shape[1] - keep:])
 
-  def prefill(self, x, cache):
-    """Runs [B, T, D] continuing from `cache`; returns (y [B, T, D], new cache)."""
+  def prefill(self, x, cache, reset=None):
+    """Runs [B, T, D] continuing from `cache`; returns (y [B, T, D], new cache).
+
+    `reset` (optional bool [B, T]) starts a new document where true: neither the window, the
+    memory nor the convolution reaches across it, the cached ones included."""
     _layer.check_sequence(x, self.d_model)
     self._check_cache(cache, x.shape[0])
+    self._check_prefill_reset(x, reset)
     state, inputs = self._split_cache(cache)
-    weights = self._weights(self._convolve(x, history=inputs))
-    o, state = ops.attention_compress(weights, window=self.window, state=state,
-                                          mode=self.mode, chunk_size=self.chunk_size,
-                                          rotary_base=self.rotary_base, return_state=True)
+    weights = self._weights(self._convolve(x, reset, history=inputs))
+    o, state = ops.attention_compress(weights, window=self.window, state=state, reset=reset,
+                                      mode=self.mode, chunk_size=self.chunk_size,
+                                      rotary_base=self.rotary_base, return_state=True)
     return self._project_out(o, x.dtype), self._join_cache(state, inputs, x)
 
-  def decode_step(self, x_t, cache):
-    """One token: x_t [B, D] -> (y_t [B, D], new cache), O(W K + F V) work whatever the context."""
+  def decode_step(self, x_t, cache, reset=None):
+    """One token: x_t [B, D] -> (y_t [B, D], new cache), O(W K + F V) work whatever the context.
+
+    `reset` (optional bool [B]) starts a new document at this token in the rows where true."""
     _layer.check_token(x_t, self.d_model)
     self._check_cache(cache, x_t.shape[0])
+    _checks.check_step_reset(reset, x_t.shape[0])
     state, inputs = self._split_cache(cache)
-    weights = self._weights(self._convolve(x_t[:, None], history=inputs)[:, 0])
-    o, state = ops.memory_state_update(state, weights, rotary_base=self.rotary_base)
+    conv_reset = None if reset is None else reset[:, None]
+    weights = self._weights(self._convolve(x_t[:, None], conv_reset, history=inputs)[:, 0])
+    o, state = ops.memory_state_update(state, weights, rotary_base=self.rotary_base, reset=reset)
     return self._project_out(o, x_t.dtype), self._join_cache(state, inputs, x_t[:, None])

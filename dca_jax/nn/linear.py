@@ -17,7 +17,8 @@ from flax import nnx
 
 from dca_jax.nn import _layer
 from dca_jax.ops.feature_maps import elu_features
-from dca_jax.ops.gla import gated_linear_attention
+from dca_jax.ops.gla import run_engine
+from dca_jax.ops.planner import engine_plans
 
 
 class RecurrentCache(NamedTuple):
@@ -51,6 +52,12 @@ class _RecurrentAttention(_layer.AttentionLayer):
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     return self._forward(x, None, reset)[0]
 
+  @staticmethod
+  def _engine(q, k, v, log_decay, state, reset):
+    """The engine on the layer's own (checked) projections: planned once, not checked again."""
+    plans = engine_plans(q.shape[1], per_channel_decay=log_decay.ndim == 4)
+    return run_engine(plans, q, k, v, log_decay, initial_state=state, reset=reset)
+
   def init_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
     """A zero float32 state (see `RecurrentCache`); `max_length` is only validated (the size is
     constant).
@@ -62,21 +69,25 @@ class _RecurrentAttention(_layer.AttentionLayer):
     return RecurrentCache(state=jnp.zeros(self._state_shape(batch_size), jnp.float32),
                           position=jnp.zeros((), jnp.int32))
 
-  def prefill(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache]:
+  def prefill(self, x: jax.Array, cache: RecurrentCache,
+              reset: jax.Array | None = None) -> tuple[jax.Array, RecurrentCache]:
     """The layer over x continuing from the cached state.
 
     Args:
       x: [B, T, D] floating.
       cache: a `RecurrentCache` from this layer's `init_cache`, batch size B.
+      reset: optional bool [B, T]; true where a new document starts (the state is dropped there,
+        the cached one too when it is at the first token).
 
     Returns:
       (y [B, T, D] in x's dtype, the updated cache).
 
     Raises:
-      TypeError, ValueError: bad x, or a cache of another batch size or configuration.
+      TypeError, ValueError: bad x or reset, or a cache of another batch size or configuration.
     """
     self._check_prefill(x, cache, RecurrentCache, {"state": self._state_shape(None)})
-    y, state = self._forward(x, cache.state, None)
+    self._check_prefill_reset(x, reset)
+    y, state = self._forward(x, cache.state, reset)
     return y, RecurrentCache(state=state, position=cache.position + x.shape[1])
 
 
@@ -135,8 +146,7 @@ class LinearAttention(_RecurrentAttention):
     # No forgetting: a log decay of 0, one per head (the engine's fast scalar-decay path).
     log_decay = jnp.zeros(q.shape[:3], f32)
     # mode "auto" for one decode token too: the planner picks the recurrent form for T = 1.
-    o, final = gated_linear_attention(q, k, v, log_decay, initial_state=state, reset=reset,
-                                      return_final_state=True)
+    o, final = self._engine(q, k, v, log_decay, state, reset)
     o = o[..., :-1] / (o[..., -1:] + self.eps)
     return self._output(o, x.dtype), final
 
@@ -226,8 +236,7 @@ class GatedLinearAttention(_RecurrentAttention):
     v = _layer.split_heads(self.v_proj(x), heads).astype(f32)
     gate = self.gate_up(self.gate_down(x)).astype(f32)
     log_decay = _layer.split_heads(jax.nn.log_sigmoid(gate), heads) / self.gate_temperature
-    o, final = gated_linear_attention(q, k, v, log_decay, initial_state=state, reset=reset,
-                                      return_final_state=True)
+    o, final = self._engine(q, k, v, log_decay, state, reset)
     o = _layer.merge_heads(self.norm(o))
     out_gate = self.out_gate(x)
     o = o.astype(out_gate.dtype) * jax.nn.silu(out_gate)

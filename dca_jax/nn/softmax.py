@@ -31,11 +31,17 @@ class KVCache(NamedTuple):
       `position` are unused (zeros). L = max_length.
     v: [B, L, H, V] float32 values.
     position: int32 scalar, the number of tokens seen, i.e. the absolute position of the next one.
+    doc_start: int32 [B], the absolute position where each row's current document began (keys
+      before it are never attended; see `prefill`'s reset).
+    overflow: bool scalar, true once tokens were given past max_length (possible only under jit,
+      where the position cannot be checked): their outputs, and all later ones, are NaN.
   """
 
   k: jax.Array
   v: jax.Array
   position: jax.Array
+  doc_start: jax.Array
+  overflow: jax.Array
 
   @property
   def max_length(self) -> int:
@@ -57,11 +63,12 @@ class SoftmaxAttention(_layer.AttentionLayer):
   of other documents. Scores, softmax and the cache are float32 whatever the compute dtype.
 
   Cache overflow: a `prefill` or `decode_step` that would go past the cache's max_length raises
-  a ValueError when the cache position is concrete (eager calls). Under `jit` the position is a
-  tracer and cannot be checked; then tokens beyond max_length are not stored and their outputs,
-  and those of every later call on that cache, are NaN. That is deliberate: an overflow is never
-  silently wrong (dropping the keys and returning finite numbers would be). Check
-  `int(cache.position) <= cache.max_length` on the host if you need to know before it happens.
+  a ValueError when the cache position is concrete (eager calls); `generate` checks its prompt
+  and budget against max_length before compiling. Under `jit` the position is a tracer and cannot
+  be checked; then tokens beyond max_length are not stored, their outputs and those of every
+  later call on that cache are NaN, and `cache.overflow` becomes true, so the NaN is never
+  silent: an overflow is never quietly wrong (dropping the keys and returning finite numbers
+  would be).
 
   Shapes and args d_model, num_heads, rngs, dtype, param_dtype: see `AttentionLayer`.
 
@@ -124,9 +131,12 @@ class SoftmaxAttention(_layer.AttentionLayer):
     _layer.check_cache_size(batch_size, max_length)
     shape = (batch_size, max_length, self.num_heads, self.head_dim)
     return KVCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
-                   position=jnp.zeros((), jnp.int32))
+                   position=jnp.zeros((), jnp.int32),
+                   doc_start=jnp.zeros((batch_size,), jnp.int32),
+                   overflow=jnp.zeros((), jnp.bool_))
 
-  def prefill(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  def prefill(self, x: jax.Array, cache: KVCache,
+              reset: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Attends x to itself and to everything in the cache; appends x's keys and values.
 
     Two prefills chain exactly like one over the concatenated input.
@@ -134,6 +144,8 @@ class SoftmaxAttention(_layer.AttentionLayer):
     Args:
       x: [B, T, D] floating, at absolute positions cache.position ... cache.position + T - 1.
       cache: a `KVCache` with batch size B.
+      reset: optional bool [B, T]; true where a new document starts (nothing before it, cached
+        or not, is attended from there on).
 
     Returns:
       (y [B, T, D] in x's dtype, the cache with T more tokens).
@@ -145,6 +157,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
     """
     head_shape = (None, None, self.num_heads, self.head_dim)
     self._check_prefill(x, cache, KVCache, {"k": head_shape, "v": head_shape})
+    self._check_prefill_reset(x, reset)
     time = x.shape[1]
     max_length = cache.max_length
     if _checks.is_concrete(cache.position):
@@ -160,8 +173,20 @@ class SoftmaxAttention(_layer.AttentionLayer):
     # the clamped overwrite of the last slots that dynamic_update_slice would do.
     k_buf = cache.k.at[:, positions].set(k.astype(jnp.float32), mode="drop")
     v_buf = cache.v.at[:, positions].set(v.astype(jnp.float32), mode="drop")
-    # Slots after the last written one are zeros; causality masks them.
-    mask = (jnp.arange(max_length)[None, :] <= positions[:, None])[None]   # [1, T, L]
+    # Slots after the last written one are zeros; causality masks them. Documents: a cached key
+    # is in the current document from doc_start on (id 0, else -1); new tokens count their resets.
+    doc = jnp.zeros(x.shape[:2], jnp.int32) if reset is None else document_ids(reset)
+    slots = jnp.arange(max_length, dtype=jnp.int32)
+    cached_doc = jnp.where(slots[None] >= cache.doc_start[:, None], 0, -1)             # [B, L]
+    new_doc = jnp.take_along_axis(doc, jnp.clip(slots - cache.position, 0, time - 1)[None]
+                                  .repeat(doc.shape[0], 0), axis=1)
+    key_doc = jnp.where(slots[None] < cache.position, cached_doc, new_doc)
+    mask = (slots[None, :] <= positions[:, None])[None] & (key_doc[:, None, :] == doc[:, :, None])
     o = masked_attention(q, k_buf, v_buf, mask, 1.0 / math.sqrt(self.head_dim))
-    o = jnp.where((positions < max_length)[None, :, None, None], o, jnp.nan)
-    return self._output(o, x.dtype), KVCache(k=k_buf, v=v_buf, position=cache.position + time)
+    overflow = cache.overflow | (cache.position + time > max_length)
+    o = jnp.where((positions < max_length)[None, :, None, None] & ~cache.overflow, o, jnp.nan)
+    new_cache = KVCache(k=k_buf, v=v_buf, position=cache.position + time,
+                        doc_start=_layer.next_doc_start(cache.doc_start, cache.position, reset),
+                        overflow=overflow)
+    return self._output(o, x.dtype), new_cache
+

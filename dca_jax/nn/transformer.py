@@ -219,14 +219,15 @@ class Block(nnx.Module):
     x = x + self.attn(self._in(x, self.attn_norm), reset=reset).astype(x.dtype)
     return self._mlp(x)
 
-  def prefill(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+  def prefill(self, x: jax.Array, cache: Any, reset: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """x [B, T, D] continuing from the attention cache -> (y [B, T, D], new cache)."""
-    y, cache = self.attn.prefill(self._in(x, self.attn_norm), cache)
+    y, cache = self.attn.prefill(self._in(x, self.attn_norm), cache, reset)
     return self._mlp(x + y.astype(x.dtype)), cache
 
-  def decode_step(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+  def decode_step(self, x_t: jax.Array, cache: Any,
+                  reset: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """One token x_t [B, D] continuing from the attention cache -> (y_t [B, D], new cache)."""
-    y, cache = self.attn.decode_step(self._in(x_t, self.attn_norm), cache)
+    y, cache = self.attn.decode_step(self._in(x_t, self.attn_norm), cache, reset)
     return self._mlp(x_t + y.astype(x_t.dtype)), cache
 
 
@@ -353,7 +354,8 @@ class TransformerLM(nnx.Module):
       raise TypeError(f"cache must be the tuple of {len(self.blocks)} per-layer caches from "
                       f"init_cache, got {got}.")
 
-  def prefill(self, tokens: jax.Array, cache: tuple[Any, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
+  def prefill(self, tokens: jax.Array, cache: tuple[Any, ...],
+              reset: jax.Array | None = None) -> tuple[jax.Array, tuple[Any, ...]]:
     """Runs a chunk of tokens continuing from `cache`.
 
     Two prefills chain like one over the concatenated tokens, and `prefill` then `decode_step`
@@ -362,6 +364,8 @@ class TransformerLM(nnx.Module):
     Args:
       tokens: [B, T] integer ids.
       cache: from `init_cache`, `prefill` or `decode_step`, with batch size B.
+      reset: optional bool [B, T]; true where a new document starts (the caches' earlier
+        tokens are not seen from there on).
 
     Returns:
       (logits [B, T, V] float32, the updated caches).
@@ -371,19 +375,22 @@ class TransformerLM(nnx.Module):
     """
     self._check_tokens(tokens, 2, "tokens")
     self._check_cache(cache)
+    _checks.check_reset(reset, tokens.shape[0], tokens.shape[1])
     x = self._embed(tokens)
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
-      x, layer_cache = block.prefill(x, layer_cache)
+      x, layer_cache = block.prefill(x, layer_cache, reset)
       new_cache.append(layer_cache)
     return self._logits(x), tuple(new_cache)
 
-  def decode_step(self, token: jax.Array, cache: tuple[Any, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
+  def decode_step(self, token: jax.Array, cache: tuple[Any, ...],
+                  reset: jax.Array | None = None) -> tuple[jax.Array, tuple[Any, ...]]:
     """One token per batch row, continuing from `cache`.
 
     Args:
       token: [B] integer ids.
       cache: from `init_cache`, `prefill` or `decode_step`, with batch size B.
+      reset: optional bool [B]; true in the rows where a new document starts at this token.
 
     Returns:
       (logits [B, V] float32 for the next token, the updated caches).
@@ -393,10 +400,11 @@ class TransformerLM(nnx.Module):
     """
     self._check_tokens(token, 1, "token")
     self._check_cache(cache)
+    _checks.check_step_reset(reset, token.shape[0])
     x = self._embed(token)
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
-      x, layer_cache = block.decode_step(x, layer_cache)
+      x, layer_cache = block.decode_step(x, layer_cache, reset)
       new_cache.append(layer_cache)
     return self._logits(x), tuple(new_cache)
 

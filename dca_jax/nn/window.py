@@ -31,11 +31,14 @@ class WindowCache(NamedTuple):
     v: [B, W, H, V] float32 values.
     position: int32 scalar, the number of tokens seen (the position of the next one). Slots of
       positions < 0 (before the first W tokens) hold zeros and are masked.
+    doc_start: int32 [B], the absolute position where each row's current document began; slots
+      of earlier positions are masked (see `prefill`'s reset).
   """
 
   k: jax.Array
   v: jax.Array
   position: jax.Array
+  doc_start: jax.Array
 
 
 class SlidingWindowAttention(_layer.AttentionLayer):
@@ -100,6 +103,9 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     v = _layer.split_heads(self.v_proj(x), heads).astype(f32)
     return q, k, v
 
+  def _reach(self) -> int:
+    return self.window
+
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     """Sliding-window attention over x (see `AttentionLayer.__call__`)."""
     q, k, v = self._project(x, jnp.arange(x.shape[1], dtype=jnp.int32))
@@ -115,9 +121,11 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     _layer.check_cache_size(batch_size, max_length)
     shape = (batch_size, self.window, self.num_heads, self.head_dim)
     return WindowCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
-                       position=jnp.zeros((), jnp.int32))
+                       position=jnp.zeros((), jnp.int32),
+                       doc_start=jnp.zeros((batch_size,), jnp.int32))
 
-  def prefill(self, x: jax.Array, cache: WindowCache) -> tuple[jax.Array, WindowCache]:
+  def prefill(self, x: jax.Array, cache: WindowCache,
+              reset: jax.Array | None = None) -> tuple[jax.Array, WindowCache]:
     """Window attention over x continuing from the cache; the ring keeps the last W tokens.
 
     The W cached tokens are laid out in time order before x and the window op runs over the
@@ -127,6 +135,8 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     Args:
       x: [B, T, D] floating, at absolute positions cache.position ... cache.position + T - 1.
       cache: a `WindowCache` with batch size B.
+      reset: optional bool [B, T]; true where a new document starts (nothing before it, cached
+        or not, is attended from there on).
 
     Returns:
       (y [B, T, D] in x's dtype, the updated cache).
@@ -137,6 +147,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     window = self.window
     head_shape = (None, window, self.num_heads, self.head_dim)
     self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape})
+    self._check_prefill_reset(x, reset)
     batch, time = x.shape[:2]
     start = cache.position
     q, k, v = self._project(x, start + jnp.arange(time, dtype=jnp.int32))
@@ -146,15 +157,19 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     k_all = jnp.concatenate([jnp.take(cache.k, order, axis=1), k], axis=1)  # [B, W + T, H, K]
     v_all = jnp.concatenate([jnp.take(cache.v, order, axis=1), v], axis=1)
     q_all = jnp.concatenate([jnp.zeros_like(k_all[:, :window]), q], axis=1)
-    # Slots c < W - start hold no token yet: start a document at the first real one.
-    first = jnp.clip(window - start, 0, window)
-    reset = jnp.broadcast_to(jnp.arange(window + time) == first, (batch, window + time))
-    o = sliding_window_attention(q_all, k_all, v_all, window=window, reset=reset)[:, window:]
+    # Slots c < W - (start - doc_start) hold no token of the current document (or none at all):
+    # start a document at the first one that does, and at every reset of x.
+    first = jnp.clip(window - (start - cache.doc_start), 0, window)                  # [B]
+    resets = jnp.arange(window + time)[None, :] == first[:, None]
+    if reset is not None:
+      resets = resets | jnp.pad(reset, ((0, 0), (window, 0)))
+    o = sliding_window_attention(q_all, k_all, v_all, window=window, reset=resets)[:, window:]
 
     # Only the last min(T, W) tokens survive; their slots are distinct, so the scatter is exact.
     keep = min(time, window)
     slots = (start + time - keep + jnp.arange(keep, dtype=jnp.int32)) % window
     new_cache = WindowCache(k=cache.k.at[:, slots].set(k[:, time - keep:]),
                             v=cache.v.at[:, slots].set(v[:, time - keep:]),
-                            position=start + time)
+                            position=start + time,
+                            doc_start=_layer.next_doc_start(cache.doc_start, start, reset))
     return self._output(o, x.dtype), new_cache

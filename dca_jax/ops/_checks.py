@@ -58,6 +58,18 @@ def check_reset(reset: Any, batch: int, time: int) -> None:
     raise TypeError(f"reset must have dtype bool, got {reset.dtype}.")
 
 
+def check_step_reset(reset: Any, batch: int) -> None:
+  """Checks an optional reset of one decoding step: bool of shape [B]."""
+  if reset is None:
+    return
+  if not hasattr(reset, "shape"):
+    raise TypeError(f"reset must be a boolean array of shape [B] or None, got {type(reset).__name__}.")
+  if tuple(reset.shape) != (batch,):
+    raise ValueError(f"reset must have shape [B] = {(batch,)} (one flag per row), got {tuple(reset.shape)}.")
+  if reset.dtype != jnp.bool_:
+    raise TypeError(f"reset must have dtype bool, got {reset.dtype}.")
+
+
 def check_nonpositive(name: str, x: Any) -> None:
   """Checks that a concrete array has no value > 0 (skipped for tracers, where values are unknown)."""
   if not is_concrete(x):

@@ -34,7 +34,8 @@ def causal_short_conv(x: jax.Array, kernel: jax.Array, reset: jax.Array | None =
   ext = jnp.concatenate([history.astype(x.dtype), x], axis=1)
   if reset is not None:
     doc = document_ids(reset)
-    ext_doc = jnp.concatenate([jnp.full((batch, size - 1), -1, jnp.int32), doc], axis=1)
+    # The history continues document 0: a reset at the first token (doc 1) cuts it off.
+    ext_doc = jnp.concatenate([jnp.zeros((batch, size - 1), jnp.int32), doc], axis=1)
   y = jnp.zeros_like(x)
   for i in range(size):
     term = ext[:, i:i + time] * kernel[i].astype(x.dtype)

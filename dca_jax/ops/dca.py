@@ -126,7 +126,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   same_doc = (ext_doc[:, :time] == doc)[:, :, None, None]
   inserted_features = jnp.where(same_doc, ext_kf[:, :time], 0.0)
   ones = jnp.ones(ext_v.shape[:-1] + (1,), f32)
-  inserted_values = jnp.concatenate([ext_v, ones], axis=-1)[:, :time]
+  inserted_values = jnp.where(same_doc, jnp.concatenate([ext_v, ones], axis=-1)[:, :time], 0.0)
   memory_out, memory = run_engine(
       (plan.engine, plan.engine_grad), weights.q_features.astype(f32), inserted_features,
       inserted_values, weights.log_decay, initial_state=state.memory, reset=reset)

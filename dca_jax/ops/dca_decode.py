@@ -13,12 +13,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dca_jax.ops import _checks
 from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.rotary import apply_rotary
 
 
-def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: float | None = 10000.0):
+def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: float | None = 10000.0,
+                        reset: jax.Array | None = None):
   """One decoding step of DCA with a constant-size state: O(W K + F V) work, independent of t.
 
   The oldest buffered token leaves the window and is folded into the compressed memory
@@ -31,6 +33,9 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
     weights: `DCAWeights` of one token: q, k [B, H, K], v [B, H, V], features [B, H, F],
       log_decay [B, H].
     rotary_base: as in `attention_compress` (must match it for the two to agree).
+    reset: optional bool [B]; true in a row where a new document starts at this token: the
+      buffered tokens and the memory of that row are no longer seen (as `attention_compress`
+      with a reset at this position).
 
   Returns:
     (o [B, H, V] in v's dtype, new `DCAState`).
@@ -51,17 +56,26 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
     raise TypeError(f"state must be a DCAState, got {type(state).__name__}.")
   batch = weights.q.shape[0]
   check_state(state, batch, weights)
+  _checks.check_step_reset(reset, batch)
   f32 = jnp.float32
   window = state.window
   key_dim, value_dim = weights.q.shape[-1], weights.v.shape[-1]
 
+  doc, memory = state.doc, state.memory
+  if reset is not None:
+    # Everything buffered belongs to an earlier document now, and the memory starts empty
+    # (selected away, not multiplied by 0, so a non-finite old state cannot leak).
+    doc = jnp.where(reset[:, None], doc - 1, doc)
+    memory = jnp.where(reset[:, None, None, None], 0.0, memory)
+
   # Evict the oldest slot into memory (an empty or foreign slot adds nothing).
-  leaving = (state.doc[:, 0] == 0)[:, None, None]
+  leaving = (doc[:, 0] == 0)[:, None, None]
   features = jnp.where(leaving, state.key_features[:, 0], 0.0)                      # [B, H, F]
   values = jnp.concatenate([state.values[:, 0], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
   decay = jnp.exp(weights.log_decay.astype(f32))
   decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]   # per channel / head
-  memory = decay * state.memory + features[..., :, None] * values[..., None, :]
+  values = jnp.where(leaving, values, 0.0)
+  memory = decay * memory + features[..., :, None] * values[..., None, :]
 
   def push(buffer, new):
     return jnp.concatenate([buffer[:, 1:], new[:, None].astype(buffer.dtype)], axis=1)
@@ -69,20 +83,24 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   keys = push(state.keys, weights.k)
   vals = push(state.values, weights.v)
   key_features = push(state.key_features, weights.k_features)
-  doc = push(state.doc, jnp.zeros((batch,), jnp.int32))
+  doc = push(doc, jnp.zeros((batch,), jnp.int32))
 
   q = weights.q.astype(f32)
-  k = keys
+  # Slots of other documents and empty ones are selected away (never multiplied by a zero
+  # weight), so whatever they hold cannot reach the output.
+  seen = (doc == 0)[:, :, None, None]
+  k = jnp.where(seen, keys, 0.0)
+  seen_vals = jnp.where(seen, vals, 0.0)
   if rotary_base is not None:
     # Slot s holds the token W - 1 - s steps back: rotate it back by that offset, leave q as is.
     offsets = jnp.arange(window) - (window - 1)
-    k = apply_rotary(keys, offsets, base=rotary_base)
+    k = apply_rotary(k, offsets, base=rotary_base)
   scores = jnp.einsum("bhk,bshk->bhs", q, k) / math.sqrt(key_dim)
   valid = (doc == 0)[:, None, :]
   scores = jnp.where(valid, scores, -jnp.inf)
   top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # the new token is always valid
   probs = jnp.exp(scores - top[..., None])
-  num = jnp.einsum("bhs,bshv->bhv", probs, vals)
+  num = jnp.einsum("bhs,bshv->bhv", probs, seen_vals)
   den = jnp.sum(probs, axis=-1)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)

@@ -86,7 +86,8 @@ def combine_memories(window_num, window_den, window_max, memory_out, value_dim, 
   o = sigmoid(g) N / Z + (1 - sigmoid(g)) M_num / M_den (an empty memory contributes 0).
   """
   mem_num, mem_den = memory_out[..., :value_dim], memory_out[..., value_dim]
-  has_memory = mem_den > 0
+  # NaN (a memory that saw a non-finite input) counts as present, so it propagates.
+  has_memory = ~(mem_den <= 0)
   safe_den = jnp.where(has_memory, mem_den, 1.0)
   if gate is not None:
     g = jax.nn.sigmoid(gate)[..., None]

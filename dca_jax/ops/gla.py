@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, segments
 from dca_jax.ops.chunked import chunked
 from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode, engine_plans
 from dca_jax.ops.quadratic import quadratic
@@ -124,18 +124,33 @@ def run_engine(plans: tuple[EnginePlan, EnginePlan], q, k, v, log_decay, *, init
   g = log_decay.astype(f32)
   if g.ndim == 3:
     g = g[..., None]
-  if reset is not None:
-    # Dropping the carried state at t is a decay of exp(-inf) = 0 at t, in every form alike.
-    g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
+  batch, _, heads, key_dim = q.shape
   if initial_state is None:
-    batch, _, heads, key_dim = q.shape
     s0 = jnp.zeros((batch, heads, key_dim, v.shape[-1]), f32)
   else:
     s0 = initial_state.astype(f32)
+  # Non-finite inputs are zeroed (a select) and the outputs that can see them set to NaN after:
+  # a corrupt token must not leak into the past or into another document through 0 x NaN.
+  # A log decay of -inf is valid (it erases the state).
+  bad_q = segments.nonfinite(q)                                              # [B, T, H]
+  bad_kv = segments.nonfinite(k) | segments.nonfinite(v) | segments.nonfinite(g, allow_neg_inf=True)
+  bad_state = jnp.any(~jnp.isfinite(s0), axis=(-2, -1))                     # [B, H]
+  q, = segments.zero_where(bad_q, q)
+  k, v, g = segments.zero_where(bad_kv, k, v, g)
+  s0 = jnp.where(bad_state[..., None, None], 0.0, s0)
+  if reset is not None:
+    # Dropping the carried state at t is a decay of exp(-inf) = 0 at t, in every form alike.
+    g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
   forward, grad = plans
   if forward == grad:
-    return _run(forward, q, k, v, g, s0)
-  return _auto(forward, grad, q, k, v, g, s0)
+    o, final = _run(forward, q, k, v, g, s0)
+  else:
+    o, final = _auto(forward, grad, q, k, v, g, s0)
+  doc = None if reset is None else segments.document_ids(reset)
+  poisoned = segments.sees_nonfinite(bad_kv, doc, carried=bad_state) | bad_q
+  o = jnp.where(poisoned[..., None], jnp.nan, o)
+  final = jnp.where(poisoned[:, -1, :, None, None], jnp.nan, final)
+  return o, final
 
 
 def _run(plan: EnginePlan, q, k, v, g, s0):
@@ -150,27 +165,19 @@ def _run(plan: EnginePlan, q, k, v, g, s0):
   return chunked(q, k, v, g, s0, chunk_size=chunk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _auto(forward_plan, grad_plan, q, k, v, g, s0):
-  """The forward-only plan when evaluated; the gradient plan's forward and VJP when differentiated.
+  """The forward-only plan when evaluated; the gradient plan when differentiated.
 
   All forms compute the same function, so this is the same function with a faster way to
-  evaluate it in each case (on CPU: the token scan without gradients, chunks with them). Being a
-  `custom_vjp`, it supports reverse-mode autodiff (grad, vjp, jacrev) but not forward-mode
-  (jvp, jacfwd): pass an explicit mode for those.
+  evaluate it in each case (on CPU: the token scan without gradients, chunks with them). A
+  `custom_jvp` whose rule is the gradient plan's own JVP: forward mode (jvp, jacfwd) uses it
+  directly and reverse mode (grad, vjp) transposes it, so every kind of autodiff works.
   """
   return _run(forward_plan, q, k, v, g, s0)
 
 
-def _auto_fwd(forward_plan, grad_plan, q, k, v, g, s0):
+@_auto.defjvp
+def _auto_jvp(forward_plan, grad_plan, primals, tangents):
   del forward_plan
-  out, vjp = jax.vjp(functools.partial(_run, grad_plan), q, k, v, g, s0)
-  return out, vjp
-
-
-def _auto_bwd(forward_plan, grad_plan, vjp, cotangent):
-  del forward_plan, grad_plan
-  return vjp(cotangent)
-
-
-_auto.defvjp(_auto_fwd, _auto_bwd)
+  return jax.jvp(functools.partial(_run, grad_plan), primals, tangents)

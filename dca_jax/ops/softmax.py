@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dca_jax.ops import segments
+
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      scale: float) -> jax.Array:
@@ -19,7 +21,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     scale: score multiplier.
 
   Returns:
-    [B, T, H, V] float32.
+    [B, T, H, V] float32; NaN exactly for the queries that see a non-finite key or value (or
+    are not finite themselves): masked inputs never change an output.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -29,10 +32,21 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     (1, 4, 2, 8)
   """
   f32 = jnp.float32
-  scores = jnp.einsum("bthk,bshk->bhts", q.astype(f32), k.astype(f32)) * scale
+  q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+  # Non-finite inputs are zeroed (a select) and the queries that can see one set to NaN at the
+  # end: a masked key or value must not change an output through 0 x NaN.
+  bad_q = segments.nonfinite(q)                                          # [B, T, H]
+  bad_kv = segments.nonfinite(k) | segments.nonfinite(v)                 # [B, S, H]
+  q, = segments.zero_where(bad_q, q)
+  k, v = segments.zero_where(bad_kv, k, v)
+  seen = jnp.einsum("bts,bsh->bth", jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1])
+                                                     ).astype(f32), bad_kv.astype(f32))
+  poisoned = (seen > 0) | bad_q
+  scores = jnp.einsum("bthk,bshk->bhts", q, k) * scale
   scores = jnp.where(mask[:, None], scores, -jnp.inf)
   # The max only stabilises the exponentials; the softmax does not depend on it.
   m = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
   probs = jnp.exp(scores - m)
-  out = jnp.einsum("bhts,bshv->bthv", probs, v.astype(f32))
-  return out / jnp.swapaxes(probs.sum(-1), 1, 2)[..., None]
+  out = jnp.einsum("bhts,bshv->bthv", probs, v)
+  out = out / jnp.swapaxes(probs.sum(-1), 1, 2)[..., None]
+  return jnp.where(poisoned[..., None], jnp.nan, out)

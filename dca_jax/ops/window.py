@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops import segments
 from dca_jax.ops.segments import document_ids
 
 
@@ -132,7 +133,9 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
     block_size: P >= W (default W); larger blocks only add scores the mask drops (for tests).
 
   Returns:
-    (N [B, T, H, V], Z [B, T, H], m [B, T, H]), float32 (float64 for float64 inputs).
+    (N [B, T, H, V], Z [B, T, H], m [B, T, H]), float32 (float64 for float64 inputs). N is NaN
+    exactly where a query sees a non-finite key or value (or its own query is not finite);
+    non-finite inputs outside a query's window or document do not change it.
   """
   batch, time, heads, _ = q.shape
   # Keys further back than T never exist, so a huge window costs no more than W = T.
@@ -152,6 +155,14 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
   def previous(x):
     # Block n - 1 aligned with block n along N; block 0 gets zeros, which the mask drops.
     return jnp.pad(x[:, :, :-1], [(0, 0), (0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 3))
+
+  # Non-finite inputs are zeroed (a select) and the outputs that can see them set to NaN at the
+  # end, so nothing outside a query's window and document can change it (0 x NaN is NaN).
+  bad_q = segments.nonfinite(q)                                          # [B, T, H]
+  bad_kv = segments.nonfinite(k) | segments.nonfinite(v)
+  q, = segments.zero_where(bad_q, q)
+  k, v = segments.zero_where(bad_kv, k, v)
+  poisoned = segments.sees_nonfinite(bad_kv, doc, window=window) | bad_q
 
   q_pad, k_pad = padded(q) * jnp.asarray(scale, dtype), padded(k)
   q_prev_pad = q_pad
@@ -194,4 +205,5 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
     x = jnp.moveaxis(x, 1, 3).reshape((batch, n_blocks * block, heads) + x.shape[4:])
     return x[:, :time]
 
-  return to_time(num), to_time(den), to_time(m[..., 0])
+  num = jnp.where(poisoned[..., None], jnp.nan, to_time(num))
+  return num, to_time(den), to_time(m[..., 0])
