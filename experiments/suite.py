@@ -234,7 +234,7 @@ def run_one(run: Run, runs_root: pathlib.Path, *, tiny: bool = False) -> dict[st
   from experiments import configs as configs_lib  # pylint: disable=g-import-not-at-top
   from experiments import evaluate as evaluate_lib
   from experiments import train as train_lib
-  from experiments import _timing
+  from experiments import bookkeeping
   from dca_jax.nn.transformer import TransformerLM, count_params
   from flax import nnx
 
@@ -272,7 +272,7 @@ def run_one(run: Run, runs_root: pathlib.Path, *, tiny: bool = False) -> dict[st
                      for t, r in evaluation["contexts"].items()},
       "curve": [{k: m[k] for k in ("step", "val_loss", "val_accuracy", "val_bpb") if k in m}
                 for m in metrics if "val_loss" in m],
-      "machine": {**train_lib.machine_info(), "cpu_model": _timing._cpu_model()},  # pylint: disable=protected-access
+      "machine": {**train_lib.machine_info(), "cpu_model": bookkeeping.cpu_model()},
       "date": train_lib._now(),  # pylint: disable=protected-access
       "tiny": tiny,
   }

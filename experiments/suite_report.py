@@ -1,6 +1,6 @@
 """Speeds, energy estimates and the report of the experiment suite (`experiments/suite.py`).
 
-`measure_speed` times, in one process and round-robin (`_timing.time_interleaved`), the training
+`measure_speed` times, in one process and round-robin (`benchmark.time_interleaved`), the training
 step and the decoding step of the five LM models of the comparison, and counts their FLOPs with
 `dca_jax.flops.count_flops` (exact, loops included) to estimate energy relative to the softmax
 transformer. `render` gathers every `result.json` of a runs directory (and speed.json) into
@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from experiments import _timing
+from experiments import benchmark, bookkeeping, report
 
 E_FLOP_PJ = 2.3
 E_DRAM_PJ_PER_BYTE = 160.0
@@ -116,7 +116,7 @@ def measure_speed(out: pathlib.Path, *, repeats: int = 7, tiny: bool = False,
         decode, state, jax.ShapeDtypeStruct((1,), jnp.int32), cache).flops
     info[attention]["param_bytes"] = 4 * info[attention]["num_params"]
 
-  timings = _timing.time_interleaved(thunks, repeats=repeats, min_total_s=2.0, max_repeats=40)
+  timings = benchmark.time_interleaved(thunks, repeats=repeats, min_total_s=2.0, max_repeats=40)
   for name, timing in timings.items():
     kind, attention, *rest = name.split("/")
     if kind == "train":
@@ -127,7 +127,7 @@ def measure_speed(out: pathlib.Path, *, repeats: int = 7, tiny: bool = False,
       info[attention][f"decode_tokens_per_s/{rest[0]}"] = 1.0 / timing.median_s
   result = {"models": info, "decode_lengths": list(decode_lengths),
             "flop_lengths": list(flop_lengths), "repeats": repeats,
-            "machine": _timing.machine_info(), "date": _now(), "tiny": tiny,
+            "machine": bookkeeping.machine_info(), "date": _now(), "tiny": tiny,
             "energy": energy_table(info, decode_lengths, flop_lengths)}
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
@@ -219,7 +219,7 @@ def _machine_line(results: Sequence[Mapping[str, Any]]) -> str:
     return ""
   m = results[0]["machine"]
   dates = sorted(r["date"][:10] for r in results)
-  return (f"{m.get('cpu_model') or _timing._cpu_model()} x {m.get('cpu_count')} cores, JAX {m.get('jax')} "
+  return (f"{m.get('cpu_model') or bookkeeping.cpu_model()} x {m.get('cpu_count')} cores, JAX {m.get('jax')} "
           f"({m.get('backend')}), trained {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
 
 
@@ -445,7 +445,7 @@ def _speed_section(speed) -> list[str]:
   lengths = speed["decode_lengths"]
   lines = ["## Speed, memory and energy", "",
            f"`python -m experiments.suite speed` ({speed['date'][:10]}, "
-           f"{_timing.machine_line(speed['machine'])}): every model timed round-robin in one "
+           f"{bookkeeping.machine_line(speed['machine'])}): every model timed round-robin in one "
            "process after warm-up, median of the repeats. Training: one optimiser step of "
            "the LM comparison's batch. Decoding: one token at batch 1 with a cache of the given "
            "length (softmax's KV cache grows with it; the others are constant).", "",
@@ -456,7 +456,7 @@ def _speed_section(speed) -> list[str]:
   for a, r in m.items():
     lines.append(f"| {a} | {r['num_params']:,} | {r['train_tokens_per_s']:,.0f} | " + " | ".join(
         f"{r[f'decode_tokens_per_s/{n}']:,.0f}" for n in lengths) + " | " + " | ".join(
-            _timing.format_bytes(r[f"cache_bytes/{n}"]) for n in lengths) + " |")
+            report.format_bytes(r[f"cache_bytes/{n}"]) for n in lengths) + " |")
   e = speed["energy"]
   flens = speed["flop_lengths"]
   lines += ["", "Energy per token relative to the softmax transformer (an estimate: "
