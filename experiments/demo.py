@@ -33,7 +33,9 @@ from flax import nnx
 from dca_jax.nn import DCAttention, SoftmaxAttention, generate
 from experiments import benchmark, bookkeeping, report
 from experiments import configs as configs_lib
-from experiments import data as data_lib
+from experiments import checkpoints as checkpoints_lib
+from experiments import corpus as corpus_lib
+from experiments import model as model_lib
 from experiments import train as train_lib
 
 
@@ -44,21 +46,21 @@ def train_pair(out: pathlib.Path, steps: int) -> dict[str, Any]:
     config = configs_lib.load_config(name, overrides={"steps": steps, "eval_every": 0,
                                                       "checkpoint_every": steps})
     workdir = out / name
-    resume = train_lib.checkpoint_manager(workdir).latest_step() is not None
+    resume = checkpoints_lib.latest_step(workdir) is not None
     print(f"\n== training {name}: {config.attention} attention, d_model {config.d_model}, "
           f"{config.num_layers} layers, {steps} steps of {config.batch_size} x {config.seq_len} "
           f"bytes ==", flush=True)
     start = time.perf_counter()
     summary = train_lib.train(config, workdir, resume=resume)
     summary["wall_s"] = time.perf_counter() - start
-    summary["num_params"] = train_lib.read_run(workdir)["num_params"]
+    summary["num_params"] = checkpoints_lib.read_run(workdir)["num_params"]
     summaries[name] = summary
   return summaries
 
 
 def sample_dca(out: pathlib.Path, length: int = 200) -> dict[str, Any]:
   """A sample from the trained DCA model, with the cache sizes of DCA and softmax."""
-  config, model, _ = train_lib.load_checkpoint(out / "lm_dca")
+  config, model, _ = checkpoints_lib.load_checkpoint(out / "lm_dca")
   prompt_text = b"def __init__(self"
   prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
   start = time.perf_counter()
@@ -67,7 +69,7 @@ def sample_dca(out: pathlib.Path, length: int = 200) -> dict[str, Any]:
   seconds = time.perf_counter() - start
   text = bytes(np.asarray(tokens[0]).astype(np.uint8)).decode("utf-8", errors="replace")
   softmax_config = configs_lib.load_config("lm_softmax")
-  softmax = nnx.eval_shape(lambda: train_lib.build_model(softmax_config))
+  softmax = nnx.eval_shape(lambda: model_lib.build_model(softmax_config))
   sizes = {}
   for context in (1024, 1 << 20):
     sizes[context] = {
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
   lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
   start = time.perf_counter()
 
-  corpus = data_lib.build_default_corpus()
+  corpus = corpus_lib.build_default_corpus()
   info = dict(corpus.info)
   sizes = info["bytes"]
   print(f"corpus: {corpus.name}, {sum(sizes.values()):,} bytes (train {sizes['train']:,}, "
