@@ -326,7 +326,7 @@ class Runner:
       return None
     return thunk
 
-  def measure(self, cases: list[Case], size: int, *, repeats: int, min_total_s: float = 0.0,
+  def measure(self, cases: list[Case], size: int = 0, *, repeats: int, min_total_s: float = 0.0,
               max_repeats: int = 50, max_total_s: float | None = None, seed: int = 0,
               count: bool = False) -> None:
     """Runs every case at one size, interleaved (see `time_interleaved`), filling its record.

@@ -515,9 +515,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
 
 
 def write_plot(path: str, result: dict[str, Any]) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = report.pyplot()
 
   records = [r for r in result["records"] if r["section"] in ("grid", "long")]
   contenders = list(dict.fromkeys(r["contender"] for r in records))

@@ -694,9 +694,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
 
 def write_plot(path: str, result: dict[str, Any]) -> None:
   """Log-log fwd+bwd (and forward) time vs T, temp memory vs T, decode time vs context."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = report.pyplot()
 
   records = result["records"]
   grid = [r for r in records if r["section"] == "grid"]

@@ -150,6 +150,17 @@ def log_log_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
   ax.grid(True, which="major", alpha=0.3)
 
 
+def pyplot():
+  """matplotlib's pyplot on the Agg backend: plots are written to files, never shown.
+
+  matplotlib is a development dependency, imported only when a plot is drawn.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
 def finish_plot(fig, path: str, title: str, machine: Mapping[str, Any], *,
                 rect: tuple[float, float, float, float] | None = None) -> None:
   """Titles a figure with what was measured, on which machine and when; saves it and closes it.
@@ -161,7 +172,7 @@ def finish_plot(fig, path: str, title: str, machine: Mapping[str, Any], *,
     machine: the run's `bookkeeping.machine_info()`.
     rect: `tight_layout`'s rectangle (room left for a legend below the axes), or None.
   """
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel  # a dev dependency
+  plt = pyplot()
   fig.suptitle(f"{title} — {machine_line(machine)}, {machine['date'][:10]}", fontsize=9)
   fig.tight_layout(**({} if rect is None else {"rect": rect}))
   fig.savefig(path, dpi=110)

@@ -224,8 +224,8 @@ def test_packing_tiny_corpus_and_bad_args():
 
 
 def test_packing_default_corpus_smoke(default_corpus):
-  batches = batches_lib.PackedBatches(default_corpus.splits["validation"], seq_len=128, batch_size=4,
-                               seed=0)
+  batches = batches_lib.PackedBatches(default_corpus.splits["validation"], seq_len=128,
+                                      batch_size=4, seed=0)
   b = batches.batch(0)
   assert b["tokens"].shape == (4, 128)
   assert 0 <= b["tokens"].min() and b["tokens"].max() < corpus_lib.VOCAB_SIZE
