@@ -15,14 +15,14 @@ What is measured (B=1, H=4, K=V=64, float32, jit on the default backend):
 * for T = 256 ... 32768, forward and forward+backward wall time (median of repeats after one
   warm-up, contenders interleaved round-robin at each T) and XLA's temporary-memory figure
   (`compiled.memory_analysis().temp_size_in_bytes`) of every form of
-  `dca_jax.ops.gated_linear_attention` (chunked and recurrent with per-head and with per-channel
+  `dca_jax.gated_linear_attention` (chunked and recurrent with per-head and with per-channel
   decay, associative up to T = 4096, quadratic up to T = 2048), of
-  `dca_jax.ops.window.sliding_window_attention` (W = 64) and of
+  `dca_jax.sliding_window_attention` (W = 64) and of
   `jax.nn.dot_product_attention(..., is_causal=True)`, the softmax baseline;
 * the linear forms at T = 2^16, 2^18 and 2^20 (chunked and recurrent forward, with a check that
   the output is finite; chunked fwd+bwd at 2^16);
 * a planner sweep at T = 8 ... 512 (quadratic, recurrent, chunked with C = 32, 64, 128) that
-  checks the rule of `dca_jax.ops.plan_engine`;
+  checks the rule of `dca_jax.plan_engine`;
 * a dense 2048 x 2048 float32 matmul's GFLOP/s, against which the chunked form's counted FLOP
   rate (`dca_jax.flops.count_flops` / time) is reported;
 * the issue's ratio targets, all from the same run.
@@ -39,20 +39,14 @@ The machine may be shared: the numbers to trust are the ratios, measured side by
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from dca_jax.flops import count_flops
-from dca_jax.ops import gated_linear_attention, plan_engine
-from dca_jax.ops.window import sliding_window_attention
-from experiments import _report, _timing
-
-_log = _report.log
+from dca_jax import gated_linear_attention, plan_engine, sliding_window_attention
+from experiments import benchmark, benchmark_cli, report
+from experiments.bookkeeping import GIB, log, machine_line
 
 FWD = "fwd"
 FWD_BWD = "fwd+bwd"
@@ -142,7 +136,7 @@ def get_config(quick: bool = False, **overrides: Any) -> Config:
         long_fwd_bwd_lengths=(), repeats=3, big_repeats=3, min_total_s=0.5, max_repeats=15,
         max_timed_s=15.0, planner_lengths=(16, 64), planner_chunks=(64,),
         planner_min_total_s=0.1)
-  return _report.replace_checked(config, overrides)
+  return benchmark_cli.replace_checked(config, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,133 +261,68 @@ def _select(inputs: dict[str, Any], contender: Contender, positions: tuple[int, 
   return [inputs[names[i]] for i in positions]
 
 
-def _all_finite(tree: Any) -> bool:
-  leaves = jax.tree.leaves(tree)
-  return bool(all(bool(jnp.all(jnp.isfinite(x))) for x in leaves))
-
-
 # ----------------------------------------------------------------------------------------------
 # Measuring.
 
 
-class Runner:
-  """Compiles, guards, times and records; remembers which contenders ran out of time budget."""
+def make_runner(config: Config) -> benchmark.Runner:
+  """The runner of the whole run (it remembers which contenders ran out of time budget)."""
+  return benchmark.Runner(memory_budget_gib=config.memory_budget_gib,
+                          time_budget_s=config.time_budget_s, log_width=34)
 
-  def __init__(self, config: Config):
-    self.config = config
-    self.budget_bytes = int(config.memory_budget_gib * _timing.GIB)
-    self.last_time: dict[tuple[str, str], tuple[int, float]] = {}   # (name, pass) -> (T, s)
-    self.exhausted: dict[tuple[str, str], str] = {}                  # (name, pass) -> reason
 
-  def repeats_for(self, length: int) -> int:
-    if length >= self.config.huge_t:
-      return 1
-    return self.config.big_repeats if length >= self.config.big_t else self.config.repeats
+def repeats_for(config: Config, length: int) -> int:
+  """Timed calls at T: `repeats`, `big_repeats` from `big_t`, one from `huge_t`."""
+  if length >= config.huge_t:
+    return 1
+  return config.big_repeats if length >= config.big_t else config.repeats
 
-  def _time_skip(self, contender: Contender, pass_name: str, length: int) -> str | None:
-    if contender.core and length <= self.config.ratio_t:
-      return None  # The targets need it, whatever the load: it gets at least one timed call.
-    key = (contender.name, pass_name)
-    if key in self.exhausted:
-      return self.exhausted[key]
-    if key in self.last_time:
-      last_t, last_s = self.last_time[key]
-      predicted = last_s * (length / last_t)**contender.exponent
-      # A call predicted at more than twice the budget would cost minutes for one number.
-      if predicted > 2 * self.config.time_budget_s:
-        return (f"time budget: predicted {predicted:.0f} s per call from "
-                f"{last_s:.2f} s at T={last_t} (budget {self.config.time_budget_s:.0f} s)")
-    return None
 
-  def measure(self, jobs: list[tuple[Contender, tuple[str, ...]]], length: int, *,
-              section: str, repeats: int | None = None, min_total_s: float | None = None,
-              count: bool = True) -> list[dict[str, Any]]:
-    """Runs every (contender, pass) of `jobs` at one T, interleaved; one record per pair."""
-    config = self.config
-    decays = {c.decay for c, _ in jobs if c.decay}
-    inputs = make_inputs(config, length, decays, any(FWD_BWD in p for _, p in jobs))
-    records, thunks, finite = [], {}, {}
-    for contender, passes in jobs:
-      for pass_name in passes:
-        record = {"section": section, "contender": contender.name, "pass": pass_name,
-                  "T": length, "status": "ok", "reason": None}
-        records.append(record)
-        if contender.max_t is not None and length > contender.max_t:
-          record.update(status="skipped", reason=f"form limited to T <= {contender.max_t}")
-          continue
-        time_reason = self._time_skip(contender, pass_name, length)
-        fn, positions = build(contender, pass_name)
-        args = _select(inputs, contender, positions)
-        start = time.perf_counter()
-        try:
-          compiled = _timing.compile_fn(fn, *args)
-        except Exception as error:  # pylint: disable=broad-except  # recorded, run goes on
-          record.update(status="error", reason=f"compile failed: {type(error).__name__}: {error}")
-          _log(f"  {contender.name:34s} {pass_name:7s} T={length}: {record['reason']}")
-          continue
-        record["compile_s"] = time.perf_counter() - start
-        record.update(_timing.memory_stats(compiled))
-        if count:
-          try:
-            flops = count_flops(fn, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args])
-            record.update(flops=flops.flops, matmul_flops=flops.matmul_flops,
-                          transcendentals=flops.transcendentals)
-          except Exception as error:  # pylint: disable=broad-except
-            record["flops_error"] = f"{type(error).__name__}: {error}"
-        temp = record.get("temp_bytes")
-        if temp is not None and temp > self.budget_bytes:
-          record.update(status="skipped", reason=(
-              f"memory budget: XLA temp {_timing.format_bytes(temp)} > "
-              f"{config.memory_budget_gib:g} GiB"))
-        elif time_reason:
-          record.update(status="skipped", reason=time_reason)
-        if record["status"] != "ok":
-          _log(f"  {contender.name:34s} {pass_name:7s} T={length}: skipped ({record['reason']})")
-          continue
-        label = f"{contender.name}|{pass_name}"
-        thunks[label] = (functools.partial(compiled, *args), record)
-    if thunks:
-      timings = _timing.time_interleaved(
-          {label: t for label, (t, _) in thunks.items()},
-          repeats=repeats or self.repeats_for(length),
-          min_total_s=config.min_total_s if min_total_s is None else min_total_s,
-          max_repeats=config.max_repeats,
-          max_total_s=config.max_timed_s, seed=config.seed + length,
-          inspect=lambda label, out: finite.__setitem__(label, _all_finite(out)))
-      for label, (_, record) in thunks.items():
-        timing = timings[label]
-        record.update(timing.to_json())
-        record["finite"] = finite[label]
-        if "flops" in record:
-          record["gflops"] = record["flops"] / timing.median_s / 1e9
-        key = (record["contender"], record["pass"])
-        self.last_time[key] = (length, timing.median_s)
-        if timing.median_s > config.time_budget_s:
-          self.exhausted[key] = (f"time budget: {timing.median_s:.1f} s per call at T={length} "
-                                 f"> {config.time_budget_s:.0f} s")
-        _log(f"  {record['contender']:34s} {record['pass']:7s} T={length:>7d}: "
-             f"{_timing.format_seconds(timing.median_s):>9s} (x{timing.repeats}) temp "
-             f"{_timing.format_bytes(record.get('temp_bytes')):>9s}"
-             f"{'' if record['finite'] else '  NOT FINITE'}")
-    del inputs
-    return records
+def measure(runner: benchmark.Runner, config: Config, jobs: list[tuple[Contender, tuple[str, ...]]],
+            length: int, *, section: str, repeats: int | None = None,
+            min_total_s: float | None = None, count: bool = True) -> list[dict[str, Any]]:
+  """Runs every (contender, pass) of `jobs` at one T, interleaved; one record per pair.
+
+  Every contender but the linear forms is run up to the targets' T whatever the load (`core`);
+  a form above its `max_t` is recorded as such, not compiled.
+  """
+  decays = {c.decay for c, _ in jobs if c.decay}
+  inputs = make_inputs(config, length, decays, any(FWD_BWD in p for _, p in jobs))
+  records, cases = [], []
+  for contender, passes in jobs:
+    for pass_name in passes:
+      record = {"section": section, "contender": contender.name, "pass": pass_name,
+                "T": length, "status": "ok", "reason": None}
+      records.append(record)
+      if contender.max_t is not None and length > contender.max_t:
+        record.update(status="skipped", reason=f"form limited to T <= {contender.max_t}")
+        continue
+      fn, positions = build(contender, pass_name)
+      cases.append(benchmark.Case(
+          contender.name, pass_name, record, fn=fn,
+          args=tuple(_select(inputs, contender, positions)), exponent=contender.exponent,
+          exempt=contender.core and length <= config.ratio_t))
+  runner.measure(cases, length, repeats=repeats or repeats_for(config, length),
+                 min_total_s=config.min_total_s if min_total_s is None else min_total_s,
+                 max_repeats=config.max_repeats, max_total_s=config.max_timed_s,
+                 seed=config.seed + length, count=count)
+  return records
 
 
 # ----------------------------------------------------------------------------------------------
 # Analysis.
 
 
-def _find(records, contender, pass_name, length, section=None):
-  for r in records:
-    if (r["contender"] == contender and r["pass"] == pass_name and r["T"] == length
-        and (section is None or r["section"] == section)):
-      return r
-  return None
+def _key(contender: str, pass_name: str, length: int) -> dict[str, Any]:
+  return {"contender": contender, "pass": pass_name, "T": length}
+
+
+def _find(records, contender, pass_name, length):
+  return benchmark.find(records, _key(contender, pass_name, length))
 
 
 def _median(records, contender, pass_name, length, stat="median_s"):
-  r = _find(records, contender, pass_name, length)
-  return r[stat] if r and r["status"] == "ok" else None
+  return benchmark.median(records, _key(contender, pass_name, length), stat)
 
 
 def _speedup(records, slow, fast, pass_name, length):
@@ -442,7 +371,7 @@ def ratio_targets(config: Config, records: list[dict[str, Any]], matmul: dict[st
     out.append({"target": name, "value": value, "goal": target, "status": status,
                 "detail": detail})
 
-  fmt = _timing.format_seconds
+  fmt = report.format_seconds
   speed = [("softmax (dot_product_attention)", FWD_BWD, 50.0, ">= 50x"),
            ("recurrent", FWD_BWD, 5.0, ">= 5x"),
            ("recurrent", FWD, 1.0, ">= 1x (aim 1.5x)")]
@@ -468,19 +397,19 @@ def ratio_targets(config: Config, records: list[dict[str, Any]], matmul: dict[st
   at = 65536
   value = memory.get(at)
   add(f"chunked fwd+bwd temp memory at T={at}", value, "< 1 GiB",
-      value is not None and value < _timing.GIB,
-      "" if value is None else _timing.format_bytes(value))
+      value is not None and value < GIB,
+      "" if value is None else report.format_bytes(value))
 
   longest = [r for r in records if r["contender"] == "chunked" and r["pass"] == FWD
              and r["status"] == "ok"]
   longest = max(longest, key=lambda r: r["T"]) if longest else None
   big = 2**20
   ok = longest is not None and longest["T"] >= big and longest.get("finite")
-  add(f"chunked fwd at T=2^20 finite", None if longest is None or longest["T"] < big else
+  add("chunked fwd at T=2^20 finite", None if longest is None or longest["T"] < big else
       bool(longest.get("finite")), "finite", ok,
       "not run" if longest is None or longest["T"] < big else
       f"T={longest['T']}: {fmt(longest['median_s'])}, temp "
-      f"{_timing.format_bytes(longest.get('temp_bytes'))}, finite={longest.get('finite')}")
+      f"{report.format_bytes(longest.get('temp_bytes'))}, finite={longest.get('finite')}")
 
   rate = max(matmul["gflops"] for matmul in matmul["probes"])
   for pass_name in PASSES:
@@ -497,7 +426,7 @@ def ratio_targets(config: Config, records: list[dict[str, Any]], matmul: dict[st
 
 
 def _table(records, contenders, lengths, pass_name, cell):
-  return _report.grid_table("contender", contenders, lengths,
+  return report.grid_table("contender", contenders, lengths,
                             lambda name, t: cell(_find(records, name, pass_name, t)))
 
 
@@ -506,7 +435,7 @@ def _target_text(row: dict[str, Any]) -> str:
   if isinstance(value, bool) or value is None:
     return str(value) if value is not None else "-"
   if "memory at" in row["target"]:
-    return _timing.format_bytes(value)
+    return report.format_bytes(value)
   return f"{value:.3g}x" if "rate" not in row["target"] else f"{value:.1%}"
 
 
@@ -523,9 +452,9 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       "`python -m experiments.benchmark_engine` (~20-25 min on a 2-core CPU; `--quick` runs a "
       "~2-3 min subset; `--render-only` rewrites this file and the plot from the JSON).",
       "",
-      f"Machine: {_timing.machine_line(machine)}. Date: {machine['date']}. "
+      f"Machine: {machine_line(machine)}. Date: {machine['date']}. "
       f"Run time: {result['runtime_s'] / 60:.1f} min."
-      + _report.load_text(machine),
+      + report.load_text(machine),
       "",
       f"Setup: B={config['batch']}, H={config['heads']}, K={config['key_dim']}, "
       f"V={config['value_dim']}, float32, jit. Median of {config['repeats']} calls after one "
@@ -539,21 +468,16 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       f"not run: 'skip: mem'), {config['time_budget_s']:g} s per call ('skip: time'); "
       "'-' = the form is not run at that T (associative is O(T K V) memory, quadratic O(T^2)).",
       "",
-      f"Dense {result['matmul']['probes'][0]['n']}^2 float32 matmul: "
-      + ", ".join(f"{p['gflops']:.1f}" for p in result["matmul"]["probes"])
-      + " GFLOP/s (start, end of run).",
+      report.matmul_text(result["matmul"]["probes"]),
       "",
   ]
-  lines += _report.targets_section(result["targets"], _target_text)
-  sections = [("Forward time", FWD, _report.cell_time),
-              ("Forward + backward time", FWD_BWD, _report.cell_time),
-              ("Forward temp memory", FWD, _report.cell_memory),
-              ("Forward + backward temp memory", FWD_BWD, _report.cell_memory)]
-  for title, pass_name, cell in sections:
-    lines += ["", f"## {title}", ""]
-    if "memory" in title:
-      lines += ["Parenthesised: compiled but not run (over a budget).", ""]
-    lines.append(_table(records, contenders, lengths, pass_name, cell))
+  lines += report.targets_section(result["targets"], _target_text)
+  sections = [("Forward time", FWD, report.cell_time),
+              ("Forward + backward time", FWD_BWD, report.cell_time),
+              ("Forward temp memory", FWD, report.cell_memory),
+              ("Forward + backward temp memory", FWD_BWD, report.cell_memory)]
+  lines += report.grid_sections(
+      lambda pass_name, cell: _table(records, contenders, lengths, pass_name, cell), sections)
 
   gflops = [r for r in records if r["status"] == "ok" and r.get("gflops")
             and r["contender"].startswith("chunked")]
@@ -579,7 +503,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       cells = []
       for f in forms:
         s = row["times_s"].get(f)
-        text = _timing.format_seconds(s) if s is not None else ""
+        text = report.format_seconds(s) if s is not None else ""
         cells.append(f"**{text}**" if f == row["best"] else text)
       ratio = row["planner_over_best"]
       ratio_text = "-" if ratio is None else f"{ratio:.2f}x" + (" **FLAG**" if row["flag"] else "")
@@ -591,9 +515,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
 
 
 def write_plot(path: str, result: dict[str, Any]) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = report.pyplot()
 
   records = [r for r in result["records"] if r["section"] in ("grid", "long")]
   contenders = list(dict.fromkeys(r["contender"] for r in records))
@@ -622,24 +544,21 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
     if fwd:
       ax_time.plot(*zip(*fwd), style, color=cmap(contenders.index(name) % 10), alpha=0.6,
                    label=f"{name} (forward only)")
-  _report.memory_budget_line(ax_mem, result["config"]["memory_budget_gib"])
+  report.memory_budget_line(ax_mem, result["config"]["memory_budget_gib"])
   ax_time.axhline(result["config"]["time_budget_s"], color="gray", ls="--", lw=1)
   ax_time.annotate("time budget per call", (0.02, result["config"]["time_budget_s"]),
                    xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points",
                    color="gray", fontsize=8)
   for ax, title, ylabel in ((ax_time, "Forward + backward time", "median time per call [s]"),
                             (ax_mem, "Forward + backward XLA temp memory", "temp memory [MiB]")):
-    _report.log_log_axes(ax, title, "sequence length T", ylabel)
+    report.log_log_axes(ax, title, "sequence length T", ylabel)
   handles, labels = ax_time.get_legend_handles_labels()
   fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
   config = result["config"]
-  fig.suptitle(f"Gated linear attention engine vs window and softmax attention: B={config['batch']}"
-               f", H={config['heads']}, K=V={config['key_dim']}, float32 — "
-               f"{_timing.machine_line(result['machine'])}, {result['machine']['date'][:10]}",
-               fontsize=9)
-  fig.tight_layout(rect=(0, 0.1, 1, 1))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  report.finish_plot(
+      fig, path, f"Gated linear attention engine vs window and softmax attention: "
+      f"B={config['batch']}, H={config['heads']}, K=V={config['key_dim']}, float32",
+      result["machine"], rect=(0, 0.1, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,72 +567,66 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
 
 def run(config: Config, command: str) -> dict[str, Any]:
   """Runs every section and returns the JSON-serialisable result."""
-  started = time.perf_counter()
-  machine = _timing.machine_info()
-  _log(f"Machine: {_timing.machine_line(machine)}")
-  probes = [_timing.matmul_gflops(config.matmul_n)]
-  _log(f"Dense matmul {config.matmul_n}^2: {probes[0]['gflops']:.1f} GFLOP/s")
-  runner = Runner(config)
+  session = benchmark.Session(config.matmul_n)
+  runner = make_runner(config)
   records: list[dict[str, Any]] = []
 
   contenders = main_contenders(config)
   for length in config.lengths:
-    _log(f"T={length}")
+    log(f"T={length}")
     full = config.full_grid_max_t is None or length <= config.full_grid_max_t
     jobs = [(c, PASSES) for c in contenders if full or c.core]
-    records += runner.measure(jobs, length, section="grid")
+    records += measure(runner, config, jobs, length, section="grid")
 
   by_name = {c.name: c for c in contenders}
   for length in config.long_lengths:
-    _log(f"T={length} (linear forms)")
+    log(f"T={length} (linear forms)")
     chunked_passes = PASSES if length in config.long_fwd_bwd_lengths else (FWD,)
     jobs = [(by_name["chunked"], chunked_passes), (by_name["recurrent"], (FWD,))]
-    records += runner.measure(jobs, length, section="long", min_total_s=0.0)
+    records += measure(runner, config, jobs, length, section="long", min_total_s=0.0)
 
   planner_records = []
   if config.planner_lengths:
     sweep = planner_contenders(config)
     for length in config.planner_lengths:
-      _log(f"planner sweep T={length}")
-      planner_records += runner.measure(
-          [(c, PASSES) for c in sweep], length, section="planner", repeats=config.repeats,
-          min_total_s=config.planner_min_total_s, count=False)
+      log(f"planner sweep T={length}")
+      planner_records += measure(
+          runner, config, [(c, PASSES) for c in sweep], length, section="planner",
+          repeats=config.repeats, min_total_s=config.planner_min_total_s, count=False)
   records += planner_records
   planner = planner_analysis(config, planner_records)
 
-  machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-  probes.append(_timing.matmul_gflops(config.matmul_n))
-  _log(f"Dense matmul {config.matmul_n}^2 (end): {probes[1]['gflops']:.1f} GFLOP/s")
-  matmul = {"probes": probes}
+  session.finish()
+  matmul = {"probes": session.probes}
   result = {
       "command": command,
-      "machine": machine,
+      "machine": session.machine,
       "config": dataclasses.asdict(config),
       "matmul": matmul,
       "records": records,
       "planner": planner,
   }
   result["targets"] = ratio_targets(config, records, matmul)
-  result["runtime_s"] = time.perf_counter() - started
+  result["runtime_s"] = session.runtime_s
   return result
 
 
 def print_summary(result: dict[str, Any]) -> None:
   if result["planner"]:
-    _log("\nPlanner sweep (per-head decay):")
+    log("\nPlanner sweep (per-head decay):")
     for row in result["planner"]:
-      times = ", ".join(f"{k} {_timing.format_seconds(v)}" for k, v in row["times_s"].items())
+      times = ", ".join(f"{k} {report.format_seconds(v)}" for k, v in row["times_s"].items())
       ratio = row["planner_over_best"]
-      _log(f"  T={row['T']:4d} {row['pass']:7s} best {row['best']:13s} planner {row['planner']:13s}"
+      log(f"  T={row['T']:4d} {row['pass']:7s} best {row['best']:13s} planner {row['planner']:13s}"
            f" {'-' if ratio is None else f'{ratio:.2f}x'}{'  FLAG' if row['flag'] else ''}"
            f"   [{times}]")
-  _report.log_targets(result["targets"])
-  _log(f"\nRun time {result['runtime_s'] / 60:.1f} min")
+  report.log_targets(result["targets"])
+  log(f"\nRun time {result['runtime_s'] / 60:.1f} min")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Parses the command line, runs, writes `<out>/engine_benchmark.{json,md,png}`."""
-  return _report.main(argv, doc=__doc__, module="experiments.benchmark_engine",
+  return benchmark_cli.main(argv, doc=__doc__, module="experiments.benchmark_engine",
                       stem_name="engine_benchmark", noun="contender", get_config=get_config,
                       run=run, print_summary=print_summary, write_markdown=write_markdown,
                       write_plot=write_plot)

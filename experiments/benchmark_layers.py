@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -49,13 +48,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dca_jax.nn.dca import DCAttention
-from dca_jax.nn.linear import GatedLinearAttention, LinearAttention
-from dca_jax.nn.softmax import SoftmaxAttention
-from dca_jax.nn.window import SlidingWindowAttention
-from experiments import _report, _timing
-
-_log = _report.log
+from dca_jax.nn import LAYERS, LayerSpec, count_params
+from experiments import benchmark, benchmark_cli, report
+from experiments.bookkeeping import GIB, log, machine_line
 
 FWD = "fwd"
 FWD_BWD = "fwd+bwd"
@@ -153,7 +148,7 @@ def get_config(quick: bool = False, **overrides: Any) -> Config:
         max_repeats=10, max_timed_s=15.0, decode_contexts=(1024, 8192),
         decode_all_contexts=(1024, 8192), decode_warmup=5, decode_steps=40, loop_steps=32,
         loop_repeats=3, loop_min_total_s=0.2, loop_max_repeats=20, matmul_n=1024)
-  return _report.replace_checked(config, overrides)
+  return benchmark_cli.replace_checked(config, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,45 +156,41 @@ def get_config(quick: bool = False, **overrides: Any) -> Config:
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerSpec:
+class Layer:
   """A layer under test.
 
   Attributes:
     name: row label (the class name).
-    make: config -> the layer (parameters from `config.seed`).
+    spec: its entry in the registry of layers (`dca_jax.nn.LAYERS`).
+    options: the constructor options it is built with (beyond its defaults), for the record.
     exponent: how its time grows with T (1 linear, 2 quadratic), to predict the next T.
-    options: the non-default constructor options, for the record.
   """
 
   name: str
-  make: Callable[[Config], nnx.Module]
+  spec: LayerSpec
+  options: tuple[tuple[str, Any], ...] = ()
   exponent: int = 1
-  options: str = ""
+
+  def make(self, config: Config) -> nnx.Module:
+    """The layer, parameters from `config.seed`."""
+    return self.spec.build(config.d_model, config.num_heads, self.options,
+                           rngs=nnx.Rngs(config.seed))
+
+  @property
+  def options_text(self) -> str:
+    return ", ".join(f"{k}={v}" for k, v in self.options)
 
 
-def layer_specs(config: Config) -> list[LayerSpec]:
-  """The five layers, in table order."""
-  def make(cls, **options):
-    return lambda c: cls(c.d_model, c.num_heads, rngs=nnx.Rngs(c.seed), **options)
-  w = config.window
-  return [
-      LayerSpec(DCA, make(DCAttention, window=w), options=f"window={w}"),
-      LayerSpec(SOFTMAX, make(SoftmaxAttention), exponent=2),
-      LayerSpec("SlidingWindowAttention", make(SlidingWindowAttention, window=w),
-                options=f"window={w}"),
-      LayerSpec("LinearAttention", make(LinearAttention)),
-      LayerSpec("GatedLinearAttention", make(GatedLinearAttention)),
-  ]
-
-
-def param_count(layer: nnx.Module) -> int:
-  """Sum of the sizes of the layer's `nnx.Param` leaves."""
-  return int(sum(leaf.size for leaf in jax.tree.leaves(nnx.state(layer, nnx.Param))))
-
-
-def tree_bytes(tree: Any) -> int:
-  """Sum of the nbytes of a pytree's array leaves."""
-  return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
+def layers(config: Config) -> list[Layer]:
+  """Every registered layer, in the registry's order; the windowed ones with `config.window`."""
+  out = []
+  for spec in LAYERS.values():
+    windowed = "window" in {f.name for f in dataclasses.fields(spec.options)}
+    out.append(Layer(spec.layer.__name__, spec,
+                     options=(("window", config.window),) if windowed else (),
+                     # Softmax attention is the one quadratic layer.
+                     exponent=2 if spec.name == "softmax" else 1))
+  return out
 
 
 def forward_fn(graphdef: Any) -> Callable[[Any, jax.Array], jax.Array]:
@@ -219,11 +210,6 @@ def fwd_bwd_fn(graphdef: Any) -> Callable[[Any, jax.Array], Any]:
   return jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def _all_finite(tree: Any) -> bool:
-  return bool(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
-                  if jnp.issubdtype(x.dtype, jnp.floating)))
-
-
 def _input(config: Config, length: int, salt: int = 0) -> jax.Array:
   key = jax.random.fold_in(jax.random.key(config.seed + 1), length * 16 + salt)
   return jax.random.normal(key, (config.batch, length, config.d_model), jnp.float32)
@@ -233,88 +219,31 @@ def _input(config: Config, length: int, salt: int = 0) -> jax.Array:
 # Forward and fwd+bwd grid.
 
 
-class GridRunner:
-  """Compiles, guards, times and records the grid; remembers who ran out of time budget."""
+def measure_grid(runner: benchmark.Runner, config: Config, splits: dict[str, Any],
+                 length: int) -> list[dict[str, Any]]:
+  """Runs every (layer, pass) at one T, interleaved; one record per pair.
 
-  def __init__(self, config: Config, specs: list[LayerSpec]):
-    self.config = config
-    self.specs = specs
-    self.budget_bytes = int(config.memory_budget_gib * _timing.GIB)
-    self.last_time: dict[tuple[str, str], tuple[int, float]] = {}   # (layer, pass) -> (T, s)
-    self.exhausted: dict[tuple[str, str], str] = {}
-    self.splits = {spec.name: nnx.split(spec.make(config)) for spec in specs}
-
-  def _time_skip(self, spec: LayerSpec, pass_name: str, length: int) -> str | None:
-    key = (spec.name, pass_name)
-    if key in self.exhausted:
-      return self.exhausted[key]
-    if key in self.last_time:
-      last_t, last_s = self.last_time[key]
-      predicted = last_s * (length / last_t)**spec.exponent
-      if predicted > 2 * self.config.time_budget_s:
-        return (f"time budget: predicted {predicted:.0f} s per call from {last_s:.2f} s at "
-                f"T={last_t} (budget {self.config.time_budget_s:.0f} s)")
-    return None
-
-  def measure(self, length: int) -> list[dict[str, Any]]:
-    """Runs every (layer, pass) at one T, interleaved; one record per pair."""
-    config = self.config
-    x = _input(config, length)
-    records, thunks, finite = [], {}, {}
-    for spec in self.specs:
-      graphdef, state = self.splits[spec.name]
-      for pass_name in PASSES:
-        record = {"section": "grid", "layer": spec.name, "pass": pass_name, "T": length,
-                  "status": "ok", "reason": None}
-        records.append(record)
-        time_reason = self._time_skip(spec, pass_name, length)
-        if time_reason and (spec.name, pass_name) in self.exhausted:
-          # Already over budget at a smaller T: not even compiled (a compile can take a minute).
-          record.update(status="skipped", reason=time_reason)
-          _log(f"  {spec.name:24s} {pass_name:7s} T={length}: skipped ({time_reason})")
-          continue
-        fn = forward_fn(graphdef) if pass_name == FWD else fwd_bwd_fn(graphdef)
-        start = time.perf_counter()
-        try:
-          compiled = _timing.compile_fn(fn, state, x)
-        except Exception as error:  # pylint: disable=broad-except  # recorded, run goes on
-          record.update(status="error", reason=f"compile failed: {type(error).__name__}: {error}")
-          _log(f"  {spec.name:24s} {pass_name:7s} T={length}: {record['reason']}")
-          continue
-        record["compile_s"] = time.perf_counter() - start
-        record.update(_timing.memory_stats(compiled))
-        temp = record.get("temp_bytes")
-        if temp is not None and temp > self.budget_bytes:
-          record.update(status="skipped", reason=(
-              f"memory budget: XLA temp {_timing.format_bytes(temp)} > "
-              f"{config.memory_budget_gib:g} GiB"))
-        elif time_reason:
-          record.update(status="skipped", reason=time_reason)
-        if record["status"] != "ok":
-          _log(f"  {spec.name:24s} {pass_name:7s} T={length}: skipped ({record['reason']})")
-          continue
-        thunks[f"{spec.name}|{pass_name}"] = (functools.partial(compiled, state, x), record)
-    if thunks:
-      timings = _timing.time_interleaved(
-          {label: t for label, (t, _) in thunks.items()},
-          repeats=config.big_repeats if length >= config.big_t else config.repeats,
-          min_total_s=config.min_total_s, max_repeats=config.max_repeats,
-          max_total_s=config.max_timed_s, seed=config.seed + length,
-          inspect=lambda label, out: finite.__setitem__(label, _all_finite(out)))
-      for label, (_, record) in thunks.items():
-        timing = timings[label]
-        record.update(timing.to_json())
-        record["finite"] = finite[label]
-        key = (record["layer"], record["pass"])
-        self.last_time[key] = (length, timing.median_s)
-        if timing.median_s > config.time_budget_s:
-          self.exhausted[key] = (f"time budget: {timing.median_s:.1f} s per call at T={length} "
-                                 f"> {config.time_budget_s:.0f} s")
-        _log(f"  {record['layer']:24s} {record['pass']:7s} T={length:>6d}: "
-             f"{_timing.format_seconds(timing.median_s):>9s} (x{timing.repeats}) temp "
-             f"{_timing.format_bytes(record.get('temp_bytes')):>9s}"
-             f"{'' if record['finite'] else '  NOT FINITE'}")
-    return records
+  Args:
+    runner: the run's runner (it remembers which layers ran out of time budget).
+    config: the run's config.
+    splits: layer name -> (layer, graphdef, state), the layers split once for the whole grid.
+    length: T.
+  """
+  x = _input(config, length)
+  records, cases = [], []
+  for name, (layer, graphdef, state) in splits.items():
+    for pass_name in PASSES:
+      record = {"section": "grid", "layer": name, "pass": pass_name, "T": length,
+                "status": "ok", "reason": None}
+      records.append(record)
+      fn = forward_fn(graphdef) if pass_name == FWD else fwd_bwd_fn(graphdef)
+      cases.append(benchmark.Case(name, pass_name, record, fn=fn, args=(state, x),
+                                  exponent=layer.exponent))
+  runner.measure(cases, length,
+                 repeats=config.big_repeats if length >= config.big_t else config.repeats,
+                 min_total_s=config.min_total_s, max_repeats=config.max_repeats,
+                 max_total_s=config.max_timed_s, seed=config.seed + length)
+  return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,40 +292,41 @@ def _loop_fn(graphdef: Any):
 class DecodeRunner:
   """Prefills caches, then times decoding per call (interleaved) and inside a compiled scan."""
 
-  def __init__(self, config: Config, specs: list[LayerSpec]):
+  def __init__(self, config: Config, layers_under_test: list[Layer]):
     self.config = config
-    self.specs = {spec.name: spec for spec in specs}
-    self.budget_bytes = int(config.memory_budget_gib * _timing.GIB)
+    self.layers = {layer.name: layer for layer in layers_under_test}
+    self.budget_bytes = int(config.memory_budget_gib * GIB)
     self.last_prefill: dict[str, tuple[int, float]] = {}
 
-  def _max_length(self, context: int) -> int:
+  def max_length(self, context: int) -> int:
+    """The caches' length at `context`: room for every decode step after the prefill."""
     c = self.config
     return context + max(c.decode_warmup + 1 + c.decode_steps, c.loop_steps)
 
-  def _prepare(self, spec: LayerSpec, context: int,
+  def _prepare(self, under_test: Layer, context: int,
                record: dict[str, Any]) -> dict[str, Any] | None:
     """Prefills one layer's cache to `context` and compiles its step and loop; None if skipped."""
     config = self.config
-    if spec.name in self.last_prefill:
-      last_c, last_s = self.last_prefill[spec.name]
-      predicted = last_s * (context / last_c)**spec.exponent
+    if under_test.name in self.last_prefill:
+      last_c, last_s = self.last_prefill[under_test.name]
+      predicted = last_s * (context / last_c)**under_test.exponent
       if predicted > config.prefill_budget_s:
         record.update(status="skipped", reason=(
             f"time budget: prefill predicted {predicted:.0f} s > {config.prefill_budget_s:.0f} s"))
         return None
-    layer = spec.make(config)
+    layer = under_test.make(config)
     graphdef, state = nnx.split(layer)
-    cache = layer.init_cache(config.batch, self._max_length(context))
-    record["cache_bytes_empty"] = tree_bytes(cache)
+    cache = layer.init_cache(config.batch, self.max_length(context))
+    record["cache_bytes_empty"] = benchmark.tree_bytes(cache)
     chunk = min(config.prefill_chunk, context)
     x = _input(config, context, salt=1)
     start = time.perf_counter()
-    prefill = _timing.compile_fn(_prefill_fn(graphdef), state, x[:, :chunk], cache)
-    temp = _timing.memory_stats(prefill)["temp_bytes"]
+    prefill = benchmark.compile_fn(_prefill_fn(graphdef), state, x[:, :chunk], cache)
+    temp = benchmark.memory_stats(prefill)["temp_bytes"]
     record["prefill_temp_bytes"] = temp
     if temp is not None and temp > self.budget_bytes:
       record.update(status="skipped", reason=(
-          f"memory budget: prefill chunk XLA temp {_timing.format_bytes(temp)} > "
+          f"memory budget: prefill chunk XLA temp {report.format_bytes(temp)} > "
           f"{config.memory_budget_gib:g} GiB"))
       return None
     compile_s = time.perf_counter() - start
@@ -407,9 +337,9 @@ class DecodeRunner:
       _, cache = jax.jit(_prefill_fn(graphdef))(state, x[:, context - context % chunk:], cache)
     cache = jax.block_until_ready(cache)
     prefill_s = time.perf_counter() - start
-    self.last_prefill[spec.name] = (context, prefill_s)
+    self.last_prefill[under_test.name] = (context, prefill_s)
     record.update(prefill_s=prefill_s, prefill_compile_s=compile_s, prefill_chunk=chunk,
-                  cache_bytes=tree_bytes(cache), max_length=self._max_length(context))
+                  cache_bytes=benchmark.tree_bytes(cache), max_length=self.max_length(context))
     if hasattr(cache, "position"):
       record["cache_position"] = int(cache.position)
 
@@ -421,10 +351,10 @@ class DecodeRunner:
     start = time.perf_counter()
     # The cache is donated: decode_step updates it in place, as a serving loop would.
     step = jax.jit(_step_fn(graphdef), donate_argnums=(2,)).lower(state, tokens[0], cache).compile()
-    loop = _timing.compile_fn(_loop_fn(graphdef), state, loop_xs, cache)
+    loop = benchmark.compile_fn(_loop_fn(graphdef), state, loop_xs, cache)
     record["step_compile_s"] = time.perf_counter() - start
-    record["step_temp_bytes"] = _timing.memory_stats(step)["temp_bytes"]
-    record["loop_temp_bytes"] = _timing.memory_stats(loop)["temp_bytes"]
+    record["step_temp_bytes"] = benchmark.memory_stats(step)["temp_bytes"]
+    record["loop_temp_bytes"] = benchmark.memory_stats(loop)["temp_bytes"]
     # The scan starts from a copy so that the donated per-call cache stays independent of it.
     loop_cache = jax.tree.map(jnp.copy, cache)
     return {"stepper": _Stepper(step, state, cache, tokens),
@@ -445,33 +375,33 @@ class DecodeRunner:
                 "reason": None}
       records.append(record)
       try:
-        ready = self._prepare(self.specs[name], context, record)
+        ready = self._prepare(self.layers[name], context, record)
       except Exception as error:  # pylint: disable=broad-except  # recorded, run goes on
         record.update(status="error", reason=f"{type(error).__name__}: {error}")
         ready = None
       if ready is None:
-        _log(f"  {name:24s} context={context}: {record['status']} ({record['reason']})")
+        log(f"  {name:24s} context={context}: {record['status']} ({record['reason']})")
         continue
       prepared[f"{name}@{context}"] = (ready, record)
-      _log(f"  {name:24s} context={context:>6d}: prefilled in {record['prefill_s']:.1f} s, cache "
-           f"{_timing.format_bytes(record['cache_bytes'])}")
+      log(f"  {name:24s} context={context:>6d}: prefilled in {record['prefill_s']:.1f} s, cache "
+           f"{report.format_bytes(record['cache_bytes'])}")
     if not prepared:
       return records
-    _log(f"  timing {len(prepared)} decoders interleaved")
+    log(f"  timing {len(prepared)} decoders interleaved")
     for _ in range(config.decode_warmup):
       for ready, _ in prepared.values():
         jax.block_until_ready(ready["stepper"]())
     finite = {}
-    per_call = _timing.time_interleaved(
+    per_call = benchmark.time_interleaved(
         {label: ready["stepper"] for label, (ready, _) in prepared.items()},
         repeats=config.decode_steps, max_repeats=config.decode_steps, seed=config.seed,
-        inspect=lambda label, out: finite.__setitem__(label, _all_finite(out[0])))
-    in_loop = _timing.time_interleaved(
+        inspect=lambda label, out: finite.__setitem__(label, benchmark.all_finite(out[0])))
+    in_loop = benchmark.time_interleaved(
         {label: ready["loop"] for label, (ready, _) in prepared.items()},
         repeats=config.loop_repeats, min_total_s=config.loop_min_total_s,
         max_repeats=config.loop_max_repeats, seed=config.seed + 1,
         inspect=lambda label, out: finite.__setitem__(
-            label, finite[label] and _all_finite(out[0])))
+            label, finite[label] and benchmark.all_finite(out[0])))
     for label, (ready, record) in prepared.items():
       timing, loop = per_call[label], in_loop[label]
       stepper = ready["stepper"]
@@ -480,10 +410,10 @@ class DecodeRunner:
                     loop_per_token_s=loop.median_s / config.loop_steps, finite=finite[label],
                     position_after=int(stepper.cache.position)
                     if hasattr(stepper.cache, "position") else None)
-      _log(f"  {record['layer']:24s} context={record['context']:>6d}: "
-           f"{_timing.format_seconds(timing.median_s):>9s} per call (x{timing.repeats}), "
-           f"{_timing.format_seconds(record['loop_per_token_s']):>9s} per token in a scan, "
-           f"cache {_timing.format_bytes(record['cache_bytes'])}"
+      log(f"  {record['layer']:24s} context={record['context']:>6d}: "
+           f"{report.format_seconds(timing.median_s):>9s} per call (x{timing.repeats}), "
+           f"{report.format_seconds(record['loop_per_token_s']):>9s} per token in a scan, "
+           f"cache {report.format_bytes(record['cache_bytes'])}"
            f"{'' if finite[label] else '  NOT FINITE'}")
     return records
 
@@ -492,17 +422,16 @@ class DecodeRunner:
 # Analysis.
 
 
+def _key(layer: str, pass_name: str, length: int) -> dict[str, Any]:
+  return {"section": "grid", "layer": layer, "pass": pass_name, "T": length}
+
+
 def _find(records, layer, pass_name, length):
-  for r in records:
-    if (r["section"] == "grid" and r["layer"] == layer and r["pass"] == pass_name
-        and r["T"] == length):
-      return r
-  return None
+  return benchmark.find(records, _key(layer, pass_name, length))
 
 
 def _median(records, layer, pass_name, length, stat="median_s"):
-  r = _find(records, layer, pass_name, length)
-  return r[stat] if r and r["status"] == "ok" else None
+  return benchmark.median(records, _key(layer, pass_name, length), stat)
 
 
 def speedups(records: list[dict[str, Any]], layer: str, pass_name: str) -> dict[int, float]:
@@ -552,17 +481,15 @@ def crossover(records: list[dict[str, Any]], pass_name: str) -> dict[str, Any]:
 
 
 def _decode(records, layer, context):
-  for r in records:
-    if r["section"] == "decode" and r["layer"] == layer and r["context"] == context:
-      return r if r["status"] == "ok" else None
-  return None
+  r = benchmark.find(records, {"section": "decode", "layer": layer, "context": context})
+  return r if r and r["status"] == "ok" else None
 
 
 def targets(config: Config, result: dict[str, Any]) -> list[dict[str, Any]]:
   """The issue's targets, each with its numbers and PASS / MISS (or N/A, INFO)."""
   records = result["records"]
   out = []
-  fmt = _timing.format_seconds
+  fmt = report.format_seconds
 
   def add(name, value, goal, ok, detail, status=None):
     if status is None:
@@ -630,7 +557,7 @@ def targets(config: Config, result: dict[str, Any]) -> list[dict[str, Any]]:
       add(f"softmax / DCA decode time per token at context {context}",
           b["step_median_s"] / a["step_median_s"], "(reported)", True,
           f"in a scan: {b['loop_per_token_s'] / a['loop_per_token_s']:.3g}x; cache "
-          f"{_timing.format_bytes(b['cache_bytes'])} vs {_timing.format_bytes(a['cache_bytes'])}",
+          f"{report.format_bytes(b['cache_bytes'])} vs {report.format_bytes(a['cache_bytes'])}",
           status="INFO")
   return out
 
@@ -640,18 +567,18 @@ def targets(config: Config, result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _grid_table(records, layers, lengths, pass_name, cell):
-  return _report.grid_table("layer", layers, lengths,
+  return report.grid_table("layer", layers, lengths,
                             lambda name, t: cell(_find(records, name, pass_name, t)))
 
 
 def _speedup_table(records, layers, lengths, pass_name):
   ratios = {name: speedups(records, name, pass_name) for name in layers if name != SOFTMAX}
-  return _report.grid_table("layer", list(ratios), lengths,
+  return report.grid_table("layer", list(ratios), lengths,
                             lambda name, t: f"{ratios[name][t]:.3g}x" if t in ratios[name] else "")
 
 
 def _decode_table(records, layers, contexts):
-  fmt = _timing.format_seconds
+  fmt = report.format_seconds
   lines = ["| layer | context | per call (median) | per call (fastest) | per token in a scan | "
            "cache bytes | prefill (not interleaved) | decode-step XLA temp |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -668,8 +595,8 @@ def _decode_table(records, layers, contexts):
           f"| {name} | {context} | {fmt(r['step_median_s'])}"
           f"{'' if r.get('finite', True) else ' (NaN!)'} | {fmt(r['step_min_s'])} | "
           f"{fmt(r['loop_per_token_s'])} | {r['cache_bytes']:,} "
-          f"({_timing.format_bytes(r['cache_bytes'])}) | {fmt(r['prefill_s'])} | "
-          f"{_timing.format_bytes(r.get('step_temp_bytes'))} |")
+          f"({report.format_bytes(r['cache_bytes'])}) | {fmt(r['prefill_s'])} | "
+          f"{report.format_bytes(r.get('step_temp_bytes'))} |")
   return "\n".join(lines)
 
 
@@ -693,6 +620,12 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
   layers = list(result["params"])
   machine = result["machine"]
   probes = result["matmul"]["probes"]
+
+  def table(pass_name, cell):
+    if cell is None:
+      return _speedup_table(grid, layers, lengths, pass_name)
+    return _grid_table(grid, layers, lengths, pass_name, cell)
+
   lines = [
       "# Layer benchmark",
       "",
@@ -700,10 +633,9 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       "`python -m experiments.benchmark_layers` (~15-20 min on a quiet 2-core CPU; `--quick` "
       "runs a ~2-3 min subset; `--render-only` rewrites this file and the plot from the JSON).",
       "",
-      f"Machine: {_timing.machine_line(machine)}. Date: {machine['date']}. "
-      f"Run time: {result['runtime_s'] / 60:.1f} min. Dense {probes[0]['n']}^2 float32 matmul: "
-      + ", ".join(f"{p['gflops']:.1f}" for p in probes) + " GFLOP/s (start, end of run)."
-      + _report.load_text(machine),
+      f"Machine: {machine_line(machine)}. Date: {machine['date']}. "
+      f"Run time: {result['runtime_s'] / 60:.1f} min. " + report.matmul_text(probes)
+      + report.load_text(machine),
       "",
       f"Setup: B={config['batch']}, d_model={config['d_model']}, {config['num_heads']} heads, "
       f"float32, jit; each layer with its defaults (DCA: W={config['window']}, 16 projected "
@@ -723,7 +655,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       "one T more than absolute times.",
       "",
   ]
-  lines += _report.targets_section(result["targets"], _target_text)
+  lines += report.targets_section(result["targets"], _target_text)
   lines += ["", "## Parameters", "", "| layer | parameters | / softmax | options |",
             "|---|---:|---:|---|"]
   for name, count in result["params"].items():
@@ -733,19 +665,12 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       ("Forward + backward: speed-up over softmax (softmax time / layer time; > 1 is faster)",
        FWD_BWD, None),
       ("Forward: speed-up over softmax (softmax time / layer time)", FWD, None),
-      ("Forward + backward time", FWD_BWD, _report.cell_time),
-      ("Forward time", FWD, _report.cell_time),
-      ("Forward + backward XLA temp memory", FWD_BWD, _report.cell_memory),
-      ("Forward XLA temp memory", FWD, _report.cell_memory),
+      ("Forward + backward time", FWD_BWD, report.cell_time),
+      ("Forward time", FWD, report.cell_time),
+      ("Forward + backward XLA temp memory", FWD_BWD, report.cell_memory),
+      ("Forward XLA temp memory", FWD, report.cell_memory),
   ]
-  for title, pass_name, cell in sections:
-    lines += ["", f"## {title}", ""]
-    if "memory" in title:
-      lines += ["Parenthesised: compiled but not run (over a budget).", ""]
-    if cell is None:
-      lines.append(_speedup_table(grid, layers, lengths, pass_name))
-    else:
-      lines.append(_grid_table(grid, layers, lengths, pass_name, cell))
+  lines += report.grid_sections(table, sections)
   contexts = sorted({r["context"] for r in records if r["section"] == "decode"})
   lines += [
       "", "## Decoding", "",
@@ -769,9 +694,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
 
 def write_plot(path: str, result: dict[str, Any]) -> None:
   """Log-log fwd+bwd (and forward) time vs T, temp memory vs T, decode time vs context."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = report.pyplot()
 
   records = result["records"]
   grid = [r for r in records if r["section"] == "grid"]
@@ -807,23 +730,19 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
   ax_dec.plot([], [], "k:", alpha=0.6, label="per token in a lax.scan (dotted)")
   config = result["config"]
   ax_time.axhline(config["time_budget_s"], color="gray", ls="--", lw=1)
-  _report.memory_budget_line(ax_mem, config["memory_budget_gib"])
+  report.memory_budget_line(ax_mem, config["memory_budget_gib"])
   for ax, title, xlabel, ylabel in (
       (ax_time, "Layer time vs T", "sequence length T", "median time per call [s]"),
       (ax_mem, "Forward + backward XLA temp memory", "sequence length T", "temp memory [MiB]"),
       (ax_dec, "Decode time per token vs context", "context (tokens in the cache)",
        "time per token [ms]")):
-    _report.log_log_axes(ax, title, xlabel, ylabel)
+    report.log_log_axes(ax, title, xlabel, ylabel)
   ax_time.legend(fontsize=7, loc="upper left")
   ax_mem.legend(fontsize=7, loc="lower right")
   ax_dec.legend(fontsize=7, loc="best")
-  fig.suptitle(f"Attention layers: B={config['batch']}, d_model={config['d_model']}, "
-               f"{config['num_heads']} heads, float32 — "
-               f"{_timing.machine_line(result['machine'])}, {result['machine']['date'][:10]}",
-               fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  report.finish_plot(fig, path, f"Attention layers: B={config['batch']}, "
+                     f"d_model={config['d_model']}, {config['num_heads']} heads, float32",
+                     result["machine"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,62 +751,62 @@ def write_plot(path: str, result: dict[str, Any]) -> None:
 
 def run(config: Config, command: str) -> dict[str, Any]:
   """Runs every section and returns the JSON-serialisable result."""
-  started = time.perf_counter()
-  machine = _timing.machine_info()
-  _log(f"Machine: {_timing.machine_line(machine)}")
-  probes = [_timing.matmul_gflops(config.matmul_n)]
-  _log(f"Dense matmul {config.matmul_n}^2: {probes[0]['gflops']:.1f} GFLOP/s")
-  specs = layer_specs(config)
-  params = {spec.name: param_count(spec.make(config)) for spec in specs}
+  session = benchmark.Session(config.matmul_n)
+  under_test = layers(config)
+  splits, params = {}, {}
+  for layer in under_test:
+    module = layer.make(config)
+    params[layer.name] = count_params(module)
+    splits[layer.name] = (layer, *nnx.split(module))
   for name, count in params.items():
-    _log(f"  {name:24s} {count:,} parameters ({count / params[SOFTMAX]:.4f} x softmax)")
+    log(f"  {name:24s} {count:,} parameters ({count / params[SOFTMAX]:.4f} x softmax)")
 
   records: list[dict[str, Any]] = []
-  grid = GridRunner(config, specs)
+  # A compilation can take a minute: a layer over the time budget is not even compiled beyond.
+  runner = benchmark.Runner(memory_budget_gib=config.memory_budget_gib,
+                            time_budget_s=config.time_budget_s, compile_exhausted=False)
   for length in config.lengths:
-    _log(f"T={length}")
-    records += grid.measure(length)
+    log(f"T={length}")
+    records += measure_grid(runner, config, splits, length)
 
-  decoder = DecodeRunner(config, specs)
-  jobs = [(spec.name, context) for context in config.decode_contexts for spec in specs
-          if spec.name in (DCA, SOFTMAX) or context in config.decode_all_contexts]
-  _log(f"decode at contexts {', '.join(map(str, config.decode_contexts))}")
+  decoder = DecodeRunner(config, under_test)
+  jobs = [(layer.name, context) for context in config.decode_contexts for layer in under_test
+          if layer.name in (DCA, SOFTMAX) or context in config.decode_all_contexts]
+  log(f"decode at contexts {', '.join(map(str, config.decode_contexts))}")
   records += decoder.measure(jobs)
 
-  machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-  probes.append(_timing.matmul_gflops(config.matmul_n))
-  _log(f"Dense matmul {config.matmul_n}^2 (end): {probes[1]['gflops']:.1f} GFLOP/s")
+  session.finish()
   result = {
       "command": command,
-      "machine": machine,
+      "machine": session.machine,
       "config": dataclasses.asdict(config),
-      "matmul": {"probes": probes},
+      "matmul": {"probes": session.probes},
       "params": params,
-      "options": {spec.name: spec.options for spec in specs},
-      "decode_margin": decoder._max_length(0),  # pylint: disable=protected-access
+      "options": {layer.name: layer.options_text for layer in under_test},
+      "decode_margin": decoder.max_length(0),
       "records": records,
   }
   result["crossover"] = {p: crossover(records, p) for p in PASSES}
   result["targets"] = targets(config, result)
-  result["runtime_s"] = time.perf_counter() - started
+  result["runtime_s"] = session.runtime_s
   return result
 
 
 def print_summary(result: dict[str, Any]) -> None:
   """Speed-ups over softmax and the targets, on stdout."""
   for pass_name in PASSES:
-    _log(f"\nSpeed-up over softmax, {pass_name} (softmax time / layer time):")
+    log(f"\nSpeed-up over softmax, {pass_name} (softmax time / layer time):")
     for name in result["params"]:
       if name != SOFTMAX:
         ratios = speedups(result["records"], name, pass_name)
-        _log(f"  {name:24s} " + "  ".join(f"T={t}: {r:.3g}x" for t, r in ratios.items()))
-  _report.log_targets(result["targets"], none_text="-")
-  _log(f"\nRun time {result['runtime_s'] / 60:.1f} min")
+        log(f"  {name:24s} " + "  ".join(f"T={t}: {r:.3g}x" for t, r in ratios.items()))
+  report.log_targets(result["targets"], none_text="-")
+  log(f"\nRun time {result['runtime_s'] / 60:.1f} min")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Parses the command line, runs, writes `<out>/layer_benchmark.{json,md,png}`."""
-  return _report.main(argv, doc=__doc__, module="experiments.benchmark_layers",
+  return benchmark_cli.main(argv, doc=__doc__, module="experiments.benchmark_layers",
                       stem_name="layer_benchmark", noun="layer", get_config=get_config, run=run,
                       print_summary=print_summary, write_markdown=write_markdown,
                       write_plot=write_plot)

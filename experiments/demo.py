@@ -20,7 +20,6 @@ this run; `--out` keeps the two training workdirs (checkpoints, metrics) and `de
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -31,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dca_jax.nn.dca import DCAttention
-from dca_jax.nn.generation import generate
-from dca_jax.nn.softmax import SoftmaxAttention
-from experiments import _timing
+from dca_jax.nn import DCAttention, SoftmaxAttention, generate
+from experiments import benchmark, bookkeeping, report
 from experiments import configs as configs_lib
-from experiments import data as data_lib
+from experiments import checkpoints as checkpoints_lib
+from experiments import corpus as corpus_lib
+from experiments import model as model_lib
 from experiments import train as train_lib
 
 
@@ -47,21 +46,21 @@ def train_pair(out: pathlib.Path, steps: int) -> dict[str, Any]:
     config = configs_lib.load_config(name, overrides={"steps": steps, "eval_every": 0,
                                                       "checkpoint_every": steps})
     workdir = out / name
-    resume = train_lib.checkpoint_manager(workdir).latest_step() is not None
+    resume = checkpoints_lib.latest_step(workdir) is not None
     print(f"\n== training {name}: {config.attention} attention, d_model {config.d_model}, "
           f"{config.num_layers} layers, {steps} steps of {config.batch_size} x {config.seq_len} "
           f"bytes ==", flush=True)
     start = time.perf_counter()
     summary = train_lib.train(config, workdir, resume=resume)
     summary["wall_s"] = time.perf_counter() - start
-    summary["num_params"] = train_lib.read_run(workdir)["num_params"]
+    summary["num_params"] = checkpoints_lib.read_run(workdir)["num_params"]
     summaries[name] = summary
   return summaries
 
 
 def sample_dca(out: pathlib.Path, length: int = 200) -> dict[str, Any]:
   """A sample from the trained DCA model, with the cache sizes of DCA and softmax."""
-  config, model, _ = train_lib.load_checkpoint(out / "lm_dca")
+  config, model, _ = checkpoints_lib.load_checkpoint(out / "lm_dca")
   prompt_text = b"def __init__(self"
   prompt = jnp.asarray(np.frombuffer(prompt_text, np.uint8).astype(np.int32))[None]
   start = time.perf_counter()
@@ -70,14 +69,12 @@ def sample_dca(out: pathlib.Path, length: int = 200) -> dict[str, Any]:
   seconds = time.perf_counter() - start
   text = bytes(np.asarray(tokens[0]).astype(np.uint8)).decode("utf-8", errors="replace")
   softmax_config = configs_lib.load_config("lm_softmax")
-  softmax = nnx.eval_shape(lambda: train_lib.build_model(softmax_config))
-
-  def nbytes(cache):
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+  softmax = nnx.eval_shape(lambda: model_lib.build_model(softmax_config))
   sizes = {}
   for context in (1024, 1 << 20):
-    sizes[context] = {"dca": nbytes(jax.eval_shape(lambda: model.init_cache(1, context))),
-                      "softmax": nbytes(jax.eval_shape(lambda: softmax.init_cache(1, context)))}
+    sizes[context] = {
+        name: benchmark.tree_bytes(jax.eval_shape(lambda m=m: m.init_cache(1, context)))
+        for name, m in (("dca", model), ("softmax", softmax))}
   return {"prompt": prompt_text.decode(), "text": text, "seconds": seconds, "cache_bytes": sizes}
 
 
@@ -85,22 +82,22 @@ def layer_table(lengths: Sequence[int], repeats: int = 3) -> list[dict[str, Any]
   """Forward+backward time and XLA temp memory of one DCA and one softmax layer vs T."""
   layers = {"DCA": DCAttention(256, 4, rngs=nnx.Rngs(0)),
             "softmax": SoftmaxAttention(256, 4, rngs=nnx.Rngs(0))}
+  runner = benchmark.Runner(log_width=None)
   rows = []
   for length in lengths:
     x = jax.random.normal(jax.random.key(length), (1, length, 256))
-    thunks, memory = {}, {}
+    records, cases = {}, []
     for name, layer in layers.items():
       graphdef, state = nnx.split(layer)
 
       def loss(state, x, graphdef=graphdef):
         return jnp.sum(nnx.merge(graphdef, state)(x) ** 2)
-      fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-      compiled = _timing.compile_fn(fn, state, x)
-      memory[name] = _timing.memory_stats(compiled).get("temp_bytes")
-      thunks[name] = lambda compiled=compiled, state=state, x=x: compiled(state, x)
-    timings = _timing.time_interleaved(thunks, repeats=repeats)
-    rows.append({"T": length, **{f"{n}_s": t.median_s for n, t in timings.items()},
-                 **{f"{n}_temp_bytes": m for n, m in memory.items()}})
+      records[name] = {}
+      cases.append(benchmark.Case(name, "fwd+bwd", records[name],
+                                  fn=jax.grad(loss, argnums=(0, 1)), args=(state, x)))
+    runner.measure(cases, length, repeats=repeats)
+    rows.append({"T": length, **{f"{n}_s": r["median_s"] for n, r in records.items()},
+                 **{f"{n}_temp_bytes": r["temp_bytes"] for n, r in records.items()}})
     print(f"  measured T = {length}", flush=True)
   return rows
 
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
   lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
   start = time.perf_counter()
 
-  corpus = data_lib.build_default_corpus()
+  corpus = corpus_lib.build_default_corpus()
   info = dict(corpus.info)
   sizes = info["bytes"]
   print(f"corpus: {corpus.name}, {sum(sizes.values()):,} bytes (train {sizes['train']:,}, "
@@ -137,23 +134,23 @@ def main(argv: list[str] | None = None) -> int:
   print(sample["prompt"] + sample["text"])
   print(f"\n({args.sample} bytes in {sample['seconds']:.1f} s including compilation)")
   for context, sizes in sample["cache_bytes"].items():
-    print(f"decode cache for a {context:,}-byte context: DCA {_timing.format_bytes(sizes['dca'])}"
-          f", softmax {_timing.format_bytes(sizes['softmax'])}")
+    print(f"decode cache for a {context:,}-byte context: DCA {report.format_bytes(sizes['dca'])}"
+          f", softmax {report.format_bytes(sizes['softmax'])}")
 
   print("\n== one attention layer (d_model 256, 4 heads, batch 1), forward + backward ==")
   rows = layer_table(lengths)
   print(f"{'T':>7} {'DCA':>10} {'softmax':>10} {'speed-up':>9} {'DCA mem':>10} {'softmax mem':>12}")
   for r in rows:
-    print(f"{r['T']:>7} {_timing.format_seconds(r['DCA_s']):>10} "
-          f"{_timing.format_seconds(r['softmax_s']):>10} {r['softmax_s'] / r['DCA_s']:>8.2f}x "
-          f"{_timing.format_bytes(r['DCA_temp_bytes']):>10} "
-          f"{_timing.format_bytes(r['softmax_temp_bytes']):>12}")
+    print(f"{r['T']:>7} {report.format_seconds(r['DCA_s']):>10} "
+          f"{report.format_seconds(r['softmax_s']):>10} {r['softmax_s'] / r['DCA_s']:>8.2f}x "
+          f"{report.format_bytes(r['DCA_temp_bytes']):>10} "
+          f"{report.format_bytes(r['softmax_temp_bytes']):>12}")
   total = time.perf_counter() - start
   print(f"\ndone in {total / 60:.1f} min; full benchmarks: python -m experiments.benchmark_layers, "
         f"python -m experiments.suite (see docs/benchmark_results.md)")
   result = {"summaries": summaries, "sample": sample, "layers": rows, "total_s": total,
-            "machine": _timing.machine_info(), "corpus": {"name": corpus.name, **info}}
-  (out / "demo.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            "machine": bookkeeping.machine_info(), "corpus": {"name": corpus.name, **info}}
+  bookkeeping.write_json(out / "demo.json", result)
   return 0
 
 

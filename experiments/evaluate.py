@@ -13,14 +13,13 @@ length T:
           batch's tokens: max(1, batch_size * seq_len // T).
   "mqar": answer accuracy on fresh MQAR sequences of length T with the run's number of pairs
           (a length-generalisation check beyond the training length).
-With `--sample N`, also samples N bytes with `dca_jax.nn.generation.generate` from a prompt (the
+With `--sample N`, also samples N bytes with `dca_jax.nn.generate` from a prompt (the
 start of the test split, or `--prompt`). Writes `workdir/eval.json`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -33,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dca_jax.nn.generation import generate
-from experiments import data as data_lib
-from experiments import train as train_lib
+from dca_jax.nn import generate
+from experiments import checkpoints as checkpoints_lib
+from experiments import model as model_lib
+from experiments import tasks as tasks_lib
+from experiments.bookkeeping import now
 
 
 def evaluate(workdir: str | os.PathLike[str], contexts: Sequence[int], *,
@@ -71,32 +72,26 @@ def evaluate(workdir: str | os.PathLike[str], contexts: Sequence[int], *,
     raise ValueError(f"contexts must be integers >= 1, got {contexts}.")
   if split not in ("test", "validation"):
     raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
-  config, model, step = train_lib.load_checkpoint(workdir)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  eval_step = train_lib.compiled_steps(config)[3]
-  corpus = train_lib.load_experiment_corpus(config) if config.task == "lm" else None
+  config, model, step = checkpoints_lib.load_checkpoint(workdir)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  eval_step = model_lib.compiled_steps(config)[3]
+  task = tasks_lib.make_task(config)
+  # MQAR is scored on its test sequences whatever `split` says (the split is the corpus's).
+  task_split = split if config.task == "lm" else "test"
   results: dict[int, dict[str, Any]] = {}
   for t in contexts:
     rows = batch_size or max(1, config.batch_size * config.seq_len // t)
     start = time.perf_counter()
-    if config.task == "lm":
-      batches = data_lib.eval_batches(corpus.splits[split], t, rows)
-      if max_batches is not None:
-        batches = (b for _, b in zip(range(max_batches), batches))
-    else:
-      stream = train_lib._MQAR_TEST  # pylint: disable=protected-access
-      batches = (train_lib.mqar_batch(config, stream, i, seq_len=t, batch_size=rows)
-                 for i in range(max_batches or 16))
-    counted = _Counted(batches)
-    result = train_lib.evaluate_batches(eval_step, params, rest, counted)
+    counted = _Counted(task.eval_batches(task_split, t, rows, max_batches))
+    result = model_lib.evaluate_batches(eval_step, params, rest, counted)
     result.update(batches=counted.count, batch_size=rows, seconds=time.perf_counter() - start)
     results[t] = result
   sampled = None
   if sample and config.task == "lm":
-    sampled = _sample(model, corpus.splits[split], sample, prompt, temperature, top_k, seed)
+    sampled = _sample(model, task.corpus.splits[split], sample, prompt, temperature, top_k, seed)
   out = {"workdir": str(workdir), "step": step, "config": config.to_dict(), "split": split,
          "contexts": {str(t): r for t, r in results.items()}, "sample": sampled,
-         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+         "date": now()}
   if write:
     pathlib.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2) + "\n")
   return out

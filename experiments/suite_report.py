@@ -1,24 +1,13 @@
-"""Speeds, energy estimates and the report of the experiment suite (`experiments/suite.py`).
+"""The report of the experiment suite: docs/benchmark_results.{json,md} and its plots.
 
-`measure_speed` times, in one process and round-robin (`_timing.time_interleaved`), the training
-step and the decoding step of the five LM models of the comparison, and counts their FLOPs with
-`dca_jax.flops.count_flops` (exact, loops included) to estimate energy relative to the softmax
-transformer. `render` gathers every `result.json` of a runs directory (and speed.json) into
-docs/benchmark_results.{json,md} and the PNG plots.
-
-Energy model (an estimate, not a measurement; no power meter is available on these machines):
-  E = e_flop * FLOPs + e_dram * bytes moved from DRAM,
-with e_flop = 2.3 pJ (a 32-bit floating multiply-add, 3.7 pJ + 0.9 pJ, counted as 2 FLOPs) and
-e_dram = 160 pJ per byte (640 pJ per 32-bit DRAM read), Horowitz, "Computing's energy problem
-(and what we can do about it)", ISSCC 2014, 45 nm figures. Training and prefill are counted as
-compute (FLOPs only: a lower bound; the same for every model). One decoding step at batch 1
-reads every parameter and the whole decode cache once, so its DRAM bytes are parameters + cache.
-Only ratios to the softmax transformer are reported: the constants cancel in compute-bound rows.
+`render` gathers every `result.json` of a runs directory (written by `experiments/suite.py`) and
+its speed.json (`experiments/suite_speed.py`) into docs/benchmark_results.{json,md} and the PNG
+plots. It measures nothing: the numbers come from those files, the runs' layout from the plan
+(`experiments/suite_plan.py`).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import pathlib
@@ -26,142 +15,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from experiments import _timing
-
-E_FLOP_PJ = 2.3
-E_DRAM_PJ_PER_BYTE = 160.0
-ENERGY_SOURCE = ("Horowitz, 'Computing's energy problem (and what we can do about it)', "
-                 "ISSCC 2014 (45 nm): fp32 mult 3.7 pJ + add 0.9 pJ; 32-bit DRAM read 640 pJ")
-
-
-def _now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-# --- speed and energy -------------------------------------------------------------------------
-
-
-def _lm_config(attention: str, tiny: bool):
-  from experiments import configs as configs_lib  # pylint: disable=g-import-not-at-top
-  from experiments import suite
-  run = next(r for r in suite.suite_runs("lm") if r.override_dict()["attention"] == attention)
-  overrides = run.override_dict()
-  if tiny:
-    overrides = {**overrides, **suite.tiny_overrides(run)}
-  return configs_lib.load_config(run.config, overrides=overrides)
-
-
-def measure_speed(out: pathlib.Path, *, repeats: int = 7, tiny: bool = False,
-                  decode_lengths: Sequence[int] = (1024, 16384),
-                  flop_lengths: Sequence[int] = (256, 1024, 4096, 16384)) -> dict[str, Any]:
-  """Training and decoding tokens/s and FLOP-based energy of the five LM models; writes `out`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp
-  from flax import nnx
-  from dca_jax.flops import count_flops
-  from dca_jax.nn.transformer import count_params
-  from experiments import suite
-  from experiments import train as train_lib
-
-  if tiny:
-    decode_lengths, flop_lengths, repeats = (64,), (32, 64), 2
-  configs = {a: _lm_config(a, tiny) for a in suite.ATTENTIONS}
-  states, thunks, info = {}, {}, {}
-  for attention, config in configs.items():
-    _, tx, train_step, _ = train_lib.compiled_steps(config)
-    model = train_lib.build_model(config)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    data = train_lib._Data(config)  # pylint: disable=protected-access
-    batch = data.train_batch(0)
-    states[attention] = [params, tx.init(params)]
-
-    def train_thunk(attention=attention, train_step=train_step, rest=rest, batch=batch):
-      params, opt_state = states[attention]
-      params, opt_state, loss, _ = train_step(params, rest, opt_state, batch)
-      states[attention] = [params, opt_state]
-      return loss
-    thunks[f"train/{attention}"] = train_thunk
-    info[attention] = {"num_params": count_params(model), "config": config.to_dict(),
-                       "train_tokens_per_step": config.batch_size * config.seq_len}
-
-    # jax.jit over the split state (nnx.jit's per-call graph bookkeeping would dominate a step
-    # that takes well under a millisecond).
-    graphdef, state = nnx.split(model)
-    step_fn = jax.jit(lambda state, tok, cache, graphdef=graphdef:
-                      nnx.merge(graphdef, state).decode_step(tok, cache))
-    for length in decode_lengths:
-      cache = model.init_cache(1, length)
-      token = jnp.zeros((1,), jnp.int32)
-      cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
-      info[attention][f"cache_bytes/{length}"] = cache_bytes
-
-      def decode_thunk(state=state, cache=cache, token=token, step_fn=step_fn):
-        return step_fn(state, token, cache)[0]
-      thunks[f"decode/{attention}/{length}"] = decode_thunk
-
-    # Exact FLOPs of the forward per token at several lengths, and of one decode step.
-
-    def forward(state, tokens, graphdef=graphdef):
-      return nnx.merge(graphdef, state)(tokens)
-    flops = {}
-    for length in flop_lengths:
-      tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
-      flops[str(length)] = count_flops(forward, state, tokens).flops / length
-
-    def decode(state, token, cache, graphdef=graphdef):
-      return nnx.merge(graphdef, state).decode_step(token, cache)
-    cache = model.init_cache(1, max(decode_lengths))
-    info[attention]["forward_flops_per_token"] = flops
-    info[attention]["decode_flops_per_token"] = count_flops(
-        decode, state, jax.ShapeDtypeStruct((1,), jnp.int32), cache).flops
-    info[attention]["param_bytes"] = 4 * info[attention]["num_params"]
-
-  timings = _timing.time_interleaved(thunks, repeats=repeats, min_total_s=2.0, max_repeats=40)
-  for name, timing in timings.items():
-    kind, attention, *rest = name.split("/")
-    if kind == "train":
-      info[attention]["train_step_s"] = timing.median_s
-      info[attention]["train_tokens_per_s"] = info[attention]["train_tokens_per_step"] / timing.median_s
-    else:
-      info[attention][f"decode_step_s/{rest[0]}"] = timing.median_s
-      info[attention][f"decode_tokens_per_s/{rest[0]}"] = 1.0 / timing.median_s
-  result = {"models": info, "decode_lengths": list(decode_lengths),
-            "flop_lengths": list(flop_lengths), "repeats": repeats,
-            "machine": _timing.machine_info(), "date": _now(), "tiny": tiny,
-            "energy": energy_table(info, decode_lengths, flop_lengths)}
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-  print(json.dumps({a: {k: v for k, v in m.items() if "tokens_per_s" in k}
-                    for a, m in info.items()}, indent=1, default=_json_default))
-  return result
-
-
-def energy_table(info: Mapping[str, Any], decode_lengths: Sequence[int],
-                 flop_lengths: Sequence[int]) -> dict[str, Any]:
-  """Energy per token relative to softmax, from the model in the module docstring."""
-  base = info["softmax"]
-  table: dict[str, Any] = {}
-  for attention, m in info.items():
-    row = {}
-    for length in flop_lengths:
-      row[f"forward/{length}"] = (m["forward_flops_per_token"][str(length)]
-                                  / base["forward_flops_per_token"][str(length)])
-    for length in decode_lengths:
-      def joules(m, length=length):
-        bytes_moved = m["param_bytes"] + m[f"cache_bytes/{length}"]
-        return (E_FLOP_PJ * m["decode_flops_per_token"] + E_DRAM_PJ_PER_BYTE * bytes_moved) * 1e-12
-      row[f"decode/{length}"] = joules(m) / joules(base)
-      row[f"decode_joules/{length}"] = joules(m)
-    table[attention] = row
-  return table
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  raise TypeError(type(x))
+from experiments import checkpoints as checkpoints_lib
+from experiments import suite_plan
+from experiments.bookkeeping import cpu_model, machine_line, now, write_json
+from experiments.energy import E_DRAM_PJ_PER_BYTE, E_FLOP_PJ, ENERGY_SOURCE
+from experiments.report import format_bytes, pyplot
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -182,19 +40,19 @@ def _fmt(x, digits=3):
 
 def render(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
   """Writes out/benchmark_results.{json,md} and out/benchmark_*.png from a runs directory."""
-  from experiments import suite  # pylint: disable=g-import-not-at-top
   results = _load_results(runs)
   speed_path = runs / "speed.json"
   speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
   by_group: dict[str, list[dict[str, Any]]] = {}
   for r in results:
     by_group.setdefault(r["group"], []).append(r)
-    if r["name"] == "mqar_{}_{}_d64_dca".format(*suite.ABLATION_MQAR):   # the ablations' default
+    # The MQAR grid's DCA run at the ablations' configuration is their default row.
+    if r["name"] == "mqar_{}_{}_d64_dca".format(*suite_plan.ABLATION_MQAR):
       by_group.setdefault("ablation_mqar", []).insert(0, {**r, "label": "default"})
-  summary = {"date": _now(), "runs": {r["name"]: _compact(r) for r in results}, "speed": speed}
+  summary = {"date": now(), "runs": {r["name"]: _compact(r) for r in results}, "speed": speed}
   out.mkdir(parents=True, exist_ok=True)
-  (out / "benchmark_results.json").write_text(json.dumps(summary, indent=2) + "\n")
-  lines = _markdown(by_group, speed, suite, runs)
+  write_json(out / "benchmark_results.json", summary)
+  lines = _markdown(by_group, speed, runs)
   (out / "benchmark_results.md").write_text("\n".join(lines) + "\n")
   _plots(by_group, speed, out)
   print(f"wrote {out / 'benchmark_results.md'} ({len(results)} runs)")
@@ -219,8 +77,9 @@ def _machine_line(results: Sequence[Mapping[str, Any]]) -> str:
     return ""
   m = results[0]["machine"]
   dates = sorted(r["date"][:10] for r in results)
-  return (f"{m.get('cpu_model') or _timing._cpu_model()} x {m.get('cpu_count')} cores, JAX {m.get('jax')} "
-          f"({m.get('backend')}), trained {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
+  return (f"{m.get('cpu_model') or cpu_model()} x {m.get('cpu_count')} cores, "
+          f"JAX {m.get('jax')} ({m.get('backend')}), trained {dates[0]}"
+          + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
 
 
 def _metric(r, t, key):
@@ -228,34 +87,33 @@ def _metric(r, t, key):
   return None if e is None else e.get(key)
 
 
-def _unfinished(runs: pathlib.Path, suite) -> dict[str, dict[str, Any]]:
+def _unfinished(runs: pathlib.Path) -> dict[str, dict[str, Any]]:
   """The last validation record of each budget-study run with metrics but no result.json yet."""
-  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
   out = {}
-  for run in suite.suite_runs("mqar_long"):
+  for run in suite_plan.suite_runs("mqar_long"):
     workdir = runs / run.name
     if (workdir / "result.json").exists() or not (workdir / "metrics.jsonl").exists():
       continue
-    val = [r for r in train_lib.read_metrics(workdir) if "val_accuracy" in r]
+    val = [r for r in checkpoints_lib.read_metrics(workdir) if "val_accuracy" in r]
     if val:
       out[run.name] = val[-1]
   return out
 
 
-# The issue's MQAR target: DCA >= 0.99 at (256, 16), d_model 128, above these layers.
-_SUBQUADRATIC = ("window", "linear", "gla")
+# The issue's MQAR target: DCA >= 0.99 at (256, 16), d_model 128, above every layer of
+# `suite_plan.SUBQUADRATIC`.
 
 
 def _target_verdict(dca: float, others: Mapping[str, float]) -> str:
   """"missed", "met" (above every sub-quadratic layer), or undecided while some were not run."""
   if dca < 0.99:
     return "missed"
-  if set(others) >= set(_SUBQUADRATIC):
-    return "met" if all(dca > others[a] for a in _SUBQUADRATIC) else "missed"
+  if set(others) >= set(suite_plan.SUBQUADRATIC):
+    return "met" if all(dca > others[a] for a in suite_plan.SUBQUADRATIC) else "missed"
   return "DCA >= 0.99; the other layers not all run"
 
 
-def _markdown(by_group, speed, suite, runs_dir: pathlib.Path) -> list[str]:
+def _markdown(by_group, speed, runs_dir: pathlib.Path) -> list[str]:
   lines = ["# Experiment results: accuracy, speed and energy of DCA against four baselines", "",
            "Generated by `python -m experiments.suite render --runs runs/suite` from the runs of",
            "`python -m experiments.suite run --suite all --runs runs/suite --workers 2` and",
@@ -303,11 +161,11 @@ def _markdown(by_group, speed, suite, runs_dir: pathlib.Path) -> list[str]:
     lines += ["", "![bits per byte vs context](benchmark_lm_contexts.png)", ""]
   mq = by_group.get("mqar", [])
   if mq:
-    lines += _mqar_section(mq, suite)
+    lines += _mqar_section(mq)
   if by_group.get("mqar_long"):
-    lines += _mqar_long_section(by_group["mqar_long"], suite, _unfinished(runs_dir, suite))
+    lines += _mqar_long_section(by_group["mqar_long"], _unfinished(runs_dir))
   for group, title in (("ablation_mqar", "Ablations of DCA on MQAR {}, d_model 64".format(
-                           suite.ABLATION_MQAR)),
+                           suite_plan.ABLATION_MQAR)),
                        ("ablation_lm", "Ablations of DCA on the corpus (small budget)")):
     rs = sorted(by_group.get(group, []), key=lambda r: (r["label"] != "default", r["label"]))
     if not rs:
@@ -331,7 +189,7 @@ def _markdown(by_group, speed, suite, runs_dir: pathlib.Path) -> list[str]:
   return lines
 
 
-def _mqar_section(mq, suite) -> list[str]:
+def _mqar_section(mq) -> list[str]:
   lines = ["## MQAR (multi-query associative recall)", ""]
   c = mq[0]["config"]
   lines += [f"{c['num_layers']} layers, vocabulary {c['vocab_size']}, {mq[0]['steps']} steps of "
@@ -366,7 +224,7 @@ def _mqar_section(mq, suite) -> list[str]:
           and r["config"]["mqar_pairs"] == 16}
     if at.get("dca") is None:
       continue
-    others = {a: v for a, v in at.items() if a in _SUBQUADRATIC and v is not None}
+    others = {a: v for a, v in at.items() if a in suite_plan.SUBQUADRATIC and v is not None}
     best = max(others.items(), key=lambda kv: kv[1]) if others else None
     verdict = _target_verdict(at["dca"], others)
     lines.append(f"- (256, 16) at d_model {d_model}: DCA {_fmt(at['dca'])}; best other "
@@ -375,7 +233,7 @@ def _mqar_section(mq, suite) -> list[str]:
                  f"above every other sub-quadratic layer: {verdict if d_model == 128 else 'n/a'}).")
   done = {r["name"] for r in mq}
   missing = sorted({(r.override_dict()["seq_len"], r.override_dict()["mqar_pairs"],
-                     r.override_dict()["d_model"]) for r in suite.suite_runs("mqar")
+                     r.override_dict()["d_model"]) for r in suite_plan.suite_runs("mqar")
                     if r.name not in done})
   if missing:
     lines.append("- not run yet (the suite is resumable; these come last in its order): "
@@ -384,10 +242,10 @@ def _mqar_section(mq, suite) -> list[str]:
   return lines
 
 
-def _mqar_long_section(rows, suite, unfinished: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _mqar_long_section(rows, unfinished: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """The budget study: test accuracy and the steps each layer trained (stopped at 99%); a run
   stopped before its end shows its last validation accuracy instead, marked as such."""
-  budget = suite.MQAR_LONG_BUDGET
+  budget = suite_plan.MQAR_LONG_BUDGET
   lines = ["## MQAR with a longer budget: does each layer learn, and after how many steps?", "",
            f"The same models and data as above, up to {budget['steps']} steps of "
            f"{budget['batch_size']} sequences at peak lr {budget['peak_lr']} "
@@ -398,17 +256,17 @@ def _mqar_long_section(rows, suite, unfinished: Mapping[str, Mapping[str, Any]])
            f"reached {budget['stop_accuracy']} there). \"unfinished\": the run was stopped "
            "before its end (it resumes from its checkpoint when the suite is run again); its "
            f"last validation accuracy is shown. Machine: {_machine_line(rows)}.", ""]
-  cells = list(dict.fromkeys((t, p, d) for t, p, d, _ in suite.MQAR_LONG_ORDER))
-  labels = [suite.LABELS[a] for a in suite.ATTENTIONS]
+  cells = list(dict.fromkeys((t, p, d) for t, p, d, _ in suite_plan.MQAR_LONG_ORDER))
+  labels = [suite_plan.LABELS[a] for a in suite_plan.ATTENTIONS]
   lines += ["| (T, pairs), d_model | " + " | ".join(labels) + " |",
             "|---|" + "---:|" * len(labels)]
   by_key = {(r["config"]["seq_len"], r["config"]["mqar_pairs"], r["config"]["d_model"],
              r["config"]["attention"]): r for r in rows}
   for t, p, d in cells:
     out = []
-    for attention in suite.ATTENTIONS:
+    for attention in suite_plan.ATTENTIONS:
       r = by_key.get((t, p, d, attention))
-      partial = unfinished.get(suite.long_run_name(t, p, d, attention))
+      partial = unfinished.get(suite_plan.long_run_name(t, p, d, attention))
       if r is not None:
         out.append(f"{_fmt(_metric(r, t, 'accuracy'))} ({r['steps']})")
       elif partial is not None:
@@ -416,18 +274,18 @@ def _mqar_long_section(rows, suite, unfinished: Mapping[str, Mapping[str, Any]])
       else:
         out.append("not run")
     lines.append(f"| ({t}, {p}), {d} | " + " | ".join(out) + " |")
-  target = {a: by_key.get((256, 16, 128, a)) for a in suite.ATTENTIONS}
+  target = {a: by_key.get((256, 16, 128, a)) for a in suite_plan.ATTENTIONS}
   if target["dca"] is not None:
     acc = _metric(target["dca"], 256, "accuracy")
     others = {a: _metric(r, 256, "accuracy") for a, r in target.items()
-              if r is not None and a in _SUBQUADRATIC}
+              if r is not None and a in suite_plan.SUBQUADRATIC}
     verdict = _target_verdict(acc, others)
     lines += ["", f"- Target, (256, 16) at d_model 128 with this budget: DCA {_fmt(acc)} after "
               f"{target['dca']['steps']} steps; " + (", ".join(
-                  f"{suite.LABELS[a]} {_fmt(v)}" for a, v in others.items()) or
+                  f"{suite_plan.LABELS[a]} {_fmt(v)}" for a, v in others.items()) or
                   "no other sub-quadratic layer run") + f": {verdict}."]
-  elif suite.long_run_name(256, 16, 128, "dca") in unfinished:
-    partial = unfinished[suite.long_run_name(256, 16, 128, "dca")]
+  elif suite_plan.long_run_name(256, 16, 128, "dca") in unfinished:
+    partial = unfinished[suite_plan.long_run_name(256, 16, 128, "dca")]
     lines += ["", "- Target, (256, 16) at d_model 128 with this budget: DCA's run is unfinished "
               f"(validation accuracy {_fmt(partial['val_accuracy'])} at step {partial['step']} "
               f"of {budget['steps']}): not decided."]
@@ -445,7 +303,7 @@ def _speed_section(speed) -> list[str]:
   lengths = speed["decode_lengths"]
   lines = ["## Speed, memory and energy", "",
            f"`python -m experiments.suite speed` ({speed['date'][:10]}, "
-           f"{_timing.machine_line(speed['machine'])}): every model timed round-robin in one "
+           f"{machine_line(speed['machine'])}): every model timed round-robin in one "
            "process after warm-up, median of the repeats. Training: one optimiser step of "
            "the LM comparison's batch. Decoding: one token at batch 1 with a cache of the given "
            "length (softmax's KV cache grows with it; the others are constant).", "",
@@ -456,7 +314,7 @@ def _speed_section(speed) -> list[str]:
   for a, r in m.items():
     lines.append(f"| {a} | {r['num_params']:,} | {r['train_tokens_per_s']:,.0f} | " + " | ".join(
         f"{r[f'decode_tokens_per_s/{n}']:,.0f}" for n in lengths) + " | " + " | ".join(
-            _timing.format_bytes(r[f"cache_bytes/{n}"]) for n in lengths) + " |")
+            format_bytes(r[f"cache_bytes/{n}"]) for n in lengths) + " |")
   e = speed["energy"]
   flens = speed["flop_lengths"]
   lines += ["", "Energy per token relative to the softmax transformer (an estimate: "
@@ -475,9 +333,7 @@ def _speed_section(speed) -> list[str]:
 
 
 def _plots(by_group, speed, out: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   lm = by_group.get("lm", [])
   if lm:
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,4 +1,5 @@
-"""Tests of experiments/data.py: the default corpus, load_corpus, packed and eval batches."""
+"""Tests of experiments/corpus.py and batches.py: the default corpus, load_corpus, packed and eval
+batches."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from experiments import data
+from experiments import batches as batches_lib
+from experiments import corpus as corpus_lib
 
 MARK = 255  # first byte of every synthetic document; other bytes are < MARK
 
 
 @pytest.fixture(scope="module")
 def default_corpus():
-  return data.build_default_corpus()
+  return corpus_lib.build_default_corpus()
 
 
 def _docs(rng: np.random.Generator, lengths) -> list[bytes]:
@@ -27,15 +29,16 @@ def _docs(rng: np.random.Generator, lengths) -> list[bytes]:
 
 
 def test_docstring_examples():
-  result = doctest.testmod(data, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-  assert result.attempted > 0 and result.failed == 0
+  for module in (corpus_lib, batches_lib):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # --- the default corpus -------------------------------------------------------------------
 
 
 def test_default_corpus_is_deterministic(default_corpus):
-  again = data.build_default_corpus()
+  again = corpus_lib.build_default_corpus()
   assert again.info["sha256"] == default_corpus.info["sha256"]
   assert again.names == default_corpus.names
   assert again.info["python_version"] == default_corpus.info["python_version"]
@@ -43,12 +46,12 @@ def test_default_corpus_is_deterministic(default_corpus):
 
 def test_default_corpus_splits_are_disjoint_and_nonempty(default_corpus):
   seen = set()
-  for split in data.SPLITS:
+  for split in corpus_lib.SPLITS:
     names = default_corpus.names[split]
     docs = default_corpus.splits[split]
     assert len(names) == len(docs) > 0
     assert default_corpus.info["bytes"][split] == sum(map(len, docs)) > 0
-    assert all(data.split_of(n) == split for n in names)
+    assert all(corpus_lib.split_of(n) == split for n in names)
     assert seen.isdisjoint(names)
     seen.update(names)
   assert len(seen) == sum(default_corpus.info["documents"].values())
@@ -58,7 +61,7 @@ def test_default_corpus_splits_are_disjoint_and_nonempty(default_corpus):
 
 
 def test_default_corpus_content(default_corpus):
-  names = [n for s in data.SPLITS for n in default_corpus.names[s]]
+  names = [n for s in corpus_lib.SPLITS for n in default_corpus.names[s]]
   assert any(n.startswith("pydoc_data.topics:") for n in names)
   assert "json/decoder.py" in names
   for n in names:
@@ -90,27 +93,27 @@ def test_load_corpus_directory(tmp_path):
   (tmp_path / ".hidden" / "e.txt").write_text("hidden\n")
   (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
 
-  corpus = data.load_corpus(tmp_path)
+  corpus = corpus_lib.load_corpus(tmp_path)
   assert corpus.name == tmp_path.name
   assert corpus.info["skipped"] == ["latin.txt"]
   by_name = {}
-  for split in data.SPLITS:
+  for split in corpus_lib.SPLITS:
     assert list(corpus.names[split]) == sorted(corpus.names[split])
     for name, doc in zip(corpus.names[split], corpus.splits[split]):
-      assert data.split_of(name) == split
+      assert corpus_lib.split_of(name) == split
       by_name[name] = doc
   assert by_name == {k: v.encode() for k, v in files.items()}
   assert sum(corpus.info["bytes"].values()) == sum(len(v) for v in files.values())
   # Same directory, same corpus.
-  assert data.load_corpus(str(tmp_path)).info["sha256"] == corpus.info["sha256"]
+  assert corpus_lib.load_corpus(str(tmp_path)).info["sha256"] == corpus.info["sha256"]
 
 
 def test_load_corpus_single_file_is_cut_at_lines(tmp_path):
   lines = [f"line {i}\n" for i in range(200)]
   path = tmp_path / "book.dat"
   path.write_text("".join(lines))
-  corpus = data.load_corpus(path)
-  parts = [b"".join(corpus.splits[s]) for s in data.SPLITS]
+  corpus = corpus_lib.load_corpus(path)
+  parts = [b"".join(corpus.splits[s]) for s in corpus_lib.SPLITS]
   assert b"".join(parts) == path.read_bytes()
   assert all(p and p.endswith(b"\n") for p in parts)
   total = len(path.read_bytes())
@@ -119,19 +122,19 @@ def test_load_corpus_single_file_is_cut_at_lines(tmp_path):
 
 def test_load_corpus_errors(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    data.load_corpus(tmp_path / "nowhere")
+    corpus_lib.load_corpus(tmp_path / "nowhere")
   (tmp_path / "empty.txt").write_text("")
   with pytest.raises(ValueError, match="empty"):
-    data.load_corpus(tmp_path / "empty.txt")
+    corpus_lib.load_corpus(tmp_path / "empty.txt")
   (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
   with pytest.raises(ValueError, match="bad.txt"):
-    data.load_corpus(tmp_path / "bad.txt")
+    corpus_lib.load_corpus(tmp_path / "bad.txt")
   with pytest.raises(ValueError, match="no non-empty UTF-8"):
-    data.load_corpus(tmp_path)  # only an empty and a non-UTF-8 file
+    corpus_lib.load_corpus(tmp_path)  # only an empty and a non-UTF-8 file
   empty_dir = tmp_path / "void"
   empty_dir.mkdir()
   with pytest.raises(ValueError, match="void"):
-    data.load_corpus(empty_dir)
+    corpus_lib.load_corpus(empty_dir)
 
   locked = tmp_path / "locked"
   locked.mkdir()
@@ -147,9 +150,9 @@ def test_load_corpus_errors(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
   with pytest.raises(PermissionError, match="secret.txt"):
-    data.load_corpus(locked)
+    corpus_lib.load_corpus(locked)
   with pytest.raises(PermissionError, match="secret.txt"):
-    data.load_corpus(secret)
+    corpus_lib.load_corpus(secret)
 
 
 # --- packed training batches ----------------------------------------------------------------
@@ -166,7 +169,7 @@ def test_packing_in_order(lengths, seq_len, batch_size, seed):
   docs = _docs(np.random.default_rng(seed), lengths)
   stream = np.frombuffer(b"".join(docs), np.uint8)
   hypothesis.assume(stream.size >= seq_len + 1)
-  batches = data.PackedBatches(docs, seq_len=seq_len, batch_size=batch_size, seed=seed,
+  batches = batches_lib.PackedBatches(docs, seq_len=seq_len, batch_size=batch_size, seed=seed,
                                shuffle=False)
   rows = batches.rows_per_epoch
   assert rows == (stream.size - 1) // seq_len
@@ -185,9 +188,9 @@ def test_packing_in_order(lengths, seq_len, batch_size, seed):
 def test_packing_shuffled_is_deterministic_and_reset_at_starts():
   docs = _docs(np.random.default_rng(0), [7, 30, 1, 12, 45, 3, 20])
   kwargs = dict(seq_len=8, batch_size=3)
-  a = data.PackedBatches(docs, seed=5, **kwargs)
-  again = list(data.batch_iterator(docs, seed=5, num_steps=12, **kwargs))
-  other = data.PackedBatches(docs, seed=6, **kwargs)
+  a = batches_lib.PackedBatches(docs, seed=5, **kwargs)
+  again = list(batches_lib.batch_iterator(docs, seed=5, num_steps=12, **kwargs))
+  other = batches_lib.PackedBatches(docs, seed=6, **kwargs)
   differs = False
   for step in range(12):
     x = a.batch(step)
@@ -198,11 +201,11 @@ def test_packing_shuffled_is_deterministic_and_reset_at_starts():
     np.testing.assert_array_equal(x["targets"][:, :-1], x["tokens"][:, 1:])
   assert differs
   # Resuming from a step gives the same batches.
-  resumed = next(data.batch_iterator(docs, seed=5, start_step=7, **kwargs))
+  resumed = next(batches_lib.batch_iterator(docs, seed=5, start_step=7, **kwargs))
   np.testing.assert_array_equal(resumed["tokens"], a.batch(7)["tokens"])
   # Epochs are reshuffled: the first epoch's rows differ from the second's.
   r = a.rows_per_epoch
-  one = data.PackedBatches(docs, seq_len=8, batch_size=r, seed=5)
+  one = batches_lib.PackedBatches(docs, seq_len=8, batch_size=r, seed=5)
   e0, e1 = one.batch(0)["tokens"], one.batch(1)["tokens"]
   assert not np.array_equal(e0, e1)
   # One epoch is R = (N - 1) // T rows.
@@ -212,20 +215,20 @@ def test_packing_shuffled_is_deterministic_and_reset_at_starts():
 
 def test_packing_tiny_corpus_and_bad_args():
   with pytest.raises(ValueError, match="fewer than one sequence"):
-    data.PackedBatches([b"abc", b"de"], seq_len=5, batch_size=1, seed=0)
-  data.PackedBatches([b"abc", b"def"], seq_len=5, batch_size=1, seed=0)  # 6 bytes: one row
+    batches_lib.PackedBatches([b"abc", b"de"], seq_len=5, batch_size=1, seed=0)
+  batches_lib.PackedBatches([b"abc", b"def"], seq_len=5, batch_size=1, seed=0)  # 6 bytes: one row
   with pytest.raises(ValueError, match="seq_len"):
-    data.PackedBatches([b"abcdef"], seq_len=0, batch_size=1, seed=0)
+    batches_lib.PackedBatches([b"abcdef"], seq_len=0, batch_size=1, seed=0)
   with pytest.raises(ValueError, match="batch_size"):
-    data.batch_iterator([b"abcdef"], seq_len=2, batch_size=0, seed=0)
+    batches_lib.batch_iterator([b"abcdef"], seq_len=2, batch_size=0, seed=0)
 
 
 def test_packing_default_corpus_smoke(default_corpus):
-  batches = data.PackedBatches(default_corpus.splits["validation"], seq_len=128, batch_size=4,
-                               seed=0)
+  batches = batches_lib.PackedBatches(default_corpus.splits["validation"], seq_len=128,
+                                      batch_size=4, seed=0)
   b = batches.batch(0)
   assert b["tokens"].shape == (4, 128)
-  assert 0 <= b["tokens"].min() and b["tokens"].max() < data.VOCAB_SIZE
+  assert 0 <= b["tokens"].min() and b["tokens"].max() < corpus_lib.VOCAB_SIZE
 
 
 # --- evaluation batches ---------------------------------------------------------------------
@@ -240,7 +243,7 @@ def test_packing_default_corpus_smoke(default_corpus):
 def test_eval_batches_cover_once(lengths, seq_len, batch_size):
   docs = _docs(np.random.default_rng(1), lengths)
   stream = np.frombuffer(b"".join(docs), np.uint8)
-  batches = list(data.eval_batches(docs, seq_len, batch_size))
+  batches = list(batches_lib.eval_batches(docs, seq_len, batch_size))
   targets, tokens, resets = [], [], []
   for b in batches:
     assert b["tokens"].shape == b["mask"].shape == (batch_size, seq_len)
@@ -260,6 +263,6 @@ def test_eval_batches_cover_once(lengths, seq_len, batch_size):
 
 def test_eval_batches_errors():
   with pytest.raises(ValueError, match="at least 2"):
-    list(data.eval_batches([b"a"], 4, 1))
+    list(batches_lib.eval_batches([b"a"], 4, 1))
   with pytest.raises(ValueError, match="seq_len"):
-    data.eval_batches([b"abc"], 0, 1)
+    batches_lib.eval_batches([b"abc"], 0, 1)

@@ -11,19 +11,27 @@ import re
 import pytest
 
 import dca_jax
+import experiments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _modules():
-  names = ["dca_jax"]
-  for info in pkgutil.walk_packages(dca_jax.__path__, "dca_jax."):
+def _modules(package=dca_jax):
+  names = [package.__name__]
+  for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
     names.append(info.name)
   return sorted(names)
 
 
 @pytest.mark.parametrize("name", _modules())
 def test_docstring_examples(name):
+  module = importlib.import_module(name)
+  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+  assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+@pytest.mark.parametrize("name", _modules(experiments))
+def test_experiments_docstring_examples(name):
   module = importlib.import_module(name)
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
   assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"

@@ -13,7 +13,9 @@ import pytest
 
 from experiments import demo
 from experiments import suite
+from experiments import suite_plan
 from experiments import suite_report
+from experiments import suite_speed
 
 # One run of every group and task, the variants with their own code paths included.
 TINY_RUNS = ("lm_dca", "mqar_64_4_d64_softmax", "ablation_mqar_decay_channel",
@@ -23,28 +25,29 @@ TINY_RUNS = ("lm_dca", "mqar_64_4_d64_softmax", "ablation_mqar_decay_channel",
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory):
   root = tmp_path_factory.mktemp("suite")
-  runs = [suite.find_run(name) for name in TINY_RUNS]
+  runs = [suite_plan.find_run(name) for name in TINY_RUNS]
   failed = suite.run_suite(runs, root, tiny=True, in_process=True)
   assert not failed
   return root
 
 
 def test_suite_lists_every_configuration():
-  runs = suite.suite_runs("all")
+  runs = suite_plan.suite_runs("all")
   names = [r.name for r in runs]
   assert len(names) == len(set(names))
   mqar = [r for r in runs if r.group == "mqar"]
   assert len(mqar) == 2 * 4 * 5              # d_model x (T, pairs) x attention
-  assert {r.override_dict()["attention"] for r in runs if r.group == "lm"} == set(suite.ATTENTIONS)
-  assert len([r for r in runs if r.group == "ablation_mqar"]) == len(suite.ABLATIONS) - 1
-  assert len([r for r in runs if r.group == "ablation_lm"]) == len(suite.ABLATIONS)
+  assert ({r.override_dict()["attention"] for r in runs if r.group == "lm"}
+          == set(suite_plan.ATTENTIONS))
+  assert len([r for r in runs if r.group == "ablation_mqar"]) == len(suite_plan.ABLATIONS) - 1
+  assert len([r for r in runs if r.group == "ablation_lm"]) == len(suite_plan.ABLATIONS)
   long_runs = [r for r in runs if r.group == "mqar_long"]
-  assert len(long_runs) == len(suite.MQAR_LONG_ORDER)
+  assert len(long_runs) == len(suite_plan.MQAR_LONG_ORDER)
   assert all(r.override_dict()["stop_accuracy"] == 0.99 for r in long_runs)
   with pytest.raises(ValueError, match="suite"):
-    suite.suite_runs("everything")
+    suite_plan.suite_runs("everything")
   with pytest.raises(ValueError, match="unknown run"):
-    suite.find_run("nope")
+    suite_plan.find_run("nope")
 
 
 def test_tiny_runs_write_results(tiny_suite):
@@ -56,7 +59,7 @@ def test_tiny_runs_write_results(tiny_suite):
       # 1/4x, 1x, 4x and 16x the training length.
       t = result["config"]["seq_len"]
       assert sorted(int(k) for k in evaluation) == sorted({max(8, int(t * f))
-                                                           for f in suite.LM_CONTEXT_FACTORS})
+                                                           for f in suite_plan.LM_CONTEXT_FACTORS})
       assert all(0 < e["bpb"] < 20 for e in evaluation.values())
     else:
       (e,) = evaluation.values()
@@ -64,7 +67,7 @@ def test_tiny_runs_write_results(tiny_suite):
 
 
 def test_rerun_skips_finished_runs(tiny_suite, capsys):
-  runs = [suite.find_run(TINY_RUNS[0])]
+  runs = [suite_plan.find_run(TINY_RUNS[0])]
   assert suite.run_suite(runs, tiny_suite, tiny=True, in_process=True) == []
   assert "1 of 1 runs already done" in capsys.readouterr().out
 
@@ -98,9 +101,9 @@ def test_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):
 
 
 def test_speed_and_energy_tiny(tmp_path):
-  result = suite_report.measure_speed(tmp_path / "speed.json", tiny=True)
+  result = suite_speed.measure_speed(tmp_path / "speed.json", tiny=True)
   models = result["models"]
-  assert set(models) == set(suite.ATTENTIONS)
+  assert set(models) == set(suite_plan.ATTENTIONS)
   for m in models.values():
     assert m["train_tokens_per_s"] > 0 and m["decode_tokens_per_s/64"] > 0
     assert m["forward_flops_per_token"]["64"] > 0

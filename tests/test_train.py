@@ -2,7 +2,7 @@
 
 The runs go through the real code path (corpus or MQAR data, jitted step, orbax checkpoints,
 metrics file); one run per config is shared by the tests through a module fixture, and runs of one
-config in one process share their compilation (`train.compiled_steps`).
+config in one process share their compilation (`model.compiled_steps`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import checkpoints as checkpoints_lib
 from experiments import configs
 from experiments import evaluate as evaluate_lib
+from experiments import model as model_lib
 from experiments import train as train_lib
 
 EXPERIMENTS = ("lm_dca", "lm_softmax", "mqar_dca", "mqar_softmax")
@@ -34,7 +36,7 @@ def runs(tmp_path_factory):
 
 
 def _records(workdir):
-  return train_lib.read_metrics(workdir)
+  return checkpoints_lib.read_metrics(workdir)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -65,8 +67,8 @@ def test_resume_equals_uninterrupted_run(runs, tmp_path):
   assert first["step"] == config.steps // 2
   # The rest through the command line, config taken from run.json.
   assert train_lib.main(["--workdir", str(tmp_path), "--resume", "--no-progress"]) == 0
-  _, model_a, step_a = train_lib.load_checkpoint(straight_dir)
-  _, model_b, step_b = train_lib.load_checkpoint(tmp_path)
+  _, model_a, step_a = checkpoints_lib.load_checkpoint(straight_dir)
+  _, model_b, step_b = checkpoints_lib.load_checkpoint(tmp_path)
   assert step_a == step_b == config.steps
   from flax import nnx  # pylint: disable=g-import-not-at-top
   chex.assert_trees_all_close(nnx.state(model_a, nnx.Param), nnx.state(model_b, nnx.Param),
@@ -102,14 +104,14 @@ def test_stop_accuracy_ends_the_run_at_the_first_good_validation(tmp_path, monke
     del args, kwargs
     return {"loss": 1.0, "accuracy": next(accuracies), "targets": 8, "bpb": math.nan}
 
-  monkeypatch.setattr(train_lib, "evaluate_batches", scripted)
+  monkeypatch.setattr(model_lib, "evaluate_batches", scripted)
   config = configs.load_config("mqar_softmax", tiny=True,
                                overrides={"eval_every": 1, "stop_accuracy": 0.99})
   summary = train_lib.train(config, tmp_path, progress=False)
   assert summary["stopped_early"] and not summary["interrupted"]
   assert summary["step"] == summary["checkpoint_step"] == 2
   assert [r["step"] for r in _records(tmp_path) if "val_accuracy" in r] == [1, 2]
-  assert train_lib.load_checkpoint(tmp_path)[2] == 2
+  assert checkpoints_lib.load_checkpoint(tmp_path)[2] == 2
   for bad in (0.0, 1.5, True):
     with pytest.raises(ValueError, match=f"stop_accuracy must be None or in \\(0, 1\\], got {bad!r}"):
       configs.load_config("mqar_softmax", tiny=True, overrides={"stop_accuracy": bad})
@@ -120,7 +122,7 @@ def test_override_parsing():
   assert configs.parse_override("grad_clip=None") == ("grad_clip", None)
   config = configs.load_config("lm_dca", tiny=True, overrides=dict(
       [configs.parse_override("steps=7"), configs.parse_override("attention_options.window=4")]))
-  assert config.steps == 7 and dict(config.attention_options)["window"] == 4
+  assert config.steps == 7 and config.attention_options.window == 4
   for name in configs.available():
     configs.load_config(name).model_config()  # full-size configs are valid models
 
@@ -155,7 +157,7 @@ def test_masked_cross_entropy_ignores_masked_targets():
   logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
   targets = np.array([[1, -100, 4], [0, 2, -100]])
   mask = targets >= 0
-  total, count, _ = train_lib.masked_cross_entropy(logits, targets, mask)
+  total, count, _ = model_lib.masked_cross_entropy(logits, targets, mask)
   logp = jax.nn.log_softmax(logits)
   expected = -sum(float(logp[b, t, targets[b, t]]) for b, t in zip(*np.nonzero(mask)))
   assert float(count) == 4 and float(total) == pytest.approx(expected, rel=1e-5)

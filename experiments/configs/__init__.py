@@ -5,7 +5,7 @@ Every experiment is an `ExperimentConfig`, a frozen dataclass holding the model 
 evaluations and checkpoints. `load_config(name, tiny, overrides)` imports
 `experiments.configs.<name>` and applies overrides; unknown keys are errors. On the command line
 an override is `--set key=value` (see `parse_override`); `attention_options.<option>=value` sets
-one option of the attention layer.
+one option of the attention layer. `tiny_variant` is the CI-sized variant every config has.
 
 Example:
   >>> config = load_config("lm_dca", tiny=True, overrides={"steps": 3})
@@ -21,7 +21,7 @@ import importlib
 import pkgutil
 from typing import Any, Literal, Mapping
 
-from dca_jax.nn import ATTENTION_TYPES, TransformerConfig
+from dca_jax.nn import LayerOptions, TransformerConfig, layer_spec
 
 TASKS = ("lm", "mqar")
 # Prefix of override keys that set one option of the attention layer.
@@ -37,7 +37,8 @@ class ExperimentConfig:
     task: "lm" (byte-level language modelling on a corpus) or "mqar" (multi-query associative
       recall, `experiments/mqar.py`).
     d_model, num_layers, num_heads, attention, attention_options, vocab_size: the model, see
-      `TransformerConfig` (attention_options is stored as a sorted tuple of (name, value)).
+      `TransformerConfig`; attention_options is given as a mapping, (name, value) pairs or the
+      layer's options dataclass and stored as that dataclass (`dca_jax.nn.layer_spec`).
     seq_len: T, tokens per training row.
     batch_size: B, rows per step.
     steps: optimiser steps of the run (the schedule's length).
@@ -66,7 +67,7 @@ class ExperimentConfig:
   num_layers: int = 2
   num_heads: int = 4
   attention: str = "dca"
-  attention_options: Any = ()
+  attention_options: Any = None
   vocab_size: int = 256
   # Data.
   seq_len: int = 256
@@ -93,12 +94,9 @@ class ExperimentConfig:
   def __post_init__(self):
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}.")
-    if self.attention not in ATTENTION_TYPES:
-      raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}.")
-    options = self.attention_options
-    if isinstance(options, Mapping):
-      options = options.items()
-    object.__setattr__(self, "attention_options", tuple(sorted((k, v) for k, v in options)))
+    # The registry names the layer (ValueError) and checks its option names (TypeError).
+    object.__setattr__(self, "attention_options",
+                       layer_spec(self.attention).parse_options(self.attention_options))
     for name in ("d_model", "num_layers", "num_heads", "vocab_size", "seq_len", "batch_size",
                  "steps", "log_every", "checkpoint_every", "mqar_pairs"):
       value = getattr(self, name)
@@ -131,9 +129,10 @@ class ExperimentConfig:
                              attention=self.attention, attention_options=self.attention_options)
 
   def to_dict(self) -> dict[str, Any]:
-    """A JSON-friendly dict (attention_options as a dict); `from_dict` inverts it."""
+    """A JSON-friendly dict (attention_options: the options that differ from the layer's
+    defaults); `from_dict` inverts it."""
     d = dataclasses.asdict(self)
-    d["attention_options"] = dict(self.attention_options)
+    d["attention_options"] = self.attention_options.changed()
     return d
 
   @classmethod
@@ -167,11 +166,40 @@ def apply_overrides(config: ExperimentConfig, overrides: Mapping[str, Any] | Non
     else:
       raise ValueError(f"unknown config key {key!r}; known keys: {sorted(fields)} and "
                        f"'{_OPTION_PREFIX}<option>'.")
-  # A whole attention_options value replaces the options; single options apply on top.
+  # A whole attention_options value replaces the options; single options apply on top. They
+  # travel as the non-default names, so that a change of `attention` keeps what still applies.
   options = changes.get("attention_options", config.attention_options)
+  if isinstance(options, LayerOptions):
+    options = options.changed()
   options = dict(options.items() if isinstance(options, Mapping) else (options or ()))
   changes["attention_options"] = {**options, **option_changes}
   return dataclasses.replace(config, **changes)
+
+
+# The sizes of the attention options in the CI-sized variants, at most.
+_TINY_OPTIONS = {"window": 8, "feature_dim": 8}
+
+
+def tiny_attention_options(attention: str, options: Any) -> LayerOptions:
+  """`options` of layer `attention` shrunk to a CI-sized model: window and feature_dim <= 8."""
+  options = layer_spec(attention).parse_options(options)
+  return dataclasses.replace(options, **{
+      name: min(getattr(options, name), limit) for name, limit in _TINY_OPTIONS.items()
+      if hasattr(options, name)})
+
+
+def tiny_variant(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+  """The CI-sized variant of `config` (seconds on a CPU, same code paths), `changes` on top.
+
+  One layer of width 32 with 2 heads and small attention options (`tiny_attention_options`),
+  4 steps of 4 rows of 32 tokens, a metric record every step, validations (2 batches) and
+  checkpoints every 2 steps.
+  """
+  return dataclasses.replace(
+      config, d_model=32, num_layers=1, num_heads=2,
+      attention_options=tiny_attention_options(config.attention, config.attention_options),
+      seq_len=32, batch_size=4, steps=4, peak_lr=3e-3, warmup_steps=1, log_every=1,
+      eval_every=2, eval_batches=2, checkpoint_every=2, **changes)
 
 
 def load_config(name: str, tiny: bool = False,
