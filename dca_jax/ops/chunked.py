@@ -14,21 +14,36 @@ the state entering chunk n is S_{n-1}, and
 The chunk summaries (exp(g_chunk), U_n) are combined with `jax.lax.associative_scan` using
 `combine_decayed_states`, so the state of every chunk is known after O(log(T/C)) steps.
 
-Intra-chunk scores A_ij = sum_c q_ic k_jc exp(g_{j+1..i, c}) need care with per-channel decays:
-the usual factorisation (q_i exp(into_i)) . (k_j exp(-into_j)) overflows once the decay inside a
-chunk exceeds ~88 nats (float32), which data-dependent decays easily reach. Here every chunk is
-cut again into sub-chunks of c <= 8 tokens:
+With one decay per head (D = 1) the decay factors out of the channel sum of the intra-chunk
+scores A_ij = sum_c q_ic k_jc exp(g_{j+1..i, c}), so the [C, C] block is one matmul times the
+exact decay matrix (`decayed_scores`).
 
-* between sub-chunks J < I the decay splits at the two sub-chunk boundaries into three factors,
-  each a direct sum of non-positive terms, so every exponential is <= 1 and nothing overflows:
-      g_{j+1..i} = g_{j+1..end(J)}  +  g_{start(J+1)..end(I-1)}  +  g_{start(I)..i};
-  the middle factor depends only on the pair (I, J) and is applied to the queries, after which
-  one batched matmul gives every block;
-* within a sub-chunk the scores are computed exactly in log space (`decayed_scores`), which
-  costs O(c K) per token instead of a matmul, so c is kept small.
+With one decay per key channel it does not, and the usual factorisation
+(q_i exp(into_i)) . (k_j exp(-into_j)) is unusable: exp(-into_j) overflows once a chunk decays by
+more than ~88 nats (float32), which data-dependent decays easily reach, and into_i - into_j is a
+difference of prefix sums, which cancels catastrophically after a very negative or -inf log
+decay. Instead the chunk (C a power of two) is split in halves recursively. At level h = 1, 2, 4,
+..., C/2 it is cut into blocks of 2h tokens, each a left half and a right half of h tokens that
+meet at position m. Every pair j < i of the chunk lies in the left and right halves of exactly one
+block (at the level of the highest bit in which i and j differ), where the decay between them
+splits at m into two direct sums:
 
-With one decay per head (D = 1) the decay factors out of the channel sum and the whole [C, C]
-block is a matmul times the exact decay matrix, so no sub-chunks are needed.
+    g_{j+1..i} = g_{j+1..m-1} + g_{m..i} = after_h(j) + into_h(i),
+
+with into_h(i) the sum from the start of i's segment of h tokens to i (inclusive) and after_h(j)
+the sum after j to the end of j's segment. Both are sums of non-positive terms, so every
+exponential is <= 1, nothing overflows, -inf stays exact (exp(-inf) = 0 and is never multiplied
+by inf), and the pair's score is a product of two diagonal scalings:
+
+    A_ij = sum_c (q_ic exp(into_h(i)_c)) (k_jc exp(after_h(j)_c)),
+
+so all (right half) x (left half) scores of a level are one batched matmul of h x h blocks. The
+diagonal is A_ii = q_i . k_i (no decay). The segment sums of level 2h come from those of level h
+by adding whole-segment totals (into_2h = into_h + total_h(left) on the right half, after_2h =
+after_h + total_h(right) on the left half), again direct sums, and at h = C they are the chunk's
+into and after. Cost per chunk: sum_h (C / 2h) h^2 K = C (C - 1) K / 2 multiply-adds, i.e. the
+lower triangle of the per-head matmul, plus log2(C) exponentials per token and channel (each
+level scales half of the queries and half of the keys).
 
 References:
   Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient Training",
@@ -41,65 +56,80 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops.quadratic import decay_matrix, decayed_scores, prefix_sum, reverse_exclusive_cumsum
+from dca_jax.ops.quadratic import decayed_scores, prefix_sum, reverse_exclusive_cumsum
 from dca_jax.ops.scan import combine_decayed_states
 
-# Sub-chunk length for per-channel decays: the in-log-space diagonal blocks cost O(c K) per token
-# and XLA's CPU backend handles these broadcast-reduce blocks poorly, so c stays small (8 was faster
-# than 16 in a one-off check at T=8192, H=4, K=64 during development; not a committed benchmark).
-SUB_CHUNK = 8
 
+def effective_chunk_size(chunk_size: int, per_channel: bool) -> int:
+  """The chunk length actually used: per-channel decays round it up to a power of two.
 
-def effective_chunk_size(chunk_size: int) -> int:
-  """The chunk length actually used: chunks longer than a sub-chunk hold whole sub-chunks.
+  The halving of the per-channel intra-chunk scores (module doc) needs C = 2^L. The result is
+  mathematically identical for every chunk size; only speed and memory differ.
 
-  The result is mathematically identical for every chunk size; only speed and memory differ.
+  Args:
+    chunk_size: the requested chunk length (>= 1).
+    per_channel: whether the log decay has one value per key channel.
+
+  Returns:
+    `chunk_size` for per-head decays, the smallest power of two >= `chunk_size` otherwise.
   """
-  if chunk_size <= SUB_CHUNK:
+  if not per_channel:
     return chunk_size
-  return -(-chunk_size // SUB_CHUNK) * SUB_CHUNK
+  return 1 << (chunk_size - 1).bit_length()
 
 
-def _split(x, size, axis):
-  """Reshapes `axis` of length n * size into (n, size)."""
-  shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
-  return x.reshape(shape)
+def _halves(x, size):
+  """[M, C, D] -> [M, C / (2 size), 2, size, D]: blocks of 2 size tokens, left and right halves."""
+  return x.reshape(x.shape[0], -1, 2, size, x.shape[-1])
 
 
 def _per_channel_scores(q, k, g):
-  """Intra-chunk scores [..., C, C] for per-channel decays, via sub-chunks (see module doc)."""
-  chunk = q.shape[-2]
-  sub = min(SUB_CHUNK, chunk)
-  n_sub = chunk // sub
-  qs, ks, gs = (_split(x, sub, x.ndim - 2) for x in (q, k, g))   # [..., I, c, K]
-  diagonal = decayed_scores(qs, ks, gs)                             # [..., I, c, c]
-  if n_sub == 1:
-    return diagonal[..., 0, :, :]
-  into = prefix_sum(gs, axis=-2)                                    # start(I)..i
-  after = reverse_exclusive_cumsum(gs, axis=-2)                     # j+1..end(J)
-  totals = jnp.sum(gs, axis=-2)                                     # [..., I, K]
-  # between[I, J] = sum of the totals of sub-chunks J+1 .. I-1 (direct sums, for J < I).
-  spans = decay_matrix(totals)                                      # [..., I, J, K]: J+1..I
-  between = jnp.concatenate([jnp.zeros_like(spans[..., :1, :, :]), spans[..., :-1, :, :]], axis=-3)
-  earlier = jnp.arange(n_sub)[:, None] > jnp.arange(n_sub)[None, :]
-  between = jnp.where(earlier[:, :, None], between, -jnp.inf)       # exp -> 0 unless J < I
-  # For each key sub-chunk J, every query of the chunk scaled to J's end: [..., J, I, i, K].
-  pair_decay = jnp.exp(jnp.swapaxes(between, -3, -2))               # [..., J, I, K]
-  q_scaled = (qs * jnp.exp(into))[..., None, :, :, :] * pair_decay[..., :, :, None, :]
-  q_scaled = q_scaled.reshape(q_scaled.shape[:-3] + (chunk, q.shape[-1]))   # [..., J, C, K]
-  off = jnp.einsum("...Jqk,...Jjk->...qJj", q_scaled, ks * jnp.exp(after))    # [..., C, J, c]
-  off = off.reshape(off.shape[:-2] + (chunk,))
-  same = (jnp.arange(chunk)[:, None] // sub) == (jnp.arange(chunk)[None, :] // sub)
-  # Place the diagonal blocks: [..., I, i, j] -> [..., C, C] with zeros off the block diagonal.
-  diag_full = jnp.einsum("...Iij,IJ->...IiJj", diagonal, jnp.eye(n_sub, dtype=q.dtype))
-  diag_full = diag_full.reshape(diag_full.shape[:-4] + (chunk, chunk))
-  return jnp.where(same, diag_full, off)
+  """Intra-chunk scores for per-channel decays, by recursive halving (see module doc).
+
+  The batch axes are flattened into one on purpose: XLA's CPU backend (jax 0.10.2) crashes with a
+  segmentation fault on some multiply-reduce fusions of rank 7, which the autodiff of a
+  [B, H, N, blocks, 2, h, K] formulation produced; rank <= 5 here.
+
+  Args:
+    q: [M, C, K] queries (M = batch x heads x chunks; C a power of two).
+    k: [M, C, K] keys.
+    g: [M, C, K] log decays (<= 0, may be -inf).
+
+  Returns:
+    (A, into, after): A [M, C, C] the causal decayed scores (zero above the diagonal); into and
+    after [M, C, K] the log decays from the chunk start to i (inclusive) and from j to the chunk
+    end (exclusive of j), as direct sums.
+  """
+  rows, chunk, dim = q.shape
+  scores = jnp.sum(q * k, axis=-1)[:, :, None, None]          # [M, C, 1, 1]: A_ii, no decay
+  into, after = g, jnp.zeros_like(g)                           # segments of h = 1 token
+  size = 1
+  while size < chunk:
+    qh, kh, into_h, after_h = (_halves(x, size) for x in (q, k, into, after))
+    # Queries of the right halves scaled from the meeting point m, keys of the left halves to it.
+    q_right = qh[:, :, 1] * jnp.exp(into_h[:, :, 1])
+    k_left = kh[:, :, 0] * jnp.exp(after_h[:, :, 0])
+    cross = jnp.einsum("mbik,mbjk->mbij", q_right, k_left)    # [M, blocks, h, h]
+    # Assemble the [2h, 2h] blocks: [[left's scores, 0], [cross, right's scores]].
+    prev = scores.reshape(rows, -1, 2, size, size)
+    top = jnp.concatenate([prev[:, :, 0], jnp.zeros_like(cross)], axis=-1)
+    bottom = jnp.concatenate([cross, prev[:, :, 1]], axis=-1)
+    scores = jnp.concatenate([top, bottom], axis=-2)
+    # Segment sums for segments of 2h: add the other half's total, never subtract.
+    left_total = into_h[:, :, 0, -1:]
+    right_total = into_h[:, :, 1, -1:]
+    join = lambda left, right: jnp.stack([left, right], axis=2).reshape(rows, chunk, dim)
+    into = join(into_h[:, :, 0], into_h[:, :, 1] + left_total)
+    after = join(after_h[:, :, 0] + right_total, after_h[:, :, 1])
+    size *= 2
+  return scores.reshape(rows, chunk, chunk), into, after
 
 
 def chunked(q, k, v, g, s0, *, chunk_size: int):
   """Chunked form (see module docstring). Internal contract as in `scan.py`."""
   batch, time, heads, _ = q.shape
-  chunk = effective_chunk_size(chunk_size)
+  per_channel = g.shape[-1] > 1
+  chunk = effective_chunk_size(chunk_size, per_channel)
   n_chunks = -(-time // chunk)
   pad = n_chunks * chunk - time
   # Zero keys/values and zero log decay (a = 1) on padding leave outputs and the state unchanged.
@@ -111,9 +141,17 @@ def chunked(q, k, v, g, s0, *, chunk_size: int):
 
   q, k, v, g = blocks(q), blocks(k), blocks(v), blocks(g)
 
+  # Intra-chunk scores, and the decays from the chunk start (into) and to the chunk end (after).
+  if per_channel:
+    flat = lambda x: x.reshape((-1,) + x.shape[-2:])
+    scores, into, after = _per_channel_scores(flat(q), flat(k), flat(g))
+    scores, into, after = (x.reshape(g.shape[:-1] + x.shape[-1:]) for x in (scores, into, after))
+  else:
+    scores = decayed_scores(q, k, g)
+    into = prefix_sum(g, axis=-2)
+    after = reverse_exclusive_cumsum(g, axis=-2)
+
   # Inter-chunk part: chunk summaries, then a parallel prefix over chunks.
-  into = prefix_sum(g, axis=-2)
-  after = reverse_exclusive_cumsum(g, axis=-2)
   chunk_decay = jnp.exp(jnp.sum(g, axis=-2))[..., None]                     # [B, H, N, D, 1]
   summaries = jnp.einsum("bhnck,bhncv->bhnkv", k * jnp.exp(after), v)       # [B, H, N, K, V]
   cum_decay, cum_update = jax.lax.associative_scan(
@@ -121,12 +159,6 @@ def chunked(q, k, v, g, s0, *, chunk_size: int):
   states = cum_decay * s0[:, :, None] + cum_update                          # after each chunk
   entering = jnp.concatenate([s0[:, :, None], states[:, :, :-1]], axis=2)
   o = jnp.einsum("bhnck,bhnkv->bhncv", q * jnp.exp(into), entering)
-
-  # Intra-chunk part.
-  if g.shape[-1] == 1:
-    scores = decayed_scores(q, k, g)
-  else:
-    scores = _per_channel_scores(q, k, g)
   o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, v)
 
   o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(batch, n_chunks * chunk, heads, -1)

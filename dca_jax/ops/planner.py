@@ -12,7 +12,9 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
   through the token scan at T = 8192, which stores one K x V state per token).
 * Per-channel decay on CPU: the recurrent form in both cases. The chunked form then needs decay
   factors inside the chunk (sub-chunks in log space), which XLA's CPU backend runs slowly:
-  ~10x slower than per-head decay forward and no faster than the scan with gradients.
+  ~10x slower than per-head decay forward and no faster than the scan with gradients. (Measured
+  with that former per-channel chunked form; chunked.py now builds those scores from matmuls and
+  is several times faster, so this rule is due to be measured again.)
 * GPU/TPU (not measured here): the chunked form, the standard choice of GLA's and Mamba-2's
   kernels, with the quadratic form for tiny T.
 * The associative form over tokens is never chosen: it materialises every state and was the

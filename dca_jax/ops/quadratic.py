@@ -9,7 +9,8 @@ Unrolling the recurrence S_t = diag(a_t) S_{t-1} + k_t v_t^T (a_t = exp(g_t)) gi
 a difference of two prefix sums: a difference of prefix sums cancels catastrophically once a very
 negative or -inf log decay enters the prefix (-inf - -inf is NaN; -1e4 + 0.01 - -1e4 loses the
 0.01), while a direct sum of non-positive numbers is exact in the limits that matter (-inf stays
--inf, exp of it is 0). The chunked form uses the same functions on its diagonal sub-blocks.
+-inf, exp of it is 0). The chunked form uses `decayed_scores` inside its chunks for per-head
+decays, and the same rule (direct sums only) for per-channel ones (chunked.py).
 
 Shapes follow the internal contract of `scan.py`.
 """
