@@ -8,6 +8,7 @@ matches it exactly while the context fits in its window and must beat it beyond.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from typing import NamedTuple
@@ -47,6 +48,43 @@ class KVCache(NamedTuple):
   def max_length(self) -> int:
     """L, the number of tokens the cache can hold (a static shape)."""
     return self.k.shape[1]
+
+
+# Live [B, H, T, S] float32 arrays of the score matrix at once (scores and their exponentials; XLA
+# fuses the rest), the factor of the estimate below.
+_SCORE_COPIES = 2
+
+
+def _memory_limit() -> tuple[int | None, str]:
+  """(bytes, what) the default device can hold: its allocator limit, else the host's RAM."""
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{jax.devices()[0].device_kind} memory"
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+  except (ValueError, OSError, AttributeError):
+    return None, "memory"
+
+
+def check_scores_fit(batch: int, heads: int, queries: int, keys: int, name: str) -> None:
+  """Refuses, before anything is compiled, a score matrix that cannot fit on the device.
+
+  This layer forms [B, H, T, S] float32 scores (S = T for a sequence, max_length for a cache);
+  past the device's memory XLA would fail deep inside compilation or allocation. The estimate
+  counts the score matrix only (`_SCORE_COPIES` copies), so it is a lower bound of what is needed.
+
+  Raises:
+    MemoryError: naming the input, T, S and the bytes needed against the bytes available; it
+      suggests the linear-memory layers.
+  """
+  need = _SCORE_COPIES * 4 * batch * heads * queries * keys
+  limit, where = _memory_limit()
+  if limit is not None and need > limit:
+    raise MemoryError(
+        f"SoftmaxAttention cannot attend {name} with T = {queries} queries over S = {keys} keys "
+        f"(batch {batch}, {heads} heads): its [B, H, T, S] scores need at least "
+        f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of {where}. Use a shorter "
+        f"sequence or cache, or SlidingWindowAttention / DCAttention, whose memory is linear in T.")
 
 
 class SoftmaxAttention(_layer.AttentionLayer):
@@ -113,6 +151,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     """Full causal attention over x (see `AttentionLayer.__call__`)."""
+    check_scores_fit(x.shape[0], self.num_heads, x.shape[1], x.shape[1], "x")
     positions = jnp.arange(x.shape[1], dtype=jnp.int32)
     q, k, v = self._project(x, positions)
     mask = (positions[:, None] >= positions[None, :])[None]       # [1, T, T]
@@ -160,6 +199,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
     self._check_prefill_reset(x, reset)
     time = x.shape[1]
     max_length = cache.max_length
+    check_scores_fit(x.shape[0], self.num_heads, time, max_length, "x")
     if _checks.is_concrete(cache.position):
       start = int(cache.position)
       if start + time > max_length:
