@@ -62,7 +62,8 @@ def sees_nonfinite(bad: jax.Array, doc: jax.Array | None = None, *, window: int 
     doc: optional int [B, T] non-decreasing document ids (`document_ids`); None: one document.
     window: W, the number of most recent positions a query sees (itself included); None: all.
     carried: optional bool [B, ...] (bad's trailing dims); true where an incoming state is not
-      finite. It reaches every position of the first document (up to the first new id).
+      finite. It reaches the positions of document id 0, i.e. those before the first reset
+      (with `document_ids`, a reset at the first position gives it id 1).
 
   Returns:
     bool, bad's shape: true where position t sees a bad position j, i.e. doc(j) = doc(t) and
@@ -83,6 +84,6 @@ def sees_nonfinite(bad: jax.Array, doc: jax.Array | None = None, *, window: int 
   before = jnp.where(first > 0, before, 0)
   seen = count - before > 0
   if carried is not None:
-    reached = first == 0 if doc is None else (doc == doc[:, :1]).reshape(doc.shape + extra)
+    reached = True if doc is None else (doc == 0).reshape(doc.shape + extra)
     seen = seen | (carried[:, None] & reached)
   return seen

@@ -1,0 +1,126 @@
+"""No value at a masked position can change an output: the future, another document, an empty
+cache slot. NaN and inf are put there for every engine form, the window and softmax ops and every
+registered layer; forward outputs and gradients must equal those of the clean input, and exactly
+the positions that can see the bad token become NaN.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dca_jax
+from dca_jax.nn import LAYERS, layer_spec
+
+B, T, H, K, V = 2, 12, 2, 4, 3
+RESET_AT = 7                              # a second document starts here in every row
+BAD_FIRST_DOC, BAD_LAST = 3, T - 1        # where the non-finite values go
+LAYER_OPTIONS = {"dca": {"window": 4}, "window": {"window": 4}}
+
+
+def _inputs(seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q, k = (jax.random.normal(keys[i], (B, T, H, K)) for i in range(2))
+  v = jax.random.normal(keys[2], (B, T, H, V))
+  g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H)) + 2.0)
+  reset = jnp.zeros((B, T), bool).at[:, RESET_AT].set(True)
+  return q, k, v, g, reset
+
+
+def _corrupt(x, position, value):
+  return x.at[:, position].set(value)
+
+
+def _expect(out, ref, poisoned):
+  out, ref = np.asarray(out), np.asarray(ref)
+  assert np.isnan(out[:, poisoned]).all()
+  clean = np.setdiff1d(np.arange(T), poisoned)
+  np.testing.assert_allclose(out[:, clean], ref[:, clean], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["recurrent", "associative", "chunked", "quadratic", "auto"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_engine_forms(mode, per_channel):
+  q, k, v, g, reset = _inputs()
+  if per_channel:
+    g = jnp.repeat(g[..., None], K, axis=-1)
+  run = jax.jit(lambda q, k, v: dca_jax.gated_linear_attention(q, k, v, g, reset=reset, mode=mode,
+                                                               chunk_size=4))
+  ref = run(q, k, v)
+  # A bad value in the last token (the future of every other) and one in the first document.
+  bad_k, bad_v = _corrupt(k, BAD_FIRST_DOC, np.nan), _corrupt(v, BAD_LAST, np.inf)
+  _expect(run(q, bad_k, bad_v), ref, np.r_[BAD_FIRST_DOC:RESET_AT, BAD_LAST])
+  # Gradients of the clean outputs are those of the clean input, and finite.
+  clean = np.r_[:BAD_FIRST_DOC, RESET_AT:BAD_LAST]
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[:, clean]), argnums=(0, 1, 2)))
+  for got, want in zip(grad(q, bad_k, bad_v), grad(q, k, v)):
+    got, want = np.asarray(got), np.asarray(want)
+    keep = np.setdiff1d(np.arange(T), [BAD_FIRST_DOC, BAD_LAST])
+    np.testing.assert_allclose(got[:, keep], want[:, keep], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all()
+
+
+def test_engine_nonfinite_initial_state_stops_at_a_reset():
+  q, k, v, g, reset = _inputs()
+  state = jnp.full((B, H, K, V), jnp.nan)
+  out = dca_jax.gated_linear_attention(q, k, v, g, reset=reset, initial_state=state)
+  ref = dca_jax.gated_linear_attention(q, k, v, g, reset=reset)
+  _expect(out, ref, np.r_[:RESET_AT])
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+def test_window_and_masked_softmax_ops(value):
+  q, k, v, _, reset = _inputs()
+  bad_v = _corrupt(v, BAD_LAST, value)
+  window = 3
+  ref = dca_jax.sliding_window_attention(q, k, v, window=window, reset=reset)
+  out = dca_jax.sliding_window_attention(q, _corrupt(k, BAD_FIRST_DOC, value), bad_v,
+                                         window=window, reset=reset)
+  _expect(out, ref, np.r_[BAD_FIRST_DOC:BAD_FIRST_DOC + window, BAD_LAST])
+  doc = dca_jax.document_ids(reset)
+  mask = (jnp.tril(jnp.ones((T, T), bool))[None] & (doc[:, :, None] == doc[:, None, :]))
+  ref = dca_jax.masked_attention(q, k, v, mask, 0.5)
+  _expect(dca_jax.masked_attention(q, k, bad_v, mask, 0.5), ref, [BAD_LAST])
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layers(name):
+  d_model = 16
+  layer = layer_spec(name).build(d_model, 2, LAYER_OPTIONS.get(name), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (B, T, d_model))
+  _, _, _, _, reset = _inputs()
+  forward = nnx.jit(lambda model, x: model(x, reset=reset))
+  ref = forward(layer, x)
+  bad = _corrupt(_corrupt(x, BAD_FIRST_DOC, np.nan), BAD_LAST, np.inf)
+  out = forward(layer, bad)
+  reach = {"window": 4}.get(name, RESET_AT - BAD_FIRST_DOC)
+  _expect(out, ref, np.r_[BAD_FIRST_DOC:BAD_FIRST_DOC + reach, BAD_LAST])
+  # Gradients with respect to the parameters and the other tokens are those of the clean input.
+  clean = np.r_[:BAD_FIRST_DOC, RESET_AT:BAD_LAST]
+  grad = nnx.jit(nnx.grad(lambda model, x: jnp.sum(model(x, reset=reset)[:, clean]),
+                          argnums=(0, 1)))
+  got, want = grad(layer, bad), grad(layer, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape[:2] == (B, T):   # the input's gradient: the bad tokens get zero
+      a, b = np.delete(a, [BAD_FIRST_DOC, BAD_LAST], axis=1), np.delete(b, [BAD_FIRST_DOC, BAD_LAST], axis=1)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_decode_reset_hides_a_corrupt_document(name):
+  """A row whose earlier document held NaN decodes the next document exactly as a clean one."""
+  d_model = 16
+  layer = layer_spec(name).build(d_model, 2, LAYER_OPTIONS.get(name), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (B, T, d_model))
+  _, _, _, _, reset = _inputs()
+  prefill = nnx.jit(lambda model, x, cache: model.prefill(x, cache))
+  step = nnx.jit(lambda model, x_t, cache, reset: model.decode_step(x_t, cache, reset=reset))
+  _, cache = prefill(layer, _corrupt(x[:, :RESET_AT], 2, np.nan), layer.init_cache(B, T))
+  outs = []
+  for t in range(RESET_AT, T):
+    y, cache = step(layer, x[:, t], cache, reset[:, t])
+    outs.append(y)
+  ref = nnx.jit(lambda model, x: model(x))(layer, x[:, RESET_AT:])
+  np.testing.assert_allclose(np.stack(outs, 1), ref, rtol=1e-5, atol=1e-5)
