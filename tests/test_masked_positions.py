@@ -84,12 +84,14 @@ def test_window_and_masked_softmax_ops(value):
   _expect(dca_jax.masked_attention(q, k, bad_v, mask, 0.5), ref, [BAD_LAST])
 
 
+def _layer_and_input(name, seed, d_model=16):
+  layer = layer_spec(name).build(d_model, 2, LAYER_OPTIONS.get(name), rngs=nnx.Rngs(0))
+  return layer, jax.random.normal(jax.random.key(seed), (B, T, d_model)), _inputs()[-1]
+
+
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layers(name):
-  d_model = 16
-  layer = layer_spec(name).build(d_model, 2, LAYER_OPTIONS.get(name), rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (B, T, d_model))
-  _, _, _, _, reset = _inputs()
+  layer, x, reset = _layer_and_input(name, 1)
   forward = nnx.jit(lambda model, x: model(x, reset=reset))
   ref = forward(layer, x)
   bad = _corrupt(_corrupt(x, BAD_FIRST_DOC, np.nan), BAD_LAST, np.inf)
@@ -111,10 +113,7 @@ def test_layers(name):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_decode_reset_hides_a_corrupt_document(name):
   """A row whose earlier document held NaN decodes the next document exactly as a clean one."""
-  d_model = 16
-  layer = layer_spec(name).build(d_model, 2, LAYER_OPTIONS.get(name), rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(2), (B, T, d_model))
-  _, _, _, _, reset = _inputs()
+  layer, x, reset = _layer_and_input(name, 2)
   prefill = nnx.jit(lambda model, x, cache: model.prefill(x, cache))
   step = nnx.jit(lambda model, x_t, cache, reset: model.decode_step(x_t, cache, reset=reset))
   _, cache = prefill(layer, _corrupt(x[:, :RESET_AT], 2, np.nan), layer.init_cache(B, T))
