@@ -21,6 +21,7 @@ from dca_jax.nn import _layer
 from dca_jax.ops import _checks
 from dca_jax.ops.rotary import apply_rotary
 from dca_jax.ops.segments import document_ids
+from dca_jax.ops.blocked_softmax import blocked_causal_attention
 from dca_jax.ops.softmax import masked_attention
 
 
@@ -50,9 +51,15 @@ class KVCache(NamedTuple):
     return self.k.shape[1]
 
 
-# Live [B, H, T, S] float32 arrays of the score matrix at once (scores and their exponentials; XLA
-# fuses the rest), the factor of the estimate below.
-_SCORE_COPIES = 2
+# Score matrices up to this many bytes are formed whole (one fused matmul, fastest for short
+# sequences and single decode steps); larger ones go through the blocked form, whose memory is
+# linear in T. 2 float32 copies of [B, H, T, S] (scores and their exponentials) are counted.
+DENSE_SCORES_BYTES = 64 * 2**20
+BLOCK = 128
+
+
+def _dense_fits(batch: int, heads: int, queries: int, keys: int) -> bool:
+  return 2 * 4 * batch * heads * queries * keys <= DENSE_SCORES_BYTES
 
 
 def _memory_limit() -> tuple[int | None, str]:
@@ -66,25 +73,20 @@ def _memory_limit() -> tuple[int | None, str]:
     return None, "memory"
 
 
-def check_scores_fit(batch: int, heads: int, queries: int, keys: int, name: str) -> None:
-  """Refuses, before anything is compiled, a score matrix that cannot fit on the device.
-
-  This layer forms [B, H, T, S] float32 scores (S = T for a sequence, max_length for a cache);
-  past the device's memory XLA would fail deep inside compilation or allocation. The estimate
-  counts the score matrix only (`_SCORE_COPIES` copies), so it is a lower bound of what is needed.
+def check_cache_fits(batch_size: int, max_length: int, heads: int, head_dim: int) -> None:
+  """Refuses, before anything is allocated, a KV cache larger than the device's memory.
 
   Raises:
-    MemoryError: naming the input, T, S and the bytes needed against the bytes available; it
-      suggests the linear-memory layers.
+    MemoryError: naming max_length, the bytes the cache needs and the bytes available.
   """
-  need = _SCORE_COPIES * 4 * batch * heads * queries * keys
+  need = 2 * 4 * batch_size * max_length * heads * head_dim
   limit, where = _memory_limit()
   if limit is not None and need > limit:
     raise MemoryError(
-        f"SoftmaxAttention cannot attend {name} with T = {queries} queries over S = {keys} keys "
-        f"(batch {batch}, {heads} heads): its [B, H, T, S] scores need at least "
-        f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of {where}. Use a shorter "
-        f"sequence or cache, or SlidingWindowAttention / DCAttention, whose memory is linear in T.")
+        f"a SoftmaxAttention cache of max_length = {max_length} (batch {batch_size}, {heads} heads "
+        f"of {head_dim}) needs {need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of "
+        f"{where}: its keys and values grow with every token. Use a shorter max_length, or "
+        f"SlidingWindowAttention / DCAttention, whose caches have a constant size.")
 
 
 class SoftmaxAttention(_layer.AttentionLayer):
@@ -151,14 +153,18 @@ class SoftmaxAttention(_layer.AttentionLayer):
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     """Full causal attention over x (see `AttentionLayer.__call__`)."""
-    check_scores_fit(x.shape[0], self.num_heads, x.shape[1], x.shape[1], "x")
-    positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+    batch, time = x.shape[:2]
+    positions = jnp.arange(time, dtype=jnp.int32)
     q, k, v = self._project(x, positions)
+    doc = None if reset is None else document_ids(reset)            # [B, T]
+    scale = 1.0 / math.sqrt(self.head_dim)
+    if not _dense_fits(batch, self.num_heads, time, time):
+      o = blocked_causal_attention(q, k, v, scale=scale, doc=doc, block=BLOCK)
+      return self._output(o, x.dtype)
     mask = (positions[:, None] >= positions[None, :])[None]       # [1, T, T]
-    if reset is not None:
-      doc = document_ids(reset)                                     # [B, T]
+    if doc is not None:
       mask = mask & (doc[:, :, None] == doc[:, None, :])
-    o = masked_attention(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
+    o = masked_attention(q, k, v, mask, scale)
     return self._output(o, x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
@@ -168,6 +174,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
       ValueError: batch_size or max_length not an integer >= 1.
     """
     _layer.check_cache_size(batch_size, max_length)
+    check_cache_fits(batch_size, max_length, self.num_heads, self.head_dim)
     shape = (batch_size, max_length, self.num_heads, self.head_dim)
     return KVCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
                    position=jnp.zeros((), jnp.int32),
@@ -199,7 +206,6 @@ class SoftmaxAttention(_layer.AttentionLayer):
     self._check_prefill_reset(x, reset)
     time = x.shape[1]
     max_length = cache.max_length
-    check_scores_fit(x.shape[0], self.num_heads, time, max_length, "x")
     if _checks.is_concrete(cache.position):
       start = int(cache.position)
       if start + time > max_length:
@@ -221,8 +227,13 @@ class SoftmaxAttention(_layer.AttentionLayer):
     new_doc = jnp.take_along_axis(doc, jnp.clip(slots - cache.position, 0, time - 1)[None]
                                   .repeat(doc.shape[0], 0), axis=1)
     key_doc = jnp.where(slots[None] < cache.position, cached_doc, new_doc)
-    mask = (slots[None, :] <= positions[:, None])[None] & (key_doc[:, None, :] == doc[:, :, None])
-    o = masked_attention(q, k_buf, v_buf, mask, 1.0 / math.sqrt(self.head_dim))
+    scale = 1.0 / math.sqrt(self.head_dim)
+    if _dense_fits(x.shape[0], self.num_heads, time, max_length):
+      mask = (slots[None, :] <= positions[:, None])[None] & (key_doc[:, None, :] == doc[:, :, None])
+      o = masked_attention(q, k_buf, v_buf, mask, scale)
+    else:
+      o = blocked_causal_attention(q, k_buf, v_buf, scale=scale, doc=doc, key_doc=key_doc,
+                                   q_start=cache.position, block=BLOCK)
     overflow = cache.overflow | (cache.position + time > max_length)
     o = jnp.where((positions < max_length)[None, :, None, None] & ~cache.overflow, o, jnp.nan)
     new_cache = KVCache(k=k_buf, v=v_buf, position=cache.position + time,

@@ -5,12 +5,13 @@ Notation for every shape in the package: B batch, T time, H heads, K key dim, V 
 W window, C chunk, F features, D decay channels (K or 1) or model width (in layers).
 
 Files, one idea each: `gla.py` (engine entry) with `scan.py` (recurrent, associative),
-`chunked.py`, `quadratic.py` and `planner.py` (forms and plans); `window.py`, `softmax.py`,
+`chunked.py`, `quadratic.py` and `planner.py` (forms and plans); `window.py`, `softmax.py` and `blocked_softmax.py`,
 `conv.py`, `feature_maps.py`, `rotary.py`, `segments.py`; DCA in `dca_params.py` (parameters,
 weights), `dca.py` (whole sequence), `dca_decode.py` (one step) and `dca_memory.py` (state and
 read-out).
 """
 
+from dca_jax.ops.blocked_softmax import blocked_causal_attention
 from dca_jax.ops.conv import causal_short_conv
 from dca_jax.ops.dca import attention_compress
 from dca_jax.ops.dca_decode import memory_state_update
@@ -30,6 +31,7 @@ from dca_jax.ops.window import sliding_window_attention, window_softmax_parts
 __all__ = [
     "Combine", "DCAParams", "DCAPlan", "DCAState", "DCAWeights", "DecayKind", "EnginePlan",
     "FeatureMap", "Mode", "PlanKind", "adaptive_scale", "apply_rotary", "attention_compress",
+    "blocked_causal_attention",
     "causal_short_conv", "combine_decayed_states", "combine_memories", "compute_weights",
     "document_ids", "elu_features", "feature_dim", "feature_map", "gated_linear_attention",
     "half_life_bias", "init_params", "init_state", "masked_attention", "memory_state_update",
