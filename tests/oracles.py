@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dca_jax import (DCAWeights, attention_compress, compute_weights, init_params,
+from dca_jax import (DCAWeights, attention_compress, compute_weights, init_params, init_state,
                      memory_state_update)
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +71,11 @@ layer_prefill = module_jit(lambda layer, x, cache: layer.prefill(x, cache))
 layer_decode = module_jit(lambda layer, x_t, cache: layer.decode_step(x_t, cache))
 
 
+def param_count(module):
+  """The number of parameter scalars of an NNX module."""
+  return sum(p.size for p in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+
+
 def cache_bytes(cache):
   """The bytes of every array in a cache pytree."""
   return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(cache))
@@ -93,6 +98,14 @@ def random_x(seed, shape, dtype=jnp.float32):
 def random_reset(seed, batch, time, prob=0.2):
   """bool [B, T]: a document starts at each token with probability `prob`."""
   return jnp.asarray(np.random.default_rng(seed).random((batch, time)) < prob)
+
+
+def document_reset(time, starts):
+  """bool [len(starts), T]: row r starts a document at each position in starts[r] (< T)."""
+  reset = np.zeros((len(starts), time), bool)
+  for row, row_starts in enumerate(starts):
+    reset[row, [s for s in row_starts if s < time]] = True
+  return jnp.asarray(reset)
 
 
 def np64(param):
@@ -373,6 +386,11 @@ def slice_time(weights, start, stop):
 
 def step_weights(weights, t):
   return DCAWeights(*(None if x is None else x[:, t] for x in weights))
+
+
+def weights_and_state(seed=23):
+  """Valid arguments for both DCA ops: `random_weights(seed)` and an empty state of their sizes."""
+  return random_weights(seed), init_state(BATCH, HEADS, HEAD_DIM, VALUE_DIM, NUM_FEATURES, WINDOW)
 
 
 def assert_states_close(got, expected, **tol):

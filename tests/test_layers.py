@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import oracles
 from dca_jax.nn import LAYERS
 from oracles import (cache_bytes, dca_noise, fast_jit, layer_decode, layer_forward, layer_prefill,
                      module_jit, normal, randomize)
@@ -201,11 +202,8 @@ DOC_TIME = 21
 DOC_STARTS = ((0, 3, 13), (0, 11), (0, 5, 13))
 
 
-def document_reset(time=DOC_TIME, starts=DOC_STARTS):
-  reset = np.zeros((len(starts), time), bool)
-  for row, row_starts in enumerate(starts):
-    reset[row, [s for s in row_starts if s < time]] = True
-  return jnp.asarray(reset)
+def document_reset(time=DOC_TIME):
+  return oracles.document_reset(time, DOC_STARTS)
 
 
 @pytest.mark.parametrize("name,options", cases(ALL_VARIANTS))
