@@ -486,6 +486,12 @@ def dca_noise(d_model):
           ("conv", 0.5))
 
 
+# `DCAttention` options besides the defaults: gated combination with per-channel decay, no short
+# convolution, a width-1 one.
+DCA_LAYER_VARIANTS = (dict(combine="gated", decay="channel", decay_rank=3), dict(short_conv=0),
+                      dict(short_conv=1, combine="gated"))
+
+
 def assert_layer_matches_oracle(layer, oracle, d_model, time=20, starts=(0, 3, 13)):
   """The layer's jitted forward against `oracle(layer, x, reset)` in float64.
 

@@ -12,14 +12,9 @@ import pytest
 from flax import nnx
 
 from dca_jax.nn import DCAttention
-from oracles import dca_noise, layer_decode, layer_forward, random_x, randomize
+from oracles import DCA_LAYER_VARIANTS, dca_noise, layer_decode, layer_forward, random_x, randomize
 
 L_D, L_HEADS, L_WINDOW = 32, 4, 8
-
-# Layer options besides the defaults: gated combination, per-channel decay, short convolution.
-LAYER_VARIANTS = (dict(combine="gated", decay="channel", decay_rank=3), dict(short_conv=0),
-                  dict(short_conv=1, combine="gated"))
-
 
 def make_layer(seed=0, **kwargs):
   layer = DCAttention(L_D, L_HEADS, window=L_WINDOW, feature_dim=4, rngs=nnx.Rngs(seed), **kwargs)
@@ -43,7 +38,7 @@ def test_layer_bfloat16():
 
 # query, key, value, feature, decay, decay_bias, out (+ conv by default, + decay_up, gate,
 # gate_bias); the contract checks that gradients reach each of them.
-@pytest.mark.parametrize("options,extra", [({}, 1), (LAYER_VARIANTS[0], 4), (LAYER_VARIANTS[1], 0)])
+@pytest.mark.parametrize("options,extra", [({}, 1), (DCA_LAYER_VARIANTS[0], 4), (DCA_LAYER_VARIANTS[1], 0)])
 def test_layer_parameters_per_option(options, extra):
   layer = nnx.eval_shape(lambda: make_layer(5, **options))
   names = [jax.tree_util.keystr(path)
