@@ -16,16 +16,12 @@ import pytest
 
 from dca_jax.flops import count_flops
 from dca_jax.ops import gated_linear_attention
+from oracles import fast_jit
 
 LINEAR_LENGTHS = [1024 * 2**i for i in range(7)]       # 1024 .. 65536
 QUADRATIC_LENGTHS = [256, 512, 1024, 2048]
 MEMORY_LENGTHS = [4096, 8192, 16384]
 CHUNK = 64
-
-# Cheap compiles on CPU; buffer assignment (hence temp_size_in_bytes) is the same as with the
-# default options, checked when this test was written.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
 
 def _specs(time, *, heads=2, dim=16, per_channel=True):
   """ShapeDtypeStructs for q, k, v, log_decay with B = 1 and K = V = dim."""
@@ -87,8 +83,9 @@ def test_chunked_needs_fewer_flops_than_quadratic_at_long_lengths():
 
 
 def _temp_bytes(fn, *specs):
-  options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
-  compiled = jax.jit(fn, compiler_options=options).lower(*specs).compile()
+  # Cheap compiles on CPU; buffer assignment (hence temp_size_in_bytes) is the same as with the
+  # default options, checked when this test was written.
+  compiled = fast_jit(fn).lower(*specs).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 

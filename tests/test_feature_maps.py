@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dca_jax import (FeatureMap, elu_features, feature_dim, feature_map,
-                                      taylor_features)
+from dca_jax import FeatureMap, elu_features, feature_dim, feature_map, taylor_features
 
 _taylor = jax.jit(taylor_features)
 _elu = jax.jit(elu_features)

@@ -5,14 +5,14 @@ dim):
 
     S_t = diag(exp(log_decay_t)) S_{t-1} + k_t v_t^T,    o_t = S_t^T q_t,    S_0 = initial state,
 
-with the carried state dropped where `reset[b, t]` is true. Two references are written here, not
-taken from the library: a plain float64 NumPy loop (`_oracle`, forward) and a float64 `lax.scan`
-(`_reference_f64`, forward and, by autodiff, gradients). The library's float64 inputs are cast to
-float32 inside the op, so its own forms cannot serve as a float64 reference.
+with the carried state dropped where `reset[b, t]` is true. Two references, not taken from the
+library, are in `oracles`: a plain float64 NumPy loop (`oracles.gla`, forward) and a float64
+`lax.scan` (`oracles.gla_dense`, forward and, by autodiff, gradients). The library's float64
+inputs are cast to float32 inside the op, so its own forms cannot serve as a float64 reference.
 
 Compilation dominates the cost of these tests on CPU (every drawn shape compiles anew), so every
-jitted call goes through `_jit`, which asks XLA:CPU for a cheap compile (no LLVM optimisation,
-classic fusion emitters): about ten times faster to compile, same arithmetic.
+jitted call goes through `oracles.fast_jit`, which asks XLA:CPU for a cheap compile (no LLVM
+optimisation, classic fusion emitters): about ten times faster to compile, same arithmetic.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dca_jax.ops import EnginePlan, Mode, combine_decayed_states, gated_linear_attention, plan_engine
+import oracles
+from dca_jax.ops import Mode, combine_decayed_states, gated_linear_attention
+from oracles import fast_jit
 
 MODES = ("recurrent", "associative", "chunked", "quadratic", "auto")
 CHUNK_SIZES = (1, 2, 3, 7, 8, 16, 20, 64)
@@ -39,15 +41,6 @@ AWKWARD_T = (1, 2, 3, 5, 7, 11, 13, 17, 31, 37, 61, 67)
 # Float32 forms against the float64 references, relative to the magnitude of the reference.
 F32_TOL = 1e-4
 F32_GRAD_TOL = 2e-4
-
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def _jit(fn, **kwargs):
-  """`jax.jit` with a cheap compile on CPU (the tests' time goes to compiling, not running)."""
-  options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
-  return jax.jit(fn, compiler_options=options, **kwargs)
-
 
 def _settings(examples):
   return settings(max_examples=examples, deadline=None,
@@ -132,48 +125,7 @@ def problems(draw, *, min_time=1, max_time=70, reset=None, state=None, per_chann
 chunk_sizes = st.sampled_from(CHUNK_SIZES)
 
 
-# References.
-
-
-def _oracle(q, k, v, log_decay, initial_state=None, reset=None):
-  """The recurrence as an explicit float64 NumPy loop over t: returns (o [B,T,H,V], S_T [B,H,K,V])."""
-  q, k, v, log_decay = (np.asarray(x, np.float64) for x in (q, k, v, log_decay))
-  batch, time, heads, key_dim = q.shape
-  value_dim = v.shape[-1]
-  if log_decay.ndim == 3:
-    log_decay = np.broadcast_to(log_decay[..., None], q.shape)
-  decay = np.exp(log_decay)                       # exp(-inf) = 0: the state is erased.
-  if initial_state is None:
-    state = np.zeros((batch, heads, key_dim, value_dim))
-  else:
-    state = np.asarray(initial_state, np.float64).copy()
-  o = np.zeros((batch, time, heads, value_dim))
-  for t in range(time):
-    a_t = decay[:, t]
-    if reset is not None:
-      a_t = np.where(np.asarray(reset)[:, t, None, None], 0.0, a_t)
-    state = a_t[..., None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
-    o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], state)
-  return o, state
-
-
-def _reference_f64(q, k, v, log_decay, initial_state, reset):
-  """The recurrence in float64 JAX (`lax.scan`), differentiable. Call under `enable_x64`."""
-  if log_decay.ndim == 3:
-    log_decay = jnp.broadcast_to(log_decay[..., None], q.shape)
-  decay = jnp.exp(log_decay)
-  if reset is not None:
-    decay = jnp.where(reset[:, :, None, None], 0.0, decay)
-  if initial_state is None:
-    initial_state = jnp.zeros(q.shape[:1] + q.shape[2:] + v.shape[-1:], q.dtype)
-
-  def step(state, inputs):
-    q_t, k_t, v_t, a_t = inputs
-    state = a_t[..., None] * state + k_t[..., :, None] * v_t[..., None, :]
-    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
-
-  final, o = jax.lax.scan(step, initial_state, [jnp.swapaxes(x, 0, 1) for x in (q, k, v, decay)])
-  return jnp.swapaxes(o, 0, 1), final
+# The library's forms and the float64 reference, with gradients of a loss.
 
 
 def _loss(forward, q, k, v, log_decay, initial_state, reset, w_o, w_s):
@@ -193,7 +145,7 @@ def _value_and_grads(forward, q, k, v, log_decay, initial_state, reset, w_o, w_s
 
 @functools.lru_cache(maxsize=None)
 def _reference_runner():
-  return _jit(functools.partial(_value_and_grads, _reference_f64))
+  return fast_jit(functools.partial(_value_and_grads, oracles.gla_dense))
 
 
 def _reference(problem, arrays):
@@ -229,7 +181,7 @@ def _modes_runner(configs, with_grads):
       else:
         results.append(forward(q, k, v, log_decay, initial_state, reset))
     return results
-  return _jit(run)
+  return fast_jit(run)
 
 
 def _run_modes(configs, problem, arrays, with_grads=False):
@@ -257,7 +209,7 @@ def _assert_close(actual, expected, tol, what):
 
 def _check_against_references(problem, chunk_size, grad_tol=F32_GRAD_TOL):
   arrays = problem.arrays()
-  oracle_o, oracle_s = _oracle(**arrays)
+  oracle_o, oracle_s = oracles.gla(**arrays)
   ref_o, ref_s, ref_grads = _reference(problem, arrays)
   # The two references agree to float64 precision.
   _assert_close(ref_o, oracle_o, 1e-10, "jax float64 reference vs NumPy oracle, o")
@@ -297,7 +249,7 @@ def test_extreme_decays_all_inf_all_zero(per_channel):
   for value in (-np.inf, 0.0, -1e4):
     arrays = base.arrays()
     arrays["log_decay"] = np.full_like(arrays["log_decay"], value)
-    oracle_o, oracle_s = _oracle(**arrays)
+    oracle_o, oracle_s = oracles.gla(**arrays)
     for (mode, chunk), (o, final) in _run_modes([(m, 8) for m in MODES], base, arrays).items():
       _assert_close(o, oracle_o, F32_TOL, f"log_decay={value}, mode={mode}: o")
       _assert_close(final, oracle_s, F32_TOL, f"log_decay={value}, mode={mode}: final state")
@@ -378,7 +330,7 @@ def _chained_runner(configs, split):
                                part(reset, split, None))
       results.append((whole, (jnp.concatenate([head_o, tail_o], axis=1), tail_s)))
     return results
-  return _jit(run)
+  return fast_jit(run)
 
 
 @_settings(8)
@@ -483,7 +435,7 @@ def test_long_sequence_chunked_matches_recurrent(decays):
 
   def run(mode):
     fn = functools.partial(gated_linear_attention, mode=mode, chunk_size=64, return_final_state=True)
-    return _jit(fn)(q, k, v, log_decay, initial_state=s0)
+    return fast_jit(fn)(q, k, v, log_decay, initial_state=s0)
 
   o_chunked, s_chunked = run("chunked")
   o_recurrent, s_recurrent = run("recurrent")
@@ -518,7 +470,7 @@ def test_float64_inputs_return_float64_outputs():
   """Outputs come back in the input dtype also for float64 (the computation itself is float32)."""
   problem = Problem(1, 9, 1, 3, 2, True, False, True, 0.3, seed=4)
   arrays = problem.arrays()
-  oracle_o, _ = _oracle(**arrays)
+  oracle_o, _ = oracles.gla(**arrays)
   with jax.enable_x64(True):
     as64 = {n: None if x is None else np.asarray(x, np.float64) for n, x in arrays.items()}
     o, final = gated_linear_attention(as64["q"], as64["k"], as64["v"], as64["log_decay"],
@@ -561,8 +513,8 @@ def test_vmap_equals_stacked_items_forward_and_grad(mode):
     return jnp.sum(jnp.sin(o)) + jnp.sum(final ** 2), (o, final)
 
   value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
-  batched = _jit(jax.vmap(value_and_grad))(*stacked)
-  single = _jit(value_and_grad)
+  batched = fast_jit(jax.vmap(value_and_grad))(*stacked)
+  single = fast_jit(value_and_grad)
   per_item = [single(*(item[n] for n in names)) for item in items]
   expected = jax.tree.map(lambda *xs: np.stack(xs), *per_item)
   chex.assert_trees_all_close(batched, expected, rtol=1e-5, atol=1e-5)
@@ -678,51 +630,3 @@ def test_mode_accepts_the_enum():
   by_enum = gated_linear_attention(*args.values(), mode=Mode.RECURRENT)
   by_name = gated_linear_attention(*args.values(), mode="recurrent")
   np.testing.assert_array_equal(by_enum, by_name)
-
-
-# Planner.
-
-
-@pytest.mark.parametrize("backend", [None, "cpu", "gpu", "tpu"])
-@pytest.mark.parametrize("decoding", [False, True])
-@pytest.mark.parametrize("needs_grad", [False, True])
-def test_plan_engine_returns_a_concrete_mode(backend, decoding, needs_grad):
-  for length in (1, 2, 15, 16, 17, 64, 1000, 2**16):
-    plan = plan_engine(length, 16, 32, backend=backend, needs_grad=needs_grad, decoding=decoding)
-    assert isinstance(plan.mode, Mode) and plan.mode is not Mode.AUTO
-    if plan.mode is Mode.CHUNKED:
-      assert isinstance(plan.chunk_size, int) and plan.chunk_size >= 1
-
-
-def test_plan_engine_decodes_single_steps_recurrently():
-  for backend in ("cpu", "gpu", "tpu"):
-    assert plan_engine(1, 64, 64, backend=backend, decoding=True).mode is Mode.RECURRENT
-
-
-@pytest.mark.parametrize("length", [0, -1])
-def test_plan_engine_rejects_empty_sequences(length):
-  with pytest.raises(ValueError, match="sequence_length"):
-    plan_engine(length, 16, 16)
-
-
-def test_mode_parse():
-  assert Mode.parse("chunked") is Mode.CHUNKED
-  assert Mode.parse(Mode.QUADRATIC) is Mode.QUADRATIC
-  with pytest.raises(ValueError, match="mode"):
-    Mode.parse("linear")
-
-
-def test_plan_engine_follows_the_measured_cpu_rule():
-  # docs/engine_benchmark.md: on CPU the token scan is the fastest forward at every T; with
-  # gradients the quadratic form up to T = 128, then chunks of 64; per-channel decay: the scan.
-  assert plan_engine(8192, 64, 64, backend="cpu").mode is Mode.RECURRENT
-  assert plan_engine(100, 64, 64, backend="cpu", needs_grad=True).mode is Mode.QUADRATIC
-  assert plan_engine(8192, 64, 64, backend="cpu", needs_grad=True) == EnginePlan(Mode.CHUNKED, 64)
-  assert plan_engine(8192, 64, 64, backend="cpu", needs_grad=True,
-                     per_channel_decay=True).mode is Mode.RECURRENT
-  assert plan_engine(8192, 64, 64, backend="gpu").mode is Mode.CHUNKED
-
-
-def test_plan_engine_rejects_unknown_backends():
-  with pytest.raises(ValueError, match="backend"):
-    plan_engine(64, 16, 16, backend="other")

@@ -1,4 +1,5 @@
-"""Tests for `dca_jax.ops.window.sliding_window_attention` against a float64 NumPy oracle."""
+"""Tests for `dca_jax.ops.window.sliding_window_attention` against a float64 NumPy oracle
+(`oracles.window_attention`) and, for gradients, its float64 JAX twin."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dca_jax import window_softmax_parts
-from dca_jax import sliding_window_attention
+from dca_jax import sliding_window_attention, window_softmax_parts
+from oracles import window_attention, window_attention_dense
 
 # Tolerances of the float32 kernel against the float64 oracle, and of low-precision kernels
 # against the float32 kernel run on the same (already rounded) inputs: only the output rounding
@@ -31,37 +32,6 @@ def _inputs(seed, batch, time, heads, key_dim, value_dim, reset_prob=0.0):
   v = rng.normal(size=(batch, time, heads, value_dim)).astype(np.float32)
   reset = rng.random((batch, time)) < reset_prob if reset_prob else None
   return q, k, v, reset
-
-
-def _oracle(q, k, v, window, scale=None, reset=None):
-  """Dense masked softmax in float64: o_t = sum_{t-w<j<=t, doc(j)=doc(t)} softmax_j(s_tj) v_j."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  batch, time, _, key_dim = q.shape
-  scale = 1.0 / np.sqrt(key_dim) if scale is None else scale
-  reset = np.zeros((batch, time), bool) if reset is None else np.asarray(reset)
-  doc = np.cumsum(reset, axis=1)
-  t = np.arange(time)[:, None]
-  j = np.arange(time)[None, :]
-  mask = (j <= t) & (j > t - window)
-  mask = mask[None, None] & (doc[:, None, :, None] == doc[:, None, None, :])  # [B, 1, T, T]
-  scores = np.einsum("bthk,bjhk->bhtj", q, k) * scale
-  scores = np.where(mask, scores, -np.inf)
-  probs = np.exp(scores - scores.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  return np.einsum("bhtj,bjhv->bthv", probs, v)
-
-
-def _dense_jax(q, k, v, window, reset):
-  """Dense masked softmax in jax (float64 under enable_x64): the gradient reference."""
-  time, key_dim = q.shape[1], q.shape[3]
-  doc = jnp.cumsum(reset, axis=1)
-  t = jnp.arange(time)[:, None]
-  j = jnp.arange(time)[None, :]
-  same_doc = doc[:, None, :, None] == doc[:, None, None, :]
-  mask = ((j <= t) & (j > t - window))[None, None] & same_doc
-  scores = jnp.einsum("bthk,bjhk->bhtj", q, k) / np.sqrt(key_dim)
-  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-  return jnp.einsum("bhtj,bjhv->bthv", probs, v)
 
 
 # Jitted so that each shape compiles once, instead of op by op (eager dispatch dominates the run
@@ -96,7 +66,7 @@ def test_matches_oracle(batch, time, heads, key_dim, value_dim, window, reset_pr
   out = _swa(q, k, v, window, scale, reset)
   assert out.shape == (batch, time, heads, value_dim)
   assert out.dtype == jnp.float32
-  chex.assert_trees_all_close(np.asarray(out), _oracle(q, k, v, window, scale, reset),
+  chex.assert_trees_all_close(np.asarray(out), window_attention(q, k, v, window, scale, reset),
                               **_TOL[jnp.float32])
 
 
@@ -117,7 +87,7 @@ def test_awkward_shapes(time, window, reset_prob):
   q, k, v, _ = _inputs(time * 31 + window, 2, time, 2, 6, 3)
   reset = np.random.default_rng(time).random((2, time)) < reset_prob
   chex.assert_trees_all_close(np.asarray(_swa(q, k, v, window, reset=reset)),
-                              _oracle(q, k, v, window, reset=reset), **_TOL[jnp.float32])
+                              window_attention(q, k, v, window, reset=reset), **_TOL[jnp.float32])
 
 
 def test_window_one_returns_values():
@@ -132,7 +102,7 @@ def test_full_window_is_causal_attention(time, window):
       q, k, v, is_causal=True)
   out = _swa(q, k, v, window)
   chex.assert_trees_all_close(out, expected, **_TOL[jnp.float32])
-  chex.assert_trees_all_close(np.asarray(out), _oracle(q, k, v, time), **_TOL[jnp.float32])
+  chex.assert_trees_all_close(np.asarray(out), window_attention(q, k, v, time), **_TOL[jnp.float32])
 
 
 def test_reset_equals_separate_documents():
@@ -160,7 +130,7 @@ def test_any_block_size_at_least_the_window_agrees(window, block):
     return num / den[..., None]
 
   out = jax.jit(blocked)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(reset))
-  chex.assert_trees_all_close(np.asarray(out), _oracle(q, k, v, window, 0.5, reset),
+  chex.assert_trees_all_close(np.asarray(out), window_attention(q, k, v, window, 0.5, reset),
                               **_TOL[jnp.float32])
 
 
@@ -182,7 +152,7 @@ def test_gradients_match_float64_reference(time, window, with_reset):
   grads = jax.tree.map(np.asarray, ours(*(jnp.asarray(x) for x in (q, k, v))))
   with jax.enable_x64(True):
     x64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v)]
-    reference = jax.jit(jax.grad(loss(lambda q, k, v: _dense_jax(
+    reference = jax.jit(jax.grad(loss(lambda q, k, v: window_attention_dense(
         q, k, v, window, jnp.asarray(reset)), jnp.float64), argnums=(0, 1, 2)))(*x64)
     ours64 = jax.jit(jax.grad(loss(lambda q, k, v: sliding_window_attention(
         q, k, v, window=window, reset=jnp.asarray(reset)), jnp.float64), argnums=(0, 1, 2)))(*x64)
@@ -218,7 +188,7 @@ def test_large_scores_are_stable(dtype):
   assert out.dtype == dtype
   assert jnp.isfinite(out.astype(jnp.float32)).all()
   if dtype == jnp.float32:
-    chex.assert_trees_all_close(np.asarray(out), _oracle(q, k, v, 8, reset=reset), atol=1e-3)
+    chex.assert_trees_all_close(np.asarray(out), window_attention(q, k, v, 8, reset=reset), atol=1e-3)
     grads = jax.jit(jax.grad(lambda q: sliding_window_attention(
         q, jnp.asarray(k), jnp.asarray(v), window=8).sum()))(jnp.asarray(q))
     assert jnp.isfinite(grads).all()
@@ -240,7 +210,7 @@ def test_jit_matches_eager_and_traces_once():
   eager = sliding_window_attention(*args[:3], window=6, reset=args[3])
   chex.assert_trees_all_close(fn(*args), eager, atol=1e-6)
   shifted = [x + 1 for x in args[:3]] + args[3:]
-  chex.assert_trees_all_close(fn(*shifted), _oracle(q + 1, k + 1, v + 1, 6, reset=reset),
+  chex.assert_trees_all_close(fn(*shifted), window_attention(q + 1, k + 1, v + 1, 6, reset=reset),
                               atol=1e-5)
 
 

@@ -1,0 +1,77 @@
+"""What is particular to the `DCAttention` layer; its share of the layer contract is in
+test_layers.py and its mechanism (the ops) in test_attention_compress.py and its neighbours."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dca_jax.nn import DCAttention
+from oracles import DCA_LAYER_VARIANTS, dca_noise, layer_decode, layer_forward, random_x, randomize
+
+L_D, L_HEADS, L_WINDOW = 32, 4, 8
+
+def make_layer(seed=0, **kwargs):
+  layer = DCAttention(L_D, L_HEADS, window=L_WINDOW, feature_dim=4, rngs=nnx.Rngs(seed), **kwargs)
+  # Random decay, gate and convolution weights so that every part depends on the input.
+  return randomize(layer, dca_noise(L_D), seed)
+
+
+def test_layer_bfloat16():
+  """A bfloat16 layer past its window stays close to the float32 one."""
+  layer = make_layer(8, dtype=jnp.bfloat16)
+  x = random_x(9, (2, 21, L_D))
+  y = layer_forward(layer, x)
+  assert y.dtype == jnp.bfloat16
+  y = np.asarray(y.astype(jnp.float32))
+  assert np.all(np.isfinite(y))
+  y_t, _ = layer_decode(layer, x[:, 0], layer.init_cache(2, 10))
+  assert y_t.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y_t.astype(jnp.float32))))
+  expected = np.asarray(layer_forward(make_layer(8), x))
+  np.testing.assert_allclose(y, expected, rtol=0.05, atol=0.05 * np.abs(expected).max())
+
+
+# query, key, value, feature, decay, decay_bias, out (+ conv by default, + decay_up, gate,
+# gate_bias); the contract checks that gradients reach each of them.
+@pytest.mark.parametrize("options,extra", [({}, 1), (DCA_LAYER_VARIANTS[0], 4), (DCA_LAYER_VARIANTS[1], 0)])
+def test_layer_parameters_per_option(options, extra):
+  layer = nnx.eval_shape(lambda: make_layer(5, **options))
+  names = [jax.tree_util.keystr(path)
+           for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(layer, nnx.Param))]
+  assert len(names) == 7 + extra, names
+
+
+def test_layer_rejects_bad_options():
+  with pytest.raises(ValueError, match="combine"):
+    DCAttention(32, 4, combine="sum", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="decay"):
+    DCAttention(32, 4, decay="token", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="short_conv"):
+    DCAttention(32, 4, short_conv=-1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="decay_rank"):
+    DCAttention(32, 4, decay="channel", decay_rank=0, rngs=nnx.Rngs(0))
+  layer = make_layer(short_conv=2)
+  with pytest.raises(TypeError, match="DCAConvCache"):
+    layer.decode_step(random_x(0, (2, L_D)), make_layer(short_conv=0).init_cache(2, 8))
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: DCAttention(32, 4, window=0, rngs=nnx.Rngs(0)), "window"),
+    (lambda: DCAttention(32, 4, feature_map="relu", rngs=nnx.Rngs(0)), "feature_map"),
+    (lambda: DCAttention(32, 4, mode="fast", rngs=nnx.Rngs(0)), "mode"),
+])
+def test_layer_rejects_bad_construction(make, name):
+  with pytest.raises(ValueError, match=name):
+    make()
+
+
+def test_layer_parameter_count_is_close_to_softmax():
+  layer = nnx.eval_shape(lambda: DCAttention(256, 4, rngs=nnx.Rngs(0)))
+  count = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(nnx.state(layer, nnx.Param)))
+  softmax = 4 * 256 * 256
+  assert softmax < count <= 1.05 * softmax, count

@@ -1,0 +1,56 @@
+"""What is particular to the `SoftmaxAttention` layer (its share of the layer contract is in
+test_layers.py): its float64 oracle, its growing KV cache and what happens when it overflows."""
+
+from __future__ import annotations
+
+import chex
+import numpy as np
+import pytest
+from flax import nnx
+
+import oracles
+from dca_jax.nn import SoftmaxAttention
+from oracles import assert_layer_matches_oracle, cache_bytes, layer_forward, layer_prefill, normal
+
+D_MODEL, HEADS = 32, 4
+
+
+def make_layer(d_model=D_MODEL, num_heads=HEADS):
+  return SoftmaxAttention(d_model, num_heads, rngs=nnx.Rngs(0))
+
+
+def test_forward_matches_float64_oracle():
+  assert_layer_matches_oracle(make_layer(), oracles.softmax_layer, D_MODEL)
+
+
+def test_cache_grows_with_max_length():
+  layer = make_layer()
+  small, large = cache_bytes(layer.init_cache(2, 1024)), cache_bytes(layer.init_cache(2, 2048))
+  # Keys and values: 2 rows x L x D float32 each, plus the int32 counter.
+  assert small == 2 * 2 * 1024 * D_MODEL * 4 + 4
+  assert large - 4 == 2 * (small - 4)
+
+
+def test_cache_overflow():
+  layer = make_layer()
+  x = normal((2, 5, D_MODEL))
+  with pytest.raises(ValueError, match="max_length = 4 is too small"):
+    layer.prefill(x, layer.init_cache(2, 4))
+  _, cache = layer_prefill(layer, x, layer.init_cache(2, 5))
+  with pytest.raises(ValueError, match="max_length = 5 is too small"):
+    layer.decode_step(x[:, 0], cache)
+
+  # Under jit the position is unknown at trace time: tokens past max_length give NaN, never a
+  # silently wrong number, and the tokens that fit are unaffected.
+  y, _ = layer_prefill(layer, x, layer.init_cache(2, 3))
+  assert np.isfinite(y[:, :3]).all() and np.isnan(y[:, 3:]).all()
+  chex.assert_trees_all_close(y[:, :3], layer_forward(layer, x)[:, :3], rtol=1e-5, atol=2e-5)
+
+
+def test_head_dim_must_be_even():
+  with pytest.raises(ValueError, match="even for rotary"):
+    make_layer(d_model=12, num_heads=4)
+
+
+def test_parameter_count():
+  assert oracles.param_count(make_layer(256, 4)) == 4 * 256 ** 2

@@ -1,0 +1,93 @@
+"""Tests for `dca_jax/ops/planner.py`: `adaptive_scale` (DCA's plan) and `plan_engine` (the
+engine's form), with `Mode`."""
+
+from __future__ import annotations
+
+import pytest
+
+from dca_jax import EnginePlan, Mode, PlanKind, adaptive_scale, plan_engine
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive_scale: DCA's plan for one call.
+
+
+def test_adaptive_scale_plans():
+  assert adaptive_scale(1, window=8).kind is PlanKind.SOFTMAX
+  assert adaptive_scale(8, window=8).kind is PlanKind.SOFTMAX
+  assert adaptive_scale(8, window=8).engine is None
+  # Otherwise the compressed plan, whose engine form is the planner's for the memory's sizes
+  # (F features, V + 1 value columns: the normaliser rides along as a value).
+  for length, window, has_state in ((9, 8, False), (4, 8, True), (1, 8, True), (5000, 64, False)):
+    for backend in ("cpu", "gpu"):
+      for needs_grad in (False, True):
+        plan = adaptive_scale(length, window=window, feature_dim=15, value_dim=6,
+                              has_state=has_state, backend=backend, needs_grad=needs_grad)
+        assert plan.kind is PlanKind.COMPRESSED
+        assert plan.engine == plan_engine(length, 15, 7, backend=backend, needs_grad=needs_grad)
+        assert plan.engine.mode is not Mode.AUTO
+  for plan in (adaptive_scale(1, window=8, decoding=True),
+               adaptive_scale(1, window=8, has_state=True, decoding=True)):
+    assert plan.kind is PlanKind.STEP and plan.engine is None
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(sequence_length=0, window=4), "sequence_length"),
+    (dict(sequence_length=2.5, window=4), "sequence_length"),
+    (dict(sequence_length=True, window=4), "sequence_length"),
+    (dict(sequence_length=4, window=0), "window"),
+    (dict(sequence_length=4, window=-3), "window"),
+    (dict(sequence_length=4, window=None), "window"),
+])
+def test_adaptive_scale_rejects_bad_arguments(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    adaptive_scale(kwargs.pop("sequence_length"), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan_engine: the engine form for one call, and Mode.
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("decoding", [False, True])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_plan_engine_returns_a_concrete_mode(backend, decoding, needs_grad):
+  for length in (1, 2, 15, 16, 17, 64, 1000, 2**16):
+    plan = plan_engine(length, 16, 32, backend=backend, needs_grad=needs_grad, decoding=decoding)
+    assert isinstance(plan.mode, Mode) and plan.mode is not Mode.AUTO
+    if plan.mode is Mode.CHUNKED:
+      assert isinstance(plan.chunk_size, int) and plan.chunk_size >= 1
+
+
+def test_plan_engine_decodes_single_steps_recurrently():
+  for backend in ("cpu", "gpu", "tpu"):
+    assert plan_engine(1, 64, 64, backend=backend, decoding=True).mode is Mode.RECURRENT
+
+
+@pytest.mark.parametrize("length", [0, -1])
+def test_plan_engine_rejects_empty_sequences(length):
+  with pytest.raises(ValueError, match="sequence_length"):
+    plan_engine(length, 16, 16)
+
+
+def test_mode_parse():
+  assert Mode.parse("chunked") is Mode.CHUNKED
+  assert Mode.parse(Mode.QUADRATIC) is Mode.QUADRATIC
+  with pytest.raises(ValueError, match="mode"):
+    Mode.parse("linear")
+
+
+def test_plan_engine_follows_the_measured_cpu_rule():
+  # docs/engine_benchmark.md: on CPU the token scan is the fastest forward at every T; with
+  # gradients the quadratic form up to T = 128, then chunks of 64; per-channel decay: the scan.
+  assert plan_engine(8192, 64, 64, backend="cpu").mode is Mode.RECURRENT
+  assert plan_engine(100, 64, 64, backend="cpu", needs_grad=True).mode is Mode.QUADRATIC
+  assert plan_engine(8192, 64, 64, backend="cpu", needs_grad=True) == EnginePlan(Mode.CHUNKED, 64)
+  assert plan_engine(8192, 64, 64, backend="cpu", needs_grad=True,
+                     per_channel_decay=True).mode is Mode.RECURRENT
+  assert plan_engine(8192, 64, 64, backend="gpu").mode is Mode.CHUNKED
+
+
+def test_plan_engine_rejects_unknown_backends():
+  with pytest.raises(ValueError, match="backend"):
+    plan_engine(64, 16, 16, backend="other")
