@@ -144,7 +144,7 @@ def test_initial_memory_matches_oracle():
   v1 = jnp.concatenate([old.v, jnp.ones(old.v.shape[:-1] + (1,))], -1)
   memory0 = jnp.einsum("bjhf,bjhv->bhfv", old.k_features, v1)
   state = init_state(BATCH, HEADS, HEAD_DIM, VALUE_DIM, NUM_FEATURES, WINDOW)
-  state = DCAState(state.keys, state.values, state.key_features, state.doc, memory0)
+  state = state._replace(memory=memory0)
   expected = oracles.dca(weights, WINDOW, reset, ROTARY, memory0)
 
   @fast_jit

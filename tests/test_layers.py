@@ -42,8 +42,6 @@ class Setup:
     variants: further option sets (over `options`) for the tests that run variants.
     constant_cache: the cache's size does not depend on max_length (False: it grows with it).
     cache_bytes_below: a bound on the constant cache's bytes at batch size 2 (None: no bound).
-    output_in_compute_dtype: the layer returns its compute dtype, not the input's (a known
-      departure from the package's convention, marked xfail where it is checked).
   """
 
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -51,7 +49,6 @@ class Setup:
   variants: tuple[dict[str, Any], ...] = ()
   constant_cache: bool = True
   cache_bytes_below: int | None = None
-  output_in_compute_dtype: bool = False
 
 
 # Per-layer test settings; a layer missing here runs the contract with its default options.
@@ -59,7 +56,7 @@ SETUPS: dict[str, Setup] = {
     "dca": Setup(
         options=dict(window=8, feature_dim=4), noise=dca_noise(D_MODEL),
         variants=DCA_LAYER_VARIANTS,
-        cache_bytes_below=16 * 1024, output_in_compute_dtype=True),
+        cache_bytes_below=16 * 1024),
     "softmax": Setup(constant_cache=False),
     "window": Setup(options=dict(window=8), cache_bytes_below=2 * 1024 * 4),
     "linear": Setup(cache_bytes_below=2 * 1024 * 4),
@@ -101,8 +98,8 @@ def make_layer(name, options=None, seed=0, d_model=D_MODEL, num_heads=HEADS, **k
 
 
 def position(cache):
-  """The cache's count of tokens seen, where the layer keeps one (DCA's cache has none)."""
-  return getattr(cache, "position", None)
+  """The cache's count of tokens seen (every layer's cache keeps one)."""
+  return cache.position
 
 
 def assert_caches_close(got, expected, what):
@@ -139,8 +136,7 @@ def test_prefill_and_decode_equal_forward(name, options, time, splits):
   # One prefill of everything: the reference cache.
   y_all, cache_all = layer_prefill(layer, x, layer.init_cache(2, 32))
   chex.assert_trees_all_close(y_all, full, **TOL, custom_message="one prefill")
-  if position(cache_all) is not None:
-    assert int(position(cache_all)) == time
+  assert int(position(cache_all)) == time
 
   # Token by token from an empty cache.
   cache, steps = layer.init_cache(2, 32), []
@@ -165,8 +161,7 @@ def test_prefill_and_decode_equal_forward(name, options, time, splits):
     chex.assert_trees_all_close(np.concatenate([y1, np.stack(rest, axis=1)], axis=1), full,
                                 **TOL, custom_message=f"prefill of {split}, then decode")
     assert_caches_close(cache, cache_all, f"cache after a prefill of {split} and decoding")
-    if position(cache) is not None:
-      assert int(position(cache)) == time
+    assert int(position(cache)) == time
 
 
 @pytest.mark.parametrize("name,options", cases())
@@ -192,8 +187,7 @@ def test_jit_prefill_and_decode_in_scan(name, options):
 
   y, cache = run(params, x)
   chex.assert_trees_all_close(y, expected, **TOL)
-  if position(cache) is not None:
-    assert int(position(cache)) == time
+  assert int(position(cache)) == time
 
 
 # Documents per row of a [3, 21] batch (starts): of 3, 10 and 8 tokens; of 11 and 10; of 5, 8
@@ -274,18 +268,7 @@ def test_bfloat16(name, options):
   assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree_util.tree_leaves(cache))
 
 
-def _dtype_cases():
-  params = []
-  for name in LAYERS:
-    marks = ()
-    if setup(name).output_in_compute_dtype:
-      marks = pytest.mark.xfail(strict=True, reason=f"{name} returns its compute dtype, not the "
-                                "input's (docs/conventions: outputs return in the input dtype)")
-    params.append(pytest.param(name, setup(name).options, id=name, marks=marks))
-  return params
-
-
-@pytest.mark.parametrize("name,options", _dtype_cases())
+@pytest.mark.parametrize("name,options", [(name, setup(name).options) for name in LAYERS])
 def test_output_in_input_dtype(name, options):
   """A bfloat16 layer given float32 inputs returns float32."""
   layer = make_layer(name, options, dtype=jnp.bfloat16)
@@ -328,8 +311,7 @@ def test_cache_size(name, options):
   """Constant-state layers: the cache's size does not depend on max_length; others' grows."""
   layer = make_layer(name, options)
   small, huge = layer.init_cache(2, 1024), layer.init_cache(2, 1 << 20)
-  if position(small) is not None:
-    assert small.position.dtype == jnp.int32
+  assert small.position.dtype == jnp.int32
   s = setup(name)
   if not s.constant_cache:
     assert cache_bytes(huge) > cache_bytes(small)

@@ -31,6 +31,11 @@ class DCAConvCache(NamedTuple):
   state: ops.DCAState
   inputs: jax.Array
 
+  @property
+  def position(self) -> jax.Array:
+    """int32 scalar, the number of tokens seen (as every layer's cache has)."""
+    return self.state.position
+
 
 class DCAttention(_layer.AttentionLayer):
   """Dynamic Compression Attention: exact softmax over the last `window` tokens + compressed memory.
@@ -127,7 +132,7 @@ class DCAttention(_layer.AttentionLayer):
 
   def _project_out(self, o, x_dtype):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
-    return self.out(o).astype(self.dtype or x_dtype)
+    return self.out(o).astype(x_dtype)   # outputs return in the input's dtype
 
   def _convolve(self, x, reset=None, history=None):
     if self.conv is None:

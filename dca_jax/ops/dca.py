@@ -136,5 +136,5 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   last_doc = ext_doc[:, -1:]
   new_state = DCAState(
       keys=ext_k[:, -window:], values=ext_v[:, -window:], key_features=ext_kf[:, -window:],
-      doc=ext_doc[:, -window:] - last_doc, memory=memory)
+      doc=ext_doc[:, -window:] - last_doc, memory=memory, position=state.position + time)
   return o, new_state

@@ -104,4 +104,5 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   den = jnp.sum(probs, axis=-1)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
-  return o, DCAState(keys=keys, values=vals, key_features=key_features, doc=doc, memory=memory)
+  return o, DCAState(keys=keys, values=vals, key_features=key_features, doc=doc, memory=memory,
+                     position=state.position + 1)

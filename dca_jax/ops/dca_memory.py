@@ -27,6 +27,7 @@ class DCAState(NamedTuple):
     doc: [B, W] int32, document of each slot relative to the current one: 0 = same document as
       the last token, negative = an earlier document or an empty slot (never attended).
     memory: [B, H, F, V + 1] float32 compressed memory; the last column is the normaliser z.
+    position: int32 scalar, the number of tokens seen (the absolute position of the next one).
   """
 
   keys: jax.Array
@@ -34,6 +35,7 @@ class DCAState(NamedTuple):
   key_features: jax.Array
   doc: jax.Array
   memory: jax.Array
+  position: jax.Array
 
   @property
   def window(self) -> int:
@@ -53,6 +55,7 @@ def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, fe
       key_features=jnp.zeros((batch_size, window, num_heads, feature_dim), f32),
       doc=jnp.full((batch_size, window), -1, jnp.int32),
       memory=jnp.zeros((batch_size, num_heads, feature_dim, value_dim + 1), f32),
+      position=jnp.zeros((), jnp.int32),
   )
 
 
