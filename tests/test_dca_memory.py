@@ -21,10 +21,8 @@ from oracles import (BATCH, HEAD_DIM, HEADS, NUM_FEATURES, VALUE_DIM, WINDOW, st
 ])
 def test_malformed_state_is_named(field, bad_shape):
   weights, state = weights_and_state()
-  fields = {name: getattr(state, name) for name in ("keys", "values", "key_features", "doc",
-                                                     "memory")}
-  fields[field] = jnp.zeros(bad_shape, jnp.int32 if field == "doc" else jnp.float32)
-  bad_state = DCAState(**fields)
+  bad_state = state._replace(
+      **{field: jnp.zeros(bad_shape, jnp.int32 if field == "doc" else jnp.float32)})
   with pytest.raises(ValueError, match=f"state.{field}"):
     attention_compress(weights, window=WINDOW, state=bad_state)
   with pytest.raises(ValueError, match=f"state.{field}"):

@@ -26,9 +26,11 @@ def test_forward_matches_float64_oracle():
 def test_cache_grows_with_max_length():
   layer = make_layer()
   small, large = cache_bytes(layer.init_cache(2, 1024)), cache_bytes(layer.init_cache(2, 2048))
-  # Keys and values: 2 rows x L x D float32 each, plus the int32 counter.
-  assert small == 2 * 2 * 1024 * D_MODEL * 4 + 4
-  assert large - 4 == 2 * (small - 4)
+  # Keys and values: 2 rows x L x D float32 each, plus the int32 counter, each row's int32
+  # document start and the bool overflow flag.
+  fixed = 4 + 2 * 4 + 1
+  assert small == 2 * 2 * 1024 * D_MODEL * 4 + fixed
+  assert large - fixed == 2 * (small - fixed)
 
 
 def test_cache_overflow():

@@ -265,7 +265,9 @@ def test_bfloat16(name, options):
   assert y.dtype == y_t.dtype == jnp.bfloat16
   assert np.isfinite(np.asarray(y_t, np.float32)).all()
   # The cache stays float32 whatever the compute dtype.
-  assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree_util.tree_leaves(cache))
+  # float32 states, int32 counters and positions, bool flags: never the compute dtype.
+  assert all(leaf.dtype in (jnp.float32, jnp.int32, jnp.bool_)
+             for leaf in jax.tree_util.tree_leaves(cache))
 
 
 @pytest.mark.parametrize("name,options", [(name, setup(name).options) for name in LAYERS])

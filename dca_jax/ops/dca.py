@@ -72,6 +72,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from dca_jax import init_params, compute_weights
     >>> params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=8)
     >>> x = jax.random.normal(jax.random.key(1), (1, 20, 32))
     >>> o = attention_compress(compute_weights(params, x), window=8)
