@@ -12,7 +12,8 @@ gradients for finite inputs, agreement between the forms (and between a layer's 
 chunked prefill), and the documented error, naming the argument, for each kind of bad input.
 
 Profiles (environment variable DCA_FUZZ_PROFILE): "ci" (a couple of minutes, run by CI) and
-"long" (the slow job, `pytest -m slow tests/test_fuzz.py`). Everything compiles with XLA's
+"long" (the slow job, `pytest -m slow tests/test_fuzz.py`); DCA_FUZZ_EXAMPLES sets the number of
+drawn shapes of the two compiled properties. Everything compiles with XLA's
 default options, as users run it.
 """
 
@@ -39,7 +40,9 @@ hypothesis.settings.register_profile("long", max_examples=150, deadline=None, pr
 PROFILE = os.environ.get("DCA_FUZZ_PROFILE", "ci")
 hypothesis.settings.load_profile(PROFILE)
 # Each drawn shape of the compiled properties costs a compilation of ~5-10 s: fewer of them in CI.
-COMPILED = hypothesis.settings(max_examples=6 if PROFILE == "ci" else 150)
+# DCA_FUZZ_EXAMPLES overrides the count (e.g. a shorter run of the long profile).
+COMPILED = hypothesis.settings(max_examples=int(os.environ.get(
+    "DCA_FUZZ_EXAMPLES", 6 if PROFILE == "ci" else 150)))
 
 FORMS = ("recurrent", "associative", "chunked", "quadratic", "auto")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
