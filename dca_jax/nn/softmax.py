@@ -185,7 +185,9 @@ class SoftmaxAttention(_layer.AttentionLayer):
               reset: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Attends x to itself and to everything in the cache; appends x's keys and values.
 
-    Two prefills chain exactly like one over the concatenated input.
+    Two prefills chain exactly like one over the concatenated input. A prefill whose T x
+    max_length scores exceed `DENSE_SCORES_BYTES` runs the blocked form with a traced start
+    position, which is forward only (use `__call__` to train).
 
     Args:
       x: [B, T, D] floating, at absolute positions cache.position ... cache.position + T - 1.
