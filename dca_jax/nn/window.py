@@ -8,6 +8,7 @@ DCA's compressed memory fills.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 from dca_jax.nn import _layer
 from dca_jax.ops import _checks
 from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops.softmax import masked_attention
 from dca_jax.ops.window import sliding_window_attention
 
 
@@ -123,6 +125,43 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     return WindowCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
                        position=jnp.zeros((), jnp.int32),
                        doc_start=jnp.zeros((batch_size,), jnp.int32))
+
+  def decode_step(self, x_t: jax.Array, cache: WindowCache,
+                  reset: jax.Array | None = None) -> tuple[jax.Array, WindowCache]:
+    """One token per row: writes its key and value into its ring slot, attends over the W slots.
+
+    O(W K) per token whatever the position (one query against W keys; no re-scoring of the
+    cached tokens). Equal to `prefill(x_t[:, None], cache, reset[:, None])`.
+
+    Args:
+      x_t: [B, D] the current token, at absolute position cache.position.
+      cache: a `WindowCache` with batch size B.
+      reset: optional bool [B]; true in a row where a new document starts at this token.
+
+    Returns:
+      (y_t [B, D] in x_t's dtype, the updated cache).
+
+    Raises:
+      TypeError, ValueError: bad x_t, reset or cache.
+    """
+    window = self.window
+    _layer.check_token(x_t, self.d_model)
+    head_shape = (None, window, self.num_heads, self.head_dim)
+    _layer.check_cache(cache, WindowCache, x_t.shape[0],
+                       {"k": head_shape, "v": head_shape})
+    _checks.check_step_reset(reset, x_t.shape[0])
+    t = cache.position
+    q, k, v = self._project(x_t[:, None], t[None])                        # [B, 1, H, K]
+    slot = t % window
+    keys = cache.k.at[:, slot].set(k[:, 0])
+    values = cache.v.at[:, slot].set(v[:, 0])
+    doc_start = cache.doc_start if reset is None else jnp.where(reset, t, cache.doc_start)
+    # Slot s holds position t - ((t - s) mod W); it is seen if that is in the current document.
+    held = t - (t - jnp.arange(window, dtype=jnp.int32)) % window          # [W]
+    seen = (held[None, :] >= jnp.maximum(doc_start, 0)[:, None])[:, None]  # [B, 1, W]
+    o = masked_attention(q, keys, values, seen, 1.0 / math.sqrt(self.head_dim))
+    new_cache = WindowCache(k=keys, v=values, position=t + 1, doc_start=doc_start)
+    return self._output(o, x_t.dtype)[:, 0], new_cache
 
   def prefill(self, x: jax.Array, cache: WindowCache,
               reset: jax.Array | None = None) -> tuple[jax.Array, WindowCache]:
