@@ -182,7 +182,7 @@ ENGINE_BAD = [
     ("k", lambda a: a["k"][:, :, :, :-1], ValueError, "k"),
     ("v", lambda a: a["v"][:, :-1], ValueError, "v"),
     ("log_decay", lambda a: jnp.abs(a["log_decay"]) + 0.1, ValueError, "log_decay"),
-    ("log_decay", lambda a: a["log_decay"][:, :, :1], ValueError, "log_decay"),
+    ("log_decay", lambda a: a["log_decay"][:, 1:], ValueError, "log_decay"),      # wrong T
     ("reset", lambda a: jnp.zeros(a["q"].shape[:2], jnp.int32), TypeError, "reset"),
     ("reset", lambda a: jnp.zeros(a["q"].shape[:1], bool), ValueError, "reset"),
     ("initial_state", lambda a: jnp.zeros((1, 1, 1, 1)), ValueError, "initial_state"),
