@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, in_time_order,
-                                     init_state, to_ring)
+from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, init_state
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -114,10 +113,10 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
   # The sequence extended on the left by the W buffered tokens: the window of the first queries
   # reaches into the buffer, and the buffer's tokens are the first to leave the window.
-  ext_k, ext_v, ext_kf, ext_doc = (
-      jnp.concatenate([in_time_order(state, ring), new], axis=1) for ring, new in (
-          (state.keys, weights.k.astype(f32)), (state.values, weights.v.astype(f32)),
-          (state.key_features, weights.k_features.astype(f32)), (state.doc, doc)))
+  ext_k = jnp.concatenate([state.keys, weights.k.astype(f32)], axis=1)
+  ext_v = jnp.concatenate([state.values, weights.v.astype(f32)], axis=1)
+  ext_kf = jnp.concatenate([state.key_features, weights.k_features.astype(f32)], axis=1)
+  ext_doc = jnp.concatenate([state.doc, doc], axis=1)
   ext_q = jnp.concatenate([jnp.zeros_like(state.keys), weights.q.astype(f32)], axis=1)
   num, den, top = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale, doc=ext_doc,
                                        rotary_base=rotary_base)
@@ -135,9 +134,8 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o
-  position = state.position + time
-  keys, values, key_features, docs = (to_ring(x[:, -window:], position)
-                                      for x in (ext_k, ext_v, ext_kf, ext_doc - ext_doc[:, -1:]))
-  new_state = DCAState(keys=keys, values=values, key_features=key_features, doc=docs,
-                       memory=memory, position=position)
+  last_doc = ext_doc[:, -1:]
+  new_state = DCAState(
+      keys=ext_k[:, -window:], values=ext_v[:, -window:], key_features=ext_kf[:, -window:],
+      doc=ext_doc[:, -window:] - last_doc, memory=memory, position=state.position + time)
   return o, new_state

@@ -69,21 +69,22 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
     doc = jnp.where(reset[:, None], doc - 1, doc)
     memory = jnp.where(reset[:, None, None, None], 0.0, memory)
 
-  # The oldest token (position t - W) sits in slot t mod W: evict it into memory (an empty or
-  # foreign slot adds nothing), then write the new token into the same slot.
-  slot = state.position % window
-  leaving = (doc[:, slot] == 0)[:, None, None]
-  features = jnp.where(leaving, state.key_features[:, slot], 0.0)                   # [B, H, F]
-  values = jnp.concatenate([state.values[:, slot], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
+  # Evict the oldest slot into memory (an empty or foreign slot adds nothing).
+  leaving = (doc[:, 0] == 0)[:, None, None]
+  features = jnp.where(leaving, state.key_features[:, 0], 0.0)                      # [B, H, F]
+  values = jnp.concatenate([state.values[:, 0], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
   decay = jnp.exp(weights.log_decay.astype(f32))
   decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]   # per channel / head
   values = jnp.where(leaving, values, 0.0)
   memory = decay * memory + features[..., :, None] * values[..., None, :]
 
-  keys = state.keys.at[:, slot].set(weights.k.astype(f32))
-  vals = state.values.at[:, slot].set(weights.v.astype(f32))
-  key_features = state.key_features.at[:, slot].set(weights.k_features.astype(f32))
-  doc = doc.at[:, slot].set(0)
+  def push(buffer, new):
+    return jnp.concatenate([buffer[:, 1:], new[:, None].astype(buffer.dtype)], axis=1)
+
+  keys = push(state.keys, weights.k)
+  vals = push(state.values, weights.v)
+  key_features = push(state.key_features, weights.k_features)
+  doc = push(doc, jnp.zeros((batch,), jnp.int32))
 
   q = weights.q.astype(f32)
   # Slots of other documents and empty ones are selected away (never multiplied by a zero
@@ -92,8 +93,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   k = jnp.where(seen, keys, 0.0)
   seen_vals = jnp.where(seen, vals, 0.0)
   if rotary_base is not None:
-    # Slot s holds the token (t - s) mod W steps back: rotate it back by that offset, not q.
-    offsets = -((state.position - jnp.arange(window)) % window)
+    # Slot s holds the token W - 1 - s steps back: rotate it back by that offset, leave q as is.
+    offsets = jnp.arange(window) - (window - 1)
     k = apply_rotary(k, offsets, base=rotary_base)
   scores = jnp.einsum("bhk,bshk->bhs", q, k) / math.sqrt(key_dim)
   valid = (doc == 0)[:, None, :]

@@ -21,10 +21,8 @@ class DCAState(NamedTuple):
   """Constant-size state of DCA after a prefix of the sequence.
 
   Attributes:
-    keys: [B, W, H, K] float32, the last W keys (working memory) in a ring: the token at absolute
-      position p lives in slot p mod W, so a decode step writes one slot (`in_time_order`
-      gives them oldest first).
-    values: [B, W, H, V] float32, their values, same slots.
+    keys: [B, W, H, K] float32, the last W keys, oldest first (working memory).
+    values: [B, W, H, V] float32, their values.
     key_features: [B, W, H, F] float32, their features (folded into memory on eviction).
     doc: [B, W] int32, document of each slot relative to the current one: 0 = same document as
       the last token, negative = an earlier document or an empty slot (never attended).
@@ -42,16 +40,6 @@ class DCAState(NamedTuple):
   @property
   def window(self) -> int:
     return self.keys.shape[1]
-
-
-def in_time_order(state: DCAState, ring: jax.Array) -> jax.Array:
-  """A [B, W, ...] ring of `state` (keys, values, key_features or doc) oldest slot first."""
-  return jnp.roll(ring, -(state.position % ring.shape[1]), axis=1)
-
-
-def to_ring(ordered: jax.Array, position: jax.Array) -> jax.Array:
-  """The last W tokens before `position`, given oldest first, placed in their ring slots."""
-  return jnp.roll(ordered, position % ordered.shape[1], axis=1)
 
 
 def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, feature_dim: int,
