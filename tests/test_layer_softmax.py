@@ -29,8 +29,8 @@ def test_cache_grows_with_max_length():
   layer = make_layer()
   small, large = cache_bytes(layer.init_cache(2, 1024)), cache_bytes(layer.init_cache(2, 2048))
   # Keys and values: 2 rows x L x D float32 each, plus the int32 counter, each row's int32
-  # document start and the bool overflow flag.
-  fixed = 4 + 2 * 4 + 1
+  # document start, the bool overflow flag and a bool per row and head (doc_bad).
+  fixed = 4 + 2 * 4 + 1 + 2 * HEADS
   assert small == 2 * 2 * 1024 * D_MODEL * 4 + fixed
   assert large - fixed == 2 * (small - fixed)
 

@@ -22,7 +22,8 @@ from dca_jax.ops import _checks
 from dca_jax.ops.rotary import apply_rotary
 from dca_jax.ops.segments import document_ids
 from dca_jax.ops.blocked_softmax import blocked_causal_attention
-from dca_jax.ops.softmax import masked_attention
+from dca_jax.ops import segments
+from dca_jax.ops.softmax import attend_finite, masked_attention
 
 
 class KVCache(NamedTuple):
@@ -37,6 +38,8 @@ class KVCache(NamedTuple):
       before it are never attended; see `prefill`'s reset).
     overflow: bool scalar, true once tokens were given past max_length (possible only under jit,
       where the position cannot be checked): their outputs, and all later ones, are NaN.
+    doc_bad: bool [B, H], true once the current document of a row held a non-finite key or
+      value (stored as zeros): later outputs of that document are NaN, as in the forward.
   """
 
   k: jax.Array
@@ -44,6 +47,7 @@ class KVCache(NamedTuple):
   position: jax.Array
   doc_start: jax.Array
   overflow: jax.Array
+  doc_bad: jax.Array
 
   @property
   def max_length(self) -> int:
@@ -179,7 +183,8 @@ class SoftmaxAttention(_layer.AttentionLayer):
     return KVCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
                    position=jnp.zeros((), jnp.int32),
                    doc_start=jnp.zeros((batch_size,), jnp.int32),
-                   overflow=jnp.zeros((), jnp.bool_))
+                   overflow=jnp.zeros((), jnp.bool_),
+                   doc_bad=jnp.zeros((batch_size, self.num_heads), jnp.bool_))
 
   def prefill(self, x: jax.Array, cache: KVCache,
               reset: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -217,13 +222,20 @@ class SoftmaxAttention(_layer.AttentionLayer):
             f"{start + time}).")
     positions = cache.position + jnp.arange(time, dtype=jnp.int32)
     q, k, v = self._project(x, positions)
+    doc = jnp.zeros(x.shape[:2], jnp.int32) if reset is None else document_ids(reset)
+    # Only finite keys and values are stored (a non-finite one as zeros), so no step re-scans the
+    # cache; what a query can see of bad tokens is tracked instead (doc_bad carries it over).
+    bad_q = segments.nonfinite(q)
+    bad_kv = segments.nonfinite(k) | segments.nonfinite(v)
+    q, = segments.zero_where(bad_q, q)
+    k, v = segments.zero_where(bad_kv, k, v)
+    sees_bad = segments.sees_nonfinite(bad_kv, doc, carried=cache.doc_bad)     # [B, T, H]
     # mode="drop": past max_length (only reachable under jit) nothing is written, rather than
     # the clamped overwrite of the last slots that dynamic_update_slice would do.
     k_buf = cache.k.at[:, positions].set(k.astype(jnp.float32), mode="drop")
     v_buf = cache.v.at[:, positions].set(v.astype(jnp.float32), mode="drop")
     # Slots after the last written one are zeros; causality masks them. Documents: a cached key
     # is in the current document from doc_start on (id 0, else -1); new tokens count their resets.
-    doc = jnp.zeros(x.shape[:2], jnp.int32) if reset is None else document_ids(reset)
     slots = jnp.arange(max_length, dtype=jnp.int32)
     cached_doc = jnp.where(slots[None] >= cache.doc_start[:, None], 0, -1)             # [B, L]
     new_doc = jnp.take_along_axis(doc, jnp.clip(slots - cache.position, 0, time - 1)[None]
@@ -232,14 +244,15 @@ class SoftmaxAttention(_layer.AttentionLayer):
     scale = 1.0 / math.sqrt(self.head_dim)
     if _dense_fits(x.shape[0], self.num_heads, time, max_length):
       mask = (slots[None, :] <= positions[:, None])[None] & (key_doc[:, None, :] == doc[:, :, None])
-      o = masked_attention(q, k_buf, v_buf, mask, scale)
+      o = attend_finite(q, k_buf, v_buf, mask, scale)
     else:
       o = blocked_causal_attention(q, k_buf, v_buf, scale=scale, doc=doc, key_doc=key_doc,
                                    q_start=cache.position, block=BLOCK)
     overflow = cache.overflow | (cache.position + time > max_length)
-    o = jnp.where((positions < max_length)[None, :, None, None] & ~cache.overflow, o, jnp.nan)
+    fits = (positions < max_length)[None, :, None] & ~cache.overflow
+    o = jnp.where((fits & ~sees_bad & ~bad_q)[..., None], o, jnp.nan)
     new_cache = KVCache(k=k_buf, v=v_buf, position=cache.position + time,
                         doc_start=_layer.next_doc_start(cache.doc_start, cache.position, reset),
-                        overflow=overflow)
+                        overflow=overflow, doc_bad=sees_bad[:, -1])
     return self._output(o, x.dtype), new_cache
 

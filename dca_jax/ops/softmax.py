@@ -42,11 +42,22 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   seen = jnp.einsum("bts,bsh->bth", jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1])
                                                      ).astype(f32), bad_kv.astype(f32))
   poisoned = (seen > 0) | bad_q
+  return jnp.where(poisoned[..., None], jnp.nan, attend_finite(q, k, v, mask, scale))
+
+
+def attend_finite(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  scale: float) -> jax.Array:
+  """`masked_attention` for inputs the caller knows to be finite (no selection, no NaN marks).
+
+  Internal: for callers that sanitise once what they store (the softmax layer's KV cache), so a
+  decode step does not re-scan the whole cache.
+  """
+  f32 = jnp.float32
+  q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
   scores = jnp.einsum("bthk,bshk->bhts", q, k) * scale
   scores = jnp.where(mask[:, None], scores, -jnp.inf)
   # The max only stabilises the exponentials; the softmax does not depend on it.
   m = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
   probs = jnp.exp(scores - m)
   out = jnp.einsum("bhts,bshv->bthv", probs, v)
-  out = out / jnp.swapaxes(probs.sum(-1), 1, 2)[..., None]
-  return jnp.where(poisoned[..., None], jnp.nan, out)
+  return out / jnp.swapaxes(probs.sum(-1), 1, 2)[..., None]
