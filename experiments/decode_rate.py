@@ -1,0 +1,54 @@
+"""Decode tokens/s of `generate` for the demo-size model of each layer, after a long prompt.
+
+    python -m experiments.decode_rate [--prompt 4096] [--repeats 5]     (~2 min on 2 cores)
+
+The rate is 512 / (time for 544 new tokens - time for 32), so the prompt's prefill and the
+compilation cancel out; the median over `repeats` pairs is printed. Model: 2 layers, d_model
+128, 4 heads, batch 1, untrained (the rate does not depend on the weights); window 64 for the
+windowed layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+from flax import nnx
+
+from dca_jax.nn import TransformerConfig, TransformerLM, generate
+
+LAYERS = (("dca", {"window": 64}), ("window", {"window": 64}), ("softmax", {}))
+
+
+def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int) -> float:
+  """Median decode tokens/s of one model (see the module docstring)."""
+  model = TransformerLM(TransformerConfig(d_model=128, num_layers=2, num_heads=4,
+                                          attention=attention, attention_options=options),
+                        rngs=nnx.Rngs(0))
+  prompt = jax.random.randint(jax.random.key(0), (1, prompt_length), 0, 256)
+
+  def run(new_tokens: int, seed: int) -> float:
+    start = time.perf_counter()
+    generate(model, prompt, max_new_tokens=new_tokens, rng=jax.random.key(seed),
+             budget=1024).block_until_ready()
+    return time.perf_counter() - start
+
+  run(32, 0)                                                   # compile once (same budget)
+  per_token = sorted((run(544, r) - run(32, r)) / 512 for r in range(repeats))
+  return 1.0 / per_token[len(per_token) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--prompt", type=int, default=4096, help="prompt length in tokens")
+  parser.add_argument("--repeats", type=int, default=5, help="timed pairs per layer")
+  args = parser.parse_args(argv)
+  for attention, options in LAYERS:
+    rate = decode_rate(attention, options, args.prompt, args.repeats)
+    print(f"{attention}: {rate:,.0f} decode tokens/s", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
