@@ -220,7 +220,8 @@ def _input(config: Config, length: int, salt: int = 0) -> jax.Array:
 
 
 def measure_grid(runner: benchmark.Runner, config: Config, splits: dict[str, Any],
-                 length: int) -> list[dict[str, Any]]:
+                 length: int, peers: dict[str, Any] | None = None,
+                 count: bool = False) -> list[dict[str, Any]]:
   """Runs every (layer, pass) at one T, interleaved; one record per pair.
 
   Args:
@@ -228,9 +229,20 @@ def measure_grid(runner: benchmark.Runner, config: Config, splits: dict[str, Any
     config: the run's config.
     splits: layer name -> (layer, graphdef, state), the layers split once for the whole grid.
     length: T.
+    peers: name -> (x as NumPy -> {pass name: thunk}, exponent): layers outside JAX (the torch
+      peer), timed in the same rounds as the JAX layers.
+    count: count the JAX layers' FLOPs (and their achieved rate).
   """
   x = _input(config, length)
   records, cases = [], []
+  for name, (make_calls, exponent) in (peers or {}).items():
+    calls = make_calls(jax.device_get(x))
+    for pass_name in PASSES:
+      record = {"section": "grid", "layer": name, "pass": pass_name, "T": length,
+                "status": "ok", "reason": None}
+      records.append(record)
+      cases.append(benchmark.Case(name, pass_name, record, thunk=calls[pass_name],
+                                  exponent=exponent))
   for name, (layer, graphdef, state) in splits.items():
     for pass_name in PASSES:
       record = {"section": "grid", "layer": name, "pass": pass_name, "T": length,
@@ -242,7 +254,7 @@ def measure_grid(runner: benchmark.Runner, config: Config, splits: dict[str, Any
   runner.measure(cases, length,
                  repeats=config.big_repeats if length >= config.big_t else config.repeats,
                  min_total_s=config.min_total_s, max_repeats=config.max_repeats,
-                 max_total_s=config.max_timed_s, seed=config.seed + length)
+                 max_total_s=config.max_timed_s, seed=config.seed + length, count=count)
   return records
 
 

@@ -1,11 +1,11 @@
 """Decode tokens/s of `generate` for the demo-size model of each layer, after a long prompt.
 
-    python -m experiments.decode_rate [--prompt 4096] [--repeats 5]     (~2 min on 2 cores)
+    python -m experiments.decode_rate [--prompt 4096] [--repeats 5] [--batch 1]  (~2 min on 2 cores)
 
-The rate is 512 / (time for 544 new tokens - time for 32), so the prompt's prefill and the
-compilation cancel out; the median over `repeats` pairs is printed. Model: 2 layers, d_model
-128, 4 heads, batch 1, untrained (the rate does not depend on the weights); window 64 for the
-windowed layers.
+The step time is (time for 544 new tokens - time for 32) / 512, so the prompt's prefill and the
+compilation cancel out; the median over `repeats` pairs is taken, and the rate is batch / step
+time (aggregate tokens/s over the batch rows). Model: 2 layers, d_model 128, 4 heads, untrained
+(the rate does not depend on the weights); window 64 for the windowed layers.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from dca_jax.nn import TransformerConfig, TransformerLM, generate
 LAYERS = (("dca", {"window": 64}), ("window", {"window": 64}), ("softmax", {}))
 
 
-def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int) -> float:
-  """Median decode tokens/s of one model (see the module docstring)."""
+def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int,
+                batch: int = 1) -> dict[str, float]:
+  """{"tokens_per_s": aggregate decode tokens/s, "step_s": median seconds per step} of one model
+  (see the module docstring)."""
   model = TransformerLM(TransformerConfig(d_model=128, num_layers=2, num_heads=4,
                                           attention=attention, attention_options=options),
                         rngs=nnx.Rngs(0))
-  prompt = jax.random.randint(jax.random.key(0), (1, prompt_length), 0, 256)
+  prompt = jax.random.randint(jax.random.key(0), (batch, prompt_length), 0, 256)
 
   def run(new_tokens: int, seed: int) -> float:
     start = time.perf_counter()
@@ -36,17 +38,20 @@ def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int)
 
   run(32, 0)                                                   # compile once (same budget)
   per_token = sorted((run(544, r) - run(32, r)) / 512 for r in range(repeats))
-  return 1.0 / per_token[len(per_token) // 2]
+  step = per_token[len(per_token) // 2]
+  return {"tokens_per_s": batch / step, "step_s": step}
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--prompt", type=int, default=4096, help="prompt length in tokens")
   parser.add_argument("--repeats", type=int, default=5, help="timed pairs per layer")
+  parser.add_argument("--batch", type=int, default=1, help="batch rows decoded together")
   args = parser.parse_args(argv)
   for attention, options in LAYERS:
-    rate = decode_rate(attention, options, args.prompt, args.repeats)
-    print(f"{attention}: {rate:,.0f} decode tokens/s", flush=True)
+    rate = decode_rate(attention, options, args.prompt, args.repeats, args.batch)
+    print(f"{attention}: {rate['tokens_per_s']:,.0f} decode tokens/s (batch {args.batch}, "
+          f"{1e3 * rate['step_s']:.3f} ms per step)", flush=True)
   return 0
 
 

@@ -33,7 +33,7 @@ def lm_config(attention: str, tiny: bool) -> ExperimentConfig:
   return suite_plan.run_config(run, tiny=tiny)
 
 
-class _TrainSteps:
+class TrainSteps:
   """Optimiser steps of one model on one batch, each from the state the previous one returned
   (the train step donates its parameters and optimiser state)."""
 
@@ -74,7 +74,7 @@ def measure_speed(out: pathlib.Path, *, repeats: int = 7, tiny: bool = False,
     # The train step donates its parameters: it gets a copy, so the decode cases keep theirs.
     params = jax.tree.map(jnp.copy, params)
     batch = tasks_lib.make_task(config).train_batch(0)
-    cases.append(benchmark.Case(attention, "train", {}, thunk=_TrainSteps(
+    cases.append(benchmark.Case(attention, "train", {}, thunk=TrainSteps(
         train_step, params, rest, tx.init(params), batch)))
     info[attention] = {"num_params": count_params(model), "config": config.to_dict(),
                        "train_tokens_per_step": config.batch_size * config.seq_len}

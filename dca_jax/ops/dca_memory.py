@@ -96,13 +96,50 @@ def combine_memories(window_num, window_den, window_max, memory_out, value_dim, 
     g = jax.nn.sigmoid(gate)[..., None]
     mem_mean = jnp.where(has_memory[..., None], mem_num / safe_den[..., None], 0.0)
     return g * window_num / window_den[..., None] + (1.0 - g) * mem_mean
+  return _unified(window_num, window_den, jax.lax.stop_gradient(window_max), mem_num, mem_den)
+
+
+def _unified_parts(window_num, window_den, window_max, mem_num, mem_den):
+  has_memory = ~(mem_den <= 0)
+  safe_den = jnp.where(has_memory, mem_den, 1.0)
   log_mem = jnp.where(has_memory, jnp.log(safe_den), -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.maximum(window_max, log_mem))
+  top = jnp.maximum(window_max, log_mem)
   window_weight = jnp.exp(window_max - top)[..., None]
   memory_weight = jnp.exp(log_mem - top)[..., None]
   mem_mean = jnp.where(has_memory[..., None], mem_num / safe_den[..., None], 0.0)
   num = window_num * window_weight + memory_weight * mem_mean
   den = window_den[..., None] * window_weight + memory_weight
-  return num / den
+  # Per unit of memory normaliser: memory_weight / M_den = e^{-top} (0 without memory).
+  per_unit = jnp.where(has_memory[..., None], memory_weight / safe_den[..., None], 0.0)
+  return num / den, den, window_weight, per_unit
+
+
+@jax.custom_vjp
+def _unified(window_num, window_den, window_max, mem_num, mem_den):
+  """The unified combination (see `combine_memories`), with a hand-written backward pass.
+
+  With the stabiliser m held constant (the output does not depend on it), o = (N a + M_num b) /
+  (Z a + M_den b) with a = e^{m_w - m} and b = e^{-m}: a linear-fractional map whose gradient is
+  two scalings of g / den. Autodiff of the stabilised forward instead differentiates the log, the
+  division and the selects separately (several passes over [B, T, H, V]).
+  """
+  return _unified_parts(window_num, window_den, window_max, mem_num, mem_den)[0]
+
+
+def _unified_fwd(window_num, window_den, window_max, mem_num, mem_den):
+  out, den, window_weight, per_unit = _unified_parts(window_num, window_den, window_max, mem_num,
+                                                     mem_den)
+  return out, (out, den, window_weight, per_unit)
+
+
+def _unified_bwd(res, grad):
+  out, den, window_weight, per_unit = res
+  d_num = grad / den                                       # d o / d num
+  d_den = -jnp.sum(d_num * out, axis=-1)                   # d o / d den (den is one per row)
+  return (d_num * window_weight, d_den * window_weight[..., 0], None,
+          d_num * per_unit, d_den * per_unit[..., 0])
+
+
+_unified.defvjp(_unified_fwd, _unified_bwd)
 
 

@@ -1,0 +1,442 @@
+"""The performance benchmark: one command, every contender side by side, the issue's targets.
+
+    python -m experiments.performance            # full run, ~30-40 min on the 2-core CPU
+    python -m experiments.performance --quick    # ~5 min subset (T <= 4096, fewer repeats)
+    python -m experiments.performance --render-only   # rewrite .md/.png from the .json
+
+Writes `docs/performance.{json,md,png}` (`--out` elsewhere). One run, one process, one machine:
+
+1. The dense-matmul rate (2048^3 float32) at the start and the end: the yardstick for counted
+   FLOP rates.
+2. Layers (B = 1, d_model 256, 4 heads, float32; W = 64 for the windowed ones): the five layers
+   of `dca_jax.nn` and the external peer, PyTorch's CPU flash softmax layer
+   (`experiments.torch_peer`, optional extra `.[bench]`; skipped with the reason when absent),
+   forward and forward+backward at T = 256 ... 32768, all of one T timed round-robin (median of
+   repeats after warm-up), with XLA's temporary memory and the counted FLOPs of each JAX layer.
+3. Engine (`gated_linear_attention`, B = 1, H = 4, K = V = 64): chunked and recurrent forms with
+   per-head and per-channel decay, the sliding window and `jax.nn.dot_product_attention` at the
+   same T, then the linear forms at T = 65536 (forward+backward memory included); counted FLOPs
+   and the fraction of the matmul rate; the engine planner's sweep
+   (`experiments.benchmark_engine`).
+4. LM training steps: `lm_dca` against `lm_softmax` (the demo's model, 2 layers, d_model 128),
+   tokens/s at T = 256 (batch 8) and T = 2048 (batch 1).
+5. Decoding: `generate` on the demo-size model after a 4k prompt, tokens/s at batch 1 and 32
+   (`experiments.decode_rate`), against the bound set by the bytes a step reads.
+
+Every ratio in the report comes from this one run; the machine and the date are recorded.
+Speed is never asserted in the tests: the tests prove that every form computes the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import shlex
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dca_jax.nn import count_params
+from experiments import benchmark, benchmark_engine, benchmark_layers, bookkeeping, decode_rate
+from experiments import configs as configs_lib
+from experiments import model as model_lib
+from experiments import report, suite_speed, tasks as tasks_lib, torch_peer
+from experiments.bookkeeping import GIB, log
+
+FWD, FWD_BWD = "fwd", "fwd+bwd"
+DCA, GLA, SOFTMAX = "DCAttention", "GatedLinearAttention", "SoftmaxAttention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One run. Attributes: the T grids of each section, repeats, budgets, decode batches."""
+
+  layer_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+  engine_lengths: tuple[int, ...] = (256, 1024, 4096, 8192, 32768)
+  engine_full_grid_max_t: int = 4096
+  engine_long_lengths: tuple[int, ...] = (65536,)
+  train_lengths: tuple[tuple[int, int], ...] = ((256, 8), (2048, 1))      # (T, batch)
+  decode_batches: tuple[int, ...] = (1, 32)
+  decode_prompt: int = 4096
+  decode_repeats: int = 3
+  repeats: int = 5
+  big_repeats: int = 3
+  time_budget_s: float = 25.0
+  memory_budget_gib: float = 8.0
+  matmul_n: int = 2048
+  quick: bool = False
+
+
+def get_config(quick: bool) -> Config:
+  if not quick:
+    return Config()
+  return Config(layer_lengths=(256, 1024, 4096), engine_lengths=(256, 1024, 4096),
+                engine_long_lengths=(), train_lengths=((256, 8),), decode_batches=(1,),
+                decode_prompt=1024, decode_repeats=2, repeats=3, big_repeats=2, matmul_n=1024,
+                quick=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections.
+
+
+def measure_layers(config: Config) -> dict[str, Any]:
+  """Section 2: the five layers and the torch peer, round-robin at every T."""
+  layer_config = benchmark_layers.get_config(
+      lengths=config.layer_lengths, repeats=config.repeats, big_repeats=config.big_repeats,
+      time_budget_s=config.time_budget_s, memory_budget_gib=config.memory_budget_gib)
+  under_test = benchmark_layers.layers(layer_config)
+  splits, params = {}, {}
+  for layer in under_test:
+    module = layer.make(layer_config)
+    params[layer.name] = count_params(module)
+    splits[layer.name] = (layer, *nnx.split(module))
+  torch, why_not = torch_peer.load()
+  peers, peer_info = {}, {"name": torch_peer.NAME, "available": torch is not None,
+                          "reason": why_not}
+  if torch is not None:
+    peer = torch_peer.TorchLayer(torch, layer_config.d_model, layer_config.num_heads)
+    peers[torch_peer.NAME] = (peer.calls, 2)
+    peer_info["version"] = peer.version()
+    params[torch_peer.NAME] = sum(p.numel() for p in peer.parameters)
+  else:
+    log(f"  {torch_peer.NAME}: skipped ({why_not})")
+  runner = benchmark.Runner(memory_budget_gib=config.memory_budget_gib,
+                            time_budget_s=config.time_budget_s, compile_exhausted=False)
+  records = []
+  for length in config.layer_lengths:
+    log(f"layers T={length}")
+    records += benchmark_layers.measure_grid(runner, layer_config, splits, length, peers=peers,
+                                             count=True)
+  return {"records": records, "params": params, "peer": peer_info,
+          "options": {layer.name: layer.options_text for layer in under_test}}
+
+
+def measure_engine(config: Config) -> dict[str, Any]:
+  """Section 3: the engine's forms, window and softmax baselines, long T, planner sweep."""
+  engine_config = benchmark_engine.get_config(
+      lengths=config.engine_lengths, full_grid_max_t=config.engine_full_grid_max_t,
+      long_lengths=config.engine_long_lengths, long_fwd_bwd_lengths=config.engine_long_lengths,
+      repeats=config.repeats, big_repeats=config.big_repeats,
+      time_budget_s=config.time_budget_s, memory_budget_gib=config.memory_budget_gib,
+      planner_lengths=(16, 64, 256) if not config.quick else (64,))
+  return benchmark_engine.run(engine_config, "(section of experiments.performance)")
+
+
+def measure_training(config: Config) -> list[dict[str, Any]]:
+  """Section 4: LM training steps of lm_dca and lm_softmax, round-robin at each (T, batch)."""
+  rows = []
+  for length, batch in config.train_lengths:
+    cases = []
+    for name in ("lm_dca", "lm_softmax"):
+      exp = configs_lib.load_config(name, overrides={"seq_len": length, "batch_size": batch})
+      _, tx, train_step, _ = model_lib.compiled_steps(exp)
+      model = model_lib.build_model(exp)
+      _, params, rest = nnx.split(model, nnx.Param, ...)
+      params = jax.tree.map(jnp.copy, params)
+      data = tasks_lib.make_task(exp).train_batch(0)
+      record = {"experiment": name, "T": length, "batch": batch}
+      rows.append(record)
+      cases.append(benchmark.Case(name, f"train/{length}", record, thunk=suite_speed.TrainSteps(
+          train_step, params, rest, tx.init(params), data)))
+    log(f"training steps T={length} x {batch}")
+    benchmark.Runner(log_width=None).measure(cases, repeats=config.repeats, min_total_s=2.0,
+                                             max_repeats=30)
+    for record in rows[-2:]:
+      record["tokens_per_s"] = length * batch / record["median_s"]
+  return rows
+
+
+def measure_decoding(config: Config) -> list[dict[str, Any]]:
+  """Section 5: generate's decode tokens/s on the demo-size model, per layer and batch."""
+  rows = []
+  for batch in config.decode_batches:
+    for attention, options in decode_rate.LAYERS:
+      log(f"decoding {attention} batch {batch}")
+      rate = decode_rate.decode_rate(attention, options, config.decode_prompt,
+                                     config.decode_repeats, batch=batch)
+      rows.append({"attention": attention, "batch": batch, "prompt": config.decode_prompt,
+                   **rate})
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis.
+
+
+def _layer_time(result, layer, pass_name, length):
+  return benchmark.median(result["layers"]["records"],
+                          {"layer": layer, "pass": pass_name, "T": length})
+
+
+def _engine_record(result, contender, pass_name, length):
+  return benchmark.find(result["engine"]["records"],
+                        {"contender": contender, "pass": pass_name, "T": length})
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+  """The issue's targets, each with its measured value (None: not measured in this run)."""
+  rows = []
+
+  def add(name, value, goal, ok, detail=""):
+    rows.append({"target": name, "value": value, "goal": goal,
+                 "status": "-" if value is None else ("PASS" if ok else "MISS"),
+                 "detail": detail})
+
+  peer = torch_peer.NAME
+  for length, goal in ((1024, 1.0), (8192, 4.0), (32768, 10.0)):
+    mine, theirs = (_layer_time(result, n, FWD_BWD, length) for n in (DCA, peer))
+    ratio = theirs / mine if mine and theirs else None
+    add(f"DCA layer fwd+bwd vs torch flash softmax at T={length}", ratio, f">= {goal}x",
+        ratio is not None and ratio >= goal, "torch time / DCA time")
+  ratios = []
+  for length in result["config"]["layer_lengths"]:
+    mine, gla = (_layer_time(result, n, FWD_BWD, length) for n in (DCA, GLA))
+    if mine and gla:
+      ratios.append(mine / gla)
+  worst = max(ratios) if ratios else None
+  add("DCA layer within 1.5x of the GatedLinearAttention layer (fwd+bwd, worst T)", worst,
+      "<= 1.5x", worst is not None and worst <= 1.5, "DCA time / GLA time")
+
+  engine = result.get("engine")
+  if engine:
+    worst = None
+    for length in result["config"]["engine_lengths"]:
+      if length < 1024:
+        continue
+      chunked = _engine_record(result, "chunked", FWD, length)
+      recurrent = _engine_record(result, "recurrent", FWD, length)
+      if chunked and recurrent and chunked.get("median_s") and recurrent.get("median_s"):
+        ratio = chunked["median_s"] / recurrent["median_s"]
+        worst = ratio if worst is None else max(worst, ratio)
+    add("engine: chunked fwd <= recurrent fwd from T=1024 (per-head, worst T)", worst,
+        "<= 1.0x", worst is not None and worst <= 1.0, "chunked time / recurrent time")
+    rate = max((p["gflops"] for p in engine["matmul"]["probes"]), default=None)
+    fractions = []
+    for length in result["config"]["engine_lengths"]:
+      rec = _engine_record(result, "chunked", FWD_BWD, length)
+      if length >= 4096 and rec and rec.get("gflops") and rate:
+        fractions.append(rec["gflops"] / rate)
+    low = min(fractions) if fractions else None
+    add("engine: chunked fwd+bwd at >= 40% of the dense matmul rate (T >= 4096, K=V=64)", low,
+        ">= 0.40", low is not None and low >= 0.40, "counted GFLOP/s / matmul GFLOP/s")
+    memory = None
+    for length in result["config"]["engine_long_lengths"]:
+      rec = _engine_record(result, "chunked", FWD_BWD, length)
+      if rec and rec.get("temp_bytes") is not None:
+        memory = rec["temp_bytes"] / GIB
+    add("engine: chunked fwd+bwd XLA temp memory at T=65536", memory, "< 1 GiB",
+        memory is not None and memory < 1.0, "GiB")
+    worst = None
+    for length in result["config"]["engine_lengths"]:
+      head = _engine_record(result, "chunked", FWD_BWD, length)
+      chan = _engine_record(result, "chunked (per-channel decay)", FWD_BWD, length)
+      if head and chan and head.get("median_s") and chan.get("median_s"):
+        ratio = chan["median_s"] / head["median_s"]
+        worst = ratio if worst is None else max(worst, ratio)
+    add("engine: per-channel decay within 3x of per-head (chunked fwd+bwd, worst T)", worst,
+        "<= 3x", worst is not None and worst <= 3.0, "per-channel time / per-head time")
+
+  for row_length, goal in ((256, 0.9), (2048, 2.0)):
+    times = {r["experiment"]: r.get("tokens_per_s") for r in result.get("training", [])
+             if r["T"] == row_length}
+    ratio = (times["lm_dca"] / times["lm_softmax"]
+             if times.get("lm_dca") and times.get("lm_softmax") else None)
+    add(f"LM training tokens/s, lm_dca / lm_softmax at T={row_length}", ratio, f">= {goal}x",
+        ratio is not None and ratio >= goal)
+  for batch, goal in ((1, 10_000), (32, 100_000)):
+    rate = next((r["tokens_per_s"] for r in result.get("decoding", [])
+                 if r["attention"] == "dca" and r["batch"] == batch), None)
+    add(f"DCA demo model decodes at batch {batch} (aggregate tokens/s)", rate, f">= {goal:,}",
+        rate is not None and rate >= goal)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt_time(seconds):
+  return "-" if seconds is None else report.format_seconds(seconds)
+
+
+def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
+  """The report: headline table, targets, then each section's tables."""
+  lines = ["# Performance", "",
+           f"Generated by `{result['command']}` on {result['machine']}, {result['date']} "
+           f"(run time {result['runtime_s'] / 60:.1f} min). Medians of round-robin repeats "
+           "after warm-up; every ratio below comes from this one run.", ""]
+  probes = result["matmul"]["probes"]
+  lines.append("Dense matmul rate (2048^3 float32), start / end of the run: "
+               + " / ".join(f"{p['gflops']:.1f} GFLOP/s" for p in probes) + ".")
+  lines.append("")
+  layers = result["layers"]
+  peer = layers["peer"]
+  names = list(layers["params"])
+  lengths = result["config"]["layer_lengths"]
+  lines += ["## Headline: one attention layer, forward+backward", "",
+            "B = 1, d_model 256, 4 heads, float32, W = 64 for DCA and the sliding window. "
+            "Softmax is the library's `SoftmaxAttention` (dense below 64 MiB of scores, blocked "
+            "flash-style above); the peer is "
+            + (f"{peer['name']} ({peer['version']})." if peer["available"]
+               else f"absent: {peer['reason']}."), ""]
+  lines.append("| layer | params | " + " | ".join(f"T={t}" for t in lengths) + " |")
+  lines.append("|---|---|" + "---|" * len(lengths))
+  for name in names:
+    cells = [_fmt_time(_layer_time(result, name, FWD_BWD, t)) for t in lengths]
+    lines.append(f"| {name} | {layers['params'][name]:,} | " + " | ".join(cells) + " |")
+  if peer["available"]:
+    cells = []
+    for t in lengths:
+      mine, theirs = (_layer_time(result, n, FWD_BWD, t) for n in (DCA, peer["name"]))
+      cells.append(f"{theirs / mine:.2f}x" if mine and theirs else "-")
+    lines.append("| **torch / DCA** | | " + " | ".join(cells) + " |")
+  lines += ["", "## Targets", "", "| target | measured | goal | status |", "|---|---|---|---|"]
+  for row in result["targets"]:
+    value = row["value"]
+    shown = "-" if value is None else (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
+    lines.append(f"| {row['target']} | {shown} {row['detail']} | {row['goal']} | {row['status']} |")
+  lines += ["", "## Layers, forward only", "",
+            "| layer | " + " | ".join(f"T={t}" for t in lengths) + " |",
+            "|---|" + "---|" * len(lengths)]
+  for name in names:
+    cells = [_fmt_time(_layer_time(result, name, FWD, t)) for t in lengths]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "## Layers: XLA temporary memory and counted FLOP rate (fwd+bwd)", "",
+            "| layer | " + " | ".join(f"T={t}" for t in lengths) + " |",
+            "|---|" + "---|" * len(lengths)]
+  for name in names:
+    cells = []
+    for t in lengths:
+      rec = benchmark.find(layers["records"], {"layer": name, "pass": FWD_BWD, "T": t})
+      if not rec or rec.get("status") != "ok":
+        cells.append("-" if not rec else rec["status"])
+        continue
+      temp = rec.get("temp_bytes")
+      rate = rec.get("gflops")
+      cells.append(f"{report.format_bytes(temp) if temp is not None else '-'}"
+                   f"{'' if rate is None else f', {rate:.1f} GF/s'}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  skipped = [r for r in layers["records"] if r.get("status") not in (None, "ok")]
+  if skipped:
+    lines += ["", "Not run: " + "; ".join(f"{r['layer']} {r['pass']} at T={r['T']} "
+                                           f"({r['reason']})" for r in skipped) + "."]
+  engine = result.get("engine")
+  if engine:
+    lines += ["", "## Engine (`gated_linear_attention`, B = 1, H = 4, K = V = 64)", ""]
+    contenders = []
+    for rec in engine["records"]:
+      if rec["section"] in ("grid", "long") and rec["contender"] not in contenders:
+        contenders.append(rec["contender"])
+    all_t = sorted({r["T"] for r in engine["records"] if r["section"] in ("grid", "long")})
+    for pass_name in (FWD, FWD_BWD):
+      lines += [f"{pass_name}: time (counted GFLOP/s; XLA temp memory)", "",
+                "| form | " + " | ".join(f"T={t}" for t in all_t) + " |",
+                "|---|" + "---|" * len(all_t)]
+      for name in contenders:
+        cells = []
+        for t in all_t:
+          rec = _engine_record(result, name, pass_name, t)
+          if not rec or rec.get("median_s") is None:
+            cells.append("-")
+            continue
+          rate = rec.get("gflops")
+          temp = rec.get("temp_bytes")
+          cells.append(f"{_fmt_time(rec['median_s'])} ({'-' if rate is None else f'{rate:.1f}'}; "
+                       f"{'-' if temp is None else report.format_bytes(temp)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+      lines.append("")
+  if result.get("training"):
+    lines += ["## LM training steps (demo model: 2 layers, d_model 128)", "",
+              "| experiment | T x batch | step | tokens/s |", "|---|---|---|---|"]
+    for r in result["training"]:
+      lines.append(f"| {r['experiment']} | {r['T']} x {r['batch']} | {_fmt_time(r.get('median_s'))}"
+                   f" | {r.get('tokens_per_s', 0):,.0f} |")
+    lines.append("")
+  if result.get("decoding"):
+    lines += ["## Decoding (`generate`, demo-size model, after a prompt)", "",
+              "| layer | batch | prompt | tokens/s (aggregate) | ms per step |",
+              "|---|---|---|---|---|"]
+    for r in result["decoding"]:
+      lines.append(f"| {r['attention']} | {r['batch']} | {r['prompt']} | {r['tokens_per_s']:,.0f}"
+                   f" | {1e3 * r['step_s']:.3f} |")
+    lines.append("")
+  path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: pathlib.Path, result: dict[str, Any]) -> None:
+  """Layer fwd+bwd time against T, log-log, one line per layer and the peer."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for ax, pass_name in zip(axes, (FWD_BWD, FWD)):
+    for name in result["layers"]["params"]:
+      points = [(t, _layer_time(result, name, pass_name, t))
+                for t in result["config"]["layer_lengths"]]
+      points = [(t, s) for t, s in points if s]
+      if points:
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T (tokens)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"one layer, {pass_name} (d_model 256, 4 heads, batch 1)")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"{result['machine']}, {result['date']}", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(config: Config, command: str) -> dict[str, Any]:
+  session = benchmark.Session(config.matmul_n)
+  result = {"command": command, "machine": session.machine, "date": bookkeeping.now(),
+            "config": dataclasses.asdict(config)}
+  result["layers"] = measure_layers(config)
+  result["engine"] = measure_engine(config)
+  result["training"] = measure_training(config)
+  result["decoding"] = measure_decoding(config)
+  session.finish()
+  result["matmul"] = {"probes": session.probes}
+  result["runtime_s"] = session.runtime_s
+  result["targets"] = targets(result)
+  return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="the ~5 min subset")
+  parser.add_argument("--out", default="docs", help="output folder (default: docs)")
+  parser.add_argument("--render-only", action="store_true",
+                      help="measure nothing: rewrite the .md and .png from the .json in --out")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
+  stem = out / "performance"
+  if args.render_only:
+    result = json.loads(stem.with_suffix(".json").read_text())
+  else:
+    command = "python -m experiments.performance " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    result = run(get_config(args.quick), command.strip())
+    out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(
+        json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
+  write_markdown(stem.with_suffix(".md"), result)
+  write_plot(stem.with_suffix(".png"), result)
+  report.log_targets(result["targets"], none_text="-")
+  log(f"Wrote {stem}.json, {stem}.md, {stem}.png")
+  return result
+
+
+if __name__ == "__main__":
+  main()
