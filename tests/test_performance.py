@@ -1,0 +1,72 @@
+"""The performance benchmark's bookkeeping (experiments/performance.py) and its torch peer.
+
+Speed is never asserted here: these tests check that the targets are computed from the right
+records and that the external peer computes the function it stands in for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments import performance, torch_peer
+
+
+def _layer(layer, pass_name, length, seconds):
+  return {"section": "grid", "layer": layer, "pass": pass_name, "T": length, "status": "ok",
+          "median_s": seconds}
+
+
+def _result():
+  peer = torch_peer.NAME
+  records = []
+  for length, dca, torch, gla in ((1024, 0.05, 0.04, 0.04), (8192, 0.4, 2.0, 0.5)):
+    records += [_layer(performance.DCA, "fwd+bwd", length, dca),
+                _layer(peer, "fwd+bwd", length, torch),
+                _layer(performance.GLA, "fwd+bwd", length, gla)]
+  return {
+      "config": {"layer_lengths": [1024, 8192], "engine_lengths": [], "engine_long_lengths": []},
+      "layers": {"records": records},
+      "training": [{"experiment": "lm_dca", "T": 256, "tokens_per_s": 900.0},
+                   {"experiment": "lm_softmax", "T": 256, "tokens_per_s": 1000.0}],
+      "decoding": [{"attention": "dca", "batch": 1, "tokens_per_s": 12_000.0}],
+  }
+
+
+def test_targets_read_the_side_by_side_records():
+  rows = {row["target"]: row for row in performance.targets(_result())}
+  at_1k = rows["DCA layer fwd+bwd vs torch flash softmax at T=1024"]
+  assert at_1k["value"] == pytest.approx(0.8) and at_1k["status"] == "MISS"
+  at_8k = rows["DCA layer fwd+bwd vs torch flash softmax at T=8192"]
+  assert at_8k["value"] == pytest.approx(5.0) and at_8k["status"] == "PASS"
+  assert rows["DCA layer fwd+bwd vs torch flash softmax at T=32768"]["status"] == "-"
+  gla = rows["DCA layer within 1.5x of the GatedLinearAttention layer (fwd+bwd, worst T)"]
+  assert gla["value"] == pytest.approx(1.25) and gla["status"] == "PASS"
+  train = rows["LM training tokens/s, lm_dca / lm_softmax at T=256"]
+  assert train["value"] == pytest.approx(0.9) and train["status"] == "PASS"
+  assert rows["DCA demo model decodes at batch 1 (aggregate tokens/s)"]["status"] == "PASS"
+  assert rows["DCA demo model decodes at batch 32 (aggregate tokens/s)"]["status"] == "-"
+
+
+def test_torch_peer_is_causal_softmax_attention():
+  """The peer computes causal softmax attention with its own projections (float64 reference)."""
+  torch, reason = torch_peer.load()
+  if torch is None:
+    pytest.skip(reason)
+  d_model, heads, length = 16, 2, 7
+  layer = torch_peer.TorchLayer(torch, d_model, heads, threads=1)
+  x = np.random.default_rng(0).normal(size=(1, length, d_model)).astype(np.float32)
+  got = np.asarray(layer.calls(x)["fwd"]())                       # the last token's output
+  w_qkv = layer.qkv.weight.detach().numpy().astype(np.float64)
+  b_qkv = layer.qkv.bias.detach().numpy().astype(np.float64)
+  qkv = x[0].astype(np.float64) @ w_qkv.T + b_qkv
+  q, k, v = (qkv[:, i * d_model:(i + 1) * d_model].reshape(length, heads, -1) for i in range(3))
+  scores = np.einsum("thk,shk->hts", q, k) / np.sqrt(d_model // heads)
+  scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  o = np.einsum("hts,shv->thv", probs, v).reshape(length, d_model)
+  expected = o @ layer.out.weight.detach().numpy().T + layer.out.bias.detach().numpy()
+  np.testing.assert_allclose(got[0], expected[-1], rtol=1e-4, atol=1e-5)
+  loss_and_grad = layer.calls(x)["fwd+bwd"]()
+  assert np.all(np.isfinite(loss_and_grad))
