@@ -1,4 +1,4 @@
-"""The gated delta rule: a matrix memory that overwrites an association instead of adding to it.
+"""The gated delta rule: a matrix memory that overwrites associations instead of adding to them.
 
 For every batch row and head (B batch, T time, H heads, K key dim, V value dim, C chunk):
 
@@ -57,10 +57,11 @@ g in [-inf, 0] with resets folded in as g = -inf; s0 [B, H, K, V] float32. Each 
 
 References:
   Yang, Kautz and Hatamizadeh 2025, "Gated Delta Networks: Improving Mamba2 with Delta Rule"
-  (ICLR 2025), eq. (10) and sec. 3.3 (chunkwise form); Yang et al. 2024, "Parallelizing Linear
-  Transformers with the Delta Rule over Sequence Length" (NeurIPS 2024), sec. 3 (WY/UT
-  representation); Schlag, Irie and Schmidhuber 2021, "Linear Transformers Are Secretly Fast
-  Weight Programmers".
+  (ICLR 2025): the gated delta rule and its chunkwise form; Yang et al. 2024, "Parallelizing
+  Linear Transformers with the Delta Rule over Sequence Length" (NeurIPS 2024): the WY/UT
+  representation; Schlag, Irie and Schmidhuber 2021, "Linear Transformers Are Secretly Fast
+  Weight Programmers": the delta rule as a fast-weight update. (Section and equation numbers not
+  checked against the papers here.)
 """
 
 from __future__ import annotations
@@ -87,23 +88,24 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
   from S_0 = `initial_state` (zeros if None). No scaling is applied: scale q beforehand. Keys are
   expected L2-normalised (|k_t| = 1) by the caller, who normalises them as the model requires;
   they are not normalised here. With unit keys and beta in [0, 1] every (I - beta_t k_t k_t^T)
-  has norm <= 1, so the state cannot grow without bound and the chunked form's triangular
-  systems are well conditioned; other keys give the same recurrence but no such guarantee.
+  has norm <= 1, so the state cannot grow without bound, nor can the pseudo-values that the
+  chunked form's triangular systems solve for; other keys give the same recurrence but no such
+  guarantee.
   Where `reset[b, t]` is true, the state carried into step t is dropped (a_t = 0), so a new
   document starts at t (S_t = beta_t k_t v_t^T).
 
-  | mode        | time                     | memory          | use                         |
-  |-------------|--------------------------|-----------------|-----------------------------|
-  | recurrent   | O(T K V)                 | O(K V)          | decoding, reference, CPU    |
-  | associative | O(T K^2 (K+V)) work      | O(T K (K+V))    | tests, parallel hardware    |
-  | chunked     | O(T C (K+V) + T K (K+V)) | O(T/C K (K+V))  | training, prefill           |
-  | quadratic   | O(T^2 (K+V))             | O(T^2 + T K)    | tests, tiny T               |
+  | mode        | time                                 | memory               | use            |
+  |-------------|--------------------------------------|----------------------|----------------|
+  | recurrent   | O(T K V)                             | O(K V)               | decoding, CPU  |
+  | associative | O(T K^2 (K+V)) work                  | O(T K (K+V))         | tests          |
+  | chunked     | O(T C (K+V) + T K (K+V) + T K^2 V/C) | O(T/C K (K+V) + T C) | training       |
+  | quadratic   | O(T^2 (K+V))                         | O(T^2 + T (K+V))     | tests, tiny T  |
 
-  "auto" (the default) uses the chunked form with C = `chunk_size` (default 64) when T > C, else
-  the recurrent form; on CPU a call that is only evaluated (not differentiated) runs the
-  recurrent form whatever T, and its gradient goes through the chunked form (the same function;
-  not yet measured for the delta rule, it follows the rule measured for the engine, see
-  `planner`). States and accumulations are float32 whatever the input dtype; any T >= 1 and any
+  "auto" (the default) uses the chunked form with C = `chunk_size` when T > C, else the
+  recurrent form; on CPU, a call that is evaluated without being differentiated runs the
+  recurrent form whatever T, while its gradient follows the rule above (the same function either
+  way; this follows the rule measured for the engine, see `planner`, and is not yet measured for
+  the delta rule). States and accumulations are float32 whatever the input dtype; any T >= 1 and any
   chunk size work (the last chunk is padded with tokens that leave the state unchanged). Very
   negative and -inf log decays are exact: no form exponentiates a positive sum of log decays.
   Non-finite q, k, v or beta at a token make exactly the outputs that can see that token NaN.
@@ -117,8 +119,8 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
     initial_state: optional [B, H, K, V] state to continue from.
     reset: optional bool [B, T]; true where a new document starts.
     mode: "auto", "recurrent", "associative", "chunked" or "quadratic" (or a `Mode`).
-    chunk_size: C, the chunk length of the chunked form (default 64; also the T above which
-      "auto" chunks).
+    chunk_size: C, the chunk length of the chunked form and the T above which "auto" chunks
+      (default: the engine planner's, 64 on CPU and GPU, 128 on TPU).
     return_final_state: also return S_T.
 
   Returns:
@@ -144,8 +146,9 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
     ((1, 10, 2, 3), (1, 2, 4, 3))
 
   References:
-    Yang, Kautz and Hatamizadeh 2025, "Gated Delta Networks", eq. (10), sec. 3.3; Yang et al.
-    2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length", sec. 3.
+    Yang, Kautz and Hatamizadeh 2025, "Gated Delta Networks" (the recurrence, chunkwise form);
+    Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence
+    Length" (the WY/UT representation). See the module doc.
   """
   mode = Mode.parse(mode)
   _checks.check_array("q", q, 4)
@@ -182,18 +185,19 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
   return (o, final) if return_final_state else o
 
 
-def delta_rule_plans(sequence_length: int, *, mode: Mode = Mode.AUTO, chunk_size: int | None = None,
+def delta_rule_plans(sequence_length: int, *, mode: Mode | str = Mode.AUTO, chunk_size: int | None = None,
                      backend: str | None = None) -> tuple[EnginePlan, EnginePlan]:
   """The (evaluated, differentiated) plans of one `delta_rule_attention` call.
 
   A concrete mode is used for both. "auto": the chunked form when T > C (C = `chunk_size`, or
-  the planner's chunk for the backend, 64), else the recurrent form; on CPU the evaluated plan is
+  the planner's chunk for the backend: 64 on CPU and GPU, 128 on TPU), else the recurrent form; on CPU the evaluated plan is
   the recurrent form whatever T (the engine's measured rule for forward-only calls on CPU).
 
   Example:
     >>> [p.mode.value for p in delta_rule_plans(1000, chunk_size=64, backend="cpu")]
     ['recurrent', 'chunked']
   """
+  mode = Mode.parse(mode)
   backend = backend or jax.default_backend()
   chunk = chunk_size or CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE)
   if mode is not Mode.AUTO:
