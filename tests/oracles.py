@@ -7,6 +7,8 @@ equations, in float64 NumPy (or float64 JAX where a gradient is needed), never f
 * `window_attention` / `window_attention_dense`: causal softmax over the last W tokens of the same
   document (W = T: causal softmax attention);
 * `gla` / `gla_dense`: the gated linear attention recurrence S_t = diag(a_t) S_{t-1} + k_t v_t^T;
+* `delta_rule` / `delta_rule_dense`: the gated delta rule
+  S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T;
 * `dca` / `dca_dense`: Dynamic Compression Attention (window softmax + decayed memory);
 * `short_conv`: the causal depthwise convolution;
 * `softmax_layer`, `linear_layer`, `gla_layer`: the baseline attention layers, built from the above.
@@ -210,6 +212,56 @@ def gla_dense(q, k, v, log_decay, initial_state, reset):
     return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
   final, o = jax.lax.scan(step, initial_state, [jnp.swapaxes(x, 0, 1) for x in (q, k, v, decay)])
+  return jnp.swapaxes(o, 0, 1), final
+
+
+def delta_rule(q, k, v, beta, log_decay, initial_state=None, reset=None):
+  """The gated delta rule as an explicit float64 NumPy loop over rows, heads and tokens.
+
+  S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T with a_t = exp(log_decay_t) (0 where
+  reset[b, t]), o_t = S_t^T q_t, S_0 = initial_state (zeros if None); every step is the matrix
+  product of the equation, as written. beta, log_decay [B, T, H]. Returns (o [B, T, H, V],
+  S_T [B, H, K, V]).
+  """
+  q, k, v, beta, log_decay = (np.asarray(x, np.float64) for x in (q, k, v, beta, log_decay))
+  batch, time, heads, key_dim = q.shape
+  value_dim = v.shape[-1]
+  if initial_state is None:
+    states = np.zeros((batch, heads, key_dim, value_dim))
+  else:
+    states = np.asarray(initial_state, np.float64).copy()
+  reset = np.zeros((batch, time), bool) if reset is None else np.asarray(reset)
+  o = np.zeros((batch, time, heads, value_dim))
+  eye = np.eye(key_dim)
+  for b in range(batch):
+    for h in range(heads):
+      state = states[b, h]
+      for t in range(time):
+        a = 0.0 if reset[b, t] else np.exp(log_decay[b, t, h])   # exp(-inf) = 0: erased.
+        k_t, v_t, beta_t = k[b, t, h], v[b, t, h], beta[b, t, h]
+        state = a * (eye - beta_t * np.outer(k_t, k_t)) @ state + beta_t * np.outer(k_t, v_t)
+        o[b, t, h] = state.T @ q[b, t, h]
+      states[b, h] = state
+  return o, states
+
+
+def delta_rule_dense(q, k, v, beta, log_decay, initial_state, reset):
+  """`delta_rule` in float64 JAX (`lax.scan`), differentiable. Call under `enable_x64`."""
+  decay = jnp.exp(log_decay)
+  if reset is not None:
+    decay = jnp.where(reset[:, :, None], 0.0, decay)
+  if initial_state is None:
+    initial_state = jnp.zeros(q.shape[:1] + q.shape[2:] + v.shape[-1:], q.dtype)
+
+  def step(state, inputs):
+    q_t, k_t, v_t, beta_t, a_t = inputs
+    erase = jnp.einsum("bhk,bhj,bhjv->bhkv", k_t, k_t, state)      # k k^T S
+    state = (a_t[..., None, None] * (state - beta_t[..., None, None] * erase)
+             + beta_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :])
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+  inputs = [jnp.swapaxes(x, 0, 1) for x in (q, k, v, beta, decay)]
+  final, o = jax.lax.scan(step, initial_state, inputs)
   return jnp.swapaxes(o, 0, 1), final
 
 

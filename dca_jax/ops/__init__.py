@@ -5,7 +5,8 @@ Notation for every shape in the package: B batch, T time, H heads, K key dim, V 
 W window, C chunk, F features, D decay channels (K or 1) or model width (in layers).
 
 Files, one idea each: `gla.py` (engine entry) with `scan.py` (recurrent, associative),
-`chunked.py`, `quadratic.py` and `planner.py` (forms and plans); `window.py`, `softmax.py` and `blocked_softmax.py`,
+`chunked.py`, `quadratic.py` and `planner.py` (forms and plans); the gated delta rule, every form
+in one file, in `delta_rule.py`; `window.py`, `softmax.py` and `blocked_softmax.py`,
 `conv.py`, `feature_maps.py`, `rotary.py`, `segments.py`; DCA in `dca_params.py` (parameters,
 weights), `dca.py` (whole sequence), `dca_decode.py` (one step) and `dca_memory.py` (state and
 read-out).
@@ -18,6 +19,7 @@ from dca_jax.ops.dca_decode import memory_state_update
 from dca_jax.ops.dca_memory import DCAState, combine_memories, init_state
 from dca_jax.ops.dca_params import (Combine, DCAParams, DCAWeights, DecayKind, compute_weights,
                                     half_life_bias, init_params)
+from dca_jax.ops.delta_rule import delta_rule_attention
 from dca_jax.ops.feature_maps import (FeatureMap, elu_features, feature_dim, feature_map,
                                       taylor_features)
 from dca_jax.ops.gla import gated_linear_attention
@@ -33,7 +35,8 @@ __all__ = [
     "FeatureMap", "Mode", "PlanKind", "adaptive_scale", "apply_rotary", "attention_compress",
     "blocked_causal_attention",
     "causal_short_conv", "combine_decayed_states", "combine_memories", "compute_weights",
-    "document_ids", "elu_features", "feature_dim", "feature_map", "gated_linear_attention",
+    "delta_rule_attention", "document_ids", "elu_features", "feature_dim", "feature_map",
+    "gated_linear_attention",
     "half_life_bias", "init_params", "init_state", "masked_attention", "memory_state_update",
     "plan_engine", "rotary_frequencies", "sliding_window_attention", "taylor_features",
     "window_softmax_parts",

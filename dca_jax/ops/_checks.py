@@ -82,6 +82,18 @@ def check_nonpositive(name: str, x: Any) -> None:
     raise ValueError(f"{name} contains NaN.")
 
 
+def check_unit_interval(name: str, x: Any) -> None:
+  """Checks that a concrete array lies in [0, 1] (skipped for tracers, where values are unknown)."""
+  if not is_concrete(x):
+    return
+  values = np.asarray(x, np.float64)
+  if np.isnan(values).any():
+    raise ValueError(f"{name} contains NaN.")
+  if values.size and (values.min() < 0 or values.max() > 1):
+    raise ValueError(f"{name} must lie in [0, 1] everywhere, got values from {float(values.min())} "
+                     f"to {float(values.max())}.")
+
+
 def parse_choice(choices: type, value: Any, name: str):
   """`choices(value)` for a str-valued Enum, or a ValueError naming `name` and the valid values."""
   try:

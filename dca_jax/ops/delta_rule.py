@@ -1,0 +1,380 @@
+"""The gated delta rule: a matrix memory that overwrites associations instead of adding to them.
+
+For every batch row and head (B batch, T time, H heads, K key dim, V value dim, C chunk):
+
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   a_t = exp(g_t),   o_t = S_t^T q_t,
+
+from S_0 = `initial_state`. Reading the memory at k_t gives S^T k_t; the update moves that read
+towards v_t by the fraction beta_t (with |k_t| = 1: S_t^T k_t = a_t (1 - beta_t) S_{t-1}^T k_t +
+beta_t v_t), so beta_t = 1 replaces the value stored under k_t. Written with the pseudo-value
+
+    u_t = beta_t (v_t - a_t S_{t-1}^T k_t),   the update is   S_t = a_t S_{t-1} + k_t u_t^T,
+
+a gated linear attention over (k, u) whose values u depend on the state.
+
+Forms (all compute the same function):
+
+* `recurrent`: `jax.lax.scan` over tokens, O(T K V) time, O(K V) live state.
+* `associative`: `jax.lax.associative_scan` over the per-token affine maps S -> A_t S + B_t with
+  A_t = a_t (I - beta_t k_t k_t^T), B_t = beta_t k_t v_t^T (`combine_affine_maps`); O(T K (K+V))
+  memory. For tests and parallel hardware at small K.
+* `chunked` (module function `chunked`): chunks of C tokens, each solved in closed form (the
+  WY/UT representation below), chunk states by a sequential scan over T/C chunks.
+* `quadratic`: the chunked form's closed form on one chunk holding the whole sequence, O(T^2)
+  memory; for tests and tiny T.
+
+The chunked form. Inside a chunk with entering state S, let G_i = g_1 + ... + g_i (decay from the
+chunk start to token i, inclusive), D_ij = g_{j+1} + ... + g_i for j <= i (the decay between
+tokens j and i) and E_j = g_{j+1} + ... + g_C (from j to the chunk end). Unrolling
+S_i = a_i S_{i-1} + k_i u_i^T inside the chunk,
+
+    a_i S_{i-1} = exp(G_i) S + sum_{j < i} exp(D_ij) k_j u_j^T,
+
+so the pseudo-values solve the unit lower-triangular system (the UT transform)
+
+    u_i + beta_i sum_{j < i} exp(D_ij) (k_i . k_j) u_j = beta_i v_i - beta_i exp(G_i) S^T k_i,
+    i.e.  (I + L) U = diag(beta) V - diag(beta exp(G)) K S,    U = U' - W S,
+
+with U' = (I + L)^-1 diag(beta) V [C, V] and W = (I + L)^-1 diag(beta exp(G)) K [C, K] (one
+triangular solve with both right-hand sides). Then, with M_ij = exp(D_ij) q_i . k_j (j <= i) and
+K'_j = exp(E_j) k_j,
+
+    O     = (diag(exp(G)) Q - M W) S + M U'                 (the chunk's outputs)
+    S_end = (exp(G_C) I - K'^T W) S + K'^T U'               (the chunk's affine map S -> A S + B)
+
+so the chunk-to-chunk recurrence S_n = A_n S_{n-1} + B_n is a `jax.lax.scan` over chunks (one
+K x K by K x V matmul per chunk: sequential, which is what a CPU runs best; an associative scan
+would cost K^3 per combine), and everything else is batched matmuls over chunks. Every decay is
+a direct sum of log decays (`quadratic.decay_matrix`, `prefix_sum`, `reverse_exclusive_cumsum`),
+never a difference of prefix sums, so exp is only ever taken of a sum of non-positive terms:
+nothing overflows and a reset (g = -inf) gives exact zeros, not NaN. With |k| = 1 and beta in
+[0, 1] every factor (I - beta k k^T) has norm <= 1 and the entries of L are bounded by 1.
+
+Internal contract of the forms (the public wrapper `delta_rule_attention` checks the inputs and
+establishes it): q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H], g [B, T, H], all float32,
+g in [-inf, 0] with resets folded in as g = -inf; s0 [B, H, K, V] float32. Each form returns
+(o [B, T, H, V], S_T [B, H, K, V]), both float32.
+
+References:
+  Yang, Kautz and Hatamizadeh 2025, "Gated Delta Networks: Improving Mamba2 with Delta Rule"
+  (ICLR 2025): the gated delta rule and its chunkwise form; Yang et al. 2024, "Parallelizing
+  Linear Transformers with the Delta Rule over Sequence Length" (NeurIPS 2024): the WY/UT
+  representation; Schlag, Irie and Schmidhuber 2021, "Linear Transformers Are Secretly Fast
+  Weight Programmers": the delta rule as a fast-weight update. (Section and equation numbers not
+  checked against the papers here.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dca_jax.ops import _checks, segments
+from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode
+from dca_jax.ops.quadratic import decay_matrix, prefix_sum, reverse_exclusive_cumsum
+
+
+def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=None, mode="auto",
+                         chunk_size=None, return_final_state=False):
+  """Gated delta rule attention: a K x V matrix memory updated by error correction, with decay.
+
+  For every batch row and head (B batch, T time, H heads, K key dim, V value dim):
+
+      S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   a_t = exp(log_decay_t),
+      o_t = S_t^T q_t,
+
+  from S_0 = `initial_state` (zeros if None). No scaling is applied: scale q beforehand. Keys are
+  expected L2-normalised (|k_t| = 1) by the caller, who normalises them as the model requires;
+  they are not normalised here. With unit keys and beta in [0, 1] every (I - beta_t k_t k_t^T)
+  has norm <= 1, so the state cannot grow without bound, nor can the pseudo-values that the
+  chunked form's triangular systems solve for; other keys give the same recurrence but no such
+  guarantee.
+  Where `reset[b, t]` is true, the state carried into step t is dropped (a_t = 0), so a new
+  document starts at t (S_t = beta_t k_t v_t^T).
+
+  | mode        | time                                 | memory               | use            |
+  |-------------|--------------------------------------|----------------------|----------------|
+  | recurrent   | O(T K V)                             | O(K V)               | decoding, CPU  |
+  | associative | O(T K^2 (K+V)) work                  | O(T K (K+V))         | tests          |
+  | chunked     | O(T C (K+V) + T K (K+V) + T K^2 V/C) | O(T/C K (K+V) + T C) | training       |
+  | quadratic   | O(T^2 (K+V))                         | O(T^2 + T (K+V))     | tests, tiny T  |
+
+  "auto" (the default) uses the chunked form with C = `chunk_size` when T > C, else the
+  recurrent form; on CPU, a call that is evaluated without being differentiated runs the
+  recurrent form whatever T, while its gradient follows the rule above (the same function either
+  way; this follows the rule measured for the engine, see `planner`, and is not yet measured for
+  the delta rule). States and accumulations are float32 whatever the input dtype; any T >= 1 and any
+  chunk size work (the last chunk is padded with tokens that leave the state unchanged). Very
+  negative and -inf log decays are exact: no form exponentiates a positive sum of log decays.
+  Non-finite q, k, v or beta at a token make exactly the outputs that can see that token NaN.
+
+  Args:
+    q: [B, T, H, K] queries.
+    k: [B, T, H, K] keys, L2-normalised along K by the caller.
+    v: [B, T, H, V] values.
+    beta: [B, T, H] writing strengths, in [0, 1] (checked when the values are concrete).
+    log_decay: [B, T, H] log decays, one per head and token, in [-inf, 0].
+    initial_state: optional [B, H, K, V] state to continue from.
+    reset: optional bool [B, T]; true where a new document starts.
+    mode: "auto", "recurrent", "associative", "chunked" or "quadratic" (or a `Mode`).
+    chunk_size: C, the chunk length of the chunked form and the T above which "auto" chunks
+      (default: the engine planner's, 64 on CPU and GPU, 128 on TPU).
+    return_final_state: also return S_T.
+
+  Returns:
+    o [B, T, H, V] in the dtype of q, k and v (promoted), or (o, S_T) with S_T float32
+    [B, H, K, V] when `return_final_state` is true.
+
+  Raises:
+    ValueError: on wrong ranks or mismatched dimensions, T = 0, a positive or NaN log decay or a
+      beta outside [0, 1] (both checked when the values are concrete), an unknown mode or a chunk
+      size < 1.
+    TypeError: on non-floating inputs or a non-boolean reset.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> q, k = jax.random.normal(jax.random.key(0), (2, 1, 10, 2, 4))
+    >>> k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    >>> v = jnp.ones((1, 10, 2, 3))
+    >>> beta = jnp.full((1, 10, 2), 0.5)
+    >>> log_decay = jnp.full((1, 10, 2), -0.1)
+    >>> o, state = delta_rule_attention(q, k, v, beta, log_decay, mode="chunked", chunk_size=4,
+    ...                                 return_final_state=True)
+    >>> o.shape, state.shape
+    ((1, 10, 2, 3), (1, 2, 4, 3))
+
+  References:
+    Yang, Kautz and Hatamizadeh 2025, "Gated Delta Networks" (the recurrence, chunkwise form);
+    Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence
+    Length" (the WY/UT representation). See the module doc.
+  """
+  mode = Mode.parse(mode)
+  _checks.check_array("q", q, 4)
+  batch, time, heads, key_dim = q.shape
+  _checks.check_array("k", k, 4)
+  _checks.check_array("v", v, 4)
+  for name, x in (("k", k), ("v", v)):
+    for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
+      _checks.check_dim(name, x, axis, size, what + " (must match q)")
+  _checks.check_dim("k", k, 3, key_dim, "key dim K (must match q)")
+  value_dim = v.shape[3]
+  if time < 1:
+    raise ValueError(f"q must have length T >= 1, got T = {time}.")
+  for name, x in (("beta", beta), ("log_decay", log_decay)):
+    _checks.check_array(name, x, 3)
+    for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
+      _checks.check_dim(name, x, axis, size, what + " (must match q; shape [B, T, H])")
+  _checks.check_nonpositive("log_decay", log_decay)
+  _checks.check_unit_interval("beta", beta)
+  if initial_state is not None:
+    _checks.check_array("initial_state", initial_state, 4)
+    expected = (batch, heads, key_dim, value_dim)
+    if tuple(initial_state.shape) != expected:
+      raise ValueError(
+          f"initial_state must have shape [B, H, K, V] = {expected}, got {tuple(initial_state.shape)}.")
+  _checks.check_reset(reset, batch, time)
+  _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+
+  out_dtype = jnp.result_type(q, k, v)
+  plans = delta_rule_plans(time, mode=mode, chunk_size=chunk_size)
+  o, final = run_delta_rule(plans, q, k, v, beta, log_decay, initial_state=initial_state,
+                            reset=reset)
+  o = o.astype(out_dtype)
+  return (o, final) if return_final_state else o
+
+
+def delta_rule_plans(sequence_length: int, *, mode: Mode | str = Mode.AUTO, chunk_size: int | None = None,
+                     backend: str | None = None) -> tuple[EnginePlan, EnginePlan]:
+  """The (evaluated, differentiated) plans of one `delta_rule_attention` call.
+
+  A concrete mode is used for both. "auto": the chunked form when T > C (C = `chunk_size`, or
+  the planner's chunk for the backend: 64 on CPU and GPU, 128 on TPU), else the recurrent form; on CPU the evaluated plan is
+  the recurrent form whatever T (the engine's measured rule for forward-only calls on CPU).
+
+  Example:
+    >>> [p.mode.value for p in delta_rule_plans(1000, chunk_size=64, backend="cpu")]
+    ['recurrent', 'chunked']
+  """
+  mode = Mode.parse(mode)
+  backend = backend or jax.default_backend()
+  chunk = chunk_size or CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE)
+  if mode is not Mode.AUTO:
+    plan = EnginePlan(mode, chunk if mode is Mode.CHUNKED else None)
+    return plan, plan
+  grad = EnginePlan(Mode.CHUNKED, chunk) if sequence_length > chunk else EnginePlan(Mode.RECURRENT)
+  forward = EnginePlan(Mode.RECURRENT) if backend == "cpu" else grad
+  return forward, grad
+
+
+def run_delta_rule(plans: tuple[EnginePlan, EnginePlan], q, k, v, beta, log_decay, *,
+                   initial_state=None, reset=None):
+  """The delta rule on checked inputs with plans already made (`delta_rule_plans`).
+
+  Casts to float32, zeroes non-finite tokens (and marks as NaN the outputs that can see them, as
+  `gla.run_engine` does), folds resets into the decays and evaluates `plans[0]`, differentiating
+  through `plans[1]` when they differ.
+
+  Returns:
+    (o [B, T, H, V], S_T [B, H, K, V]), both float32.
+  """
+  f32 = jnp.float32
+  q, k, v, beta, g = (x.astype(f32) for x in (q, k, v, beta, log_decay))
+  batch, _, heads, key_dim = q.shape
+  if initial_state is None:
+    s0 = jnp.zeros((batch, heads, key_dim, v.shape[-1]), f32)
+  else:
+    s0 = initial_state.astype(f32)
+  # A corrupt token must not leak into the past or into another document through 0 x NaN: zero
+  # it (a select) and poison the outputs that can see it afterwards. g = -inf is valid.
+  bad_q = segments.nonfinite(q)                                                  # [B, T, H]
+  bad_kv = (segments.nonfinite(k) | segments.nonfinite(v) | segments.nonfinite(beta[..., None])
+            | segments.nonfinite(g[..., None], allow_neg_inf=True))
+  bad_state = jnp.any(~jnp.isfinite(s0), axis=(-2, -1))                         # [B, H]
+  q, = segments.zero_where(bad_q, q)
+  k, v = segments.zero_where(bad_kv, k, v)
+  beta, g = (jnp.where(bad_kv, 0.0, x) for x in (beta, g))
+  s0 = jnp.where(bad_state[..., None, None], 0.0, s0)
+  if reset is not None:
+    g = jnp.where(reset[:, :, None], -jnp.inf, g)
+  forward, grad = plans
+  if forward == grad:
+    o, final = _run(forward, q, k, v, beta, g, s0)
+  else:
+    o, final = _auto(forward, grad, q, k, v, beta, g, s0)
+  doc = None if reset is None else segments.document_ids(reset)
+  poisoned = segments.sees_nonfinite(bad_kv, doc, carried=bad_state) | bad_q
+  o = jnp.where(poisoned[..., None], jnp.nan, o)
+  final = jnp.where(poisoned[:, -1, :, None, None], jnp.nan, final)
+  return o, final
+
+
+def _run(plan: EnginePlan, q, k, v, beta, g, s0):
+  """Evaluates one concrete form (internal contract in the module doc)."""
+  if plan.mode is Mode.RECURRENT:
+    return recurrent(q, k, v, beta, g, s0)
+  if plan.mode is Mode.ASSOCIATIVE:
+    return associative(q, k, v, beta, g, s0)
+  if plan.mode is Mode.QUADRATIC:
+    return chunked(q, k, v, beta, g, s0, chunk_size=q.shape[1])
+  return chunked(q, k, v, beta, g, s0, chunk_size=plan.chunk_size)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _auto(forward_plan, grad_plan, q, k, v, beta, g, s0):
+  """The forward plan when evaluated, the gradient plan when differentiated (as `gla._auto`)."""
+  return _run(forward_plan, q, k, v, beta, g, s0)
+
+
+@_auto.defjvp
+def _auto_jvp(forward_plan, grad_plan, primals, tangents):
+  del forward_plan
+  return jax.jvp(functools.partial(_run, grad_plan), primals, tangents)
+
+
+def recurrent(q, k, v, beta, g, s0):
+  """Recurrent form: `jax.lax.scan` over tokens with a [B, H, K, V] float32 carry.
+
+  Each step reads the memory at the key, S^T k (O(K V)), and writes the correction:
+  S <- a (S - beta k (S^T k)^T) + beta k v^T.
+  """
+  def step(state, inputs):
+    q_t, k_t, v_t, beta_t, g_t = inputs
+    read = jnp.einsum("bhk,bhkv->bhv", k_t, state)
+    decay = jnp.exp(g_t)[..., None, None]
+    state = decay * (state - beta_t[..., None, None] * k_t[..., :, None] * read[..., None, :])
+    state = state + beta_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+  time_major = [jnp.swapaxes(x, 0, 1) for x in (q, k, v, beta, g)]
+  final, o = jax.lax.scan(step, s0, time_major)
+  return jnp.swapaxes(o, 0, 1), final
+
+
+def combine_affine_maps(earlier, later):
+  """Associative combine of two segments of the recurrence S -> A S + B (A [.., K, K]).
+
+  Applying `earlier` then `later` gives A2 (A1 S + B1) + B2, so
+
+      (A1, B1) o (A2, B2) = (A2 A1, A2 B1 + B2).
+
+  Composition of affine maps is associative, which is what `jax.lax.associative_scan` needs.
+
+  Args:
+    earlier: (A1 [..., K, K], B1 [..., K, V]).
+    later: (A2, B2), same shapes.
+
+  Returns:
+    (A, B) summarising both segments, same shapes.
+  """
+  a1, b1 = earlier
+  a2, b2 = later
+  return a2 @ a1, a2 @ b1 + b2
+
+
+def associative(q, k, v, beta, g, s0):
+  """Associative form: `jax.lax.associative_scan` of `combine_affine_maps` over tokens.
+
+  Token t is the map S -> A_t S + B_t, A_t = a_t (I - beta_t k_t k_t^T), B_t = beta_t k_t v_t^T.
+  Every prefix map is materialised ([B, T, H, K, K] and [B, T, H, K, V]).
+  """
+  key_dim = q.shape[-1]
+  write = beta[..., None, None] * k[..., :, None]                              # [B, T, H, K, 1]
+  maps = jnp.exp(g)[..., None, None] * (jnp.eye(key_dim, dtype=k.dtype) - write * k[..., None, :])
+  updates = write * v[..., None, :]
+  cum_maps, cum_updates = jax.lax.associative_scan(combine_affine_maps, (maps, updates), axis=1)
+  states = cum_maps @ s0[:, None] + cum_updates                                # S_t, t = 1..T
+  o = jnp.einsum("bthk,bthkv->bthv", q, states)
+  return o, states[:, -1]
+
+
+def chunked(q, k, v, beta, g, s0, *, chunk_size: int):
+  """Chunked form (WY/UT representation per chunk, module doc). Internal contract as above."""
+  batch, time, heads, key_dim = q.shape
+  chunk = chunk_size
+  n_chunks = -(-time // chunk)
+  pad = n_chunks * chunk - time
+  # Padding tokens (k = v = q = 0, beta = 0, g = 0) leave outputs and the state unchanged.
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  beta, g = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (beta, g))
+
+  def blocks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
+    x = x.reshape((batch, n_chunks, chunk, heads) + x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+  q, k, v, beta, g = (blocks(x) for x in (q, k, v, beta, g))
+
+  # Decays as direct sums of log decays: into (G_i), between (D_ij, j <= i), after (E_j).
+  into = prefix_sum(g, axis=-1)                                                # [B, H, N, C]
+  after = reverse_exclusive_cumsum(g, axis=-1)
+  between = decay_matrix(g[..., None])[..., 0]                                 # [B, H, N, C, C]
+  index = jnp.arange(chunk)
+  strict = index[:, None] > index[None, :]
+  between = jnp.where(index[:, None] >= index[None, :], jnp.exp(between), 0.0)
+
+  # The UT transform: (I + L) [W, U'] = [diag(beta exp(G)) K, diag(beta) V].
+  lower = jnp.where(strict, beta[..., :, None] * between * jnp.einsum("...ik,...jk->...ij", k, k),
+                    0.0)
+  system = lower + jnp.eye(chunk, dtype=lower.dtype)
+  rhs = jnp.concatenate([(beta * jnp.exp(into))[..., None] * k, beta[..., None] * v], axis=-1)
+  solution = jax.scipy.linalg.solve_triangular(system, rhs, lower=True, unit_diagonal=True)
+  w, u = solution[..., :key_dim], solution[..., key_dim:]
+
+  # Per chunk: outputs O = P S + R and the end state S_end = A S + B of the entering state S.
+  scores = between * jnp.einsum("...ik,...jk->...ij", q, k)                    # M, causal
+  p = jnp.exp(into)[..., None] * q - scores @ w                                # [B, H, N, C, K]
+  r = scores @ u                                                               # [B, H, N, C, V]
+  k_after = jnp.exp(after)[..., None] * k
+  total = jnp.exp(jnp.sum(g, axis=-1))[..., None, None]                        # [B, H, N, 1, 1]
+  maps = total * jnp.eye(key_dim, dtype=k.dtype) - jnp.swapaxes(k_after, -1, -2) @ w  # [B,H,N,K,K]
+  updates = jnp.swapaxes(k_after, -1, -2) @ u                                  # [B, H, N, K, V]
+
+  def step(state, chunk_map):
+    a, b = chunk_map
+    return a @ state + b, state
+
+  final, entering = jax.lax.scan(step, s0, (jnp.moveaxis(maps, 2, 0), jnp.moveaxis(updates, 2, 0)))
+  o = p @ jnp.moveaxis(entering, 0, 2) + r                                     # [B, H, N, C, V]
+  o = jnp.moveaxis(o.reshape(batch, heads, n_chunks * chunk, -1), 1, 2)
+  return o[:, :time], final
