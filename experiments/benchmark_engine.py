@@ -17,6 +17,7 @@ What is measured (B=1, H=4, K=V=64, float32, jit on the default backend):
   (`compiled.memory_analysis().temp_size_in_bytes`) of every form of
   `dca_jax.gated_linear_attention` (chunked and recurrent with per-head and with per-channel
   decay, associative up to T = 4096, quadratic up to T = 2048), of
+  `dca_jax.delta_rule_attention` (chunked and recurrent, unit keys, beta = 1/2), of
   `dca_jax.sliding_window_attention` (W = 64) and of
   `jax.nn.dot_product_attention(..., is_causal=True)`, the softmax baseline;
 * the linear forms at T = 2^16, 2^18 and 2^20 (chunked and recurrent forward, with a check that
@@ -44,7 +45,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dca_jax import gated_linear_attention, plan_engine, sliding_window_attention
+from dca_jax import (delta_rule_attention, gated_linear_attention, plan_engine,
+                     sliding_window_attention)
 from experiments import benchmark, benchmark_cli, report
 from experiments.bookkeeping import GIB, log, machine_line
 
@@ -177,6 +179,15 @@ def _window(window: int):
   return fwd
 
 
+def _delta(mode: str):
+  def fwd(q, k, v, g):
+    # The delta rule wants unit keys and a write strength beta in [0, 1]; 1/2 stands in for the
+    # data-dependent beta of a layer (its value does not change the cost).
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    return delta_rule_attention(q, k, v, jnp.full(g.shape, 0.5, g.dtype), g, mode=mode)
+  return fwd
+
+
 def _softmax(q, k, v, g):
   del g
   return jax.nn.dot_product_attention(q, k, v, is_causal=True)
@@ -189,6 +200,8 @@ def main_contenders(config: Config) -> list[Contender]:
       Contender("recurrent", _gla("recurrent"), "head", core=True),
       Contender("chunked (per-channel decay)", _gla("chunked"), "channel"),
       Contender("recurrent (per-channel decay)", _gla("recurrent"), "channel"),
+      Contender("delta rule, chunked", _delta("chunked"), "head"),
+      Contender("delta rule, recurrent", _delta("recurrent"), "head"),
       Contender("associative", _gla("associative"), "head", max_t=config.associative_max_t),
       Contender("quadratic", _gla("quadratic"), "head", exponent=2, max_t=config.quadratic_max_t),
       Contender(f"sliding window (W={config.window})", _window(config.window), None, core=True),

@@ -650,8 +650,8 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       + report.load_text(machine),
       "",
       f"Setup: B={config['batch']}, d_model={config['d_model']}, {config['num_heads']} heads, "
-      f"float32, jit; each layer with its defaults (DCA: W={config['window']}, 16 projected "
-      f"features -> 153 Taylor features; sliding window: W={config['window']}; GLA: expand_k 0.5, "
+      f"float32, jit; each layer with its defaults (DCA: W={config['window']}, its default "
+      f"Taylor feature map; sliding window: W={config['window']}; GLA: expand_k 0.5, "
       "gate rank 16, tau 16, per-channel decay). A layer is `nnx.split` into (graphdef, state) and "
       "timed as the jitted pure function `f(state, x)`; fwd+bwd is sum(y^2) and its gradients "
       "with respect to every parameter and x. Median of "

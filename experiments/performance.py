@@ -99,23 +99,28 @@ def measure_layers(config: Config) -> dict[str, Any]:
     module = layer.make(layer_config)
     params[layer.name] = count_params(module)
     splits[layer.name] = (layer, *nnx.split(module))
-  torch, why_not = torch_peer.load()
-  peers, peer_info = {}, {"name": torch_peer.NAME, "available": torch is not None,
-                          "reason": why_not}
-  if torch is not None:
-    peer = torch_peer.TorchLayer(torch, layer_config.d_model, layer_config.num_heads)
+  why_not = torch_peer.available()
+  peers, peer_info, peer = {}, {"name": torch_peer.NAME, "available": why_not is None,
+                                "reason": why_not}, None
+  if why_not is None:
+    peer = torch_peer.PeerProcess(layer_config.d_model, layer_config.num_heads,
+                                  threads=os.cpu_count())
     peers[torch_peer.NAME] = (peer.calls, 2)
-    peer_info["version"] = peer.version()
-    params[torch_peer.NAME] = sum(p.numel() for p in peer.parameters)
+    peer_info["version"] = peer.version
+    params[torch_peer.NAME] = peer.num_params
   else:
     log(f"  {torch_peer.NAME}: skipped ({why_not})")
   runner = benchmark.Runner(memory_budget_gib=config.memory_budget_gib,
                             time_budget_s=config.time_budget_s, compile_exhausted=False)
   records = []
-  for length in config.layer_lengths:
-    log(f"layers T={length}")
-    records += benchmark_layers.measure_grid(runner, layer_config, splits, length, peers=peers,
-                                             count=True)
+  try:
+    for length in config.layer_lengths:
+      log(f"layers T={length}")
+      records += benchmark_layers.measure_grid(runner, layer_config, splits, length, peers=peers,
+                                               count=True)
+  finally:
+    if peer is not None:
+      peer.close()
   return {"records": records, "params": params, "peer": peer_info,
           "options": {layer.name: layer.options_text for layer in under_test}}
 

@@ -10,16 +10,33 @@ PyTorch is never a dependency of `dca_jax`: it comes with the optional benchmark
     pip install -e ".[bench]"
 
 and without it the benchmark records the peer as skipped, with the reason, and goes on.
+
+The peer runs in a child process (`PeerProcess`): torch is never imported beside JAX. With both
+loaded in one process, XLA's CPU compiler crashed with a segmentation fault in this project's test
+suite (2026-12-02, a test_window compilation after a test had imported torch), so the parent only
+sends "run fwd" / "run fwd+bwd" requests through a pipe, which keeps the peer in the same
+round-robin rounds as the JAX layers (a request's overhead is tens of microseconds, the calls
+take milliseconds to seconds).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import multiprocessing
 import os
 from typing import Any, Callable
 
 import numpy as np
 
 NAME = "torch SDPA (CPU flash)"
+
+
+def available() -> str | None:
+  """None when PyTorch can be imported, else why not (without importing it)."""
+  if importlib.util.find_spec("torch") is None:
+    return ("PyTorch is not installed; install the optional extra `pip install -e \".[bench]\"` "
+            "to include this peer")
+  return None
 
 
 def load() -> tuple[Any, str | None]:
@@ -87,3 +104,82 @@ class TorchLayer:
       return np.asarray([loss.item(), float(grad_inputs.grad.abs().sum())])
 
     return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def _serve(conn: Any, d_model: int, num_heads: int, threads: int | None, seed: int) -> None:
+  """The child process: builds the layer, then answers requests until "stop"."""
+  torch, why_not = load()
+  if torch is None:
+    conn.send(("error", why_not))
+    return
+  layer = TorchLayer(torch, d_model, num_heads, seed=seed, threads=threads)
+  conn.send(("ready", layer.version(), sum(p.numel() for p in layer.parameters)))
+  calls = {}
+  while True:
+    message = conn.recv()
+    if message[0] == "input":
+      calls = layer.calls(message[1])
+      conn.send("ok")
+    elif message[0] == "run":
+      conn.send(calls[message[1]]())
+    elif message[0] == "weights":
+      conn.send({name: p.detach().numpy().copy() for name, p in
+                 (("qkv.weight", layer.qkv.weight), ("qkv.bias", layer.qkv.bias),
+                  ("out.weight", layer.out.weight), ("out.bias", layer.out.bias))})
+    else:
+      return
+
+
+class PeerProcess:
+  """The torch layer in a child process (see the module docstring); use as a context manager.
+
+  Attributes:
+    version: "torch <version>, <n> threads".
+    num_params: the layer's parameter count.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, *, threads: int | None = None, seed: int = 0):
+    context = multiprocessing.get_context("spawn")
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=_serve, args=(child, d_model, num_heads, threads, seed),
+                                    daemon=True)
+    self._process.start()
+    reply = self._conn.recv()
+    if reply[0] != "ready":
+      self.close()
+      raise RuntimeError(f"the torch peer did not start: {reply[1]}")
+    self.version, self.num_params = reply[1], reply[2]
+
+  def calls(self, x: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
+    """As `TorchLayer.calls`, each thunk one request to the child."""
+    self._conn.send(("input", np.array(x, np.float32)))
+    self._conn.recv()
+
+    def request(pass_name: str) -> Callable[[], np.ndarray]:
+      def call() -> np.ndarray:
+        self._conn.send(("run", pass_name))
+        return np.asarray(self._conn.recv())
+      return call
+
+    return {"fwd": request("fwd"), "fwd+bwd": request("fwd+bwd")}
+
+  def weights(self) -> dict[str, np.ndarray]:
+    """The layer's parameters, as NumPy arrays (qkv.weight [3D, D], qkv.bias, out.weight, ...)."""
+    self._conn.send(("weights",))
+    return self._conn.recv()
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      try:
+        self._conn.send(("stop",))
+      except (BrokenPipeError, OSError):
+        pass
+      self._process.join(timeout=10)
+    if self._process.is_alive():
+      self._process.kill()
+
+  def __enter__(self) -> "PeerProcess":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()

@@ -82,7 +82,8 @@ def test_feature_dim_formula(dim):
 
 
 def test_feature_map_dispatch():
-  assert feature_dim("taylor", 16) == 153   # the layer's default F (P = 16)
+  assert feature_dim("taylor", 16) == 153
+  assert feature_dim("taylor", 8) == 45     # the layer's default F (P = 8)
   x = jax.random.normal(jax.random.key(2), (4, 3))
   np.testing.assert_array_equal(np.asarray(feature_map("taylor", x)),
                                 np.asarray(taylor_features(x)))

@@ -6,6 +6,8 @@ records and that the external peer computes the function it stands in for.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -49,24 +51,26 @@ def test_targets_read_the_side_by_side_records():
 
 
 def test_torch_peer_is_causal_softmax_attention():
-  """The peer computes causal softmax attention with its own projections (float64 reference)."""
-  torch, reason = torch_peer.load()
-  if torch is None:
+  """The peer (in its child process) computes causal softmax attention with its own projections,
+  against a float64 reference; torch is never imported in this process."""
+  reason = torch_peer.available()
+  if reason is not None:
     pytest.skip(reason)
   d_model, heads, length = 16, 2, 7
-  layer = torch_peer.TorchLayer(torch, d_model, heads, threads=1)
   x = np.random.default_rng(0).normal(size=(1, length, d_model)).astype(np.float32)
-  got = np.asarray(layer.calls(x)["fwd"]())                       # the last token's output
-  w_qkv = layer.qkv.weight.detach().numpy().astype(np.float64)
-  b_qkv = layer.qkv.bias.detach().numpy().astype(np.float64)
-  qkv = x[0].astype(np.float64) @ w_qkv.T + b_qkv
+  with torch_peer.PeerProcess(d_model, heads, threads=1) as peer:
+    calls = peer.calls(x)
+    got = np.asarray(calls["fwd"]())                              # the last token's output
+    loss_and_grad = calls["fwd+bwd"]()
+    w = {name: value.astype(np.float64) for name, value in peer.weights().items()}
+  qkv = x[0].astype(np.float64) @ w["qkv.weight"].T + w["qkv.bias"]
   q, k, v = (qkv[:, i * d_model:(i + 1) * d_model].reshape(length, heads, -1) for i in range(3))
   scores = np.einsum("thk,shk->hts", q, k) / np.sqrt(d_model // heads)
   scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   o = np.einsum("hts,shv->thv", probs, v).reshape(length, d_model)
-  expected = o @ layer.out.weight.detach().numpy().T + layer.out.bias.detach().numpy()
+  expected = o @ w["out.weight"].T + w["out.bias"]
   np.testing.assert_allclose(got[0], expected[-1], rtol=1e-4, atol=1e-5)
-  loss_and_grad = layer.calls(x)["fwd+bwd"]()
   assert np.all(np.isfinite(loss_and_grad))
+  assert "torch" not in sys.modules

@@ -47,7 +47,7 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
     >>> import jax, jax.numpy as jnp
     >>> from dca_jax import init_params, init_state, compute_weights
     >>> params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=8)
-    >>> state = init_state(1, 2, 16, 16, 153, 8)
+    >>> state = init_state(1, 2, 16, 16, 45, 8)
     >>> o, state = memory_state_update(state, compute_weights(params, jnp.ones((1, 32))))
     >>> o.shape
     (1, 2, 16)

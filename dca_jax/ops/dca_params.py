@@ -115,7 +115,7 @@ def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Featur
     >>> params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=8)
     >>> w = compute_weights(params, jax.numpy.ones((1, 5, 32)))
     >>> w.q.shape, w.q_features.shape, w.log_decay.shape
-    ((1, 5, 2, 16), (1, 5, 2, 153), (1, 5, 2))
+    ((1, 5, 2, 16), (1, 5, 2, 45), (1, 5, 2))
   """
   _checks.check_array("x", x, (2, 3))
   d_model = params.query.shape[0]
@@ -173,7 +173,7 @@ class DecayKind(str, enum.Enum):
 
 
 def init_params(key: jax.Array, d_model: int, num_heads: int, *, window: int, head_dim: int | None = None,
-                value_dim: int | None = None, feature_dim: int = 16, max_half_life_ratio: float = 16.0,
+                value_dim: int | None = None, feature_dim: int = 8, max_half_life_ratio: float = 16.0,
                 num_features: int | None = None, combine: Combine | str = "unified",
                 decay: DecayKind | str = "head", decay_rank: int = 16) -> DCAParams:
   """Initial `DCAParams` (lecun-normal projections, zero decay weights, spread half-lives).

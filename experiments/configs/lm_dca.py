@@ -19,4 +19,4 @@ from experiments.configs import _lm
 
 def get_config(tiny: bool = False) -> ExperimentConfig:
   """The experiment's config; `tiny` gives the CI-sized variant (seconds)."""
-  return _lm.lm_config("lm_dca", "dca", {"window": 64, "feature_dim": 16}, tiny=tiny)
+  return _lm.lm_config("lm_dca", "dca", {"window": 64, "feature_dim": 8}, tiny=tiny)
