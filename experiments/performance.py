@@ -1,6 +1,6 @@
 """The performance benchmark: one command, every contender side by side, the issue's targets.
 
-    python -m experiments.performance            # full run, ~30-40 min on the 2-core CPU
+    python -m experiments.performance            # full run, ~30 min on the 2-core CPU
     python -m experiments.performance --quick    # ~5 min subset (T <= 4096, fewer repeats)
     python -m experiments.performance --render-only   # rewrite .md/.png from the .json
 
@@ -11,7 +11,7 @@ Writes `docs/performance.{json,md,png}` (`--out` elsewhere). One run, one proces
 2. Layers (B = 1, d_model 256, 4 heads, float32; W = 64 for the windowed ones): the five layers
    of `dca_jax.nn` and the external peer, PyTorch's CPU flash softmax layer
    (`experiments.torch_peer`, optional extra `.[bench]`; skipped with the reason when absent),
-   forward and forward+backward at T = 256 ... 32768, all of one T timed round-robin (median of
+   forward and forward+backward at T = 256, 1024 ... 32768, all of one T timed round-robin (median of
    repeats after warm-up), with XLA's temporary memory and the counted FLOPs of each JAX layer.
 3. Engine (`gated_linear_attention`, B = 1, H = 4, K = V = 64): chunked and recurrent forms with
    per-head and per-channel decay, the sliding window and `jax.nn.dot_product_attention` at the
@@ -58,9 +58,9 @@ DCA, GLA, SOFTMAX = "DCAttention", "GatedLinearAttention", "SoftmaxAttention"
 class Config:
   """One run. Attributes: the T grids of each section, repeats, budgets, decode batches."""
 
-  layer_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+  layer_lengths: tuple[int, ...] = (256, 1024, 2048, 4096, 8192, 16384, 32768)
   engine_lengths: tuple[int, ...] = (256, 1024, 4096, 8192, 32768)
-  engine_full_grid_max_t: int = 4096
+  engine_full_grid_max_t: int = 1024
   engine_long_lengths: tuple[int, ...] = (65536,)
   train_lengths: tuple[tuple[int, int], ...] = ((256, 8), (2048, 1))      # (T, batch)
   decode_batches: tuple[int, ...] = (1, 32)
@@ -132,7 +132,7 @@ def measure_engine(config: Config) -> dict[str, Any]:
       long_lengths=config.engine_long_lengths, long_fwd_bwd_lengths=config.engine_long_lengths,
       repeats=config.repeats, big_repeats=config.big_repeats,
       time_budget_s=config.time_budget_s, memory_budget_gib=config.memory_budget_gib,
-      planner_lengths=(16, 64, 256) if not config.quick else (64,))
+      planner_lengths=(64, 256) if not config.quick else (64,))
   return benchmark_engine.run(engine_config, "(section of experiments.performance)")
 
 

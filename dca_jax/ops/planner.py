@@ -10,12 +10,14 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
 * With gradients: the quadratic form up to T = `QUADRATIC_MAX_T` (one masked matmul; fastest up
   to T = 128 in the sweep), the chunked form with C = min(64, T) above (7.5x faster than autodiff
   through the token scan at T = 8192, which stores one K x V state per token).
-* Per-channel decay on CPU: the recurrent form forward, the chunked form with gradients (its
-  intra-chunk scores by recursive halving, chunked.py). Measured again on 2026-12-02 with that
-  form (`python -m experiments.performance --quick`, K = V = 64, T = 1024): chunked fwd+bwd
-  25 ms against 232 ms through the token scan; the GatedLinearAttention layer's fwd+bwd, which
-  this rule had sent through the scan, fell accordingly (docs/performance.md). The quadratic
-  form is not used for per-channel decays (its [T, T, K] decay tensor).
+* Per-channel decay on CPU: the recurrent form forward, and with gradients above
+  T = `QUADRATIC_MAX_T` the chunked form (its intra-chunk scores by recursive halving,
+  chunked.py). Measured again on 2026-12-02 with that form (`python -m experiments.performance
+  --quick`, K = V = 64): chunked fwd+bwd 4.3 ms against 59 ms through the token scan at
+  T = 256, 25 ms against 232 ms at T = 1024; docs/performance.md has the GatedLinearAttention
+  layer, which this rule had sent through the scan. Up to T = 128 the scan stays (its gradient
+  is cheap there, it compiles in half the time, and the quadratic form would build a [T, T, K]
+  decay tensor).
 * GPU/TPU (not measured here): the chunked form, the standard choice of GLA's and Mamba-2's
   kernels, with the quadratic form for tiny T.
 * The associative form over tokens is never chosen: it materialises every state and was the
@@ -107,8 +109,9 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
     return EnginePlan(Mode.RECURRENT)
   if backend == "cpu" and not needs_grad:
     return EnginePlan(Mode.RECURRENT)
-  if sequence_length <= QUADRATIC_MAX_T and not per_channel_decay:
-    return EnginePlan(Mode.QUADRATIC)
+  if sequence_length <= QUADRATIC_MAX_T:
+    # Per-channel decays: the scan (their quadratic form builds a [T, T, K] decay tensor).
+    return EnginePlan(Mode.RECURRENT if per_channel_decay else Mode.QUADRATIC)
   chunk = min(CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE), sequence_length)
   return EnginePlan(Mode.CHUNKED, chunk)
 
