@@ -200,8 +200,10 @@ def main_contenders(config: Config) -> list[Contender]:
       Contender("recurrent", _gla("recurrent"), "head", core=True),
       Contender("chunked (per-channel decay)", _gla("chunked"), "channel"),
       Contender("recurrent (per-channel decay)", _gla("recurrent"), "channel"),
-      Contender("delta rule, chunked", _delta("chunked"), "head"),
-      Contender("delta rule, recurrent", _delta("recurrent"), "head"),
+      # The delta rule's forms to T = 256 for now: its chunked fwd+bwd took minutes per call at
+      # T = 1024 on the 2-core CPU (2026-12-02; batched small triangular solves).
+      Contender("delta rule, chunked", _delta("chunked"), "head", max_t=256),
+      Contender("delta rule, recurrent", _delta("recurrent"), "head", max_t=256),
       Contender("associative", _gla("associative"), "head", max_t=config.associative_max_t),
       Contender("quadratic", _gla("quadratic"), "head", exponent=2, max_t=config.quadratic_max_t),
       Contender(f"sliding window (W={config.window})", _window(config.window), None, core=True),

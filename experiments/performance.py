@@ -23,7 +23,9 @@ Writes `docs/performance.{json,md,png}` (`--out` elsewhere). One run, one proces
 5. Decoding: `generate` on the demo-size model after a 4k prompt, tokens/s at batch 1 and 32
    (`experiments.decode_rate`), against the bound set by the bytes a step reads.
 
-Every ratio in the report comes from this one run; the machine and the date are recorded.
+Every ratio in the report comes from this one run; the machine and the date are recorded. The
+result is saved after each section to `<out>/performance.partial.json`: a rerun resumes from it
+(sections already measured are kept), and `--sections` runs a subset.
 Speed is never asserted in the tests: the tests prove that every form computes the same function.
 """
 
@@ -60,7 +62,7 @@ class Config:
 
   layer_lengths: tuple[int, ...] = (256, 1024, 2048, 4096, 8192, 16384, 32768)
   engine_lengths: tuple[int, ...] = (256, 1024, 4096, 8192, 32768)
-  engine_full_grid_max_t: int = 1024
+  engine_full_grid_max_t: int = 256
   engine_long_lengths: tuple[int, ...] = (65536,)
   train_lengths: tuple[tuple[int, int], ...] = ((256, 8), (2048, 1))      # (T, batch)
   decode_batches: tuple[int, ...] = (1, 32)
@@ -405,17 +407,35 @@ def write_plot(path: pathlib.Path, result: dict[str, Any]) -> None:
   plt.close(fig)
 
 
-def run(config: Config, command: str) -> dict[str, Any]:
+SECTIONS = ("layers", "engine", "training", "decoding")
+
+
+def run(config: Config, command: str, partial: pathlib.Path | None = None,
+        sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+  """Runs the sections, saving the result to `partial` after each (a rerun with the same file
+  skips the sections it already holds, so a long run resumes where it stopped)."""
   session = benchmark.Session(config.matmul_n)
-  result = {"command": command, "machine": session.machine, "date": bookkeeping.now(),
-            "config": dataclasses.asdict(config)}
-  result["layers"] = measure_layers(config)
-  result["engine"] = measure_engine(config)
-  result["training"] = measure_training(config)
-  result["decoding"] = measure_decoding(config)
+  result = {}
+  if partial is not None and partial.exists():
+    result = json.loads(partial.read_text())
+    if result.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+      result = {}                                       # another configuration: start afresh
+  result.update(command=command, machine=session.machine, date=bookkeeping.now(),
+                config=dataclasses.asdict(config))
+  measures = {"layers": measure_layers, "engine": measure_engine,
+              "training": measure_training, "decoding": measure_decoding}
+  probes = result.get("matmul", {}).get("probes", [])
+  started = time.perf_counter()
+  for name in sections:
+    if name in result:
+      log(f"{name}: kept from {partial}")
+      continue
+    result[name] = measures[name](config)
+    if partial is not None:
+      partial.write_text(json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
   session.finish()
-  result["matmul"] = {"probes": session.probes}
-  result["runtime_s"] = session.runtime_s
+  result["matmul"] = {"probes": probes + session.probes}
+  result["runtime_s"] = result.get("runtime_s", 0.0) + time.perf_counter() - started
   result["targets"] = targets(result)
   return result
 
@@ -425,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="the ~5 min subset")
   parser.add_argument("--out", default="docs", help="output folder (default: docs)")
+  parser.add_argument("--sections", default=None,
+                      help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
   parser.add_argument("--render-only", action="store_true",
                       help="measure nothing: rewrite the .md and .png from the .json in --out")
   args = parser.parse_args(argv)
@@ -435,8 +457,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   else:
     command = "python -m experiments.performance " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    result = run(get_config(args.quick), command.strip())
     out.mkdir(parents=True, exist_ok=True)
+    sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
+    result = run(get_config(args.quick), command.strip(), partial=stem.with_suffix(".partial.json"),
+                 sections=sections)
     stem.with_suffix(".json").write_text(
         json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
   write_markdown(stem.with_suffix(".md"), result)
