@@ -101,3 +101,22 @@ def parse_choice(choices: type, value: Any, name: str):
   except ValueError:
     valid = ", ".join(repr(member.value) for member in choices)
     raise ValueError(f"{name} must be one of {valid}, got {value!r}.") from None
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
+  """Checks an engine's q, k [B, T, H, K] and v [B, T, H, V] (T >= 1); returns (B, T, H, K, V).
+
+  Raises:
+    TypeError / ValueError: naming the argument, the expected and the received shape.
+  """
+  check_array("q", q, 4)
+  batch, time, heads, key_dim = q.shape
+  check_array("k", k, 4)
+  check_array("v", v, 4)
+  for name, x in (("k", k), ("v", v)):
+    for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
+      check_dim(name, x, axis, size, what + " (must match q)")
+  check_dim("k", k, 3, key_dim, "key dim K (must match q)")
+  if time < 1:
+    raise ValueError(f"q must have length T >= 1, got T = {time}.")
+  return batch, time, heads, key_dim, v.shape[3]

@@ -151,17 +151,7 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
     Length" (the WY/UT representation). See the module doc.
   """
   mode = Mode.parse(mode)
-  _checks.check_array("q", q, 4)
-  batch, time, heads, key_dim = q.shape
-  _checks.check_array("k", k, 4)
-  _checks.check_array("v", v, 4)
-  for name, x in (("k", k), ("v", v)):
-    for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
-      _checks.check_dim(name, x, axis, size, what + " (must match q)")
-  _checks.check_dim("k", k, 3, key_dim, "key dim K (must match q)")
-  value_dim = v.shape[3]
-  if time < 1:
-    raise ValueError(f"q must have length T >= 1, got T = {time}.")
+  batch, time, heads, key_dim, value_dim = _checks.check_qkv(q, k, v)
   for name, x in (("beta", beta), ("log_decay", log_decay)):
     _checks.check_array(name, x, 3)
     for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):

@@ -74,17 +74,7 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
     eq. (3) and sec. 4; Katharopoulos et al. 2020, "Transformers are RNNs", sec. 3.2.
   """
   mode = Mode.parse(mode)
-  _checks.check_array("q", q, 4)
-  batch, time, heads, key_dim = q.shape
-  _checks.check_array("k", k, 4)
-  _checks.check_array("v", v, 4)
-  for name, x in (("k", k), ("v", v)):
-    for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
-      _checks.check_dim(name, x, axis, size, what + " (must match q)")
-  _checks.check_dim("k", k, 3, key_dim, "key dim K (must match q)")
-  value_dim = v.shape[3]
-  if time < 1:
-    raise ValueError(f"q must have length T >= 1, got T = {time}.")
+  batch, time, heads, key_dim, value_dim = _checks.check_qkv(q, k, v)
   _checks.check_array("log_decay", log_decay, (3, 4))
   for axis, what, size in ((0, "batch size B", batch), (1, "length T", time), (2, "heads H", heads)):
     _checks.check_dim("log_decay", log_decay, axis, size, what + " (must match q)")
