@@ -2,10 +2,10 @@
 
 One op with a hand-written backward pass (`jax.custom_vjp`). The gradient autodiff derives for the
 kernel is one multiply-reduce over time per tap, which XLA's CPU backend (jax 0.10.2) runs as a
-slow strided reduction: at B = 1, T = 8192, D = 256, S = 4 it took 155 ms of a 157 ms
-forward+backward pass. Written as a contraction over time (`einsum("btd,btd->d")`), the same
-gradient is a dot and the whole pass takes ~3 ms (`python -m experiments.performance` measures
-the layer that uses it).
+slow strided reduction: in XLA's per-op profile of the DCA layer's forward+backward at T = 8192
+(2026-12-02) it was the largest single cost. Written as a contraction over time
+(`einsum("btd,btd->d")`), the same gradient is a dot (`python -m experiments.performance`
+measures the layer that uses it).
 """
 
 from __future__ import annotations
