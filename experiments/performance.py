@@ -189,6 +189,17 @@ def _engine_record(result, contender, pass_name, length):
                         {"contender": contender, "pass": pass_name, "T": length})
 
 
+def _worst_engine_ratio(result, numerator, denominator, pass_name, min_length=0):
+  """The largest time ratio numerator / denominator over the engine's grid (T >= min_length)."""
+  ratios = []
+  for length in result["config"]["engine_lengths"]:
+    top, bottom = (_engine_record(result, name, pass_name, length)
+                   for name in (numerator, denominator))
+    if length >= min_length and top and bottom and top.get("median_s") and bottom.get("median_s"):
+      ratios.append(top["median_s"] / bottom["median_s"])
+  return max(ratios, default=None)
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
   """The issue's targets, each with its measured value (None: not measured in this run)."""
   rows = []
@@ -215,15 +226,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
   engine = result.get("engine")
   if engine:
-    worst = None
-    for length in result["config"]["engine_lengths"]:
-      if length < 1024:
-        continue
-      chunked = _engine_record(result, "chunked", FWD, length)
-      recurrent = _engine_record(result, "recurrent", FWD, length)
-      if chunked and recurrent and chunked.get("median_s") and recurrent.get("median_s"):
-        ratio = chunked["median_s"] / recurrent["median_s"]
-        worst = ratio if worst is None else max(worst, ratio)
+    worst = _worst_engine_ratio(result, "chunked", "recurrent", FWD, min_length=1024)
     add("engine: chunked fwd <= recurrent fwd from T=1024 (per-head, worst T)", worst,
         "<= 1.0x", worst is not None and worst <= 1.0, "chunked time / recurrent time")
     rate = max((p["gflops"] for p in result["matmul"]["probes"] + engine["matmul"]["probes"]),
@@ -243,13 +246,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         memory = rec["temp_bytes"] / GIB
     add("engine: chunked fwd+bwd XLA temp memory at T=65536", memory, "< 1 GiB",
         memory is not None and memory < 1.0, "GiB")
-    worst = None
-    for length in result["config"]["engine_lengths"]:
-      head = _engine_record(result, "chunked", FWD_BWD, length)
-      chan = _engine_record(result, "chunked (per-channel decay)", FWD_BWD, length)
-      if head and chan and head.get("median_s") and chan.get("median_s"):
-        ratio = chan["median_s"] / head["median_s"]
-        worst = ratio if worst is None else max(worst, ratio)
+    worst = _worst_engine_ratio(result, "chunked (per-channel decay)", "chunked", FWD_BWD)
     add("engine: per-channel decay within 3x of per-head (chunked fwd+bwd, worst T)", worst,
         "<= 3x", worst is not None and worst <= 3.0, "per-channel time / per-head time")
 

@@ -120,3 +120,16 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
   if time < 1:
     raise ValueError(f"q must have length T >= 1, got T = {time}.")
   return batch, time, heads, key_dim, v.shape[3]
+
+
+def check_state(name: str, state: Any, expected: tuple[int, int, int, int]) -> None:
+  """Checks an optional engine state: None, or a floating [B, H, K, V] array of shape `expected`.
+
+  Raises:
+    TypeError / ValueError: naming `name`, the expected and the received shape.
+  """
+  if state is None:
+    return
+  check_array(name, state, 4)
+  if tuple(state.shape) != expected:
+    raise ValueError(f"{name} must have shape [B, H, K, V] = {expected}, got {tuple(state.shape)}.")

@@ -158,12 +158,7 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
       _checks.check_dim(name, x, axis, size, what + " (must match q; shape [B, T, H])")
   _checks.check_nonpositive("log_decay", log_decay)
   _checks.check_unit_interval("beta", beta)
-  if initial_state is not None:
-    _checks.check_array("initial_state", initial_state, 4)
-    expected = (batch, heads, key_dim, value_dim)
-    if tuple(initial_state.shape) != expected:
-      raise ValueError(
-          f"initial_state must have shape [B, H, K, V] = {expected}, got {tuple(initial_state.shape)}.")
+  _checks.check_state("initial_state", initial_state, (batch, heads, key_dim, value_dim))
   _checks.check_reset(reset, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
 

@@ -81,12 +81,7 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
   if log_decay.ndim == 4:
     _checks.check_dim("log_decay", log_decay, 3, key_dim, "key dim K (must match q)")
   _checks.check_nonpositive("log_decay", log_decay)
-  if initial_state is not None:
-    _checks.check_array("initial_state", initial_state, 4)
-    expected = (batch, heads, key_dim, value_dim)
-    if tuple(initial_state.shape) != expected:
-      raise ValueError(
-          f"initial_state must have shape [B, H, K, V] = {expected}, got {tuple(initial_state.shape)}.")
+  _checks.check_state("initial_state", initial_state, (batch, heads, key_dim, value_dim))
   _checks.check_reset(reset, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
 
