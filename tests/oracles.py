@@ -446,14 +446,17 @@ def weights_and_state(seed=23):
 
 
 def assert_states_close(got, expected, **tol):
-  """Two `DCAState`s (or `DCAConvCache`s) agree: arrays within tol, document ids exactly."""
+  """Two `DCAState`s (or `DCAConvCache`s) agree: arrays within tol, positions exactly."""
   if hasattr(got, "inputs"):           # a DCAConvCache: the inputs kept for the convolution too
     chex.assert_trees_all_close(got.inputs, expected.inputs, **tol, custom_message="inputs")
     got, expected = got.state, expected.state
   for name in ("keys", "values", "key_features", "memory"):
     chex.assert_trees_all_close(getattr(got, name), getattr(expected, name), **tol,
                                 custom_message=f"state.{name}")
-  np.testing.assert_array_equal(np.asarray(got.doc), np.asarray(expected.doc), err_msg="state.doc")
+  np.testing.assert_array_equal(np.asarray(got.doc_start), np.asarray(expected.doc_start),
+                                err_msg="state.doc_start")
+  np.testing.assert_array_equal(np.asarray(got.position), np.asarray(expected.position),
+                                err_msg="state.position")
 
 
 # ---------------------------------------------------------------------------------------------

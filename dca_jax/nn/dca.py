@@ -125,7 +125,7 @@ class DCAttention(_layer.AttentionLayer):
       cache = cache.state
     _layer.check_cache(cache, ops.DCAState, batch, {
         "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
-        "key_features": (batch, window, heads, self.num_features), "doc": (batch, window),
+        "key_features": (batch, window, heads, self.num_features), "doc_start": (batch,),
         "memory": (batch, heads, self.num_features, dim + 1)})
 
   def _weights(self, x):

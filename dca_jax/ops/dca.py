@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, init_state
+from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, init_state,
+                                    ordered_to_ring, ring_to_ordered)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -113,10 +114,16 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
   # The sequence extended on the left by the W buffered tokens: the window of the first queries
   # reaches into the buffer, and the buffer's tokens are the first to leave the window.
-  ext_k = jnp.concatenate([state.keys, weights.k.astype(f32)], axis=1)
-  ext_v = jnp.concatenate([state.values, weights.v.astype(f32)], axis=1)
-  ext_kf = jnp.concatenate([state.key_features, weights.k_features.astype(f32)], axis=1)
-  ext_doc = jnp.concatenate([state.doc, doc], axis=1)
+  # The buffer is unrolled oldest first; its tokens count as document 0 (the new tokens' first
+  # document) when they are in the row's current document, else as -1 (never attended).
+  start = state.position
+  held = start - window + jnp.arange(window, dtype=jnp.int32)          # oldest first
+  buffer_doc = jnp.where((held[None, :] >= 0) & (held[None, :] >= state.doc_start[:, None]), 0, -1)
+  ext_k = jnp.concatenate([ring_to_ordered(state.keys, start), weights.k.astype(f32)], axis=1)
+  ext_v = jnp.concatenate([ring_to_ordered(state.values, start), weights.v.astype(f32)], axis=1)
+  ext_kf = jnp.concatenate([ring_to_ordered(state.key_features, start),
+                            weights.k_features.astype(f32)], axis=1)
+  ext_doc = jnp.concatenate([buffer_doc.astype(jnp.int32), doc], axis=1)
   ext_q = jnp.concatenate([jnp.zeros_like(state.keys), weights.q.astype(f32)], axis=1)
   num, den, top = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale, doc=ext_doc,
                                        rotary_base=rotary_base)
@@ -134,8 +141,16 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o
-  last_doc = ext_doc[:, -1:]
+  end = start + time
+  if reset is None:
+    doc_start = state.doc_start
+  else:
+    # The last reset of each row, as an absolute position (none: the incoming doc_start).
+    last = jnp.max(jnp.where(reset, jnp.arange(time, dtype=jnp.int32), -1), axis=1)
+    doc_start = jnp.where(last >= 0, start + last, state.doc_start)
   new_state = DCAState(
-      keys=ext_k[:, -window:], values=ext_v[:, -window:], key_features=ext_kf[:, -window:],
-      doc=ext_doc[:, -window:] - last_doc, memory=memory, position=state.position + time)
+      keys=ordered_to_ring(ext_k[:, -window:], end),
+      values=ordered_to_ring(ext_v[:, -window:], end),
+      key_features=ordered_to_ring(ext_kf[:, -window:], end),
+      doc_start=doc_start.astype(jnp.int32), memory=memory, position=end)
   return o, new_state

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories
+from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, slot_positions
 from dca_jax.ops.dca_params import DCAWeights, check_weights
-from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops.rotary import rotary_frequencies
 
 
 def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: float | None = 10000.0,
@@ -62,48 +62,64 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   window = state.window
   key_dim, value_dim = weights.q.shape[-1], weights.v.shape[-1]
 
-  doc, memory = state.doc, state.memory
+  t = state.position
+  slot = t % window
+  memory = state.memory
+  doc_start = state.doc_start
   if reset is not None:
     # Everything buffered belongs to an earlier document now, and the memory starts empty
     # (selected away, not multiplied by 0, so a non-finite old state cannot leak).
-    doc = jnp.where(reset[:, None], doc - 1, doc)
+    doc_start = jnp.where(reset, t, doc_start)
     memory = jnp.where(reset[:, None, None, None], 0.0, memory)
 
-  # Evict the oldest slot into memory (an empty or foreign slot adds nothing).
-  leaving = (doc[:, 0] == 0)[:, None, None]
-  features = jnp.where(leaving, state.key_features[:, 0], 0.0)                      # [B, H, F]
-  values = jnp.concatenate([state.values[:, 0], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
+  # The slot about to be overwritten holds the token at t - W: it leaves the window for the
+  # memory if it exists and belongs to the current document (else it adds nothing).
+  leaving = ((t - window >= 0) & (t - window >= doc_start))[:, None, None]          # [B, 1, 1]
+  features = jnp.where(leaving, state.key_features[:, slot], 0.0)                   # [B, H, F]
+  values = jnp.concatenate([state.values[:, slot], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
   decay = jnp.exp(weights.log_decay.astype(f32))
   decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]   # per channel / head
   values = jnp.where(leaving, values, 0.0)
   memory = decay * memory + features[..., :, None] * values[..., None, :]
 
-  def push(buffer, new):
-    return jnp.concatenate([buffer[:, 1:], new[:, None].astype(buffer.dtype)], axis=1)
-
-  keys = push(state.keys, weights.k)
-  vals = push(state.values, weights.v)
-  key_features = push(state.key_features, weights.k_features)
-  doc = push(doc, jnp.zeros((batch,), jnp.int32))
+  # The new token takes that slot: one write per buffer, nothing shifts.
+  keys = jax.lax.dynamic_update_index_in_dim(state.keys, weights.k.astype(f32), slot, 1)
+  vals = jax.lax.dynamic_update_index_in_dim(state.values, weights.v.astype(f32), slot, 1)
+  key_features = jax.lax.dynamic_update_index_in_dim(
+      state.key_features, weights.k_features.astype(f32), slot, 1)
 
   q = weights.q.astype(f32)
+  held = slot_positions(t + 1, window)                                             # [W]
   # Slots of other documents and empty ones are selected away (never multiplied by a zero
   # weight), so whatever they hold cannot reach the output.
-  seen = (doc == 0)[:, :, None, None]
-  k = jnp.where(seen, keys, 0.0)
-  seen_vals = jnp.where(seen, vals, 0.0)
-  if rotary_base is not None:
-    # Slot s holds the token W - 1 - s steps back: rotate it back by that offset, leave q as is.
-    offsets = jnp.arange(window) - (window - 1)
-    k = apply_rotary(k, offsets, base=rotary_base)
-  scores = jnp.einsum("bhk,bshk->bhs", q, k) / math.sqrt(key_dim)
-  valid = (doc == 0)[:, None, :]
-  scores = jnp.where(valid, scores, -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # the new token is always valid
-  probs = jnp.exp(scores - top[..., None])
-  num = jnp.einsum("bhs,bshv->bhv", probs, seen_vals)
-  den = jnp.sum(probs, axis=-1)
+  seen = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])              # [B, W]
+  k = jnp.where(seen[:, :, None, None], keys, 0.0)
+  seen_vals = jnp.where(seen[:, :, None, None], vals, 0.0)
+  # Scores and read-out as multiply-and-reduce over the slots in the buffers' own [B, W, H, .]
+  # layout: a dot_general here would transpose the whole buffer every step.
+  if rotary_base is None:
+    scores = jnp.sum(q[:, None] * k, axis=-1)                                       # [B, W, H]
+  else:
+    # Slot s holds the token t - held_s steps back: its key is rotated back by that offset (the
+    # relative offsets in [-(W-1), 0] of the whole-sequence form), written out for the half-split
+    # pairs (k1, k2) so that neither a rotated copy of the buffer nor a per-element cos/sin is
+    # formed: q . rot(k, o) = sum_i cos(o f_i) (q1 k1 + q2 k2) + sin(o f_i) (q2 k1 - q1 k2).
+    # The [W, K/2] angle table is materialised first (the barrier keeps XLA from fusing the
+    # transcendentals into the per-element loop over the whole buffer).
+    half = key_dim // 2
+    angles = (held - t).astype(f32)[:, None] * rotary_frequencies(key_dim, rotary_base)[None]
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    cos, sin = cos[None, :, None], sin[None, :, None]                                # [1, W, 1, K/2]
+    q1, q2 = q[:, None, :, :half], q[:, None, :, half:]
+    k1, k2 = k[..., :half], k[..., half:]
+    scores = jnp.sum(cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2), axis=-1)
+  scores = scores / math.sqrt(key_dim)
+  scores = jnp.where(seen[:, :, None], scores, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(scores, axis=1))   # [B, H]; the new token is always seen
+  probs = jnp.exp(scores - top[:, None])
+  num = jnp.sum(probs[..., None] * seen_vals, axis=1)                               # [B, H, V]
+  den = jnp.sum(probs, axis=1)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
-  return o, DCAState(keys=keys, values=vals, key_features=key_features, doc=doc, memory=memory,
-                     position=state.position + 1)
+  return o, DCAState(keys=keys, values=vals, key_features=key_features, doc_start=doc_start,
+                     memory=memory, position=t + 1)

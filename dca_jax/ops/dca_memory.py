@@ -20,12 +20,17 @@ from dca_jax.ops.dca_params import DCAWeights
 class DCAState(NamedTuple):
   """Constant-size state of DCA after a prefix of the sequence.
 
+  The window is a ring buffer: the token at absolute position p lives in slot p mod W, so a
+  decoding step writes one slot and moves nothing. With t = `position`, slot s holds the token
+  at t - W + ((s - t) mod W) (the oldest in slot t mod W, the next to be overwritten); a slot
+  whose position is negative (nothing written yet) or before `doc_start` is never attended.
+
   Attributes:
-    keys: [B, W, H, K] float32, the last W keys, oldest first (working memory).
+    keys: [B, W, H, K] float32, the last W keys, unrotated (working memory).
     values: [B, W, H, V] float32, their values.
     key_features: [B, W, H, F] float32, their features (folded into memory on eviction).
-    doc: [B, W] int32, document of each slot relative to the current one: 0 = same document as
-      the last token, negative = an earlier document or an empty slot (never attended).
+    doc_start: [B] int32, absolute position of the first token of each row's current document
+      (0 until a reset).
     memory: [B, H, F, V + 1] float32 compressed memory; the last column is the normaliser z.
     position: int32 scalar, the number of tokens seen (the absolute position of the next one).
   """
@@ -33,7 +38,7 @@ class DCAState(NamedTuple):
   keys: jax.Array
   values: jax.Array
   key_features: jax.Array
-  doc: jax.Array
+  doc_start: jax.Array
   memory: jax.Array
   position: jax.Array
 
@@ -53,7 +58,7 @@ def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, fe
       keys=jnp.zeros((batch_size, window, num_heads, key_dim), f32),
       values=jnp.zeros((batch_size, window, num_heads, value_dim), f32),
       key_features=jnp.zeros((batch_size, window, num_heads, feature_dim), f32),
-      doc=jnp.full((batch_size, window), -1, jnp.int32),
+      doc_start=jnp.zeros((batch_size,), jnp.int32),
       memory=jnp.zeros((batch_size, num_heads, feature_dim, value_dim + 1), f32),
       position=jnp.zeros((), jnp.int32),
   )
@@ -67,13 +72,30 @@ def check_state(state: DCAState, batch: int, weights: DCAWeights) -> None:
       "keys": (batch, window, heads, key_dim),
       "values": (batch, window, heads, value_dim),
       "key_features": (batch, window, heads, feature_dim),
-      "doc": (batch, window),
+      "doc_start": (batch,),
       "memory": (batch, heads, feature_dim, value_dim + 1),
   }
   for name, shape in expected.items():
     got = tuple(getattr(state, name).shape)
     if got != shape:
       raise ValueError(f"state.{name} has shape {got}, expected {shape} (from the weights' B, H, K, V, F).")
+
+
+def slot_positions(position: jax.Array, window: int) -> jax.Array:
+  """[W] int32: the absolute position of the token each ring slot holds after `position` tokens
+  (negative: nothing written yet). Slot s holds position - W + ((s - position) mod W)."""
+  slots = jnp.arange(window, dtype=jnp.int32)
+  return position - window + (slots - position) % window
+
+
+def ring_to_ordered(x: jax.Array, position: jax.Array) -> jax.Array:
+  """A ring buffer [B, W, ...] after `position` tokens -> its slots oldest first."""
+  return jnp.roll(x, -(position % x.shape[1]), axis=1)
+
+
+def ordered_to_ring(x: jax.Array, position: jax.Array) -> jax.Array:
+  """The last W tokens [B, W, ...], oldest first, after `position` tokens -> ring slots."""
+  return jnp.roll(x, position % x.shape[1], axis=1)
 
 
 def combine_memories(window_num, window_den, window_max, memory_out, value_dim, gate=None):
