@@ -51,16 +51,21 @@ class Setup:
   cache_bytes_below: int | None = None
 
 
+# The baselines' short convolution (off by default): its kernel randomised, as DCA's.
+CONV_NOISE = (("conv", 0.5),)
+SHORT_CONV = (dict(short_conv=4),)
+
 # Per-layer test settings; a layer missing here runs the contract with its default options.
 SETUPS: dict[str, Setup] = {
     "dca": Setup(
         options=dict(window=8, feature_dim=4), noise=dca_noise(D_MODEL),
         variants=DCA_LAYER_VARIANTS,
         cache_bytes_below=16 * 1024),
-    "softmax": Setup(constant_cache=False),
-    "window": Setup(options=dict(window=8), cache_bytes_below=2 * 1024 * 4),
-    "linear": Setup(cache_bytes_below=2 * 1024 * 4),
-    "gla": Setup(cache_bytes_below=2 * 1024 * 4),
+    "softmax": Setup(noise=CONV_NOISE, variants=SHORT_CONV, constant_cache=False),
+    "window": Setup(options=dict(window=8), noise=CONV_NOISE, variants=SHORT_CONV,
+                    cache_bytes_below=2 * 1024 * 4),
+    "linear": Setup(noise=CONV_NOISE, variants=SHORT_CONV, cache_bytes_below=2 * 1024 * 4),
+    "gla": Setup(noise=CONV_NOISE, variants=SHORT_CONV, cache_bytes_below=2 * 1024 * 4),
 }
 
 

@@ -89,8 +89,7 @@ class DCAttention(_layer.AttentionLayer):
                rotary_base: float | None = 10000.0, mode: ops.Mode | str = "auto",
                chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
-    if not isinstance(short_conv, int) or isinstance(short_conv, bool) or short_conv < 0:
-      raise ValueError(f"short_conv must be an integer >= 0 (0: no convolution), got {short_conv!r}.")
+    _layer.check_short_conv(short_conv)
     head_dim = self.head_dim
     self.feature_map = ops.FeatureMap.parse(feature_map)
     self.num_features = ops.feature_dim(self.feature_map, feature_dim)
@@ -104,13 +103,11 @@ class DCAttention(_layer.AttentionLayer):
     ops.adaptive_scale(1, window=window, mode=mode, chunk_size=chunk_size)
     self.window, self.rotary_base = window, rotary_base
     self.mode, self.chunk_size = ops.Mode.parse(mode), chunk_size
-    self.short_conv = short_conv
     # One parameter per field of DCAParams, under the field's name (None: option not in use).
     for name, value in init._asdict().items():
       setattr(self, name, None if value is None else nnx.Param(value.astype(param_dtype)))
-    # The convolution starts as the identity (all weight on the current token).
-    self.conv = (nnx.Param(jnp.zeros((short_conv, d_model), param_dtype).at[-1].set(1.0))
-                 if short_conv else None)
+    # The convolution over the input starts as the identity (all weight on the current token).
+    self._init_short_conv(short_conv, d_model)
     self.out = self._linear(num_heads * head_dim, d_model, rngs)
 
   def _params(self) -> ops.DCAParams:
@@ -135,11 +132,6 @@ class DCAttention(_layer.AttentionLayer):
   def _project_out(self, o, x_dtype):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
     return self.out(o).astype(x_dtype)   # outputs return in the input's dtype
-
-  def _convolve(self, x, reset=None, history=None):
-    if self.conv is None:
-      return x
-    return ops.causal_short_conv(x, self.conv[...].astype(self.dtype or x.dtype), reset, history)
 
   def _sequence(self, x, reset):
     """[B, T, D] -> [B, T, D] on checked inputs (see `AttentionLayer.__call__`)."""

@@ -19,7 +19,7 @@ from dca_jax.ops.dca_decode import memory_state_update
 from dca_jax.ops.dca_memory import DCAState, combine_memories, init_state
 from dca_jax.ops.dca_params import (Combine, DCAParams, DCAWeights, DecayKind, compute_weights,
                                     half_life_bias, init_params)
-from dca_jax.ops.delta_rule import delta_rule_attention
+from dca_jax.ops.delta_rule import delta_rule_attention, l2_normalize
 from dca_jax.ops.feature_maps import (FeatureMap, elu_features, feature_dim, feature_map,
                                       taylor_features)
 from dca_jax.ops.gla import gated_linear_attention
@@ -37,7 +37,7 @@ __all__ = [
     "causal_short_conv", "combine_decayed_states", "combine_memories", "compute_weights",
     "delta_rule_attention", "document_ids", "elu_features", "feature_dim", "feature_map",
     "gated_linear_attention",
-    "half_life_bias", "init_params", "init_state", "masked_attention", "memory_state_update",
+    "half_life_bias", "init_params", "init_state", "l2_normalize", "masked_attention", "memory_state_update",
     "plan_engine", "rotary_frequencies", "sliding_window_attention", "taylor_features",
     "window_softmax_parts",
 ]
