@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
+from dca_jax.ops.dca_delta import attention_compress_delta
 from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, init_state
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
@@ -52,11 +53,14 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   two calls chained through the returned state equal one call over the concatenation).
 
   Args:
-    weights: `DCAWeights` from `compute_weights`, shapes [B, T, H, .].
+    weights: `DCAWeights` from `compute_weights`, shapes [B, T, H, .]. Weights of the delta
+      memory (`weights.beta` given, from memory="delta" parameters) run
+      `dca_delta.attention_compress_delta`: the same call with a delta-rule memory.
     window: W >= 1, the number of most recent tokens seen exactly (the token itself included).
     reset: optional bool [B, T]; true where a new document starts (nothing crosses it: neither
       the window nor the memory).
-    state: optional `DCAState` to continue from (its window must equal `window`).
+    state: optional `DCAState` to continue from (its window must equal `window`); a
+      `DCADeltaState` for weights of the delta memory.
     mode: engine form for the memory: "auto", "chunked", "recurrent", "associative",
       "quadratic" (see `gated_linear_attention`).
     chunk_size: engine chunk size (chunked form).
@@ -83,6 +87,10 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     docs/theory.md (the mechanism); Arora et al. 2024 (Based: linear attention beside a sliding window);
     Munkhdalai et al. 2024 (Infini-attention: compressive memory beside local attention).
   """
+  if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
+    return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
+                                    chunk_size=chunk_size, rotary_base=rotary_base,
+                                    return_state=return_state)
   check_weights(weights, step=False)
   batch, time, heads, key_dim = weights.q.shape
   value_dim = weights.v.shape[-1]

@@ -8,15 +8,14 @@ whole-sequence form `attention_compress`.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
+from dca_jax.ops.dca_delta import DCADeltaState, delta_memory_state_update
 from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories
 from dca_jax.ops.dca_params import DCAWeights, check_weights
-from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops.window import window_step_parts
 
 
 def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: float | None = 10000.0,
@@ -29,7 +28,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   `attention_compress` over the whole sequence.
 
   Args:
-    state: `DCAState` (from `init_state` or `attention_compress(..., return_state=True)`).
+    state: `DCAState` (from `init_state` or `attention_compress(..., return_state=True)`); a
+      `DCADeltaState` (from `init_delta_state`) runs `delta_memory_state_update` instead.
     weights: `DCAWeights` of one token: q, k [B, H, K], v [B, H, V], features [B, H, F],
       log_decay [B, H].
     rotary_base: as in `attention_compress` (must match it for the two to agree).
@@ -52,6 +52,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
     >>> o.shape
     (1, 2, 16)
   """
+  if weights.beta is not None or isinstance(state, DCADeltaState):   # memory="delta"
+    return delta_memory_state_update(state, weights, rotary_base=rotary_base, reset=reset)
   check_weights(weights, step=True)
   if not isinstance(state, DCAState):
     raise TypeError(f"state must be a DCAState, got {type(state).__name__}.")
@@ -59,8 +61,7 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   check_state(state, batch, weights)
   _checks.check_step_reset(reset, batch)
   f32 = jnp.float32
-  window = state.window
-  key_dim, value_dim = weights.q.shape[-1], weights.v.shape[-1]
+  value_dim = weights.v.shape[-1]
 
   doc, memory = state.doc, state.memory
   if reset is not None:
@@ -86,24 +87,9 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   key_features = push(state.key_features, weights.k_features)
   doc = push(doc, jnp.zeros((batch,), jnp.int32))
 
-  q = weights.q.astype(f32)
-  # Slots of other documents and empty ones are selected away (never multiplied by a zero
-  # weight), so whatever they hold cannot reach the output.
-  seen = (doc == 0)[:, :, None, None]
-  k = jnp.where(seen, keys, 0.0)
-  seen_vals = jnp.where(seen, vals, 0.0)
-  if rotary_base is not None:
-    # Slot s holds the token W - 1 - s steps back: rotate it back by that offset, leave q as is.
-    offsets = jnp.arange(window) - (window - 1)
-    k = apply_rotary(k, offsets, base=rotary_base)
-  scores = jnp.einsum("bhk,bshk->bhs", q, k) / math.sqrt(key_dim)
-  valid = (doc == 0)[:, None, :]
-  scores = jnp.where(valid, scores, -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # the new token is always valid
-  probs = jnp.exp(scores - top[..., None])
-  num = jnp.einsum("bhs,bshv->bhv", probs, seen_vals)
-  den = jnp.sum(probs, axis=-1)
+  num, den, top = window_step_parts(weights.q, keys, vals, doc, rotary_base)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
   return o, DCAState(keys=keys, values=vals, key_features=key_features, doc=doc, memory=memory,
                      position=state.position + 1)
+

@@ -207,3 +207,38 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
 
   num = jnp.where(poisoned[..., None], jnp.nan, to_time(num))
   return num, to_time(den), to_time(m[..., 0])
+
+
+def window_step_parts(q, keys, values, doc, rotary_base):
+  """The window's softmax parts for one query over the W buffered slots (the newest last).
+
+  Args:
+    q: [B, H, K] the query (no position applied).
+    keys: [B, W, H, K] float32, the buffered keys, oldest first, the query's own key last.
+    values: [B, W, H, V] float32.
+    doc: int32 [B, W], 0 for the slots of the query's document (the last slot always is).
+    rotary_base: None or the base of rotary positions relative to the query (as in
+      `window_softmax_parts`).
+
+  Returns:
+    (N [B, H, V], Z [B, H], m [B, H]) float32 as `window_softmax_parts` gives for that query.
+  """
+  window, key_dim = keys.shape[1], q.shape[-1]
+  q = q.astype(jnp.float32)
+  # Slots of other documents and empty ones are selected away (never multiplied by a zero
+  # weight), so whatever they hold cannot reach the output.
+  seen = (doc == 0)[:, :, None, None]
+  k = jnp.where(seen, keys, 0.0)
+  seen_vals = jnp.where(seen, values, 0.0)
+  if rotary_base is not None:
+    # Slot s holds the token W - 1 - s steps back: rotate it back by that offset, leave q as is.
+    offsets = jnp.arange(window) - (window - 1)
+    k = apply_rotary(k, offsets, base=rotary_base)
+  scores = jnp.einsum("bhk,bshk->bhs", q, k) / math.sqrt(key_dim)
+  valid = (doc == 0)[:, None, :]
+  scores = jnp.where(valid, scores, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # the new token is always valid
+  probs = jnp.exp(scores - top[..., None])
+  num = jnp.einsum("bhs,bshv->bhv", probs, seen_vals)
+  den = jnp.sum(probs, axis=-1)
+  return num, den, top

@@ -1,0 +1,167 @@
+"""DCA with the delta-rule memory (memory="delta", `dca_jax.ops.dca_delta`): every form against
+a float64 oracle written from the equations, exact softmax while T <= W, chained calls and
+decoding steps against one call, gradients against a float64 reference, and the layer's
+options. Its share of the layer contract (prefill and decode equal the forward, resets, the
+cache) runs in test_layers.py as a DCA variant."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import oracles
+from dca_jax import DCADeltaState, DCAParams, attention_compress, compute_weights, init_params
+from dca_jax.nn import DCAttention
+from oracles import (BATCH, D_MODEL, F32_TOL, HEADS, ORACLE_TOL, ROTARY, WINDOW, fast_jit,
+                     jit_compress, jit_step, random_params, random_weights, random_x, slice_time,
+                     step_weights)
+
+DELTA = dict(memory="delta")
+
+
+def delta_weights(seed, time=13, batch=BATCH, window=WINDOW):
+  return random_weights(seed, batch, time, window, **DELTA)
+
+
+@fast_jit(static_argnames="window")
+def every_form(weights, reset, window):
+  return {mode: attention_compress(weights, window=window, reset=reset, mode=mode,
+                                   chunk_size=chunk)
+          for mode, chunk in (("recurrent", None), ("chunked", 4), ("quadratic", None),
+                              ("auto", None))}
+
+
+def test_every_form_matches_float64_oracle():
+  """T = 13 (prime, 3 chunks of 4 + 1), W = 4, K = 8 != V = 6, documents of 5 and 8 tokens in
+  one row (past the window) and of 2, 1 and 10 in the other."""
+  weights = delta_weights(31)
+  reset = oracles.document_reset(13, ((0, 5), (0, 2, 3)))
+  expected = oracles.dca_delta(weights, WINDOW, reset)
+  for mode, got in every_form(weights, reset, WINDOW).items():
+    np.testing.assert_allclose(np.asarray(got), expected, **ORACLE_TOL, err_msg=mode)
+  # The memory matters: the window alone differs.
+  window_only = oracles.window_attention(
+      oracles.rotary(np.asarray(weights.q, np.float64), np.arange(13.0)),
+      oracles.rotary(np.asarray(weights.k, np.float64), np.arange(13.0)), weights.v, WINDOW,
+      reset=reset)
+  assert np.abs(window_only - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("time", [1, 3, WINDOW])
+def test_short_sequence_is_causal_softmax(time):
+  """T <= W: no token has left the window, the memory adds exactly 0, whether the call takes
+  the softmax shortcut or runs the memory (return_state)."""
+  weights = delta_weights(32, time)
+  positions = np.arange(time, dtype=np.float64)
+  expected = oracles.window_attention(oracles.rotary(np.asarray(weights.q, np.float64), positions),
+                                      oracles.rotary(np.asarray(weights.k, np.float64), positions),
+                                      weights.v, time)
+  shortcut = jit_compress(weights, window=WINDOW)
+  with_memory, state = jit_compress(weights, window=WINDOW, return_state=True)
+  np.testing.assert_allclose(np.asarray(shortcut), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(with_memory), expected, rtol=1e-5, atol=1e-6)
+  assert isinstance(state, DCADeltaState) and not np.asarray(state.memory).any()
+
+
+def test_chained_calls_and_steps_equal_one_call():
+  weights = delta_weights(33, 14)
+  reset = oracles.document_reset(14, ((0, 9), (0, 6)))
+  full, full_state = jit_compress(weights, window=WINDOW, reset=reset, return_state=True)
+  first, state = jit_compress(slice_time(weights, 0, 6), window=WINDOW, reset=reset[:, :6],
+                              return_state=True)
+  second, state = jit_compress(slice_time(weights, 6, 14), window=WINDOW, reset=reset[:, 6:],
+                               state=state, return_state=True)
+  chex.assert_trees_all_close(jnp.concatenate([first, second], 1), full, **F32_TOL)
+  chex.assert_trees_all_close(state, full_state, **F32_TOL)
+  # Token by token from the state after 6 tokens, resets included.
+  _, state = jit_compress(slice_time(weights, 0, 6), window=WINDOW, reset=reset[:, :6],
+                          return_state=True)
+  steps = []
+  for t in range(6, 14):
+    o_t, state = jit_step(state, step_weights(weights, t), reset=reset[:, t])
+    steps.append(o_t)
+  chex.assert_trees_all_close(jnp.stack(steps, 1), full[:, 6:], **F32_TOL)
+  chex.assert_trees_all_close(state, full_state, **F32_TOL)
+
+
+def _loss(params, x, cotangent, reset, mode, chunk):
+  o = attention_compress(compute_weights(params, x), window=3, reset=reset, mode=mode,
+                         chunk_size=chunk, rotary_base=ROTARY)
+  return jnp.sum(o * cotangent)
+
+
+@fast_jit
+def _grads(params, x, cotangent, reset):
+  return {mode: jax.grad(_loss)(params, x, cotangent, reset, mode, chunk)
+          for mode, chunk in (("chunked", 4), ("recurrent", None))}
+
+
+def test_gradients_match_float64_reference():
+  batch, time, window = BATCH, 11, 3
+  params = random_params(34, window=window, **DELTA)
+  x = random_x(35, (batch, time, D_MODEL))
+  cotangent = random_x(36, (batch, time, HEADS, oracles.VALUE_DIM))
+  reset = jnp.zeros((batch, time), bool).at[1, 7].set(True)
+  grads = _grads(params, x, cotangent, reset)
+  with jax.enable_x64(True):
+    @fast_jit
+    def reference(params, x, cotangent):
+      o, vjp = jax.vjp(lambda p: oracles.dca_delta_dense(compute_weights(p, x), window, reset),
+                       params)
+      return o, vjp(cotangent)[0]
+    to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
+    o64, ref = reference(to64(params), to64(x), to64(cotangent))
+    o64, ref = np.asarray(o64), jax.tree.map(lambda a: np.asarray(a, np.float64), ref)
+    weights64 = jax.tree.map(np.asarray, compute_weights(to64(params), to64(x)))
+  # The two oracles agree in float64.
+  np.testing.assert_allclose(o64, oracles.dca_delta(weights64, window, reset), rtol=1e-10,
+                             atol=1e-10)
+  for mode, grad in grads.items():
+    for name, got, want in zip(DCAParams._fields, grad, ref):
+      if want is None:
+        assert got is None and getattr(params, name) is None, name
+        continue
+      assert np.all(np.isfinite(got)), (mode, name)
+      scale = np.abs(want).max()
+      assert scale > 0, name                      # every parameter matters, beta included
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * scale,
+                                 err_msg=f"mode={mode}, param={name}")
+
+
+def test_parameters_and_initial_gate():
+  params = init_params(jax.random.key(0), 32, 4, window=8, **DELTA)
+  assert params.feature is None and params.decay_up is None
+  assert params.beta.shape == params.gate.shape == (32, 4)
+  np.testing.assert_array_equal(params.gate_bias, -2.0)
+  # The additive memory's parameters are drawn as before the delta memory existed.
+  additive = init_params(jax.random.key(0), 32, 4, window=8)
+  for name in ("query", "key", "value", "decay", "decay_bias"):
+    np.testing.assert_array_equal(getattr(params, name), getattr(additive, name))
+  layer = nnx.eval_shape(lambda: DCAttention(32, 4, window=8, rngs=nnx.Rngs(0), **DELTA))
+  names = sorted(jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_leaves_with_path(nnx.state(layer, nnx.Param)))
+  assert len(names) == 10, names      # q, k, v, decay, decay_bias, gate, gate_bias, beta, out, conv
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(memory="sum"), r"memory must be one of 'additive', 'delta', got 'sum'"),
+    (dict(memory="delta", combine="gated"), r"combine='unified' .* got combine='gated'"),
+    (dict(memory="delta", decay="channel"), r"decay='head', got .*decay='channel'"),
+])
+def test_bad_options_name_the_argument(options, match):
+  with pytest.raises(ValueError, match=match):
+    DCAttention(32, 4, window=8, rngs=nnx.Rngs(0), **options)
+
+
+def test_caches_of_the_other_memory_are_refused():
+  delta = DCAttention(32, 4, window=8, feature_dim=4, short_conv=0, rngs=nnx.Rngs(0), **DELTA)
+  additive = DCAttention(32, 4, window=8, feature_dim=4, short_conv=0, rngs=nnx.Rngs(0))
+  x_t = random_x(0, (2, 32))
+  with pytest.raises(TypeError, match="DCADeltaState"):
+    delta.decode_step(x_t, additive.init_cache(2, 8))
+  with pytest.raises(TypeError, match="DCAState"):
+    additive.decode_step(x_t, delta.init_cache(2, 8))
