@@ -27,34 +27,10 @@ def delta_weights(seed, time=13, batch=BATCH, window=WINDOW):
   return random_weights(seed, batch, time, window, **DELTA)
 
 
-@fast_jit(static_argnames="window")
-def every_form(weights, reset, window):
-  return {mode: attention_compress(weights, window=window, reset=reset, mode=mode,
-                                   chunk_size=chunk)
-          for mode, chunk in (("recurrent", None), ("chunked", 4), ("quadratic", None),
-                              ("auto", None))}
-
-
-def test_every_form_matches_float64_oracle():
-  """T = 13 (prime, 3 chunks of 4 + 1), W = 4, K = 8 != V = 6, documents of 5 and 8 tokens in
-  one row (past the window) and of 2, 1 and 10 in the other."""
-  weights = delta_weights(31)
-  reset = oracles.document_reset(13, ((0, 5), (0, 2, 3)))
-  expected = oracles.dca_delta(weights, WINDOW, reset)
-  for mode, got in every_form(weights, reset, WINDOW).items():
-    np.testing.assert_allclose(np.asarray(got), expected, **ORACLE_TOL, err_msg=mode)
-  # The memory matters: the window alone differs.
-  window_only = oracles.window_attention(
-      oracles.rotary(np.asarray(weights.q, np.float64), np.arange(13.0)),
-      oracles.rotary(np.asarray(weights.k, np.float64), np.arange(13.0)), weights.v, WINDOW,
-      reset=reset)
-  assert np.abs(window_only - expected).max() > 1e-2
-
-
-@pytest.mark.parametrize("time", [1, 3, WINDOW])
-def test_short_sequence_is_causal_softmax(time):
+def test_short_sequence_is_causal_softmax():
   """T <= W: no token has left the window, the memory adds exactly 0, whether the call takes
-  the softmax shortcut or runs the memory (return_state)."""
+  the softmax shortcut or runs the memory (return_state). T = W, the last length where it holds."""
+  time = WINDOW
   weights = delta_weights(32, time)
   positions = np.arange(time, dtype=np.float64)
   expected = oracles.window_attention(oracles.rotary(np.asarray(weights.q, np.float64), positions),
@@ -88,39 +64,50 @@ def test_chained_calls_and_steps_equal_one_call():
   chex.assert_trees_all_close(state, full_state, **F32_TOL)
 
 
-def _loss(params, x, cotangent, reset, mode, chunk):
-  o = attention_compress(compute_weights(params, x), window=3, reset=reset, mode=mode,
-                         chunk_size=chunk, rotary_base=ROTARY)
-  return jnp.sum(o * cotangent)
+GRAD_TIME, GRAD_WINDOW = 13, 3
 
 
 @fast_jit
-def _grads(params, x, cotangent, reset):
-  return {mode: jax.grad(_loss)(params, x, cotangent, reset, mode, chunk)
-          for mode, chunk in (("chunked", 4), ("recurrent", None))}
+def _forms(params, x, cotangent, reset):
+  """Output and parameter gradient of two forms: chunked (3 chunks of 4 + 1) and recurrent."""
+  def run(mode, chunk):
+    o, vjp = jax.vjp(lambda p: attention_compress(
+        compute_weights(p, x), window=GRAD_WINDOW, reset=reset, mode=mode, chunk_size=chunk,
+        rotary_base=ROTARY), params)
+    return o, vjp(cotangent)[0]
+  return {"chunked": run("chunked", 4), "recurrent": run("recurrent", None)}
 
 
-def test_gradients_match_float64_reference():
-  batch, time, window = BATCH, 11, 3
-  params = random_params(34, window=window, **DELTA)
-  x = random_x(35, (batch, time, D_MODEL))
-  cotangent = random_x(36, (batch, time, HEADS, oracles.VALUE_DIM))
-  reset = jnp.zeros((batch, time), bool).at[1, 7].set(True)
-  grads = _grads(params, x, cotangent, reset)
+def test_forms_match_float64_oracle_in_value_and_gradient():
+  """T = 13 (prime, not a multiple of the chunk), W = 3, K = 8 != V = 6; documents of 5 and 8
+  tokens in one row (past the window) and of 2, 1 and 10 in the other."""
+  params = random_params(34, window=GRAD_WINDOW, **DELTA)
+  x = random_x(35, (BATCH, GRAD_TIME, D_MODEL))
+  cotangent = random_x(36, (BATCH, GRAD_TIME, HEADS, oracles.VALUE_DIM))
+  reset = oracles.document_reset(GRAD_TIME, ((0, 5), (0, 2, 3)))
+  forms = _forms(params, x, cotangent, reset)
   with jax.enable_x64(True):
     @fast_jit
     def reference(params, x, cotangent):
-      o, vjp = jax.vjp(lambda p: oracles.dca_delta_dense(compute_weights(p, x), window, reset),
-                       params)
-      return o, vjp(cotangent)[0]
+      weights = compute_weights(params, x)
+      o, vjp = jax.vjp(lambda p: oracles.dca_delta_dense(compute_weights(p, x), GRAD_WINDOW,
+                                                         reset), params)
+      return weights, o, vjp(cotangent)[0]
     to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
-    o64, ref = reference(to64(params), to64(x), to64(cotangent))
-    o64, ref = np.asarray(o64), jax.tree.map(lambda a: np.asarray(a, np.float64), ref)
-    weights64 = jax.tree.map(np.asarray, compute_weights(to64(params), to64(x)))
-  # The two oracles agree in float64.
-  np.testing.assert_allclose(o64, oracles.dca_delta(weights64, window, reset), rtol=1e-10,
-                             atol=1e-10)
-  for mode, grad in grads.items():
+    weights64, o64, ref = reference(to64(params), to64(x), to64(cotangent))
+    weights64, o64 = jax.tree.map(np.asarray, weights64), np.asarray(o64)
+    ref = jax.tree.map(lambda a: np.asarray(a, np.float64), ref)
+  # The two oracles are independent codings of the equations: they agree in float64.
+  expected = oracles.dca_delta(weights64, GRAD_WINDOW, reset)
+  np.testing.assert_allclose(o64, expected, rtol=1e-10, atol=1e-10)
+  # The memory matters: the window alone is something else.
+  positions = np.arange(GRAD_TIME, dtype=np.float64)
+  window_only = oracles.window_attention(oracles.rotary(weights64.q, positions),
+                                         oracles.rotary(weights64.k, positions), weights64.v,
+                                         GRAD_WINDOW, reset=reset)
+  assert np.abs(window_only - expected).max() > 1e-2
+  for mode, (o, grad) in forms.items():
+    np.testing.assert_allclose(np.asarray(o), expected, **ORACLE_TOL, err_msg=mode)
     for name, got, want in zip(DCAParams._fields, grad, ref):
       if want is None:
         assert got is None and getattr(params, name) is None, name
@@ -133,12 +120,12 @@ def test_gradients_match_float64_reference():
 
 
 def test_parameters_and_initial_gate():
-  params = init_params(jax.random.key(0), 32, 4, window=8, **DELTA)
+  params, additive = fast_jit(lambda key: (init_params(key, 32, 4, window=8, **DELTA),
+                                           init_params(key, 32, 4, window=8)))(jax.random.key(0))
   assert params.feature is None and params.decay_up is None
   assert params.beta.shape == params.gate.shape == (32, 4)
   np.testing.assert_array_equal(params.gate_bias, -2.0)
   # The additive memory's parameters are drawn as before the delta memory existed.
-  additive = init_params(jax.random.key(0), 32, 4, window=8)
   for name in ("query", "key", "value", "decay", "decay_bias"):
     np.testing.assert_array_equal(getattr(params, name), getattr(additive, name))
   layer = nnx.eval_shape(lambda: DCAttention(32, 4, window=8, rngs=nnx.Rngs(0), **DELTA))
@@ -158,9 +145,10 @@ def test_bad_options_name_the_argument(options, match):
 
 
 def test_caches_of_the_other_memory_are_refused():
-  delta = DCAttention(32, 4, window=8, feature_dim=4, short_conv=0, rngs=nnx.Rngs(0), **DELTA)
-  additive = DCAttention(32, 4, window=8, feature_dim=4, short_conv=0, rngs=nnx.Rngs(0))
-  x_t = random_x(0, (2, 32))
+  delta, additive = (nnx.eval_shape(lambda o=o: DCAttention(32, 4, window=8, feature_dim=4,
+                                                             short_conv=0, rngs=nnx.Rngs(0), **o))
+                     for o in (DELTA, {}))
+  x_t = np.ones((2, 32), np.float32)
   with pytest.raises(TypeError, match="DCADeltaState"):
     delta.decode_step(x_t, additive.init_cache(2, 8))
   with pytest.raises(TypeError, match="DCAState"):

@@ -26,12 +26,12 @@ def make_layer(d_model=D_MODEL, num_heads=HEADS, seed=0, **options):
   return randomize(layer, (("decay", 0.5 / math.sqrt(d_model)), ("conv", 0.5)), seed)
 
 
-# T = 1, T prime and T not a multiple of the chunk (13 = 3 chunks of 4 + 1), T past the chunk
-# of "auto" (its chunked gradient form is tested below); documents of 3, 10 and 7 tokens.
+# T = 1; T prime and not a multiple of the chunk (13 = 3 chunks of 4 + 1), without the
+# convolution and with K = V; T = 20 past nothing in particular, with the defaults (recurrent when
+# evaluated on CPU). Row 0 holds documents of 3, 10 and 7 tokens (fewer when T is shorter).
 @pytest.mark.parametrize("time,options", [
-    (1, {}), (13, dict(mode="chunked", chunk_size=4)), (20, {}),
-    (20, dict(short_conv=0, expand_k=1.0, mode="quadratic"))],
-    ids=["T1", "T13-chunked4", "T20", "T20-noconv-quadratic"])
+    (1, {}), (13, dict(mode="chunked", chunk_size=4, short_conv=0, expand_k=1.0)), (20, {})],
+    ids=["T1", "T13-chunked4-noconv-K=V", "T20"])
 def test_forward_matches_float64_oracle(time, options):
   oracles.assert_layer_matches_oracle(make_layer(**options), oracles.gated_deltanet_layer, D_MODEL,
                                       time=time)
@@ -46,10 +46,11 @@ def test_forward_matches_float64_oracle_at_a_real_size():
                                       starts=(0, 50), rtol=1e-4, atol=1e-4)
 
 
-FORMS = (dict(mode="recurrent"), dict(mode="chunked", chunk_size=4), dict(mode="quadratic"))
+FORMS = (dict(mode="recurrent"), dict(mode="chunked", chunk_size=4))
 
 
 def test_engine_forms_agree_in_value_and_gradient():
+  """The recurrent form and the chunked one (T = 11: 2 chunks of 4 + 3), across a reset."""
   x = normal((2, 11, D_MODEL))
   reset = oracles.document_reset(11, ((0, 6), (0,)))
   cotangent = normal((2, 11, D_MODEL), seed=3)
@@ -87,10 +88,11 @@ def test_heads_start_at_spread_half_lives():
 
 
 def test_state_and_cache_shapes():
-  cache = make_layer().init_cache(2, 1 << 20)
+  build = lambda **o: nnx.eval_shape(lambda: GatedDeltaNet(D_MODEL, HEADS, rngs=nnx.Rngs(0), **o))
+  cache = build().init_cache(2, 1 << 20)
   assert cache.state.state.shape == (2, HEADS, D_MODEL // HEADS // 2, D_MODEL // HEADS)
   assert cache.inputs.shape == (2, 3, 2 * D_MODEL)
-  assert type(make_layer(short_conv=0).init_cache(2, 8)).__name__ == "RecurrentCache"
+  assert type(build(short_conv=0).init_cache(2, 8)).__name__ == "RecurrentCache"
 
 
 @pytest.mark.parametrize("options,match", [
@@ -108,9 +110,11 @@ def test_bad_options_name_the_argument(options, match):
 
 
 def test_conv_cache_of_another_layer_is_refused():
-  layer = make_layer()
+  layer, no_conv, narrow = (nnx.eval_shape(lambda s=s: GatedDeltaNet(D_MODEL, HEADS, short_conv=s,
+                                                                     rngs=nnx.Rngs(0)))
+                            for s in (4, 0, 2))
   x = normal((2, D_MODEL))
   with pytest.raises(TypeError, match="ConvCache"):
-    layer.decode_step(x, make_layer(short_conv=0).init_cache(2, 8))
+    layer.decode_step(x, no_conv.init_cache(2, 8))
   with pytest.raises(ValueError, match="another configuration"):
-    layer.decode_step(x, make_layer(short_conv=2).init_cache(2, 8))
+    layer.decode_step(x, narrow.init_cache(2, 8))
