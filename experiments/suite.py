@@ -5,6 +5,7 @@ Usage:
   python -m experiments.suite run --suite lm --runs runs/suite
   python -m experiments.suite run --suite mqar --runs runs/suite
   python -m experiments.suite run --suite mqar_long --runs runs/suite   # the budget study
+  python -m experiments.suite run --suite delta --runs runs/suite   # opt-in: Gated DeltaNet, DCA memory="delta"
   python -m experiments.suite speed --out runs/suite/speed.json   # tokens/s, side by side
   python -m experiments.suite render --runs runs/suite            # docs/benchmark_results.*
   python -m experiments.suite list --suite all                    # what would run

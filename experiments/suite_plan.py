@@ -21,10 +21,13 @@ from experiments import configs as configs_lib
 from experiments.configs import ExperimentConfig
 from experiments.mqar import MQAR_CONFIGS
 
-# Every registered attention layer takes part, in the registry's order.
-ATTENTIONS = tuple(LAYERS)
+# The attention layers of the default grids, in the registry's order. Fixed here rather than
+# read from the registry, so that registering a layer does not change a grid already run; a
+# later layer takes part through an opt-in suite (e.g. "delta") until it is added here.
+ATTENTIONS = ("dca", "softmax", "window", "linear", "gla")
+assert set(ATTENTIONS) <= set(LAYERS)
 _SHORT_LABELS = {"dca": "DCA", "softmax": "Softmax", "window": "Sliding window",
-                 "linear": "Linear", "gla": "GLA"}
+                 "linear": "Linear", "gla": "GLA", "gated_deltanet": "Gated DeltaNet"}
 # The row label of each in the tables (a layer registered later: its class name).
 LABELS = {a: _SHORT_LABELS.get(a, LAYERS[a].layer.__name__) for a in ATTENTIONS}
 # The sub-quadratic baselines DCA is compared with (the MQAR target: DCA above all of them).
@@ -92,15 +95,46 @@ ABLATIONS: tuple[tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]]], ...]
 )
 
 
-SUITES = ("lm", "ablations", "mqar", "mqar_long", "all")
+# The delta-rule memories (issue #12), an opt-in suite outside "all": (slug, attention, options
+# over the comparison's options for that attention, label). Gated DeltaNet as a baseline, and DCA
+# whose compressed memory is updated by the delta rule.
+DELTA_VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
+    ("gated_deltanet", "gated_deltanet", {}, "Gated DeltaNet"),
+    ("dca_delta", "dca", {"memory": "delta"}, "DCA, delta memory"),
+)
+
+SUITES = ("lm", "ablations", "mqar", "mqar_long", "all", "delta")
+
+
+def _delta_runs() -> list[Run]:
+  """Suite "delta": each of `DELTA_VARIANTS` at the LM comparison's config (group "delta_lm"),
+  the MQAR ablations' config (group "delta_mqar") and then the rest of the MQAR grid, with the
+  budgets of the default suites, so that its rows compare with theirs."""
+  lm, first, grid = [], [], []
+  for slug, attention, extra, label in DELTA_VARIANTS:
+    lm.append(_run(f"lm_{slug}", "delta_lm", "lm_dca", label, attention=attention,
+                   attention_options={**attention_options(attention, "lm"), **extra},
+                   **LM_BUDGET))
+    for seq_len, pairs, d_model in ((*ABLATION_MQAR, 64),) + MQAR_ORDER:
+      if (seq_len, pairs) not in MQAR_CONFIGS:
+        continue
+      run = _run(f"mqar_{seq_len}_{pairs}_d{d_model}_{slug}", "delta_mqar", "mqar_dca", label,
+                 attention=attention, d_model=d_model, seq_len=seq_len, mqar_pairs=pairs,
+                 attention_options={**attention_options(attention, "mqar", d_model), **extra},
+                 **MQAR_BUDGET)
+      (first if (seq_len, pairs, d_model) == (*ABLATION_MQAR, 64) else grid).append(run)
+  return first + lm + grid
 
 
 def suite_runs(suite: str) -> list[Run]:
   """The runs of a suite: "lm", "ablations", "mqar", "mqar_long" or "all" ("all" in order of
   priority: the LM comparison, the MQAR ablations, the corpus ablations, the MQAR grid in
-  `MQAR_ORDER`, then the longer-budget MQAR runs in `MQAR_LONG_ORDER`)."""
+  `MQAR_ORDER`, then the longer-budget MQAR runs in `MQAR_LONG_ORDER`), or the opt-in "delta"
+  (`_delta_runs`, not part of "all")."""
   if suite not in SUITES:
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}.")
+  if suite == "delta":
+    return _delta_runs()
   lm, ablation_mqar, ablation_lm = [], [], []
   for attention in ATTENTIONS:
     lm.append(_run(f"lm_{attention}", "lm", "lm_dca", LABELS[attention], attention=attention,
@@ -218,7 +252,7 @@ def find_run(name: str) -> Run:
   Raises:
     ValueError: no run has that name.
   """
-  for run in suite_runs("all"):
+  for run in suite_runs("all") + suite_runs("delta"):
     if run.name == name:
       return run
   raise ValueError(f"unknown run {name!r}; see `python -m experiments.suite list`.")

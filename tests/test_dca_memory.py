@@ -15,14 +15,15 @@ from oracles import (BATCH, HEAD_DIM, HEADS, NUM_FEATURES, VALUE_DIM, WINDOW, st
     ("keys", (BATCH, WINDOW, HEADS, HEAD_DIM + 2)),
     ("values", (BATCH, WINDOW, HEADS, VALUE_DIM + 1)),
     ("key_features", (BATCH, WINDOW, HEADS, NUM_FEATURES - 1)),
-    ("doc", (BATCH, WINDOW + 1)),
+    ("doc_start", (BATCH, WINDOW)),
+    ("position", (BATCH,)),
     ("memory", (BATCH, HEADS, NUM_FEATURES, VALUE_DIM)),
     ("memory", (BATCH + 1, HEADS, NUM_FEATURES, VALUE_DIM + 1)),
 ])
 def test_malformed_state_is_named(field, bad_shape):
   weights, state = weights_and_state()
   bad_state = state._replace(
-      **{field: jnp.zeros(bad_shape, jnp.int32 if field == "doc" else jnp.float32)})
+      **{field: jnp.zeros(bad_shape, jnp.int32 if field in ("doc_start", "position") else jnp.float32)})
   with pytest.raises(ValueError, match=f"state.{field}"):
     attention_compress(weights, window=WINDOW, state=bad_state)
   with pytest.raises(ValueError, match=f"state.{field}"):

@@ -42,6 +42,8 @@ class Setup:
     variants: further option sets (over `options`) for the tests that run variants.
     constant_cache: the cache's size does not depend on max_length (False: it grows with it).
     cache_bytes_below: a bound on the constant cache's bytes at batch size 2 (None: no bound).
+    lengths: the (T, splits) of the prefill and decode test (None: every one of `LENGTHS`; a
+      layer without a window needs no T around it).
   """
 
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -49,7 +51,17 @@ class Setup:
   variants: tuple[dict[str, Any], ...] = ()
   constant_cache: bool = True
   cache_bytes_below: int | None = None
+  lengths: tuple[tuple[int, tuple[int, ...]], ...] | None = None
 
+
+# (T, where the input is cut into two prefills): T below, at and above the window (8), and past
+# two blocks of the window op and the engine's quadratic range (T <= 16) for T = 21; cuts before,
+# at and after the window.
+LENGTHS = ((5, (2, 3)), (8, (3,)), (21, (3, 5, 8, 13)))
+
+# The baselines' short convolution (off by default): its kernel randomised, as DCA's.
+CONV_NOISE = (("conv", 0.5),)
+SHORT_CONV = (dict(short_conv=4),)
 
 # Per-layer test settings; a layer missing here runs the contract with its default options.
 SETUPS: dict[str, Setup] = {
@@ -57,10 +69,13 @@ SETUPS: dict[str, Setup] = {
         options=dict(window=8, feature_dim=4), noise=dca_noise(D_MODEL),
         variants=DCA_LAYER_VARIANTS,
         cache_bytes_below=16 * 1024),
-    "softmax": Setup(constant_cache=False),
-    "window": Setup(options=dict(window=8), cache_bytes_below=2 * 1024 * 4),
-    "linear": Setup(cache_bytes_below=2 * 1024 * 4),
-    "gla": Setup(cache_bytes_below=2 * 1024 * 4),
+    "softmax": Setup(noise=CONV_NOISE, variants=SHORT_CONV, constant_cache=False),
+    "window": Setup(options=dict(window=8), noise=CONV_NOISE, variants=SHORT_CONV,
+                    cache_bytes_below=2 * 1024 * 4),
+    "linear": Setup(noise=CONV_NOISE, variants=SHORT_CONV, cache_bytes_below=2 * 1024 * 4),
+    "gla": Setup(noise=CONV_NOISE, variants=SHORT_CONV, cache_bytes_below=2 * 1024 * 4),
+    "gated_deltanet": Setup(noise=(("decay", 0.5 / D_MODEL ** 0.5), ("conv", 0.5)),
+                            cache_bytes_below=2 * 1024 * 4, lengths=(LENGTHS[-1],)),
 }
 
 
@@ -109,17 +124,13 @@ def assert_caches_close(got, expected, what):
 # ---------------------------------------------------------------------------------------------
 # Equivalences.
 
-# (T, where the input is cut into two prefills): T below, at and above the window (8), and past
-# two blocks of the window op and the engine's quadratic range (T <= 16) for T = 21; cuts before,
-# at and after the window.
-LENGTHS = ((5, (2, 3)), (8, (3,)), (21, (3, 5, 8, 13)))
 
 
 def _prefill_cases():
   params = []
   for name in LAYERS:
     s = setup(name)
-    for time, splits in LENGTHS:
+    for time, splits in s.lengths or LENGTHS:
       params.append(pytest.param(name, s.options, time, splits, id=f"{name}-T{time}"))
     for variant in s.variants:
       params.append(pytest.param(name, {**s.options, **variant}, 21, (5,),

@@ -50,6 +50,21 @@ def test_suite_lists_every_configuration():
     suite_plan.find_run("nope")
 
 
+def test_delta_suite_is_opt_in_and_its_configs_are_valid():
+  """Suite "delta" (Gated DeltaNet, DCA with memory="delta") is outside "all" and the default
+  grids, and every one of its runs makes a valid config."""
+  delta = suite_plan.suite_runs("delta")
+  assert not {r.name for r in delta} & {r.name for r in suite_plan.suite_runs("all")}
+  assert {r.group for r in delta} == {"delta_lm", "delta_mqar"}
+  variants = {(r.override_dict()["attention"], r.override_dict()["attention_options"].get("memory"))
+              for r in delta}
+  assert variants == {("gated_deltanet", None), ("dca", "delta")}
+  for run in delta:
+    config = suite_plan.run_config(run, tiny=True)
+    assert config.attention == run.override_dict()["attention"]
+  assert suite_plan.find_run("mqar_128_8_d64_dca_delta").config == "mqar_dca"
+
+
 def test_tiny_runs_write_results(tiny_suite):
   for name in TINY_RUNS:
     result = json.loads((tiny_suite / name / "result.json").read_text())

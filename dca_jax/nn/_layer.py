@@ -29,13 +29,44 @@ Notation: B batch, T time, D = d_model, H heads, K key dim, V value dim per head
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.ops import _checks, segments
+from dca_jax.ops.conv import causal_short_conv
+
+
+class ConvCache(NamedTuple):
+  """Decode cache of a baseline layer with a short convolution (`short_conv` = S > 0).
+
+  Attributes:
+    state: the layer's cache without the convolution (a `KVCache`, `WindowCache` or
+      `RecurrentCache`).
+    inputs: [B, S - 1, C] float32, the last S - 1 rows the convolution reads (the layer inputs,
+      C = D, or for `GatedDeltaNet` the projected q, k, v), oldest first; zeros before the first
+      token.
+  """
+
+  state: Any
+  inputs: jax.Array
+
+  @property
+  def position(self) -> jax.Array:
+    """int32 scalar, the number of tokens seen (as every layer's cache has)."""
+    return self.state.position
+
+
+def check_short_conv(short_conv: Any) -> None:
+  """Checks the `short_conv` option: an integer >= 0 (0: no convolution).
+
+  Raises:
+    ValueError: naming `short_conv`.
+  """
+  if not isinstance(short_conv, int) or isinstance(short_conv, bool) or short_conv < 0:
+    raise ValueError(f"short_conv must be an integer >= 0 (0: no convolution), got {short_conv!r}.")
 
 
 def check_heads(d_model: Any, num_heads: Any) -> None:
@@ -118,6 +149,21 @@ def check_cache(cache: Any, cache_type: type, batch: int,
           f"another configuration.")
 
 
+def key_width(d_model: int, num_heads: int, expand_k: Any) -> int:
+  """H K = d_model * expand_k, the total key width of a layer with narrower keys than values.
+
+  Raises:
+    ValueError: naming `expand_k`, when d_model * expand_k is not a positive multiple of
+      num_heads.
+  """
+  width = d_model * expand_k
+  if width != int(width) or int(width) < num_heads or int(width) % num_heads:
+    raise ValueError(
+        f"expand_k must make d_model * expand_k a positive multiple of num_heads, got "
+        f"expand_k = {expand_k} (d_model * expand_k = {width}, num_heads = {num_heads}).")
+  return int(width)
+
+
 def check_rotary_head_dim(d_model: int, num_heads: int, head_dim: int) -> None:
   """Checks that the head dim is even, as rotary positions rotate pairs of channels.
 
@@ -191,6 +237,53 @@ class AttentionLayer(nnx.Module):
     self.head_dim = self.d_model // self.num_heads
     self.dtype = dtype
     self.param_dtype = param_dtype
+    self.short_conv = 0   # no convolution unless `_init_short_conv` sets one up
+
+  def _init_short_conv(self, short_conv: Any, channels: int) -> None:
+    """Sets up the optional short causal convolution over `channels` rows (`short_conv` = S).
+
+    The kernel [S, C] starts as the identity (all weight on the current token), so a layer with
+    the convolution computes at initialisation what it computes without it. Raises ValueError
+    naming `short_conv` when it is not an integer >= 0.
+    """
+    check_short_conv(short_conv)
+    self.short_conv = int(short_conv)
+    self.conv_channels = int(channels)
+    self.conv = (nnx.Param(jnp.zeros((short_conv, channels), self.param_dtype).at[-1].set(1.0))
+                 if short_conv else None)
+
+  def _convolve(self, u: jax.Array, reset: jax.Array | None = None,
+                history: jax.Array | None = None) -> jax.Array:
+    """u [B, T, C] through the short convolution (`causal_short_conv`), or u without one."""
+    if not self.short_conv:
+      return u
+    return causal_short_conv(u, self.conv[...].astype(self.dtype or u.dtype), reset, history)
+
+  def _with_conv_cache(self, cache: Any, batch_size: int) -> Any:
+    """`init_cache`'s result: the layer's cache, wrapped in a `ConvCache` with a convolution."""
+    if not self.short_conv:
+      return cache
+    return ConvCache(cache, jnp.zeros((batch_size, self.short_conv - 1, self.conv_channels),
+                                      jnp.float32))
+
+  def _split_conv_cache(self, cache: Any, batch: int) -> tuple[Any, jax.Array | None]:
+    """(the layer's own cache, the convolution's history or None), checking the wrapper.
+
+    Raises:
+      TypeError, ValueError: as `check_cache`, for a cache that is not this layer's `ConvCache`.
+    """
+    if not self.short_conv:
+      return cache, None
+    check_cache(cache, ConvCache, batch,
+                {"inputs": (batch, self.short_conv - 1, self.conv_channels)})
+    return cache.state, cache.inputs
+
+  def _join_conv_cache(self, state: Any, inputs: jax.Array | None, u: jax.Array) -> Any:
+    """The new cache: `state` and, with a convolution, the last S - 1 rows of [inputs, u]."""
+    if not self.short_conv:
+      return state
+    tail = jnp.concatenate([inputs, u.astype(jnp.float32)], axis=1)
+    return ConvCache(state, tail[:, tail.shape[1] - (self.short_conv - 1):])
 
   def _linear(self, in_features: int, out_features: int, rngs: nnx.Rngs, *,
               use_bias: bool = False) -> nnx.Linear:
@@ -204,10 +297,17 @@ class AttentionLayer(nnx.Module):
     _checks.check_reset(reset, x.shape[0], x.shape[1])
 
   def _check_prefill(self, x: Any, cache: Any, cache_type: type,
-                     shapes: Mapping[str, tuple[int | None, ...]]) -> None:
-    """Checks the arguments of `prefill`: x as in `check_sequence`, cache as in `check_cache`."""
+                     shapes: Mapping[str, tuple[int | None, ...]]) -> tuple[Any, jax.Array | None]:
+    """Checks the arguments of `prefill`: x as in `check_sequence`, cache as in `check_cache`
+    (inside its `ConvCache` with a convolution).
+
+    Returns:
+      (the layer's own cache, the convolution's history or None), see `_split_conv_cache`.
+    """
     check_sequence(x, self.d_model)
-    check_cache(cache, cache_type, x.shape[0], shapes)
+    state, inputs = self._split_conv_cache(cache, x.shape[0])
+    check_cache(state, cache_type, x.shape[0], shapes)
+    return state, inputs
 
   def _output(self, o: jax.Array, dtype: Any) -> jax.Array:
     """[B, T, H, V] head outputs -> out_proj(concat_heads(o)) [B, T, D] in `dtype`."""

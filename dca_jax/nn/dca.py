@@ -23,7 +23,7 @@ class DCAConvCache(NamedTuple):
   """Decode cache of a `DCAttention` with a short convolution (`short_conv` > 0).
 
   Attributes:
-    state: the `DCAState` of the attention.
+    state: the `DCAState` of the attention (a `DCADeltaState` with memory="delta").
     inputs: [B, short_conv - 1, D] float32, the layer inputs of the last short_conv - 1 tokens,
       oldest first (zeros before the first token).
   """
@@ -55,6 +55,13 @@ class DCAttention(_layer.AttentionLayer):
     decay: "head" (default: one data-dependent rate per head) or "channel" (one per memory row,
       low rank `decay_rank`).
     decay_rank: rank of the per-channel rate projection.
+    memory: "additive" (default: M <- a M + phi(k) [v, 1]^T, read under the window's normaliser)
+      or "delta": the memory is updated by the gated delta rule on L2-normalised keys with a
+      writing strength beta = sigmoid(x W_b) per head and token, and its read-out S^T q^ is
+      added to the window's softmax through a per-head gate sigmoid(x W_g + b_g), b_g = -2 at
+      initialisation (`dca_jax.ops.dca_delta`). Still exactly causal softmax when T <= W. Needs
+      combine="unified" and decay="head"; feature_map and feature_dim are unused. The cache is
+      then a `DCADeltaState` (memory [B, H, K, V]).
     short_conv: S, the width of a depthwise causal convolution over the layer input before the
       projections (default 4, initialised as the identity; 0: none). It hands each token its
       neighbours, which recall needs (the ablations in docs/benchmark_results.md). With S > 0
@@ -85,12 +92,11 @@ class DCAttention(_layer.AttentionLayer):
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, window: int = 64,
                feature_dim: int = 8, feature_map: ops.FeatureMap | str = "taylor",
                combine: str = "unified", decay: str = "head", decay_rank: int = 16,
-               short_conv: int = 4, max_half_life_ratio: float = 16.0,
+               memory: ops.MemoryKind | str = "additive", short_conv: int = 4, max_half_life_ratio: float = 16.0,
                rotary_base: float | None = 10000.0, mode: ops.Mode | str = "auto",
                chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
-    if not isinstance(short_conv, int) or isinstance(short_conv, bool) or short_conv < 0:
-      raise ValueError(f"short_conv must be an integer >= 0 (0: no convolution), got {short_conv!r}.")
+    _layer.check_short_conv(short_conv)
     head_dim = self.head_dim
     self.feature_map = ops.FeatureMap.parse(feature_map)
     self.num_features = ops.feature_dim(self.feature_map, feature_dim)
@@ -98,19 +104,18 @@ class DCAttention(_layer.AttentionLayer):
     init = ops.init_params(rngs.params(), d_model, num_heads, window=window, head_dim=head_dim,
                            feature_dim=feature_dim, max_half_life_ratio=max_half_life_ratio,
                            num_features=self.num_features, combine=combine, decay=decay,
-                           decay_rank=decay_rank)
+                           decay_rank=decay_rank, memory=memory)
+    self.memory = ops.MemoryKind.parse(memory)
     # attention_compress checks mode and chunk_size; do it here too, so a bad option fails when
     # the layer is built rather than at its first call.
     ops.adaptive_scale(1, window=window, mode=mode, chunk_size=chunk_size)
     self.window, self.rotary_base = window, rotary_base
     self.mode, self.chunk_size = ops.Mode.parse(mode), chunk_size
-    self.short_conv = short_conv
     # One parameter per field of DCAParams, under the field's name (None: option not in use).
     for name, value in init._asdict().items():
       setattr(self, name, None if value is None else nnx.Param(value.astype(param_dtype)))
-    # The convolution starts as the identity (all weight on the current token).
-    self.conv = (nnx.Param(jnp.zeros((short_conv, d_model), param_dtype).at[-1].set(1.0))
-                 if short_conv else None)
+    # The convolution over the input starts as the identity (all weight on the current token).
+    self._init_short_conv(short_conv, d_model)
     self.out = self._linear(num_heads * head_dim, d_model, rngs)
 
   def _params(self) -> ops.DCAParams:
@@ -123,6 +128,12 @@ class DCAttention(_layer.AttentionLayer):
       _layer.check_cache(cache, DCAConvCache, batch,
                          {"inputs": (batch, self.short_conv - 1, self.d_model)})
       cache = cache.state
+    if self.memory is ops.MemoryKind.DELTA:
+      _layer.check_cache(cache, ops.DCADeltaState, batch, {
+          "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
+          "betas": (batch, window, heads), "doc_start": (batch,),
+          "memory": (batch, heads, dim, dim)})
+      return
     _layer.check_cache(cache, ops.DCAState, batch, {
         "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
         "key_features": (batch, window, heads, self.num_features), "doc_start": (batch,),
@@ -136,11 +147,6 @@ class DCAttention(_layer.AttentionLayer):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
     return self.out(o).astype(x_dtype)   # outputs return in the input's dtype
 
-  def _convolve(self, x, reset=None, history=None):
-    if self.conv is None:
-      return x
-    return ops.causal_short_conv(x, self.conv[...].astype(self.dtype or x.dtype), reset, history)
-
   def _sequence(self, x, reset):
     """[B, T, D] -> [B, T, D] on checked inputs (see `AttentionLayer.__call__`)."""
     weights = self._weights(self._convolve(x, reset))
@@ -149,11 +155,16 @@ class DCAttention(_layer.AttentionLayer):
     return self._project_out(o, x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int):
-    """An empty cache (a `DCAState`, or a `DCAConvCache` with a short convolution); its size does
-    not depend on `max_length` (kept for a uniform interface)."""
+    """An empty cache (a `DCAState`, or a `DCADeltaState` with memory="delta", in a `DCAConvCache`
+    with a short convolution); its size does not depend on `max_length` (kept for a uniform
+    interface)."""
     _layer.check_cache_size(batch_size, max_length)
-    state = ops.init_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
-                               self.num_features, self.window)
+    if self.memory is ops.MemoryKind.DELTA:
+      state = ops.init_delta_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
+                                   self.window)
+    else:
+      state = ops.init_state(batch_size, self.num_heads, self.head_dim, self.head_dim,
+                             self.num_features, self.window)
     if not self.short_conv:
       return state
     return DCAConvCache(state, jnp.zeros((batch_size, self.short_conv - 1, self.d_model),

@@ -36,21 +36,24 @@ class RecurrentCache(NamedTuple):
 
 
 class _RecurrentAttention(_layer.AttentionLayer):
-  """Base of the linear attention layers: the cache is one state of shape `_state_shape`.
+  """Base of the linear attention layers: the cache is one state of shape `_state_shape` (and,
+  with a short convolution, the rows it reads: a `ConvCache`).
 
   Subclasses set up their parameters and implement `_state_shape(batch_size)` and
-  `_forward(x, state, reset) -> (y, final_state)`.
+  `_forward(x, state, reset, history) -> (y, final_state, conv_rows)`, where `history` is the
+  convolution's cached rows (None: none yet, or no convolution) and `conv_rows` [B, T, C] the
+  rows of x's tokens it reads (cached for the next call).
   """
 
   def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
     raise NotImplementedError
 
-  def _forward(self, x: jax.Array, state: jax.Array | None,
-               reset: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
+               history: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     raise NotImplementedError
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
-    return self._forward(x, None, reset)[0]
+    return self._forward(x, None, reset, None)[0]
 
   @staticmethod
   def _engine(q, k, v, log_decay, state, reset):
@@ -58,24 +61,26 @@ class _RecurrentAttention(_layer.AttentionLayer):
     plans = engine_plans(q.shape[1], per_channel_decay=log_decay.ndim == 4)
     return run_engine(plans, q, k, v, log_decay, initial_state=state, reset=reset)
 
-  def init_cache(self, batch_size: int, max_length: int) -> RecurrentCache:
-    """A zero float32 state (see `RecurrentCache`); `max_length` is only validated (the size is
-    constant).
+  def init_cache(self, batch_size: int, max_length: int) -> RecurrentCache | _layer.ConvCache:
+    """A zero float32 state (see `RecurrentCache`; in a `ConvCache` with a short convolution);
+    `max_length` is only validated (the size is constant).
 
     Raises:
       ValueError: batch_size or max_length not an integer >= 1.
     """
     _layer.check_cache_size(batch_size, max_length)
-    return RecurrentCache(state=jnp.zeros(self._state_shape(batch_size), jnp.float32),
-                          position=jnp.zeros((), jnp.int32))
+    cache = RecurrentCache(state=jnp.zeros(self._state_shape(batch_size), jnp.float32),
+                           position=jnp.zeros((), jnp.int32))
+    return self._with_conv_cache(cache, batch_size)
 
-  def prefill(self, x: jax.Array, cache: RecurrentCache,
-              reset: jax.Array | None = None) -> tuple[jax.Array, RecurrentCache]:
+  def prefill(self, x: jax.Array, cache: RecurrentCache | _layer.ConvCache,
+              reset: jax.Array | None = None) -> tuple[jax.Array, RecurrentCache | _layer.ConvCache]:
     """The layer over x continuing from the cached state.
 
     Args:
       x: [B, T, D] floating.
-      cache: a `RecurrentCache` from this layer's `init_cache`, batch size B.
+      cache: a `RecurrentCache` from this layer's `init_cache`, batch size B (a `ConvCache` of
+        one with a short convolution).
       reset: optional bool [B, T]; true where a new document starts (the state is dropped there,
         the cached one too when it is at the first token).
 
@@ -85,10 +90,12 @@ class _RecurrentAttention(_layer.AttentionLayer):
     Raises:
       TypeError, ValueError: bad x or reset, or a cache of another batch size or configuration.
     """
-    self._check_prefill(x, cache, RecurrentCache, {"state": self._state_shape(None)})
+    cache, inputs = self._check_prefill(x, cache, RecurrentCache,
+                                        {"state": self._state_shape(None)})
     self._check_prefill_reset(x, reset)
-    y, state = self._forward(x, cache.state, reset)
-    return y, RecurrentCache(state=state, position=cache.position + x.shape[1])
+    y, state, rows = self._forward(x, cache.state, reset, inputs)
+    cache = RecurrentCache(state=state, position=cache.position + x.shape[1])
+    return y, self._join_conv_cache(cache, inputs, rows)
 
 
 class LinearAttention(_RecurrentAttention):
@@ -108,9 +115,12 @@ class LinearAttention(_RecurrentAttention):
 
   Args:
     eps: added to the normaliser (which is > 0 since phi > 0).
+    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+      projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
 
   Raises:
-    ValueError: num_heads does not divide d_model, or either is not an integer >= 1.
+    ValueError: num_heads does not divide d_model, either is not an integer >= 1, or short_conv
+      is not an integer >= 0.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -127,28 +137,30 @@ class LinearAttention(_RecurrentAttention):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
-               param_dtype: Any = jnp.float32, eps: float = 1e-6):
+               param_dtype: Any = jnp.float32, eps: float = 1e-6, short_conv: int = 0):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     self.eps = float(eps)
+    self._init_short_conv(short_conv, d_model)
     self.q_proj = self._linear(d_model, d_model, rngs)
     self.k_proj = self._linear(d_model, d_model, rngs)
     self.v_proj = self._linear(d_model, d_model, rngs)
     self.out_proj = self._linear(d_model, d_model, rngs)
 
-  def _forward(self, x: jax.Array, state: jax.Array | None,
-               reset: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """y [B, T, D] and the final [B, H, K, V + 1] state."""
+  def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
+               history: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """y [B, T, D], the final [B, H, K, V + 1] state and the convolution's rows (x)."""
     heads, f32 = self.num_heads, jnp.float32
-    q = elu_features(_layer.split_heads(self.q_proj(x), heads).astype(f32))
-    k = elu_features(_layer.split_heads(self.k_proj(x), heads).astype(f32))
-    v = _layer.split_heads(self.v_proj(x), heads).astype(f32)
+    u = self._convolve(x, reset, history)
+    q = elu_features(_layer.split_heads(self.q_proj(u), heads).astype(f32))
+    k = elu_features(_layer.split_heads(self.k_proj(u), heads).astype(f32))
+    v = _layer.split_heads(self.v_proj(u), heads).astype(f32)
     v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
     # No forgetting: a log decay of 0, one per head (the engine's fast scalar-decay path).
     log_decay = jnp.zeros(q.shape[:3], f32)
     # mode "auto" for one decode token too: the planner picks the recurrent form for T = 1.
     o, final = self._engine(q, k, v, log_decay, state, reset)
     o = o[..., :-1] / (o[..., -1:] + self.eps)
-    return self._output(o, x.dtype), final
+    return self._output(o, x.dtype), final, x
 
   def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
     """[B, H, K, V + 1]: S and, in the last column, z."""
@@ -181,10 +193,14 @@ class GatedLinearAttention(_RecurrentAttention):
     gate_rank: r, the rank of the forget gate's projection.
     gate_temperature: tau >= 1 divides the log gate, pushing decays towards 1 (slow forgetting).
     norm_eps: epsilon of the output RMSNorm.
+    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+      projections (DCA's, `causal_short_conv`, initialised as the identity; the gates read the
+      input itself); 0 (default): none.
 
   Raises:
     ValueError: num_heads does not divide d_model, expand_k gives a key width that is not a
-      positive multiple of num_heads, gate_rank < 1 or gate_temperature <= 0.
+      positive multiple of num_heads, gate_rank < 1, gate_temperature <= 0 or short_conv not an
+      integer >= 0.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -203,18 +219,14 @@ class GatedLinearAttention(_RecurrentAttention):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, expand_k: float = 0.5, gate_rank: int = 16,
-               gate_temperature: float = 16.0, norm_eps: float = 1e-5):
+               gate_temperature: float = 16.0, norm_eps: float = 1e-5, short_conv: int = 0):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
-    key_width = d_model * expand_k
-    if key_width != int(key_width) or int(key_width) < num_heads or int(key_width) % num_heads:
-      raise ValueError(
-          f"expand_k must make d_model * expand_k a positive multiple of num_heads, got "
-          f"expand_k = {expand_k} (d_model * expand_k = {key_width}, num_heads = {num_heads}).")
+    key_width = _layer.key_width(d_model, num_heads, expand_k)
     if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
       raise ValueError(f"gate_rank must be an integer >= 1, got {gate_rank!r}.")
     if not gate_temperature > 0:
       raise ValueError(f"gate_temperature must be > 0, got {gate_temperature!r}.")
-    key_width = int(key_width)
+    self._init_short_conv(short_conv, d_model)
     self.key_dim = key_width // num_heads
     self.gate_temperature = float(gate_temperature)
     self.q_proj = self._linear(d_model, key_width, rngs)
@@ -227,20 +239,21 @@ class GatedLinearAttention(_RecurrentAttention):
                             param_dtype=param_dtype, rngs=rngs)
     self.out_proj = self._linear(d_model, d_model, rngs)
 
-  def _forward(self, x: jax.Array, state: jax.Array | None,
-               reset: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """y [B, T, D] and the final [B, H, K, V] state."""
+  def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
+               history: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """y [B, T, D], the final [B, H, K, V] state and the convolution's rows (x)."""
     heads, f32 = self.num_heads, jnp.float32
-    q = _layer.split_heads(self.q_proj(x), heads).astype(f32) / math.sqrt(self.key_dim)
-    k = _layer.split_heads(self.k_proj(x), heads).astype(f32)
-    v = _layer.split_heads(self.v_proj(x), heads).astype(f32)
+    u = self._convolve(x, reset, history)
+    q = _layer.split_heads(self.q_proj(u), heads).astype(f32) / math.sqrt(self.key_dim)
+    k = _layer.split_heads(self.k_proj(u), heads).astype(f32)
+    v = _layer.split_heads(self.v_proj(u), heads).astype(f32)
     gate = self.gate_up(self.gate_down(x)).astype(f32)
     log_decay = _layer.split_heads(jax.nn.log_sigmoid(gate), heads) / self.gate_temperature
     o, final = self._engine(q, k, v, log_decay, state, reset)
     o = _layer.merge_heads(self.norm(o))
     out_gate = self.out_gate(x)
     o = o.astype(out_gate.dtype) * jax.nn.silu(out_gate)
-    return self.out_proj(o).astype(x.dtype), final
+    return self.out_proj(o).astype(x.dtype), final, x
 
   def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
     """[B, H, K, V]."""

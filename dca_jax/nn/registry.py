@@ -12,7 +12,7 @@ is typed, hashable (a model config is a static argument of jit) and checked for 
 Example:
   >>> spec = layer_spec("window")
   >>> spec.layer.__name__, spec.options(window=16)
-  ('SlidingWindowAttention', SlidingWindowAttentionOptions(window=16, rotary_base=10000.0))
+  ('SlidingWindowAttention', SlidingWindowAttentionOptions(window=16, rotary_base=10000.0, short_conv=0))
   >>> spec.parse_options({"window": 8}).changed()
   {'window': 8}
 """
@@ -27,6 +27,7 @@ from flax import nnx
 
 from dca_jax.nn._layer import AttentionLayer
 from dca_jax.nn.dca import DCAttention
+from dca_jax.nn.deltanet import GatedDeltaNet
 from dca_jax.nn.linear import GatedLinearAttention, LinearAttention
 from dca_jax.nn.softmax import SoftmaxAttention
 from dca_jax.nn.window import SlidingWindowAttention
@@ -132,6 +133,7 @@ LAYERS: Mapping[str, LayerSpec] = {spec.name: spec for spec in (
     _spec("window", SlidingWindowAttention),
     _spec("linear", LinearAttention),
     _spec("gla", GatedLinearAttention),
+    _spec("gated_deltanet", GatedDeltaNet),
 )}
 
 ATTENTION_TYPES: tuple[str, ...] = tuple(LAYERS)

@@ -118,9 +118,13 @@ class SoftmaxAttention(_layer.AttentionLayer):
 
   Args:
     rotary_base: base of the rotary frequencies.
+    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+      projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
+      With S > 0 the cache is a `ConvCache` of the `KVCache` and the last S - 1 inputs.
 
   Raises:
-    ValueError: num_heads does not divide d_model, or either is not an integer >= 1.
+    ValueError: num_heads does not divide d_model, either is not an integer >= 1, or short_conv
+      is not an integer >= 0.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -138,10 +142,12 @@ class SoftmaxAttention(_layer.AttentionLayer):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
-               param_dtype: Any = jnp.float32, rotary_base: float = 10000.0):
+               param_dtype: Any = jnp.float32, rotary_base: float = 10000.0,
+               short_conv: int = 0):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     _layer.check_rotary_head_dim(d_model, num_heads, self.head_dim)
     self.rotary_base = float(rotary_base)
+    self._init_short_conv(short_conv, d_model)
     self.q_proj = self._linear(d_model, d_model, rngs)
     self.k_proj = self._linear(d_model, d_model, rngs)
     self.v_proj = self._linear(d_model, d_model, rngs)
@@ -159,7 +165,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
     """Full causal attention over x (see `AttentionLayer.__call__`)."""
     batch, time = x.shape[:2]
     positions = jnp.arange(time, dtype=jnp.int32)
-    q, k, v = self._project(x, positions)
+    q, k, v = self._project(self._convolve(x, reset), positions)
     doc = None if reset is None else document_ids(reset)            # [B, T]
     scale = 1.0 / math.sqrt(self.head_dim)
     if not _dense_fits(batch, self.num_heads, time, time):
@@ -171,8 +177,9 @@ class SoftmaxAttention(_layer.AttentionLayer):
     o = masked_attention(q, k, v, mask, scale)
     return self._output(o, x.dtype)
 
-  def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_length` tokens (O(B L D) floats).
+  def init_cache(self, batch_size: int, max_length: int) -> KVCache | _layer.ConvCache:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens (O(B L D) floats), in a
+    `ConvCache` with a short convolution.
 
     Raises:
       ValueError: batch_size or max_length not an integer >= 1.
@@ -180,14 +187,15 @@ class SoftmaxAttention(_layer.AttentionLayer):
     _layer.check_cache_size(batch_size, max_length)
     check_cache_fits(batch_size, max_length, self.num_heads, self.head_dim)
     shape = (batch_size, max_length, self.num_heads, self.head_dim)
-    return KVCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
-                   position=jnp.zeros((), jnp.int32),
-                   doc_start=jnp.zeros((batch_size,), jnp.int32),
-                   overflow=jnp.zeros((), jnp.bool_),
-                   doc_bad=jnp.zeros((batch_size, self.num_heads), jnp.bool_))
+    cache = KVCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
+                    position=jnp.zeros((), jnp.int32),
+                    doc_start=jnp.zeros((batch_size,), jnp.int32),
+                    overflow=jnp.zeros((), jnp.bool_),
+                    doc_bad=jnp.zeros((batch_size, self.num_heads), jnp.bool_))
+    return self._with_conv_cache(cache, batch_size)
 
-  def prefill(self, x: jax.Array, cache: KVCache,
-              reset: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  def prefill(self, x: jax.Array, cache: KVCache | _layer.ConvCache,
+              reset: jax.Array | None = None) -> tuple[jax.Array, KVCache | _layer.ConvCache]:
     """Attends x to itself and to everything in the cache; appends x's keys and values.
 
     Two prefills chain exactly like one over the concatenated input. A prefill whose T x
@@ -196,7 +204,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
 
     Args:
       x: [B, T, D] floating, at absolute positions cache.position ... cache.position + T - 1.
-      cache: a `KVCache` with batch size B.
+      cache: a `KVCache` with batch size B (a `ConvCache` of one with a short convolution).
       reset: optional bool [B, T]; true where a new document starts (nothing before it, cached
         or not, is attended from there on).
 
@@ -209,8 +217,9 @@ class SoftmaxAttention(_layer.AttentionLayer):
         see the class docstring: outputs past max_length are NaN).
     """
     head_shape = (None, None, self.num_heads, self.head_dim)
-    self._check_prefill(x, cache, KVCache, {"k": head_shape, "v": head_shape})
+    cache, inputs = self._check_prefill(x, cache, KVCache, {"k": head_shape, "v": head_shape})
     self._check_prefill_reset(x, reset)
+    conv_input, x = x, self._convolve(x, reset, inputs)
     time = x.shape[1]
     max_length = cache.max_length
     if _checks.is_concrete(cache.position):
@@ -254,5 +263,5 @@ class SoftmaxAttention(_layer.AttentionLayer):
     new_cache = KVCache(k=k_buf, v=v_buf, position=cache.position + time,
                         doc_start=_layer.next_doc_start(cache.doc_start, cache.position, reset),
                         overflow=overflow, doc_bad=sees_bad[:, -1])
-    return self._output(o, x.dtype), new_cache
+    return self._output(o, x.dtype), self._join_conv_cache(new_cache, inputs, conv_input)
 

@@ -65,9 +65,14 @@ class SlidingWindowAttention(_layer.AttentionLayer):
   Args:
     window: W >= 1, tokens each query sees, itself included.
     rotary_base: base of the rotary frequencies.
+    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+      projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
+      A token then sees the inputs of its last W + S - 1 tokens. With S > 0 the cache is a
+      `ConvCache` of the `WindowCache` and the last S - 1 inputs.
 
   Raises:
-    ValueError: num_heads does not divide d_model, an odd head dim, or window not an integer >= 1.
+    ValueError: num_heads does not divide d_model, an odd head dim, window not an integer >= 1
+      or short_conv not an integer >= 0.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -84,12 +89,14 @@ class SlidingWindowAttention(_layer.AttentionLayer):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
-               param_dtype: Any = jnp.float32, window: int = 64, rotary_base: float = 10000.0):
+               param_dtype: Any = jnp.float32, window: int = 64, rotary_base: float = 10000.0,
+               short_conv: int = 0):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     _checks.check_positive_int("window", window)
     _layer.check_rotary_head_dim(d_model, num_heads, self.head_dim)
     self.window = int(window)
     self.rotary_base = float(rotary_base)
+    self._init_short_conv(short_conv, d_model)
     self.q_proj = self._linear(d_model, d_model, rngs)
     self.k_proj = self._linear(d_model, d_model, rngs)
     self.v_proj = self._linear(d_model, d_model, rngs)
@@ -106,28 +113,31 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     return q, k, v
 
   def _reach(self) -> int:
-    return self.window
+    # The convolution hands each key its S - 1 predecessors.
+    return self.window + max(self.short_conv - 1, 0)
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     """Sliding-window attention over x (see `AttentionLayer.__call__`)."""
-    q, k, v = self._project(x, jnp.arange(x.shape[1], dtype=jnp.int32))
+    q, k, v = self._project(self._convolve(x, reset), jnp.arange(x.shape[1], dtype=jnp.int32))
     o = sliding_window_attention(q, k, v, window=self.window, reset=reset)
     return self._output(o, x.dtype)
 
-  def init_cache(self, batch_size: int, max_length: int) -> WindowCache:
-    """An empty ring buffer of W slots; `max_length` is only validated (any length fits).
+  def init_cache(self, batch_size: int, max_length: int) -> WindowCache | _layer.ConvCache:
+    """An empty ring buffer of W slots (in a `ConvCache` with a short convolution); `max_length`
+    is only validated (any length fits).
 
     Raises:
       ValueError: batch_size or max_length not an integer >= 1.
     """
     _layer.check_cache_size(batch_size, max_length)
     shape = (batch_size, self.window, self.num_heads, self.head_dim)
-    return WindowCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
-                       position=jnp.zeros((), jnp.int32),
-                       doc_start=jnp.zeros((batch_size,), jnp.int32))
+    cache = WindowCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
+                        position=jnp.zeros((), jnp.int32),
+                        doc_start=jnp.zeros((batch_size,), jnp.int32))
+    return self._with_conv_cache(cache, batch_size)
 
-  def decode_step(self, x_t: jax.Array, cache: WindowCache,
-                  reset: jax.Array | None = None) -> tuple[jax.Array, WindowCache]:
+  def decode_step(self, x_t: jax.Array, cache: WindowCache | _layer.ConvCache,
+                  reset: jax.Array | None = None) -> tuple[jax.Array, WindowCache | _layer.ConvCache]:
     """One token per row: writes its key and value into its ring slot, attends over the W slots.
 
     O(W K) per token whatever the position (one query against W keys; no re-scoring of the
@@ -135,7 +145,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
 
     Args:
       x_t: [B, D] the current token, at absolute position cache.position.
-      cache: a `WindowCache` with batch size B.
+      cache: a `WindowCache` with batch size B (a `ConvCache` of one with a short convolution).
       reset: optional bool [B]; true in a row where a new document starts at this token.
 
     Returns:
@@ -147,11 +157,13 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     window = self.window
     _layer.check_token(x_t, self.d_model)
     head_shape = (None, window, self.num_heads, self.head_dim)
+    cache, inputs = self._split_conv_cache(cache, x_t.shape[0])
     _layer.check_cache(cache, WindowCache, x_t.shape[0],
                        {"k": head_shape, "v": head_shape})
     _checks.check_step_reset(reset, x_t.shape[0])
     t = cache.position
-    q, k, v = self._project(x_t[:, None], t[None])                        # [B, 1, H, K]
+    x_c = self._convolve(x_t[:, None], None if reset is None else reset[:, None], inputs)
+    q, k, v = self._project(x_c, t[None])                                 # [B, 1, H, K]
     slot = t % window
     keys = cache.k.at[:, slot].set(k[:, 0])
     values = cache.v.at[:, slot].set(v[:, 0])
@@ -161,10 +173,11 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     seen = (held[None, :] >= jnp.maximum(doc_start, 0)[:, None])[:, None]  # [B, 1, W]
     o = masked_attention(q, keys, values, seen, 1.0 / math.sqrt(self.head_dim))
     new_cache = WindowCache(k=keys, v=values, position=t + 1, doc_start=doc_start)
-    return self._output(o, x_t.dtype)[:, 0], new_cache
+    return (self._output(o, x_t.dtype)[:, 0],
+            self._join_conv_cache(new_cache, inputs, x_t[:, None]))
 
-  def prefill(self, x: jax.Array, cache: WindowCache,
-              reset: jax.Array | None = None) -> tuple[jax.Array, WindowCache]:
+  def prefill(self, x: jax.Array, cache: WindowCache | _layer.ConvCache,
+              reset: jax.Array | None = None) -> tuple[jax.Array, WindowCache | _layer.ConvCache]:
     """Window attention over x continuing from the cache; the ring keeps the last W tokens.
 
     The W cached tokens are laid out in time order before x and the window op runs over the
@@ -173,7 +186,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
 
     Args:
       x: [B, T, D] floating, at absolute positions cache.position ... cache.position + T - 1.
-      cache: a `WindowCache` with batch size B.
+      cache: a `WindowCache` with batch size B (a `ConvCache` of one with a short convolution).
       reset: optional bool [B, T]; true where a new document starts (nothing before it, cached
         or not, is attended from there on).
 
@@ -185,11 +198,12 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     """
     window = self.window
     head_shape = (None, window, self.num_heads, self.head_dim)
-    self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape})
+    cache, inputs = self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape})
     self._check_prefill_reset(x, reset)
     batch, time = x.shape[:2]
     start = cache.position
-    q, k, v = self._project(x, start + jnp.arange(time, dtype=jnp.int32))
+    q, k, v = self._project(self._convolve(x, reset, inputs),
+                            start + jnp.arange(time, dtype=jnp.int32))
 
     # Past slot c (0..W-1) holds position start - W + c, found at ring index (start + c) mod W.
     order = (start + jnp.arange(window, dtype=jnp.int32)) % window
@@ -211,4 +225,4 @@ class SlidingWindowAttention(_layer.AttentionLayer):
                             v=cache.v.at[:, slots].set(v[:, time - keep:]),
                             position=start + time,
                             doc_start=_layer.next_doc_start(cache.doc_start, start, reset))
-    return self._output(o, x.dtype), new_cache
+    return self._output(o, x.dtype), self._join_conv_cache(new_cache, inputs, x)

@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, init_state,
-                                    ordered_to_ring, ring_to_ordered)
+from dca_jax.ops.dca_delta import attention_compress_delta
+from dca_jax.ops.dca_memory import (DCAState, buffer_oldest_first, check_state, combine_memories,
+                                    doc_start_after, init_state, ordered_to_ring)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -53,11 +54,14 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   two calls chained through the returned state equal one call over the concatenation).
 
   Args:
-    weights: `DCAWeights` from `compute_weights`, shapes [B, T, H, .].
+    weights: `DCAWeights` from `compute_weights`, shapes [B, T, H, .]. Weights of the delta
+      memory (`weights.beta` given, from memory="delta" parameters) run
+      `dca_delta.attention_compress_delta`: the same call with a delta-rule memory.
     window: W >= 1, the number of most recent tokens seen exactly (the token itself included).
     reset: optional bool [B, T]; true where a new document starts (nothing crosses it: neither
       the window nor the memory).
-    state: optional `DCAState` to continue from (its window must equal `window`).
+    state: optional `DCAState` to continue from (its window must equal `window`); a
+      `DCADeltaState` for weights of the delta memory.
     mode: engine form for the memory: "auto", "chunked", "recurrent", "associative",
       "quadratic" (see `gated_linear_attention`).
     chunk_size: engine chunk size (chunked form).
@@ -84,6 +88,10 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     docs/theory.md (the mechanism); Arora et al. 2024 (Based: linear attention beside a sliding window);
     Munkhdalai et al. 2024 (Infini-attention: compressive memory beside local attention).
   """
+  if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
+    return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
+                                    chunk_size=chunk_size, rotary_base=rotary_base,
+                                    return_state=return_state)
   check_weights(weights, step=False)
   batch, time, heads, key_dim = weights.q.shape
   value_dim = weights.v.shape[-1]
@@ -112,18 +120,17 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
 
   if state is None:
     state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
-  # The sequence extended on the left by the W buffered tokens: the window of the first queries
-  # reaches into the buffer, and the buffer's tokens are the first to leave the window.
-  # The buffer is unrolled oldest first; its tokens count as document 0 (the new tokens' first
-  # document) when they are in the row's current document, else as -1 (never attended).
+  # The sequence extended on the left by the W buffered tokens, unrolled oldest first: the
+  # window of the first queries reaches into the buffer, and the buffer's tokens are the first
+  # to leave the window. They count as document 0 (the new tokens' first) when they are in the
+  # row's current document, else as -1 (never attended, never folded into the memory).
   start = state.position
-  held = start - window + jnp.arange(window, dtype=jnp.int32)          # oldest first
-  buffer_doc = jnp.where((held[None, :] >= 0) & (held[None, :] >= state.doc_start[:, None]), 0, -1)
-  ext_k = jnp.concatenate([ring_to_ordered(state.keys, start), weights.k.astype(f32)], axis=1)
-  ext_v = jnp.concatenate([ring_to_ordered(state.values, start), weights.v.astype(f32)], axis=1)
-  ext_kf = jnp.concatenate([ring_to_ordered(state.key_features, start),
-                            weights.k_features.astype(f32)], axis=1)
-  ext_doc = jnp.concatenate([buffer_doc.astype(jnp.int32), doc], axis=1)
+  buffer_doc, (old_k, old_v, old_kf) = buffer_oldest_first(
+      start, state.doc_start, (state.keys, state.values, state.key_features))
+  ext_k = jnp.concatenate([old_k, weights.k.astype(f32)], axis=1)
+  ext_v = jnp.concatenate([old_v, weights.v.astype(f32)], axis=1)
+  ext_kf = jnp.concatenate([old_kf, weights.k_features.astype(f32)], axis=1)
+  ext_doc = jnp.concatenate([buffer_doc, doc], axis=1)
   ext_q = jnp.concatenate([jnp.zeros_like(state.keys), weights.q.astype(f32)], axis=1)
   num, den, top = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale, doc=ext_doc,
                                        rotary_base=rotary_base)
@@ -142,15 +149,9 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   if not return_state:
     return o
   end = start + time
-  if reset is None:
-    doc_start = state.doc_start
-  else:
-    # The last reset of each row, as an absolute position (none: the incoming doc_start).
-    last = jnp.max(jnp.where(reset, jnp.arange(time, dtype=jnp.int32), -1), axis=1)
-    doc_start = jnp.where(last >= 0, start + last, state.doc_start)
   new_state = DCAState(
       keys=ordered_to_ring(ext_k[:, -window:], end),
       values=ordered_to_ring(ext_v[:, -window:], end),
       key_features=ordered_to_ring(ext_kf[:, -window:], end),
-      doc_start=doc_start.astype(jnp.int32), memory=memory, position=end)
+      doc_start=doc_start_after(state.doc_start, reset, start), memory=memory, position=end)
   return o, new_state

@@ -8,15 +8,14 @@ whole-sequence form `attention_compress`.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, slot_positions
+from dca_jax.ops.dca_delta import DCADeltaState, delta_memory_state_update
+from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, step_slots
 from dca_jax.ops.dca_params import DCAWeights, check_weights
-from dca_jax.ops.rotary import rotary_frequencies
+from dca_jax.ops.window import window_step_parts
 
 
 def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: float | None = 10000.0,
@@ -29,7 +28,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   `attention_compress` over the whole sequence.
 
   Args:
-    state: `DCAState` (from `init_state` or `attention_compress(..., return_state=True)`).
+    state: `DCAState` (from `init_state` or `attention_compress(..., return_state=True)`); a
+      `DCADeltaState` (from `init_delta_state`) runs `delta_memory_state_update` instead.
     weights: `DCAWeights` of one token: q, k [B, H, K], v [B, H, V], features [B, H, F],
       log_decay [B, H].
     rotary_base: as in `attention_compress` (must match it for the two to agree).
@@ -52,6 +52,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
     >>> o.shape
     (1, 2, 16)
   """
+  if weights.beta is not None or isinstance(state, DCADeltaState):   # memory="delta"
+    return delta_memory_state_update(state, weights, rotary_base=rotary_base, reset=reset)
   check_weights(weights, step=True)
   if not isinstance(state, DCAState):
     raise TypeError(f"state must be a DCAState, got {type(state).__name__}.")
@@ -59,8 +61,7 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   check_state(state, batch, weights)
   _checks.check_step_reset(reset, batch)
   f32 = jnp.float32
-  window = state.window
-  key_dim, value_dim = weights.q.shape[-1], weights.v.shape[-1]
+  window, value_dim = state.window, weights.v.shape[-1]
 
   t = state.position
   slot = t % window
@@ -88,37 +89,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   key_features = jax.lax.dynamic_update_index_in_dim(
       state.key_features, weights.k_features.astype(f32), slot, 1)
 
-  q = weights.q.astype(f32)
-  held = slot_positions(t + 1, window)                                             # [W]
-  # Slots of other documents and empty ones are selected away (never multiplied by a zero
-  # weight), so whatever they hold cannot reach the output.
-  seen = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])              # [B, W]
-  k = jnp.where(seen[:, :, None, None], keys, 0.0)
-  seen_vals = jnp.where(seen[:, :, None, None], vals, 0.0)
-  # Scores and read-out as multiply-and-reduce over the slots in the buffers' own [B, W, H, .]
-  # layout: a dot_general here would transpose the whole buffer every step.
-  if rotary_base is None:
-    scores = jnp.sum(q[:, None] * k, axis=-1)                                       # [B, W, H]
-  else:
-    # Slot s holds the token t - held_s steps back: its key is rotated back by that offset (the
-    # relative offsets in [-(W-1), 0] of the whole-sequence form), written out for the half-split
-    # pairs (k1, k2) so that neither a rotated copy of the buffer nor a per-element cos/sin is
-    # formed: q . rot(k, o) = sum_i cos(o f_i) (q1 k1 + q2 k2) + sin(o f_i) (q2 k1 - q1 k2).
-    # The [W, K/2] angle table is materialised first (the barrier keeps XLA from fusing the
-    # transcendentals into the per-element loop over the whole buffer).
-    half = key_dim // 2
-    angles = (held - t).astype(f32)[:, None] * rotary_frequencies(key_dim, rotary_base)[None]
-    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
-    cos, sin = cos[None, :, None], sin[None, :, None]                                # [1, W, 1, K/2]
-    q1, q2 = q[:, None, :, :half], q[:, None, :, half:]
-    k1, k2 = k[..., :half], k[..., half:]
-    scores = jnp.sum(cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2), axis=-1)
-  scores = scores / math.sqrt(key_dim)
-  scores = jnp.where(seen[:, :, None], scores, -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.max(scores, axis=1))   # [B, H]; the new token is always seen
-  probs = jnp.exp(scores - top[:, None])
-  num = jnp.sum(probs[..., None] * seen_vals, axis=1)                               # [B, H, V]
-  den = jnp.sum(probs, axis=1)
+  offsets, seen = step_slots(t, doc_start, window)
+  num, den, top = window_step_parts(weights.q, keys, vals, seen, offsets, rotary_base)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
   return o, DCAState(keys=keys, values=vals, key_features=key_features, doc_start=doc_start,

@@ -79,6 +79,9 @@ def check_state(state: DCAState, batch: int, weights: DCAWeights) -> None:
     got = tuple(getattr(state, name).shape)
     if got != shape:
       raise ValueError(f"state.{name} has shape {got}, expected {shape} (from the weights' B, H, K, V, F).")
+  if tuple(state.position.shape) != ():
+    raise ValueError(f"state.position has shape {tuple(state.position.shape)}, expected () (one "
+                     "position for the whole batch).")
 
 
 def slot_positions(position: jax.Array, window: int) -> jax.Array:
@@ -96,6 +99,37 @@ def ring_to_ordered(x: jax.Array, position: jax.Array) -> jax.Array:
 def ordered_to_ring(x: jax.Array, position: jax.Array) -> jax.Array:
   """The last W tokens [B, W, ...], oldest first, after `position` tokens -> ring slots."""
   return jnp.roll(x, position % x.shape[1], axis=1)
+
+
+def buffer_oldest_first(position: jax.Array, doc_start: jax.Array, buffers):
+  """Ring buffers [B, W, ...] after `position` tokens -> (doc, the buffers oldest first).
+
+  doc [B, W] int32 is 0 for a slot of the row's current document and -1 for an empty slot or
+  one of an earlier document (never attended, never folded into a memory): the buffer's
+  document ids as the whole-sequence forms count them (the new tokens' first document is 0).
+  """
+  window = buffers[0].shape[1]
+  held = position - window + jnp.arange(window, dtype=jnp.int32)
+  current = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])
+  return jnp.where(current, 0, -1).astype(jnp.int32), [ring_to_ordered(b, position) for b in buffers]
+
+
+def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Array) -> jax.Array:
+  """doc_start [B] after the tokens at start .. start + T - 1 with `reset` [B, T] (or None):
+  the absolute position of each row's last reset, or the incoming doc_start without one."""
+  if reset is None:
+    return doc_start
+  time = reset.shape[1]
+  last = jnp.max(jnp.where(reset, jnp.arange(time, dtype=jnp.int32), -1), axis=1)
+  return jnp.where(last >= 0, start + last, doc_start).astype(jnp.int32)
+
+
+def step_slots(position: jax.Array, doc_start: jax.Array, window: int):
+  """For the query at `position` (its own token already written): (offsets [W] int32, each
+  slot's position minus the query's, and seen [B, W] bool, the slots it attends to)."""
+  held = slot_positions(position + 1, window)
+  seen = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])
+  return held - position, seen
 
 
 def combine_memories(window_num, window_den, window_max, memory_out, value_dim, gate=None):

@@ -27,7 +27,8 @@ class DCAParams(NamedTuple):
     query: [D, H, K] query projection.
     key: [D, H, K] key projection.
     value: [D, H, V] value projection.
-    feature: [H, K, P] projection of queries/keys to the feature map's input (P small, e.g. 16).
+    feature: [H, K, P] projection of queries/keys to the feature map's input (P small, e.g. 16);
+      None with the delta memory (its keys and queries are the L2-normalised k and q).
     decay: [D, H] data-dependent part of the compression rate (one rate per head); with
       per-channel decay [D, R], the down-projection of a rank-R rate, see `decay_up`.
     decay_bias: [H] sets each head's half-life at initialisation (`half_life_bias`); [H, F] with
@@ -36,8 +37,11 @@ class DCAParams(NamedTuple):
       (feature) computed as (x decay) decay_up + decay_bias, as in GLA's low-rank gates.
     gate: None (unified combination: window and memory share one softmax normaliser) or [D, H]:
       gated combination, o = g o_window + (1 - g) o_memory with g = sigmoid(x gate + gate_bias),
-      each memory normalised on its own (as in Infini-attention).
+      each memory normalised on its own (as in Infini-attention). With the delta memory, the
+      gate of its read-out: o = o_window + g S^T q^ (see `dca_delta`).
     gate_bias: [H] bias of the gate (None when `gate` is None).
+    beta: None (additive memory) or [D, H]: the delta memory's writing strength,
+      beta = sigmoid(x beta), one per head and token.
   """
 
   query: jax.Array
@@ -49,6 +53,7 @@ class DCAParams(NamedTuple):
   decay_up: jax.Array | None = None
   gate: jax.Array | None = None
   gate_bias: jax.Array | None = None
+  beta: jax.Array | None = None
 
 
 class DCAWeights(NamedTuple):
@@ -58,11 +63,15 @@ class DCAWeights(NamedTuple):
     q: [B, T, H, K] queries (no position applied yet; rotary acts inside the window).
     k: [B, T, H, K] keys.
     v: [B, T, H, V] values.
-    q_features: [B, T, H, F] phi of the projected queries (for the compressed memory).
-    k_features: [B, T, H, F] phi of the projected keys.
+    q_features: [B, T, H, F] phi of the projected queries (for the compressed memory); None with
+      the delta memory.
+    k_features: [B, T, H, F] phi of the projected keys; None with the delta memory.
     log_decay: [B, T, H] float32 log forgetting rate, <= 0 (the compression rate), or
       [B, T, H, F] for per-channel decay (one rate per memory row).
-    gate: None (unified combination) or [B, T, H] float32 logit of the gated combination.
+    gate: None (unified combination) or [B, T, H] float32 logit of the gated combination (with
+      the delta memory: of the gate of its read-out).
+    beta: None (additive memory) or [B, T, H] float32 in (0, 1), the delta memory's writing
+      strength of each token (given: the delta memory, see `dca_delta`).
   For one decoding step the T axis is absent.
   """
 
@@ -73,6 +82,7 @@ class DCAWeights(NamedTuple):
   k_features: jax.Array
   log_decay: jax.Array
   gate: jax.Array | None = None
+  beta: jax.Array | None = None
 
 
 def half_life_bias(num_heads: int, window: int, max_ratio: float = 16.0) -> jax.Array:
@@ -122,6 +132,8 @@ def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Featur
   if x.shape[-1] != d_model:
     raise ValueError(f"x must have last dim d_model = {d_model}, got shape {tuple(x.shape)}.")
   dtype = x.dtype
+  if params.feature is None:      # the delta memory: no feature map, a writing strength
+    return _delta_weights(params, x)
   heads, key_dim = params.query.shape[1:]
   value_dim, proj_dim = params.value.shape[-1], params.feature.shape[-1]
   # One matmul for q, k, v and the feature map's inputs (q P and k P, with the per-head feature
@@ -152,6 +164,23 @@ def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Featur
   return DCAWeights(q, k, v, q_features, k_features, log_decay, gate)
 
 
+def _delta_weights(params: DCAParams, x: jax.Array) -> DCAWeights:
+  """`compute_weights` for the delta memory: q, k, v, log decay, the read-out gate and beta."""
+  d_model, heads = params.query.shape[:2]
+  fused = jnp.concatenate([params.query.reshape(d_model, -1), params.key.reshape(d_model, -1),
+                           params.value.reshape(d_model, -1)], axis=1)
+  y = x @ fused.astype(x.dtype)
+  width = params.query.shape[1] * params.query.shape[2]
+  q, k, v = (part.reshape(x.shape[:-1] + (heads, -1))
+             for part in jnp.split(y, [width, 2 * width], axis=-1))
+  x32 = x.astype(jnp.float32)
+  per_head = lambda w, b=None: (jnp.einsum("...d,dh->...h", x32, w.astype(jnp.float32))
+                                + (0.0 if b is None else b.astype(jnp.float32)))
+  log_decay = -jax.nn.softplus(per_head(params.decay, params.decay_bias))
+  return DCAWeights(q, k, v, None, None, log_decay, gate=per_head(params.gate, params.gate_bias),
+                    beta=jax.nn.sigmoid(per_head(params.beta)))
+
+
 class Combine(str, enum.Enum):
   """How the window and the compressed memory are combined (see `DCAParams.gate`)."""
   UNIFIED = "unified"    # one softmax normaliser over both (default)
@@ -160,6 +189,16 @@ class Combine(str, enum.Enum):
   @classmethod
   def parse(cls, value: "Combine | str") -> "Combine":
     return _checks.parse_choice(cls, value, "combine")
+
+
+class MemoryKind(str, enum.Enum):
+  """How the compressed memory is updated with the tokens that leave the window."""
+  ADDITIVE = "additive"  # M <- a M + phi(k) [v, 1]^T, read under the window's normaliser (default)
+  DELTA = "delta"        # the gated delta rule on unit keys, read out through a gate (`dca_delta`)
+
+  @classmethod
+  def parse(cls, value: "MemoryKind | str") -> "MemoryKind":
+    return _checks.parse_choice(cls, value, "memory")
 
 
 class DecayKind(str, enum.Enum):
@@ -175,12 +214,22 @@ class DecayKind(str, enum.Enum):
 def init_params(key: jax.Array, d_model: int, num_heads: int, *, window: int, head_dim: int | None = None,
                 value_dim: int | None = None, feature_dim: int = 8, max_half_life_ratio: float = 16.0,
                 num_features: int | None = None, combine: Combine | str = "unified",
-                decay: DecayKind | str = "head", decay_rank: int = 16) -> DCAParams:
+                decay: DecayKind | str = "head", decay_rank: int = 16,
+                memory: MemoryKind | str = "additive") -> DCAParams:
   """Initial `DCAParams` (lecun-normal projections, zero decay weights, spread half-lives).
 
   `num_features` (F, needed for per-channel decay) defaults to the Taylor map's size for
   `feature_dim`. The gate starts at zero weights and bias (g = 1/2 for every token); per-channel
   rates start data-independent with each head's half-life on all its rows.
+
+  memory="delta" (one rate per head and the unified combination only) has no feature
+  projection; its writing strength `beta` starts lecun-normal (as Gated DeltaNet's projection)
+  and its read-out gate at zero weights and bias -2 (g = 0.12: the memory starts as a small
+  correction of the window). The other parameters are drawn as for the additive memory.
+
+  Raises:
+    ValueError: naming the option, for a bad one or for memory="delta" with combine="gated" or
+      decay="channel".
   """
   _checks.check_positive_int("d_model", d_model)
   _checks.check_positive_int("num_heads", num_heads)
@@ -188,6 +237,12 @@ def init_params(key: jax.Array, d_model: int, num_heads: int, *, window: int, he
   _checks.check_positive_int("feature_dim", feature_dim)
   _checks.check_positive_int("decay_rank", decay_rank)
   combine, decay = Combine.parse(combine), DecayKind.parse(decay)
+  memory = MemoryKind.parse(memory)
+  if memory is MemoryKind.DELTA and (combine is not Combine.UNIFIED or decay is not DecayKind.HEAD):
+    raise ValueError(
+        f"memory='delta' adds its read-out through its own gate with one decay per head: it "
+        f"needs combine='unified' and decay='head', got combine={combine.value!r} and "
+        f"decay={decay.value!r}.")
   head_dim = head_dim or d_model // num_heads
   value_dim = value_dim or head_dim
   if num_features is None:
@@ -209,12 +264,19 @@ def init_params(key: jax.Array, d_model: int, num_heads: int, *, window: int, he
   if combine is Combine.GATED:
     extra["gate"] = jnp.zeros((d_model, num_heads), f32)
     extra["gate_bias"] = jnp.zeros((num_heads,), f32)
+  feature = per_head(kf, (num_heads, head_dim, feature_dim), f32)
+  if memory is MemoryKind.DELTA:
+    # A key of its own (the additive memory's draws stay what they were).
+    feature = None
+    extra["beta"] = jax.nn.initializers.lecun_normal()(
+        jax.random.fold_in(key, 1), (d_model, num_heads), f32)
+    extra["gate"] = jnp.zeros((d_model, num_heads), f32)
+    extra["gate_bias"] = jnp.full((num_heads,), -2.0, f32)
   return DCAParams(
       query=projection(kq, (d_model, num_heads, head_dim), f32),
       key=projection(kk, (d_model, num_heads, head_dim), f32),
       value=projection(kv, (d_model, num_heads, value_dim), f32),
-      feature=per_head(kf, (num_heads, head_dim, feature_dim), f32),
-      decay=decay_weight, decay_bias=bias, **extra)
+      feature=feature, decay=decay_weight, decay_bias=bias, **extra)
 
 
 def check_weights(weights: DCAWeights, step: bool) -> None:

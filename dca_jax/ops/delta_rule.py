@@ -170,6 +170,28 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
   return (o, final) if return_final_state else o
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(|x|^2 + eps) along the last axis: the unit keys (and queries) of the delta rule.
+
+  The eps keeps the gradient finite at x = 0 (a zero key stays zero) and makes |result| < 1, so
+  the delta rule's factors (I - beta k k^T) keep a norm <= 1.
+
+  Args:
+    x: [..., K].
+    eps: added to the squared norm.
+
+  Returns:
+    [..., K] in x's dtype (the sum of squares in float32 at least).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> l2_normalize(jnp.array([3.0, 4.0]), eps=0.0).tolist()
+    [0.6000000238418579, 0.800000011920929]
+  """
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return (wide * jax.lax.rsqrt(jnp.sum(wide * wide, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def delta_rule_plans(sequence_length: int, *, mode: Mode | str = Mode.AUTO, chunk_size: int | None = None,
                      backend: str | None = None) -> tuple[EnginePlan, EnginePlan]:
   """The (evaluated, differentiated) plans of one `delta_rule_attention` call.

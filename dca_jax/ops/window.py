@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.rotary import apply_rotary
+from dca_jax.ops.rotary import apply_rotary, rotary_frequencies
 from dca_jax.ops import segments
 from dca_jax.ops.segments import document_ids
 
@@ -207,3 +207,50 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
 
   num = jnp.where(poisoned[..., None], jnp.nan, to_time(num))
   return num, to_time(den), to_time(m[..., 0])
+
+
+def window_step_parts(q, keys, values, seen, offsets, rotary_base):
+  """The window's softmax parts for one query over a ring buffer of W slots.
+
+  Scores and read-out are multiply-and-reduce over the slots in the buffer's own [B, W, H, .]
+  layout: a dot_general would transpose the whole buffer at every step.
+
+  Args:
+    q: [B, H, K] the query (no position applied).
+    keys: [B, W, H, K] float32, the buffered keys (unrotated), in any slot order.
+    values: [B, W, H, V] float32.
+    seen: bool [B, W], the slots the query attends to (its own slot always is).
+    offsets: int [W], each slot's position minus the query's (in [-(W-1), 0]).
+    rotary_base: None or the base of rotary positions relative to the query (as in
+      `window_softmax_parts`).
+
+  Returns:
+    (N [B, H, V], Z [B, H], m [B, H]) float32 as `window_softmax_parts` gives for that query.
+  """
+  key_dim = q.shape[-1]
+  f32 = jnp.float32
+  q = q.astype(f32)[:, None]                                                        # [B, 1, H, K]
+  # Unseen slots are selected away (never multiplied by a zero weight), so whatever they hold
+  # cannot reach the output.
+  k = jnp.where(seen[:, :, None, None], keys, 0.0)
+  seen_values = jnp.where(seen[:, :, None, None], values, 0.0)
+  if rotary_base is None:
+    scores = jnp.sum(q * k, axis=-1)                                                # [B, W, H]
+  else:
+    # Each key is rotated by its offset, written out for the half-split pairs (k1, k2) so that
+    # neither a rotated copy of the buffer nor a per-element cos/sin is formed:
+    #   q . rot(k, o) = sum_i cos(o f_i) (q1 k1 + q2 k2) + sin(o f_i) (q2 k1 - q1 k2).
+    # The [W, K/2] angle table is materialised first (the barrier keeps XLA from fusing the
+    # transcendentals into the per-element loop over the whole buffer).
+    half = key_dim // 2
+    angles = offsets.astype(f32)[:, None] * rotary_frequencies(key_dim, rotary_base)[None]
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    cos, sin = cos[None, :, None], sin[None, :, None]                               # [1, W, 1, K/2]
+    q1, q2, k1, k2 = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
+    scores = jnp.sum(cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2), axis=-1)
+  scores = jnp.where(seen[:, :, None], scores / math.sqrt(key_dim), -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(scores, axis=1))   # [B, H]; the query's own slot is seen
+  probs = jnp.exp(scores - top[:, None])
+  num = jnp.sum(probs[..., None] * seen_values, axis=1)                             # [B, H, V]
+  den = jnp.sum(probs, axis=1)
+  return num, den, top

@@ -1,0 +1,239 @@
+"""DCA with a delta-rule memory: the window's exact softmax plus a gated read-out of a memory that
+overwrites associations (memory="delta").
+
+The delayed stream is DCA's (the token at t - W enters the memory at step t, with the decay of
+step t), but the memory is updated by the gated delta rule (`delta_rule.py`) on L2-normalised
+keys instead of the additive rule on positive features:
+
+    S_t = a_t (I - beta'_t k'_t k'_t^T) S_{t-1} + beta'_t k'_t v'_t^T,
+    k'_t = k^_{t-W},  v'_t = v_{t-W},  beta'_t = beta_{t-W}   (zeros for t <= W or another document)
+    o_t  = N_t / Z_t + sigmoid(g_t) S_t^T q^_t
+
+with k^ = k / |k|, q^ = q / |q| (`l2_normalize`), beta_j = sigmoid(x_j W_b) the writing strength of
+token j (kept in the window buffer until it leaves), and g_t a per-head gate of the input. The
+additive memory's read-out is a positive kernel sum and can share the window's softmax
+normaliser; S^T q^ is not (it can be negative), so it is added through a gate instead. A unit
+query reads back a stored value at its own scale (beta = 1, a matching key: S^T k^ = v).
+
+When T <= W the delayed stream is empty, S stays 0 and o_t is exactly causal softmax attention,
+as with the additive memory. Notation: B batch, T time, H heads, K key dim, V value dim, W window.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dca_jax.ops import _checks
+from dca_jax.ops.dca_memory import buffer_oldest_first, doc_start_after, ordered_to_ring, step_slots
+from dca_jax.ops.dca_params import DCAWeights
+from dca_jax.ops.delta_rule import delta_rule_plans, l2_normalize, run_delta_rule
+from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
+from dca_jax.ops.segments import document_ids
+from dca_jax.ops.window import window_softmax_parts, window_step_parts
+
+
+class DCADeltaState(NamedTuple):
+  """Constant-size state of DCA with the delta memory after a prefix of the sequence.
+
+  Attributes:
+    keys: [B, W, H, K] float32, the last W keys (not normalised, no positions), in the ring
+      slots of `DCAState` (the token at position p in slot p mod W).
+    values: [B, W, H, V] float32, their values.
+    betas: [B, W, H] float32, their writing strengths (used when they leave the window).
+    doc_start: [B] int32, absolute position of each row's current document (as `DCAState`).
+    memory: [B, H, K, V] float32, the delta rule's state S.
+    position: int32 scalar, the number of tokens seen.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  betas: jax.Array
+  doc_start: jax.Array
+  memory: jax.Array
+  position: jax.Array
+
+  @property
+  def window(self) -> int:
+    return self.keys.shape[1]
+
+
+def init_delta_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int,
+                     window: int) -> DCADeltaState:
+  """An empty `DCADeltaState` (no token seen): zero memory, every window slot empty."""
+  for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("key_dim", key_dim),
+                      ("value_dim", value_dim), ("window", window)):
+    _checks.check_positive_int(name, value)
+  f32 = jnp.float32
+  return DCADeltaState(
+      keys=jnp.zeros((batch_size, window, num_heads, key_dim), f32),
+      values=jnp.zeros((batch_size, window, num_heads, value_dim), f32),
+      betas=jnp.zeros((batch_size, window, num_heads), f32),
+      doc_start=jnp.zeros((batch_size,), jnp.int32),
+      memory=jnp.zeros((batch_size, num_heads, key_dim, value_dim), f32),
+      position=jnp.zeros((), jnp.int32))
+
+
+def check_delta_weights(weights: DCAWeights, step: bool) -> None:
+  """Checks `DCAWeights` of the delta memory: q, k [.., H, K], v [.., H, V], and log_decay, gate
+  and beta [.., H] with the same leading dims ([B, T] or, for one step, [B])."""
+  rank = 3 if step else 4
+  for name in ("q", "k", "v"):
+    _checks.check_array(f"weights.{name}", getattr(weights, name), rank)
+  lead = weights.q.shape[:-1]
+  for name in ("k", "v"):
+    if getattr(weights, name).shape[:-1] != lead:
+      raise ValueError(f"weights.{name} has leading shape {getattr(weights, name).shape[:-1]}, "
+                       f"expected {lead} (from weights.q).")
+  if weights.k.shape[-1] != weights.q.shape[-1]:
+    raise ValueError(f"weights.k has key dim {weights.k.shape[-1]}, expected {weights.q.shape[-1]}.")
+  for name in ("log_decay", "gate", "beta"):
+    x = getattr(weights, name)
+    if x is None:
+      raise ValueError(f"weights.{name} must be given with the delta memory (from "
+                       f"compute_weights of memory='delta' parameters), got None.")
+    _checks.check_array(f"weights.{name}", x, rank - 1)
+    if x.shape != lead:
+      raise ValueError(f"weights.{name} has shape {x.shape}, expected {lead} (one per head).")
+
+
+def _check_state(state: DCADeltaState, batch: int, weights: DCAWeights) -> None:
+  if not isinstance(state, DCADeltaState):
+    raise TypeError(f"state must be a DCADeltaState (the delta memory's), got "
+                    f"{type(state).__name__}.")
+  heads, key_dim = weights.q.shape[-2:]
+  value_dim, window = weights.v.shape[-1], state.window
+  expected = {"keys": (batch, window, heads, key_dim), "values": (batch, window, heads, value_dim),
+              "betas": (batch, window, heads), "doc_start": (batch,),
+              "memory": (batch, heads, key_dim, value_dim)}
+  for name, shape in expected.items():
+    got = tuple(getattr(state, name).shape)
+    if got != shape:
+      raise ValueError(f"state.{name} has shape {got}, expected {shape} (from the weights' B, H, "
+                       f"K, V).")
+
+
+def _read_out(num, den, memory_out, gate):
+  """o = N / Z + sigmoid(g) S^T q^ (the window's softmax plus the gated memory read-out)."""
+  return num / den[..., None] + jax.nn.sigmoid(gate)[..., None] * memory_out
+
+
+def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, state=None,
+                             mode: Mode | str = "auto", chunk_size: int | None = None,
+                             rotary_base: float | None = 10000.0, return_state: bool = False):
+  """DCA with the delta memory over a whole sequence (the module equations, t = 1..T).
+
+  `attention_compress` calls this for weights of the delta memory (`weights.beta` given); the
+  arguments and the result are the same, with a `DCADeltaState` as the state. `mode` and
+  `chunk_size` choose the delta rule's form (`delta_rule_plans`: "auto" is the recurrent form
+  when evaluated on CPU, the chunked one when differentiated past a chunk); whether the memory
+  runs at all (not when T <= W without a state: exact softmax) is `adaptive_scale`'s decision.
+
+  Returns:
+    o [B, T, H, V] in v's dtype, or (o, `DCADeltaState`) when `return_state`.
+
+  Raises:
+    ValueError / TypeError: malformed weights, window < 1, reset or state of the wrong shape.
+  """
+  check_delta_weights(weights, step=False)
+  batch, time, heads, key_dim = weights.q.shape
+  value_dim = weights.v.shape[-1]
+  _checks.check_reset(reset, batch, time)
+  if state is not None:
+    _check_state(state, batch, weights)
+    if state.window != window:
+      raise ValueError(f"state has a window of {state.window} slots, expected window = {window}.")
+  # The softmax shortcut is exact here whatever the gate: an empty memory adds exactly 0.
+  plan = adaptive_scale(time, window=window, has_state=state is not None or return_state,
+                        mode=mode, chunk_size=chunk_size)
+  out_dtype = weights.v.dtype
+  scale = 1.0 / math.sqrt(key_dim)
+  f32 = jnp.float32
+  doc = jnp.zeros((batch, time), jnp.int32) if reset is None else document_ids(reset)
+
+  if plan.kind is PlanKind.SOFTMAX:
+    num, den, _ = window_softmax_parts(weights.q, weights.k, weights.v, window=window, scale=scale,
+                                       doc=doc, rotary_base=rotary_base)
+    return (num / den[..., None]).astype(out_dtype)
+
+  if state is None:
+    state = init_delta_state(batch, heads, key_dim, value_dim, window)
+  start = state.position
+  buffer_doc, (old_k, old_v, old_beta) = buffer_oldest_first(
+      start, state.doc_start, (state.keys, state.values, state.betas))
+  ext_k = jnp.concatenate([old_k, weights.k.astype(f32)], axis=1)
+  ext_v = jnp.concatenate([old_v, weights.v.astype(f32)], axis=1)
+  ext_beta = jnp.concatenate([old_beta, weights.beta.astype(f32)], axis=1)
+  ext_doc = jnp.concatenate([buffer_doc, doc], axis=1)
+  ext_q = jnp.concatenate([jnp.zeros_like(state.keys), weights.q.astype(f32)], axis=1)
+  num, den, _ = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale, doc=ext_doc,
+                                     rotary_base=rotary_base)
+  num, den = num[:, window:], den[:, window:]
+
+  # Step t writes the token at t - W if it belongs to t's document (else nothing: k = 0, beta = 0).
+  same_doc = (ext_doc[:, :time] == doc)[:, :, None]                                  # [B, T, 1]
+  keys_in = jnp.where(same_doc[..., None], l2_normalize(ext_k[:, :time]), 0.0)
+  values_in = jnp.where(same_doc[..., None], ext_v[:, :time], 0.0)
+  betas_in = jnp.where(same_doc, ext_beta[:, :time], 0.0)
+  # The delta rule's own plans (its forms cost differently from the additive engine's).
+  memory_out, memory = run_delta_rule(
+      delta_rule_plans(time, mode=mode, chunk_size=chunk_size), l2_normalize(weights.q.astype(f32)), keys_in, values_in, betas_in,
+      weights.log_decay, initial_state=state.memory, reset=reset)
+  o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(out_dtype)
+  if not return_state:
+    return o
+  end = start + time
+  new_state = DCADeltaState(
+      keys=ordered_to_ring(ext_k[:, -window:], end), values=ordered_to_ring(ext_v[:, -window:], end),
+      betas=ordered_to_ring(ext_beta[:, -window:], end),
+      doc_start=doc_start_after(state.doc_start, reset, start), memory=memory, position=end)
+  return o, new_state
+
+
+def delta_memory_state_update(state: DCADeltaState, weights: DCAWeights, *,
+                              rotary_base: float | None = 10000.0, reset=None):
+  """One decoding step of DCA with the delta memory: O(W K + K V) work, independent of t.
+
+  The oldest buffered token leaves the window and is written into S by one delta rule step
+  (S <- a_t (S - beta k^ (S^T k^)^T) + beta k^ v^T, the recurrent form's update), the new token
+  enters the window and the output adds the gated read-out S^T q^ to the window's softmax.
+  `memory_state_update` calls this for a `DCADeltaState`; step by step it equals
+  `attention_compress_delta`.
+
+  Returns:
+    (o [B, H, V] in v's dtype, new `DCADeltaState`).
+  """
+  check_delta_weights(weights, step=True)
+  batch = weights.q.shape[0]
+  _check_state(state, batch, weights)
+  _checks.check_step_reset(reset, batch)
+  f32 = jnp.float32
+  window, t = state.window, state.position
+  slot = t % window
+  memory, doc_start = state.memory, state.doc_start
+  if reset is not None:
+    doc_start = jnp.where(reset, t, doc_start)
+    memory = jnp.where(reset[:, None, None, None], 0.0, memory)
+
+  # The slot about to be overwritten holds the token at t - W (as `memory_state_update`).
+  leaving = ((t - window >= 0) & (t - window >= doc_start))[:, None]                 # [B, 1]
+  k_out = jnp.where(leaving[..., None], l2_normalize(state.keys[:, slot]), 0.0)       # [B, H, K]
+  v_out = jnp.where(leaving[..., None], state.values[:, slot], 0.0)                   # [B, H, V]
+  beta = jnp.where(leaving, state.betas[:, slot], 0.0)[..., None, None]               # [B, H, 1, 1]
+  decay = jnp.exp(weights.log_decay.astype(f32))[..., None, None]
+  read = jnp.einsum("bhk,bhkv->bhv", k_out, memory)
+  memory = decay * (memory - beta * k_out[..., :, None] * read[..., None, :])
+  memory = memory + beta * k_out[..., :, None] * v_out[..., None, :]
+
+  keys = jax.lax.dynamic_update_index_in_dim(state.keys, weights.k.astype(f32), slot, 1)
+  vals = jax.lax.dynamic_update_index_in_dim(state.values, weights.v.astype(f32), slot, 1)
+  betas = jax.lax.dynamic_update_index_in_dim(state.betas, weights.beta.astype(f32), slot, 1)
+  offsets, seen = step_slots(t, doc_start, window)
+  num, den, _ = window_step_parts(weights.q, keys, vals, seen, offsets, rotary_base)
+  memory_out = jnp.einsum("bhk,bhkv->bhv", l2_normalize(weights.q.astype(f32)), memory)
+  o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(weights.v.dtype)
+  return o, DCADeltaState(keys=keys, values=vals, betas=betas, doc_start=doc_start,
+                          memory=memory, position=t + 1)
