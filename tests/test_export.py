@@ -112,7 +112,7 @@ def test_cache_layout_names_shapes_and_fills():
   for entry, leaf, built in zip(layout, leaves, export_lib.init_cache_arrays(layout, 3)):
     assert entry.concrete_shape(3) == leaf.shape and entry.dtype == leaf.dtype.name
     np.testing.assert_array_equal(built, np.asarray(leaf))
-  assert {e.fill for e in layout if e.name.endswith(".doc")} == {-1}
+  assert {e.fill for e in layout if e.name.endswith(".doc_start")} == {0}
   assert next(e for e in layout if e.name.endswith("position")).batch_axis is None
 
 
