@@ -19,6 +19,7 @@ from flax import nnx
 from dca_jax.nn import TransformerConfig, TransformerLM, generate
 
 LAYERS = (("dca", {"window": 64}), ("window", {"window": 64}), ("softmax", {}))
+BUDGET = 1024   # generate's new-token budget (the softmax cache holds prompt + budget tokens)
 
 
 def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int,
@@ -33,13 +34,41 @@ def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int,
   def run(new_tokens: int, seed: int) -> float:
     start = time.perf_counter()
     generate(model, prompt, max_new_tokens=new_tokens, rng=jax.random.key(seed),
-             budget=1024).block_until_ready()
+             budget=BUDGET).block_until_ready()
     return time.perf_counter() - start
 
   run(32, 0)                                                   # compile once (same budget)
   per_token = sorted((run(544, r) - run(32, r)) / 512 for r in range(repeats))
   step = per_token[len(per_token) // 2]
-  return {"tokens_per_s": batch / step, "step_s": step}
+  return {"tokens_per_s": batch / step, "step_s": step, "param_bytes": tree_bytes(nnx.state(model)),
+          "cache_bytes_per_row": tree_bytes(model.init_cache(1, prompt_length + BUDGET))}
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of a pytree."""
+  return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "nbytes")))
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+  """The machine's memory read rate, bytes/s: the median time of a jitted sum over a float32
+  array far larger than the caches (the yardstick of a decode step that streams its weights and
+  state)."""
+  x = jax.numpy.ones((megabytes * 2**20 // 4,), jax.numpy.float32)
+  total = jax.jit(jax.numpy.sum)
+  total(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    total(x).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return x.nbytes / sorted(times)[len(times) // 2]
+
+
+def bandwidth_bound(rate: dict[str, float], batch: int, bandwidth: float) -> float:
+  """Aggregate tokens/s if a step only had to read the parameters once and each row's whole
+  cache once at `bandwidth` bytes/s (an upper bound for a memory-bound step; compute ignored)."""
+  step_bytes = rate["param_bytes"] + batch * rate["cache_bytes_per_row"]
+  return batch * bandwidth / step_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

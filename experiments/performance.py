@@ -163,14 +163,20 @@ def measure_training(config: Config) -> list[dict[str, Any]]:
 
 
 def measure_decoding(config: Config) -> list[dict[str, Any]]:
-  """Section 5: generate's decode tokens/s on the demo-size model, per layer and batch."""
+  """Section 5: generate's decode tokens/s on the demo-size model, per layer and batch, beside
+  the bound set by the bytes a step reads (parameters once, each row's cache once) at the
+  memory read rate measured in the same section."""
   rows = []
+  bandwidth = decode_rate.read_bandwidth()
+  log(f"memory read rate {bandwidth / 1e9:.1f} GB/s")
   for batch in config.decode_batches:
     for attention, options in decode_rate.LAYERS:
       log(f"decoding {attention} batch {batch}")
       rate = decode_rate.decode_rate(attention, options, config.decode_prompt,
                                      config.decode_repeats, batch=batch)
       rows.append({"attention": attention, "batch": batch, "prompt": config.decode_prompt,
+                   "read_bytes_per_s": bandwidth,
+                   "bound_tokens_per_s": decode_rate.bandwidth_bound(rate, batch, bandwidth),
                    **rate})
   return rows
 
@@ -368,12 +374,22 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
                    f" | {r.get('tokens_per_s', 0):,.0f} |")
     lines.append("")
   if result.get("decoding"):
-    lines += ["## Decoding (`generate`, demo-size model, after a prompt)", "",
-              "| layer | batch | prompt | tokens/s (aggregate) | ms per step |",
-              "|---|---|---|---|---|"]
+    lines += ["## Decoding (`generate`, demo-size model, after a prompt)", ""]
+    bandwidth = result["decoding"][0].get("read_bytes_per_s")
+    if bandwidth:
+      lines += [f"Memory read rate measured in this section (jitted sum over 512 MiB of float32): "
+                f"{bandwidth / 1e9:.1f} GB/s. The bound is the aggregate rate if a step only read "
+                "the parameters once and each row's cache once at that rate "
+                "(batch x rate / (parameter bytes + batch x cache bytes per row); compute ignored).",
+                ""]
+    lines += ["| layer | batch | prompt | tokens/s (aggregate) | ms per step | parameters | "
+              "cache per row | bandwidth bound, tokens/s |", "|---|---|---|---|---|---|---|---|"]
     for r in result["decoding"]:
+      extra = ("| - | - | - |" if "param_bytes" not in r else
+               f"| {report.format_bytes(r['param_bytes'])} | "
+               f"{report.format_bytes(r['cache_bytes_per_row'])} | {r['bound_tokens_per_s']:,.0f} |")
       lines.append(f"| {r['attention']} | {r['batch']} | {r['prompt']} | {r['tokens_per_s']:,.0f}"
-                   f" | {1e3 * r['step_s']:.3f} |")
+                   f" | {1e3 * r['step_s']:.3f} " + extra)
     lines.append("")
   path.write_text("\n".join(lines) + "\n")
 
