@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -248,16 +249,21 @@ def render(result: Mapping[str, Any]) -> str:
   where = (f"`{command}`, {result['date']} (UTC), {bookkeeping.machine_line(machine)}; "
            f"ONNX Runtime {result.get('onnxruntime', '?')} with intra_op_num_threads = "
            f"{result['threads']}, inter_op_num_threads = 1; XLA_FLAGS = "
-           f"`{result.get('xla_flags') or '(unset)'}`; commit {result.get('git_commit')}."
+           f"`{result.get('xla_flags') or '(unset)'}`; the process could use "
+           f"{machine.get('usable_cores')} of the machine's {machine.get('cpu_count')} cores; "
+           f"commit {result.get('git_commit')}."
            + report.load_text(machine))
   lines = ["# Edge inference: the exported decode step in ONNX Runtime", ""]
   if config["quick"]:
+    load = machine.get("load_average")
+    busy = (f" of a busy machine (load average {load[0]:.1f} at the start)"
+            if load and load[0] >= 1.0 else "")
     lines += [f"**Quick validation run** (`--quick`: contexts {', '.join(map(_k, contexts))}, "
               f"batch {', '.join(map(str, batches))}, fewer repeats, the tiny training run) on "
-              f"{machine.get('usable_cores')} core(s) of a machine busy with other benchmarks: "
-              "it shows that the script works and roughly where the numbers lie; it is not the "
-              "measurement of record. `python -m experiments.edge` (full run, ~12 min on 2 "
-              "cores) rewrites this file.", ""]
+              f"{machine.get('usable_cores')} core(s){busy}, ONNX Runtime on "
+              f"{result['threads']} thread(s): it shows that the script works and roughly where "
+              "the numbers lie; it is not the measurement of record. `python -m experiments.edge` "
+              "(full run, ~12 min on 2 cores) rewrites this file.", ""]
   lines += [f"Every figure below: {where}", "",
             "Model: the demo-size language model (`experiments.decode_rate.demo_model`: 2 layers, "
             "d_model 128, 4 heads, byte vocabulary; DCA with window 64), untrained: a decode "
@@ -301,12 +307,13 @@ def render(result: Mapping[str, Any]) -> str:
     lines += ["## Model files and decode state", "",
               "The decode-step programs timed above (parameters baked in as constants). Nodes: "
               "the top-level ONNX graph's node count before ONNX Runtime's optimisations.", "",
-              "| attention | export batch | max_length | fp32 .onnx | int8 .onnx | nodes | "
-              "export s |", "|---|---|---:|---:|---:|---:|---:|"]
+              "| attention | contexts | export batch | max_length | fp32 .onnx | int8 .onnx | "
+              "nodes | export s |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for key in sorted(exports):
       e = exports[key]
       int8 = report.format_bytes(e["int8_bytes"]) if e.get("int8_bytes") else "-"
-      lines.append(f"| {e['attention']} | {e['batch']} | {e['max_length']:,} | "
+      used = ", ".join(_k(c) for c in sorted(e.get("contexts", [])))
+      lines.append(f"| {e['attention']} | {used} | {e['batch']} | {e['max_length']:,} | "
                    f"{report.format_bytes(e['fp32_bytes'])} | {int8} | {e['nodes']:,} | "
                    f"{e['export_s']:.1f} |")
     lines.append("")
@@ -354,18 +361,20 @@ def render(result: Mapping[str, Any]) -> str:
     for name in ("fp32", "int8"):
       r = acc[name]
       lines.append(f"| {name} | {r['bpb']:.4f} | {report.format_bytes(r['prefill_bytes'])} | "
-                   f"{r['seconds']:.1f} |")
+                   f"{r['seconds']:.2f} |")
     lines += ["", f"int8 - fp32: {acc['int8']['bpb'] - acc['fp32']['bpb']:+.4f} bits per byte. "
-              f"The trained export's manifest gives {acc['cache_bytes_per_row']:,} bytes of decode "
-              "state per row.", ""]
+              f"The trained export's manifest.json gives cache_bytes_per_row = "
+              f"{acc['cache_bytes_per_row']:,} bytes"
+              + ("." if acc["tiny"] else " (the lm_dca config is the demo model's DCA: the same "
+                 "figure as the state table above)."), ""]
 
   if result.get("targets"):
     lines += report.targets_section(result["targets"], lambda r: "-" if r["value"] is None
                                     else f"{r['value']:.2f}x")
     lines.append("")
   if "runtime_s" in result:
-    lines += [f"Wall time of the run: {result['runtime_s'] / 60:.1f} min (cells resumed from a "
-              "partial file not counted twice).", ""]
+    lines += [f"Wall time of the run: {result['runtime_s'] / 60:.1f} min (summed over the "
+              "invocations that filled the partial file).", ""]
   return "\n".join(lines)
 
 
@@ -438,7 +447,14 @@ def export_decode(model, max_length: int, batch: int | None, directory: pathlib.
   fp32.write_bytes(result.data)
   int8_path = directory / "decode_step.int8.onnx"
   if int8:
-    export_cli.quantize_int8(fp32, int8_path)
+    # The quantiser logs (root logger) every tensor whose type it cannot infer: not errors.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+      export_cli.quantize_int8(fp32, int8_path)
+    finally:
+      root.setLevel(level)
   record = {"attention": model.config.attention, "batch": result.batch, "max_length": max_length,
             "fp32_bytes": fp32.stat().st_size,
             "int8_bytes": int8_path.stat().st_size if int8 else None,
@@ -499,13 +515,16 @@ class Run:
       self.models[attention] = decode_rate.demo_model(attention, OPTIONS[attention])
     return self.models[attention]
 
-  def export(self, attention: str, batch: int | None, max_length: int) -> dict[str, Any]:
+  def export(self, attention: str, batch: int | None, max_length: int,
+             context: int) -> dict[str, Any]:
     name = f"{attention}_b{batch or 'B'}_L{max_length}"
     record = export_decode(self.model(attention), max_length, batch, self.workdir / "onnx" / name,
                            int8=batch is not None)
     record["dir"] = str(self.workdir / "onnx" / name)
-    self.result.setdefault("exports", {})[name] = {k: v for k, v in record.items()
-                                                   if k not in ("cache", "dir")}
+    exports = self.result.setdefault("exports", {})
+    used = sorted(set(exports.get(name, {}).get("contexts", [])) | {context})
+    exports[name] = {**{k: v for k, v in record.items() if k not in ("cache", "dir")},
+                     "contexts": used}
     return record
 
   def cache(self, attention: str, max_length: int, context: int) -> list[np.ndarray]:
@@ -536,7 +555,8 @@ class Run:
       return {**record, "tokens_per_s": batch / step, "step_s": step, "repeats": pairs,
               "date": bookkeeping.now()}
     max_length = _max_length(self.model(attention), context, config.contexts)
-    export = self.export(attention, None if runtime == ORT_SYMBOLIC else batch, max_length)
+    export = self.export(attention, None if runtime == ORT_SYMBOLIC else batch, max_length,
+                         context)
     path = pathlib.Path(export["dir"]) / ("decode_step.int8.onnx" if runtime == ORT_INT8
                                           else "decode_step.onnx")
     if str(path) not in self.sessions:
