@@ -42,6 +42,7 @@ in `--workdir` (runs/edge) and reused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -96,7 +97,7 @@ class Config:
   symbolic_row: bool = True
   ort_repeats: int = 5
   ort_warmup: int = 3
-  min_repeat_s: float = 0.1
+  min_repeat_s: float = 0.2
   jax_repeats: int = 3
   jax_budget_s: float = 15.0
   jax_max_quadratic: float = 2.0**32
@@ -113,6 +114,7 @@ def get_config(quick: bool) -> Config:
   if not quick:
     return Config()
   return Config(contexts=(1024, 8192), batches=(1,), symbolic_row=False, ort_repeats=3,
+                min_repeat_s=0.1,
                 jax_repeats=2, jax_budget_s=8.0, train_tiny=True, train_steps=30, bpb_rows=64,
                 bpb_batch=4, quick=True)
 
@@ -428,6 +430,19 @@ def _max_length(model, context: int, contexts: Sequence[int]) -> int:
   return context + TAIL
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+  """ONNX Runtime's quantiser logs (root logger) every tensor whose type it cannot infer; those
+  are not errors, and they would bury the progress lines."""
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    root.setLevel(level)
+
+
 def export_decode(model, max_length: int, batch: int | None, directory: pathlib.Path,
                   int8: bool = True) -> dict[str, Any]:
   """The decode step exported to `directory` (reused when already there): fp32 .onnx with a fixed
@@ -447,14 +462,8 @@ def export_decode(model, max_length: int, batch: int | None, directory: pathlib.
   fp32.write_bytes(result.data)
   int8_path = directory / "decode_step.int8.onnx"
   if int8:
-    # The quantiser logs (root logger) every tensor whose type it cannot infer: not errors.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
+    with _quiet_root_logger():
       export_cli.quantize_int8(fp32, int8_path)
-    finally:
-      root.setLevel(level)
   record = {"attention": model.config.attention, "batch": result.batch, "max_length": max_length,
             "fp32_bytes": fp32.stat().st_size,
             "int8_bytes": int8_path.stat().st_size if int8 else None,
@@ -638,8 +647,9 @@ class Run:
     out = run_dir / "export"
     p = config.seq_len
     if not (out / "manifest.json").exists():
-      export_cli.export_model(model, out, prefill_length=p, max_length=p, batch=c.bpb_batch,
-                              int8=True, log=log)
+      with _quiet_root_logger():
+        export_cli.export_model(model, out, prefill_length=p, max_length=p, batch=c.bpb_batch,
+                                int8=True, log=log)
     manifest = json.loads((out / "manifest.json").read_text())
     corpus = corpus_lib.build_default_corpus()
     data = b"".join(corpus.splits["test"])[:c.bpb_rows * p + 1]
