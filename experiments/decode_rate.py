@@ -22,15 +22,20 @@ LAYERS = (("dca", {"window": 64}), ("window", {"window": 64}), ("softmax", {}))
 BUDGET = 1024   # generate's new-token budget (the softmax cache holds prompt + budget tokens)
 
 
-def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int,
-                batch: int = 1) -> dict[str, float]:
-  """{"tokens_per_s": aggregate decode tokens/s, "step_s": median seconds per step} of one model
-  (see the module docstring)."""
-  model = TransformerLM(TransformerConfig(d_model=128, num_layers=2, num_heads=4,
-                                          attention=attention, attention_options=options),
-                        rngs=nnx.Rngs(0))
-  prompt = jax.random.randint(jax.random.key(0), (batch, prompt_length), 0, 256)
+def demo_model(attention: str, options: dict | None = None) -> TransformerLM:
+  """The demo-size model of `attention`: 2 layers, d_model 128, 4 heads, untrained (seed 0)."""
+  return TransformerLM(TransformerConfig(d_model=128, num_layers=2, num_heads=4,
+                                         attention=attention, attention_options=options or {}),
+                       rngs=nnx.Rngs(0))
 
+
+def generate_step_time(model: TransformerLM, prompt: jax.Array, repeats: int,
+                       time_budget_s: float | None = None) -> tuple[float, int]:
+  """(median seconds per decode step, pairs timed) of `generate` after `prompt` [B, P].
+
+  Each pair is (time for 544 new tokens - time for 32) / 512, after one compiling call; pairs
+  stop at `repeats`, or earlier (at least one) once they have taken `time_budget_s` in all.
+  """
   def run(new_tokens: int, seed: int) -> float:
     start = time.perf_counter()
     generate(model, prompt, max_new_tokens=new_tokens, rng=jax.random.key(seed),
@@ -38,8 +43,22 @@ def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int,
     return time.perf_counter() - start
 
   run(32, 0)                                                   # compile once (same budget)
-  per_token = sorted((run(544, r) - run(32, r)) / 512 for r in range(repeats))
-  step = per_token[len(per_token) // 2]
+  per_token, started = [], time.perf_counter()
+  for r in range(repeats):
+    per_token.append((run(544, r) - run(32, r)) / 512)
+    if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+      break
+  per_token.sort()
+  return per_token[len(per_token) // 2], len(per_token)
+
+
+def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int,
+                batch: int = 1) -> dict[str, float]:
+  """{"tokens_per_s": aggregate decode tokens/s, "step_s": median seconds per step} of one model
+  (see the module docstring)."""
+  model = demo_model(attention, options)
+  prompt = jax.random.randint(jax.random.key(0), (batch, prompt_length), 0, 256)
+  step, _ = generate_step_time(model, prompt, repeats)
   return {"tokens_per_s": batch / step, "step_s": step, "param_bytes": tree_bytes(nnx.state(model)),
           "cache_bytes_per_row": tree_bytes(model.init_cache(1, prompt_length + BUDGET))}
 
