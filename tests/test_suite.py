@@ -17,7 +17,6 @@ from experiments import suite_plan
 from experiments import suite_report
 from experiments import suite_speed
 
-# One run of every group and task, the variants with their own code paths included.
 # One run of each kind the report renders (LM, MQAR grid, ablation, budget study): an LM ablation
 # would add a second LM training and its four-length evaluation (~40 s of CI) for no new path.
 TINY_RUNS = ("lm_dca", "mqar_64_4_d64_softmax", "ablation_mqar_decay_channel",
@@ -31,6 +30,15 @@ def tiny_suite(tmp_path_factory):
   failed = suite.run_suite(runs, root, tiny=True, in_process=True)
   assert not failed
   return root
+
+
+def test_tiny_suite_runs_resumes_and_renders(tiny_suite, tmp_path, capsys):
+  """The tiny runs are one test: under pytest-xdist each worker that runs a test of this fixture
+  builds it (~90 s of CI), so its checks stay together on one worker."""
+  _check_tiny_runs_write_results(tiny_suite)
+  _check_rerun_skips_finished_runs(tiny_suite, capsys)
+  _check_render_writes_tables_and_plots(tiny_suite, tmp_path / "render")
+  _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path / "unfinished")
 
 
 def test_suite_lists_every_configuration():
@@ -67,7 +75,7 @@ def test_delta_suite_is_opt_in_and_its_configs_are_valid():
   assert suite_plan.find_run("mqar_128_8_d64_dca_delta").config == "mqar_dca"
 
 
-def test_tiny_runs_write_results(tiny_suite):
+def _check_tiny_runs_write_results(tiny_suite):
   for name in TINY_RUNS:
     result = json.loads((tiny_suite / name / "result.json").read_text())
     assert result["tiny"] and result["steps"] == 4 and result["stopped_early"] is False
@@ -83,13 +91,14 @@ def test_tiny_runs_write_results(tiny_suite):
       assert 0 <= e["accuracy"] <= 1 and e["targets"] > 0
 
 
-def test_rerun_skips_finished_runs(tiny_suite, capsys):
+def _check_rerun_skips_finished_runs(tiny_suite, capsys):
   runs = [suite_plan.find_run(TINY_RUNS[0])]
   assert suite.run_suite(runs, tiny_suite, tiny=True, in_process=True) == []
   assert "1 of 1 runs already done" in capsys.readouterr().out
 
 
-def test_render_writes_tables_and_plots(tiny_suite, tmp_path):
+def _check_render_writes_tables_and_plots(tiny_suite, tmp_path):
+  tmp_path.mkdir()
   summary = suite_report.render(tiny_suite, tmp_path)
   text = (tmp_path / "benchmark_results.md").read_text()
   assert "CI-sized" in text
@@ -101,7 +110,8 @@ def test_render_writes_tables_and_plots(tiny_suite, tmp_path):
   assert set(summary["runs"]) == set(TINY_RUNS)
 
 
-def test_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):
+def _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):
+  tmp_path.mkdir()
   # A run stopped before its end (metrics, no result.json) shows its last validation, marked.
   import shutil  # pylint: disable=g-import-not-at-top
   runs = tmp_path / "runs"
