@@ -166,16 +166,7 @@ def decode_step_function(model: Any, max_length: int) -> Callable[..., tuple[jax
     TypeError: model is not a `TransformerLM`.
     ValueError: max_length not an integer >= 1.
   """
-  _check_model(model)
-  _checks.check_positive_int("max_length", max_length)
-  treedef = _treedef(model, max_length)
-
-  def decode_step(token, *cache):
-    cache = [jnp.asarray(c) for c in cache]
-    logits, new_cache = model.decode_step(token, jax.tree_util.tree_unflatten(treedef, cache))
-    return (logits, *jax.tree_util.tree_leaves(new_cache))
-
-  return decode_step
+  return _array_function(model, max_length, "decode_step")
 
 
 def prefill_function(model: Any, max_length: int) -> Callable[..., tuple[jax.Array, ...]]:
@@ -185,16 +176,22 @@ def prefill_function(model: Any, max_length: int) -> Callable[..., tuple[jax.Arr
     TypeError: model is not a `TransformerLM`.
     ValueError: max_length not an integer >= 1.
   """
+  return _array_function(model, max_length, "prefill")
+
+
+def _array_function(model: Any, max_length: int, method: str) -> Callable[..., tuple[jax.Array, ...]]:
+  """`model.<method>(x, cache)` as (x, *cache arrays) -> (logits, *new cache arrays)."""
   _check_model(model)
   _checks.check_positive_int("max_length", max_length)
   treedef = _treedef(model, max_length)
 
-  def prefill(tokens, *cache):
+  def function(x, *cache):
     cache = [jnp.asarray(c) for c in cache]
-    logits, new_cache = model.prefill(tokens, jax.tree_util.tree_unflatten(treedef, cache))
+    logits, new_cache = getattr(model, method)(x, jax.tree_util.tree_unflatten(treedef, cache))
     return (logits, *jax.tree_util.tree_leaves(new_cache))
 
-  return prefill
+  function.__name__ = method
+  return function
 
 
 def input_specs(layout: Sequence[CacheEntry], batch: int | Any,

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_delta import attention_compress_delta
-from dca_jax.ops.dca_memory import (DCAState, buffer_oldest_first, check_state, combine_memories,
-                                    doc_start_after, init_state, ordered_to_ring)
+from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
+                                    extend_with_buffer, init_state, ordered_to_ring,
+                                    window_after_buffer)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -120,21 +121,12 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
 
   if state is None:
     state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
-  # The sequence extended on the left by the W buffered tokens, unrolled oldest first: the
-  # window of the first queries reaches into the buffer, and the buffer's tokens are the first
-  # to leave the window. They count as document 0 (the new tokens' first) when they are in the
-  # row's current document, else as -1 (never attended, never folded into the memory).
   start = state.position
-  buffer_doc, (old_k, old_v, old_kf) = buffer_oldest_first(
-      start, state.doc_start, (state.keys, state.values, state.key_features))
-  ext_k = jnp.concatenate([old_k, weights.k.astype(f32)], axis=1)
-  ext_v = jnp.concatenate([old_v, weights.v.astype(f32)], axis=1)
-  ext_kf = jnp.concatenate([old_kf, weights.k_features.astype(f32)], axis=1)
-  ext_doc = jnp.concatenate([buffer_doc, doc], axis=1)
-  ext_q = jnp.concatenate([jnp.zeros_like(state.keys), weights.q.astype(f32)], axis=1)
-  num, den, top = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale, doc=ext_doc,
-                                       rotary_base=rotary_base)
-  num, den, top = num[:, window:], den[:, window:], top[:, window:]
+  (ext_k, ext_v, ext_kf), ext_doc = extend_with_buffer(
+      state, (state.keys, state.values, state.key_features),
+      (weights.k, weights.v, weights.k_features), doc)
+  num, den, top = window_after_buffer(weights.q, ext_k, ext_v, ext_doc, window=window, scale=scale,
+                                      rotary_base=rotary_base)
 
   # Memory: step t folds in the token at t - W, if it belongs to t's document (otherwise it
   # left with the reset that started t's document).

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import buffer_oldest_first, doc_start_after, ordered_to_ring, step_slots
+from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ordered_to_ring, step_slots,
+                                    window_after_buffer)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import delta_rule_plans, l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -162,16 +163,10 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   if state is None:
     state = init_delta_state(batch, heads, key_dim, value_dim, window)
   start = state.position
-  buffer_doc, (old_k, old_v, old_beta) = buffer_oldest_first(
-      start, state.doc_start, (state.keys, state.values, state.betas))
-  ext_k = jnp.concatenate([old_k, weights.k.astype(f32)], axis=1)
-  ext_v = jnp.concatenate([old_v, weights.v.astype(f32)], axis=1)
-  ext_beta = jnp.concatenate([old_beta, weights.beta.astype(f32)], axis=1)
-  ext_doc = jnp.concatenate([buffer_doc, doc], axis=1)
-  ext_q = jnp.concatenate([jnp.zeros_like(state.keys), weights.q.astype(f32)], axis=1)
-  num, den, _ = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale, doc=ext_doc,
-                                     rotary_base=rotary_base)
-  num, den = num[:, window:], den[:, window:]
+  (ext_k, ext_v, ext_beta), ext_doc = extend_with_buffer(
+      state, (state.keys, state.values, state.betas), (weights.k, weights.v, weights.beta), doc)
+  num, den, _ = window_after_buffer(weights.q, ext_k, ext_v, ext_doc, window=window, scale=scale,
+                                    rotary_base=rotary_base)
 
   # Step t writes the token at t - W if it belongs to t's document (else nothing: k = 0, beta = 0).
   same_doc = (ext_doc[:, :time] == doc)[:, :, None]                                  # [B, T, 1]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_params import DCAWeights
+from dca_jax.ops.window import window_softmax_parts
 
 
 class DCAState(NamedTuple):
@@ -112,6 +113,37 @@ def buffer_oldest_first(position: jax.Array, doc_start: jax.Array, buffers):
   held = position - window + jnp.arange(window, dtype=jnp.int32)
   current = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])
   return jnp.where(current, 0, -1).astype(jnp.int32), [ring_to_ordered(b, position) for b in buffers]
+
+
+def extend_with_buffer(state, buffers, new, doc: jax.Array):
+  """The sequence extended on the left by the state's W buffered tokens, oldest first.
+
+  The window of the first new queries reaches into the buffer, and the buffer's tokens are the
+  first to leave the window. They count as document 0 (the new tokens' first) when they are in
+  the row's current document, else as -1 (never attended, never folded into a memory).
+
+  Args:
+    state: a DCA state (`position`, `doc_start` and ring buffers of W slots).
+    buffers: the state's ring buffers [B, W, ...] to extend.
+    new: the new tokens' arrays [B, T, ...], one per buffer (cast to float32).
+    doc: [B, T] int32 document ids of the new tokens (`segments.document_ids`).
+
+  Returns:
+    ([B, W + T, ...] float32 per buffer, doc [B, W + T] int32).
+  """
+  buffer_doc, old = buffer_oldest_first(state.position, state.doc_start, buffers)
+  extended = [jnp.concatenate([o, n.astype(jnp.float32)], axis=1) for o, n in zip(old, new)]
+  return extended, jnp.concatenate([buffer_doc, doc], axis=1)
+
+
+def window_after_buffer(q, ext_k, ext_v, ext_doc, *, window: int, scale, rotary_base):
+  """The window's softmax parts (N, Z, m) of the new queries q [B, T, H, K] over the extended
+  keys and values (`extend_with_buffer`): each [B, T, ...]."""
+  ext_q = jnp.concatenate([jnp.zeros(q.shape[:1] + (window,) + q.shape[2:], jnp.float32),
+                           q.astype(jnp.float32)], axis=1)
+  num, den, top = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale,
+                                       doc=ext_doc, rotary_base=rotary_base)
+  return num[:, window:], den[:, window:], top[:, window:]
 
 
 def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Array) -> jax.Array:
