@@ -37,12 +37,11 @@ from dca_jax.ops import _checks
 from dca_jax.ops.dca_delta import attention_compress_delta
 from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
                                     extend_with_buffer, init_state, ordered_to_ring,
-                                    window_after_buffer)
+                                    softmax_over_window, window_after_buffer)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
 from dca_jax.ops.segments import document_ids
-from dca_jax.ops.window import window_softmax_parts
 
 
 def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | None = None,
@@ -115,9 +114,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   doc = jnp.zeros((batch, time), jnp.int32) if reset is None else document_ids(reset)
 
   if plan.kind is PlanKind.SOFTMAX:
-    num, den, _ = window_softmax_parts(weights.q, weights.k, weights.v, window=window, scale=scale,
-                                       doc=doc, rotary_base=rotary_base)
-    return (num / den[..., None]).astype(out_dtype)
+    return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
 
   if state is None:
     state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)

@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ordered_to_ring, step_slots,
-                                    window_after_buffer)
+from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ordered_to_ring,
+                                    softmax_over_window, step_slots, window_after_buffer)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import delta_rule_plans, l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
 from dca_jax.ops.segments import document_ids
-from dca_jax.ops.window import window_softmax_parts, window_step_parts
+from dca_jax.ops.window import window_step_parts
 
 
 class DCADeltaState(NamedTuple):
@@ -156,9 +156,7 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   doc = jnp.zeros((batch, time), jnp.int32) if reset is None else document_ids(reset)
 
   if plan.kind is PlanKind.SOFTMAX:
-    num, den, _ = window_softmax_parts(weights.q, weights.k, weights.v, window=window, scale=scale,
-                                       doc=doc, rotary_base=rotary_base)
-    return (num / den[..., None]).astype(out_dtype)
+    return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
 
   if state is None:
     state = init_delta_state(batch, heads, key_dim, value_dim, window)

@@ -8,6 +8,7 @@ Notation: B batch, W window, H heads, K key dim, V value dim, F features.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -113,6 +114,15 @@ def buffer_oldest_first(position: jax.Array, doc_start: jax.Array, buffers):
   held = position - window + jnp.arange(window, dtype=jnp.int32)
   current = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])
   return jnp.where(current, 0, -1).astype(jnp.int32), [ring_to_ordered(b, position) for b in buffers]
+
+
+def softmax_over_window(weights: DCAWeights, doc: jax.Array, *, window: int, rotary_base):
+  """The whole-sequence forms' shortcut with no memory to read (T <= W and no state): exact
+  causal softmax over the window, [B, T, H, V] in v's dtype."""
+  num, den, _ = window_softmax_parts(weights.q, weights.k, weights.v, window=window,
+                                     scale=1.0 / math.sqrt(weights.q.shape[-1]), doc=doc,
+                                     rotary_base=rotary_base)
+  return (num / den[..., None]).astype(weights.v.dtype)
 
 
 def extend_with_buffer(state, buffers, new, doc: jax.Array):
