@@ -179,6 +179,18 @@ def prefill_function(model: Any, max_length: int) -> Callable[..., tuple[jax.Arr
   return _array_function(model, max_length, "prefill")
 
 
+def _program(model: Any, max_length: int, prefill_length: int | None, fallback_batch: int):
+  """(the array function, its cache layout, "decode step" or "prefill") of one exported program,
+  after checking the lengths."""
+  fn = (decode_step_function(model, max_length) if prefill_length is None
+        else prefill_function(model, max_length))
+  layout = cache_layout(model, max_length)
+  if prefill_length is not None:
+    _checks.check_positive_int("prefill_length", prefill_length)
+  _checks.check_positive_int("fallback_batch", fallback_batch)
+  return fn, layout, "decode step" if prefill_length is None else "prefill"
+
+
 def _array_function(model: Any, max_length: int, method: str) -> Callable[..., tuple[jax.Array, ...]]:
   """`model.<method>(x, cache)` as (x, *cache arrays) -> (logits, *new cache arrays)."""
   _check_model(model)
@@ -298,13 +310,7 @@ def export_stablehlo(model: Any, max_length: int, *, prefill_length: int | None 
     ValueError: naming the layer and the primitive, when `jax.export` fails for another reason
       than the symbolic batch.
   """
-  fn = (decode_step_function(model, max_length) if prefill_length is None
-        else prefill_function(model, max_length))
-  layout = cache_layout(model, max_length)
-  if prefill_length is not None:
-    _checks.check_positive_int("prefill_length", prefill_length)
-  _checks.check_positive_int("fallback_batch", fallback_batch)
-  what = "decode step" if prefill_length is None else "prefill"
+  fn, layout, what = _program(model, max_length, prefill_length, fallback_batch)
   reason = None
   if symbolic_batch:
     batch = jax.export.symbolic_shape("B")[0]
@@ -507,13 +513,7 @@ def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = Non
   except ImportError as e:
     raise ImportError("export_onnx needs jax2onnx, onnx and onnxruntime: "
                       "pip install -e '.[export]'.") from e
-  fn = (decode_step_function(model, max_length) if prefill_length is None
-        else prefill_function(model, max_length))
-  layout = cache_layout(model, max_length)
-  if prefill_length is not None:
-    _checks.check_positive_int("prefill_length", prefill_length)
-  _checks.check_positive_int("fallback_batch", fallback_batch)
-  what = "decode step" if prefill_length is None else "prefill"
+  fn, layout, what = _program(model, max_length, prefill_length, fallback_batch)
   in_names, out_names = io_names(layout, prefill_length is not None)
 
   def convert(batch):
