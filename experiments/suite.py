@@ -6,6 +6,7 @@ Usage:
   python -m experiments.suite run --suite mqar --runs runs/suite
   python -m experiments.suite run --suite mqar_long --runs runs/suite   # the budget study
   python -m experiments.suite run --suite delta --runs runs/suite   # opt-in: Gated DeltaNet, DCA memory="delta"
+  python -m experiments.suite run --suite recall --runs runs/recall  # opt-in: issue #12's MQAR study
   python -m experiments.suite speed --out runs/suite/speed.json   # tokens/s, side by side
   python -m experiments.suite render --runs runs/suite            # docs/benchmark_results.*
   python -m experiments.suite list --suite all                    # what would run
@@ -42,6 +43,7 @@ from dca_jax.nn import TransformerLM, count_params
 from experiments import bookkeeping
 from experiments import checkpoints as checkpoints_lib
 from experiments import evaluate as evaluate_lib
+from experiments import recall_study
 from experiments import suite_plan
 from experiments import suite_report
 from experiments import suite_speed
@@ -86,6 +88,9 @@ def run_one(run: Run, runs_root: pathlib.Path, *, tiny: bool = False) -> dict[st
       "date": bookkeeping.now(),
       "tiny": tiny,
   }
+  if run.group == "recall":
+    result["distance_accuracy"] = recall_study.distance_accuracy(
+        workdir, batches=2 if tiny else 16, batch_size=64)
   bookkeeping.write_json(workdir / "result.json", result)
   return result
 

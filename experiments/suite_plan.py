@@ -103,7 +103,7 @@ DELTA_VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("dca_delta", "dca", {"memory": "delta"}, "DCA, delta memory"),
 )
 
-SUITES = ("lm", "ablations", "mqar", "mqar_long", "all", "delta")
+SUITES = ("lm", "ablations", "mqar", "mqar_long", "all", "delta", "recall")
 
 
 def _delta_runs() -> list[Run]:
@@ -130,11 +130,15 @@ def suite_runs(suite: str) -> list[Run]:
   """The runs of a suite: "lm", "ablations", "mqar", "mqar_long" or "all" ("all" in order of
   priority: the LM comparison, the MQAR ablations, the corpus ablations, the MQAR grid in
   `MQAR_ORDER`, then the longer-budget MQAR runs in `MQAR_LONG_ORDER`), or the opt-in "delta"
-  (`_delta_runs`, not part of "all")."""
+  (`_delta_runs`, not part of "all") or "recall" (`experiments/recall_study.py`, issue #12's
+  MQAR comparison with a short convolution in every layer, not part of "all")."""
   if suite not in SUITES:
     raise ValueError(f"suite must be one of {SUITES}, got {suite!r}.")
   if suite == "delta":
     return _delta_runs()
+  if suite == "recall":
+    from experiments import recall_study
+    return recall_study.recall_runs()
   lm, ablation_mqar, ablation_lm = [], [], []
   for attention in ATTENTIONS:
     lm.append(_run(f"lm_{attention}", "lm", "lm_dca", LABELS[attention], attention=attention,
@@ -252,7 +256,7 @@ def find_run(name: str) -> Run:
   Raises:
     ValueError: no run has that name.
   """
-  for run in suite_runs("all") + suite_runs("delta"):
+  for run in suite_runs("all") + suite_runs("delta") + suite_runs("recall"):
     if run.name == name:
       return run
   raise ValueError(f"unknown run {name!r}; see `python -m experiments.suite list`.")

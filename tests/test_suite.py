@@ -11,7 +11,11 @@ import json
 
 import pytest
 
+import numpy as np
+
 from experiments import demo
+from experiments import mqar
+from experiments import recall_study
 from experiments import suite
 from experiments import suite_plan
 from experiments import suite_report
@@ -19,8 +23,9 @@ from experiments import suite_speed
 
 # One run of each kind the report renders (LM, MQAR grid, ablation, budget study): an LM ablation
 # would add a second LM training and its four-length evaluation (~40 s of CI) for no new path.
+# The recall study's run adds Gated DeltaNet and the scoring by distance (issue #12).
 TINY_RUNS = ("lm_dca", "mqar_64_4_d64_softmax", "ablation_mqar_decay_channel",
-             "mqar_long_64_4_d64_dca")
+             "mqar_long_64_4_d64_dca", "recall_128_8_d128_gated_deltanet")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,7 @@ def test_tiny_suite_runs_resumes_and_renders(tiny_suite, tmp_path, capsys):
   _check_rerun_skips_finished_runs(tiny_suite, capsys)
   _check_render_writes_tables_and_plots(tiny_suite, tmp_path / "render")
   _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path / "unfinished")
+  _check_recall_study_renders_distance_buckets(tiny_suite, tmp_path / "recall")
 
 
 def test_suite_lists_every_configuration():
@@ -125,6 +131,32 @@ def _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):
   text = (tmp_path / "out" / "benchmark_results.md").read_text()
   assert "| (256, 16), 128 | unfinished: val 0.250 at step 200 | not run |" in text
   assert "DCA's run is unfinished (validation accuracy 0.250 at step 200 of 2000)" in text
+
+
+def _check_recall_study_renders_distance_buckets(tiny_suite, tmp_path):
+  result = json.loads((tiny_suite / "recall_128_8_d128_gated_deltanet" / "result.json").read_text())
+  buckets = result["distance_accuracy"]["buckets"]
+  # Every scored query falls in one bucket: the counts add up to the evaluation's targets.
+  assert sum(b["count"] for b in buckets) == result["evaluation"]["32"]["targets"]
+  rows = recall_study.render(tiny_suite, tmp_path)
+  text = (tmp_path / "recall_study.md").read_text()
+  assert "| Gated DeltaNet | not run | not run | 0." in text
+  assert "Where each memory stops recalling" in text
+  assert sum(r["status"] == "done" for r in rows) == 1
+
+
+def test_recall_study_distances_match_the_layout():
+  """query_distances finds, for every query, the distance back to its key's value (2i + 1)."""
+  batch = mqar.mqar_batch(np.random.default_rng(3), batch_size=4, seq_len=64, num_pairs=5,
+                          vocab_size=64)
+  dist = recall_study.query_distances(batch["tokens"], batch["mask"], 5)
+  assert ((dist >= 0) == batch["mask"]).all()
+  for b, t in zip(*np.nonzero(batch["mask"])):
+    (i,) = np.flatnonzero(batch["tokens"][b, 0:10:2] == batch["tokens"][b, t])
+    assert batch["tokens"][b, 2 * i + 1] == batch["targets"][b, t]
+    assert dist[b, t] == t - (2 * i + 1)
+  labels = recall_study.bucket_labels(32)
+  assert labels[0] == "[0, 32)" and labels[-1] == "[256, inf)"
 
 
 def test_speed_and_energy_tiny(tmp_path):
