@@ -336,6 +336,65 @@ def associative(q, k, v, beta, g, s0):
   return o, states[:, -1]
 
 
+# Rows per diagonal block of `unit_lower_solve`.
+SOLVE_BLOCK = 16
+
+
+def unit_lower_solve(lower: jax.Array, rhs: jax.Array, *, block: int = SOLVE_BLOCK) -> jax.Array:
+  """X with (I + L) X = R, for L strictly lower triangular: blocked forward substitution.
+
+  Written with matmuls and elementwise ops only. `jax.scipy.linalg.solve_triangular` would be
+  the obvious call, but on CPU (jaxlib 0.10.2) it lowers to LAPACK trsm behind a batch loop on
+  XLA's intra-op thread pool, and two such calls that XLA runs at the same time can each wait
+  for pool threads the other holds: a training step of the delta rule then hangs for ever with
+  every thread idle (seen with gdb: two `lapack_strsm_ffi` threads in `jax::ParallelBatchMap`
+  waiting on a `BlockingCounter`, the main thread in `xla::Semaphore::Acquire`).
+
+  The rows are cut into blocks of `block`. Each diagonal block's inverse T_jj = (I + L_jj)^-1
+  comes from row-by-row substitution (T_i = e_i - L_i T, rows in order), then
+      X_j = T_jj (R_j - sum_{i < j} L_ji X_i),
+  block after block: the same substitution as trsm, grouped into matmuls. Autodiff goes through
+  it as through any matmuls.
+
+  Args:
+    lower: [..., C, C]; only its strictly lower triangle is read.
+    rhs: [..., C, N].
+    block: rows per diagonal block (C is padded with identity rows to a multiple).
+
+  Returns:
+    [..., C, N], rhs's dtype.
+  """
+  size = lower.shape[-1]
+  block = max(1, min(block, size))
+  n_blocks = -(-size // block)
+  pad = n_blocks * block - size
+  index = jnp.arange(size)
+  lower = jnp.where(index[:, None] > index[None, :], lower, 0.0)
+  if pad:
+    lower = jnp.pad(lower, [(0, 0)] * (lower.ndim - 2) + [(0, pad), (0, pad)])
+    rhs = jnp.pad(rhs, [(0, 0)] * (rhs.ndim - 2) + [(0, pad), (0, 0)])
+  # Diagonal blocks [..., n_blocks, b, b] and their inverses, row by row.
+  lead = lower.shape[:-2]
+  rows = lower.reshape(lead + (n_blocks, block, n_blocks, block))
+  diag = jnp.diagonal(rows, axis1=-4, axis2=-2)                         # [..., b, b, n_blocks]
+  diag = jnp.moveaxis(diag, -1, -3)                                     # [..., n_blocks, b, b]
+  eye = jnp.eye(block, dtype=lower.dtype)
+  inverse_rows = [eye[0] * jnp.ones(diag.shape[:-2] + (1,), lower.dtype)]
+  for i in range(1, block):
+    done = jnp.stack(inverse_rows, axis=-2)                             # [..., n_blocks, i, b]
+    row = eye[i] - jnp.einsum("...j,...jk->...k", diag[..., i, :i], done)
+    inverse_rows.append(row)
+  inverse = jnp.stack(inverse_rows, axis=-2)                            # [..., n_blocks, b, b]
+  solved = []
+  for j in range(n_blocks):
+    part = rhs[..., j * block:(j + 1) * block, :]
+    if j:
+      left = lower[..., j * block:(j + 1) * block, :j * block]
+      part = part - left @ jnp.concatenate(solved, axis=-2)
+    solved.append(inverse[..., j, :, :] @ part)
+  return jnp.concatenate(solved, axis=-2)[..., :size, :]
+
+
 def chunked(q, k, v, beta, g, s0, *, chunk_size: int):
   """Chunked form (WY/UT representation per chunk, module doc). Internal contract as above."""
   batch, time, heads, key_dim = q.shape
@@ -363,9 +422,8 @@ def chunked(q, k, v, beta, g, s0, *, chunk_size: int):
   # The UT transform: (I + L) [W, U'] = [diag(beta exp(G)) K, diag(beta) V].
   lower = jnp.where(strict, beta[..., :, None] * between * jnp.einsum("...ik,...jk->...ij", k, k),
                     0.0)
-  system = lower + jnp.eye(chunk, dtype=lower.dtype)
   rhs = jnp.concatenate([(beta * jnp.exp(into))[..., None] * k, beta[..., None] * v], axis=-1)
-  solution = jax.scipy.linalg.solve_triangular(system, rhs, lower=True, unit_diagonal=True)
+  solution = unit_lower_solve(lower, rhs)
   w, u = solution[..., :key_dim], solution[..., key_dim:]
 
   # Per chunk: outputs O = P S + R and the end state S_end = A S + B of the entering state S.
