@@ -300,7 +300,7 @@ def test_initial_state_is_forgotten_after_a_reset():
                                     err_msg=str(config))
 
 
-@pytest.mark.parametrize("size, block", [(64, 16), (33, 16), (17, 4), (5, 16), (1, 16)])
+@pytest.mark.parametrize("size, block", [(64, 16), (37, 16), (6, 4)])
 def test_unit_lower_solve_equals_a_float64_solve_forward_and_gradients(size, block):
   """The blocked substitution of the chunked form against NumPy's solve in float64 (and its
   gradients against those of the LAPACK triangular solve), on sizes that are not a multiple of
@@ -309,19 +309,23 @@ def test_unit_lower_solve_equals_a_float64_solve_forward_and_gradients(size, blo
   lower = rng.normal(size=(2, 3, size, size)) * 0.3
   rhs = rng.normal(size=(2, 3, size, 7))
   system = np.tril(lower, -1) + np.eye(size)
-  with jax.enable_x64():
-    got = delta_rule_module.unit_lower_solve(jnp.asarray(lower), jnp.asarray(rhs), block=block)
-    np.testing.assert_allclose(got, np.linalg.solve(system, rhs), rtol=1e-10, atol=1e-10)
 
-    def loss(solve):
-      return lambda a, b: jnp.sum(jnp.sin(solve(a, b)))
-    ours = jax.grad(loss(lambda a, b: delta_rule_module.unit_lower_solve(a, b, block=block)),
-                    (0, 1))(jnp.asarray(lower), jnp.asarray(rhs))
-    lapack = jax.grad(loss(lambda a, b: jax.scipy.linalg.solve_triangular(
-        jnp.tril(a, -1) + jnp.eye(size), b, lower=True, unit_diagonal=True)),
-                      (0, 1))(jnp.asarray(lower), jnp.asarray(rhs))
-    for a, b in zip(ours, lapack):
-      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+  def ours(a, b):
+    return delta_rule_module.unit_lower_solve(a, b, block=block)
+
+  def lapack(a, b):
+    return jax.scipy.linalg.solve_triangular(jnp.tril(a, -1) + jnp.eye(size), b, lower=True,
+                                             unit_diagonal=True)
+
+  def grads(solve):
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(solve(a, b))), (0, 1)))
+
+  with jax.enable_x64():
+    a, b = jnp.asarray(lower), jnp.asarray(rhs)
+    np.testing.assert_allclose(jax.jit(ours)(a, b), np.linalg.solve(system, rhs), rtol=1e-10,
+                               atol=1e-10)
+    for x, y in zip(grads(ours)(a, b), grads(lapack)(a, b)):
+      np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10)
 
 
 def test_combine_affine_maps_is_associative_and_applies_in_sequence():
