@@ -13,9 +13,10 @@ import hypothesis
 
 # XLA on one thread per process unless the caller chose flags: the suite runs as two pytest-xdist
 # workers on two cores, so a multi-threaded XLA pool per worker only oversubscribes them. It also
-# takes XLA's intra-op thread pool out of the picture while the intermittent failures of
-# 2026-12-02 are open (a segfault in XLA:CPU's compiler and, once, a computation whose result never
-# arrived, all pool threads idle: both late in a long worker, in a different test each time).
+# takes XLA's intra-op thread pool out of the picture for the intermittent failures of 2026-12-02:
+# a segfault in XLA:CPU's compiler (still unexplained), and a computation whose result never
+# arrived, all pool threads idle: that one was LAPACK's batched triangular solve deadlocking the
+# pool (see dca_jax.ops.delta_rule.unit_lower_solve, which replaced it).
 # Set before any test module imports JAX.
 os.environ.setdefault("XLA_FLAGS",
                       "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

@@ -71,13 +71,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops import _checks, segments
+from dca_jax.ops import _checks, segments, sequence_parallel
 from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode
 from dca_jax.ops.quadratic import decay_matrix, prefix_sum, reverse_exclusive_cumsum
 
 
 def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=None, mode="auto",
-                         chunk_size=None, return_final_state=False):
+                         chunk_size=None, return_final_state=False, axis_name=None):
   """Gated delta rule attention: a K x V matrix memory updated by error correction, with decay.
 
   For every batch row and head (B batch, T time, H heads, K key dim, V value dim):
@@ -122,6 +122,12 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
     chunk_size: C, the chunk length of the chunked form and the T above which "auto" chunks
       (default: the engine planner's, 64 on CPU and GPU, 128 on TPU).
     return_final_state: also return S_T.
+    axis_name: None (one device), or the name of the mesh axis that T is sharded over, inside
+      `jax.shard_map` (as `gated_linear_attention`'s): each shard summarises its tokens as the
+      affine map S -> A S + U (A [K, K]: a local pass with v = 0 from S = I; U: a local pass
+      from S = 0), one `all_gather` of the maps, a fold of the shards before it, then its own
+      pass again from the state that enters it (three local passes in all). `initial_state`
+      enters the first shard; the final state is the whole sequence's on every shard.
 
   Returns:
     o [B, T, H, V] in the dtype of q, k and v (promoted), or (o, S_T) with S_T float32
@@ -129,8 +135,8 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
 
   Raises:
     ValueError: on wrong ranks or mismatched dimensions, T = 0, a positive or NaN log decay or a
-      beta outside [0, 1] (both checked when the values are concrete), an unknown mode or a chunk
-      size < 1.
+      beta outside [0, 1] (both checked when the values are concrete), an unknown mode, a chunk
+      size < 1 or an `axis_name` that is not a mesh axis bound here.
     TypeError: on non-floating inputs or a non-boolean reset.
 
   Example:
@@ -161,11 +167,22 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
   _checks.check_state("initial_state", initial_state, (batch, heads, key_dim, value_dim))
   _checks.check_reset(reset, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+  if axis_name is not None:
+    sequence_parallel.check_axis_name(axis_name)
 
   out_dtype = jnp.result_type(q, k, v)
   plans = delta_rule_plans(time, mode=mode, chunk_size=chunk_size)
+  if axis_name is not None:
+    initial_state = _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset,
+                                    axis_name)
   o, final = run_delta_rule(plans, q, k, v, beta, log_decay, initial_state=initial_state,
                             reset=reset)
+  if axis_name is not None:
+    index = jax.lax.axis_index(axis_name)
+    last = jax.lax.axis_size(axis_name) - 1
+    # The last shard's final state is the sequence's; a psum of it gives every shard the same,
+    # invariant value (out_specs=P() is accepted by shard_map with check_vma on).
+    final = jax.lax.psum(jnp.where(index == last, final, 0.0), axis_name)
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
 
@@ -213,6 +230,29 @@ def delta_rule_plans(sequence_length: int, *, mode: Mode | str = Mode.AUTO, chun
   grad = EnginePlan(Mode.CHUNKED, chunk) if sequence_length > chunk else EnginePlan(Mode.RECURRENT)
   forward = EnginePlan(Mode.RECURRENT) if backend == "cpu" else grad
   return forward, grad
+
+
+def _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_name):
+  """The state entering this shard of a sequence sharded over `axis_name` (see
+  `delta_rule_attention`), float32 [B, H, K, V]."""
+  batch, _, heads, key_dim = q.shape
+  f32 = jnp.float32
+  zeros = sequence_parallel.varying(jnp.zeros((batch, heads, key_dim, v.shape[-1]), f32),
+                                    axis_name)
+  _, updates = run_delta_rule(plans, q, k, v, beta, log_decay, initial_state=zeros,
+                              reset=reset)                                     # U [B, H, K, V]
+  identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=f32), (batch, heads, key_dim, key_dim))
+  _, maps = run_delta_rule(plans, q, k, jnp.zeros(k.shape, f32), beta, log_decay,
+                           initial_state=sequence_parallel.varying(identity, axis_name),
+                           reset=reset)                                        # A [B, H, K, K]
+  maps = jax.lax.all_gather(maps, axis_name)
+  updates = jax.lax.all_gather(updates, axis_name)
+  cum_maps, cum_updates = jax.lax.associative_scan(combine_affine_maps, (maps, updates), axis=0)
+  s0 = sequence_parallel.zeros_state(batch, heads, key_dim, v.shape[-1], initial_state)
+  index = jax.lax.axis_index(axis_name)
+  before = jnp.maximum(index - 1, 0)
+  entering = jnp.where(index > 0, cum_maps[before] @ s0 + cum_updates[before], s0)
+  return sequence_parallel.varying(entering, axis_name)
 
 
 def run_delta_rule(plans: tuple[EnginePlan, EnginePlan], q, k, v, beta, log_decay, *,

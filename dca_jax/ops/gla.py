@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops import _checks, segments
+from dca_jax.ops import _checks, segments, sequence_parallel
 from dca_jax.ops.chunked import chunked
 from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode, engine_plans
 from dca_jax.ops.quadratic import quadratic
@@ -15,7 +15,7 @@ from dca_jax.ops.scan import associative, recurrent
 
 
 def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None, mode="auto",
-                           chunk_size=None, return_final_state=False):
+                           chunk_size=None, return_final_state=False, axis_name=None):
   """Gated linear attention: a linear recurrence over a K x V matrix state with data-dependent decay.
 
   For every batch row and head (B batch, T time, H heads, K key dim, V value dim):
@@ -49,6 +49,12 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
       asks `plan_engine` (the rule measured by experiments/benchmark_engine.py).
     chunk_size: chunk length for the chunked form (default: the planner's choice).
     return_final_state: also return S_T.
+    axis_name: None (one device), or the name of the mesh axis that T is sharded over, inside
+      `jax.shard_map`: q, k, v, log_decay and reset are then this shard's slice of the sequence
+      (contiguous, in mesh order), `initial_state` enters the first shard, and the result is
+      this shard's outputs and the whole sequence's final state (the same on every shard). One
+      `all_gather` of a [B, H, K (+1), V] summary per shard, whatever T
+      (`dca_jax.ops.sequence_parallel`).
 
   Returns:
     o [B, T, H, V] in the dtype of the inputs, or (o, S_T) with S_T float32 [B, H, K, V] when
@@ -56,7 +62,8 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
 
   Raises:
     ValueError: on wrong ranks or mismatched dimensions, a positive log decay (checked when the
-      values are concrete), an unknown mode or a chunk size < 1.
+      values are concrete), an unknown mode, a chunk size < 1 or an `axis_name` that is not a
+      mesh axis bound here.
     TypeError: on non-floating inputs or a non-boolean reset.
 
   Example:
@@ -68,6 +75,22 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
     ...                                   return_final_state=True)
     >>> o.shape, state.shape
     ((1, 10, 2, 3), (1, 2, 4, 3))
+
+    The same with T split over the devices of a mesh (one device here; run with
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 for eight):
+
+    >>> import numpy as np
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()), ("seq",))
+    >>> t = 4 * jax.device_count()
+    >>> q = k = jax.random.normal(jax.random.key(0), (1, t, 2, 4))
+    >>> v, log_decay = jnp.ones((1, t, 2, 3)), jnp.full((1, t, 2), -0.1)
+    >>> sharded = jax.shard_map(
+    ...     lambda q, k, v, g: gated_linear_attention(q, k, v, g, axis_name="seq"), mesh=mesh,
+    ...     in_specs=(P(None, "seq"),) * 4, out_specs=P(None, "seq"))
+    >>> bool(jnp.allclose(sharded(q, k, v, log_decay), gated_linear_attention(q, k, v, log_decay),
+    ...                   atol=1e-5))
+    True
 
   References:
     Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient Training",
@@ -84,11 +107,25 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
   _checks.check_state("initial_state", initial_state, (batch, heads, key_dim, value_dim))
   _checks.check_reset(reset, batch, time)
   _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+  if axis_name is not None:
+    sequence_parallel.check_axis_name(axis_name)
 
   out_dtype = jnp.result_type(q, k, v)
   plans = engine_plans(time, per_channel_decay=log_decay.ndim == 4 and key_dim > 1, mode=mode,
                        chunk_size=chunk_size)
-  o, final = run_engine(plans, q, k, v, log_decay, initial_state=initial_state, reset=reset)
+  if axis_name is None:
+    o, final = run_engine(plans, q, k, v, log_decay, initial_state=initial_state, reset=reset)
+  else:
+    zeros = sequence_parallel.varying(
+        jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32), axis_name)
+    o, local_final = run_engine(plans, q, k, v, log_decay, initial_state=zeros, reset=reset)
+    g = log_decay.astype(jnp.float32)
+    g = g[..., None] if g.ndim == 3 else g
+    if reset is not None:
+      g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
+    s0 = sequence_parallel.zeros_state(batch, heads, key_dim, value_dim, initial_state)
+    o, final = sequence_parallel.combine_shards(o, local_final, q.astype(jnp.float32), g, s0,
+                                                axis_name)
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
 

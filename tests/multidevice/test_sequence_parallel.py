@@ -1,0 +1,152 @@
+"""The engine with T sharded over a mesh axis equals the single-device engine.
+
+For 2, 4 and 8 shards of 8 CPU host devices: outputs, final states and gradients of every input
+(initial state included), with resets inside shards and exactly at a shard boundary, local
+lengths that are not a multiple of the chunk, both decay shapes and both engine rules.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dca_jax import delta_rule_attention, gated_linear_attention
+
+B, H, K, V = 2, 3, 4, 5
+LOCAL = 13                       # tokens per shard at 8 shards: not a multiple of the chunk (4)
+T = 8 * LOCAL
+
+
+def _mesh(n):
+  return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("seq",))
+
+
+def _inputs(per_channel: bool):
+  keys = jax.random.split(jax.random.key(0), 7)
+  q = jax.random.normal(keys[0], (B, T, H, K))
+  k = jax.random.normal(keys[1], (B, T, H, K))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(keys[2], (B, T, H, V))
+  shape = (B, T, H, K) if per_channel else (B, T, H)
+  log_decay = -jax.nn.softplus(jax.random.normal(keys[3], shape))
+  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (B, T, H)))
+  s0 = jax.random.normal(keys[5], (B, H, K, V))
+  reset = jax.random.bernoulli(keys[6], 0.04, (B, T))
+  # A reset exactly at the first token of a shard (for 2, 4 and 8 shards) and one inside.
+  reset = reset.at[0, T // 2].set(True).at[1, 2 * LOCAL + 5].set(True)
+  return q, k, v, log_decay, beta, s0, reset
+
+
+def _loss(fn):
+  def loss(*args):
+    o, final = fn(*args)
+    return jnp.sum(jnp.sin(o)) + jnp.sum(final * final)
+  return loss
+
+
+def _check(sharded, single, args, n_grad):
+  o, final = jax.jit(sharded)(*args)
+  o_ref, final_ref = jax.jit(single)(*args)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=1e-5)
+  argnums = tuple(range(n_grad))
+  grads = jax.jit(jax.grad(_loss(sharded), argnums))(*args)
+  grads_ref = jax.jit(jax.grad(_loss(single), argnums))(*args)
+  for g, g_ref in zip(grads, grads_ref):
+    scale = float(jnp.max(jnp.abs(g_ref)))
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+# CI draws each shard count once (the whole grid: `-m slow` adds the rest, ~1 min).
+_GRID = [(2, False), (4, True), (8, False)]
+
+
+@pytest.mark.parametrize("shards, per_channel", _GRID + [
+    pytest.param(n, c, marks=pytest.mark.slow) for n in (2, 4, 8) for c in (False, True)
+    if (n, c) not in _GRID])
+def test_gla_sharded_equals_single_device(shards, per_channel):
+  q, k, v, log_decay, _, s0, reset = _inputs(per_channel)
+
+  def run(q, k, v, g, s, axis_name=None):
+    return gated_linear_attention(q, k, v, g, initial_state=s, reset=reset_local(axis_name),
+                                  mode="chunked", chunk_size=4, return_final_state=True,
+                                  axis_name=axis_name)
+
+  # The reset mask is closed over: slice this shard's part inside the shard_map.
+  def reset_local(axis_name):
+    if axis_name is None:
+      return reset
+    index = jax.lax.axis_index(axis_name)
+    return jax.lax.dynamic_slice_in_dim(reset, index * (T // shards), T // shards, axis=1)
+
+  sharded = jax.shard_map(functools.partial(run, axis_name="seq"), mesh=_mesh(shards),
+                          in_specs=(P(None, "seq"),) * 4 + (P(),),
+                          out_specs=(P(None, "seq"), P()))
+  _check(sharded, run, (q, k, v, log_decay, s0), 5)
+
+
+@pytest.mark.parametrize("mode", ["recurrent", pytest.param("auto", marks=pytest.mark.slow)])
+def test_gla_sharded_every_mode(mode):
+  q, k, v, log_decay, _, s0, reset = _inputs(False)
+
+  def run(q, k, v, g, r, s, axis_name=None):
+    return gated_linear_attention(q, k, v, g, initial_state=s, reset=r, mode=mode,
+                                  return_final_state=True, axis_name=axis_name)
+
+  sharded = jax.shard_map(functools.partial(run, axis_name="seq"), mesh=_mesh(4),
+                          in_specs=(P(None, "seq"),) * 5 + (P(),),
+                          out_specs=(P(None, "seq"), P()))
+  o, final = jax.jit(sharded)(q, k, v, log_decay, reset, s0)
+  o_ref, final_ref = jax.jit(run)(q, k, v, log_decay, reset, s0)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shards", [2, pytest.param(4, marks=pytest.mark.slow), 8])
+def test_delta_rule_sharded_equals_single_device(shards):
+  q, k, v, log_decay, beta, s0, reset = _inputs(False)
+
+  def run(q, k, v, b, g, r, s, axis_name=None):
+    return delta_rule_attention(q, k, v, b, g, initial_state=s, reset=r, mode="chunked",
+                                chunk_size=4, return_final_state=True, axis_name=axis_name)
+
+  sharded = jax.shard_map(functools.partial(run, axis_name="seq"), mesh=_mesh(shards),
+                          in_specs=(P(None, "seq"),) * 6 + (P(),),
+                          out_specs=(P(None, "seq"), P()))
+  args = (q, k, v, beta, log_decay, reset, s0)
+  o, final = jax.jit(sharded)(*args)
+  o_ref, final_ref = jax.jit(run)(*args)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=1e-5)
+  float_args = lambda q, k, v, b, g, s: sharded(q, k, v, b, g, reset, s)
+  single_args = lambda q, k, v, b, g, s: run(q, k, v, b, g, reset, s)
+  grads = jax.jit(jax.grad(_loss(float_args), tuple(range(6))))(q, k, v, beta, log_decay, s0)
+  grads_ref = jax.jit(jax.grad(_loss(single_args), tuple(range(6))))(q, k, v, beta, log_decay, s0)
+  for g, g_ref in zip(grads, grads_ref):
+    scale = float(jnp.max(jnp.abs(g_ref)))
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_a_nonfinite_token_poisons_only_later_shards_up_to_a_reset():
+  q, k, v, log_decay, _, _, _ = _inputs(False)
+  v = v.at[0, 3].set(jnp.nan)                      # shard 0 of 4, batch row 0
+  reset = jnp.zeros((B, T), bool).at[0, 2 * (T // 4) + 1].set(True)   # inside shard 2
+  sharded = jax.shard_map(
+      lambda q, k, v, g, r: gated_linear_attention(q, k, v, g, reset=r, axis_name="seq"),
+      mesh=_mesh(4), in_specs=(P(None, "seq"),) * 5, out_specs=P(None, "seq"))
+  o = jax.jit(sharded)(q, k, v, log_decay, reset)
+  o_ref = gated_linear_attention(q, k, v, log_decay, reset=reset)
+  np.testing.assert_array_equal(jnp.isnan(o), jnp.isnan(o_ref))
+  assert bool(jnp.isnan(o[0, 3:2 * (T // 4) + 1]).all())
+  assert not bool(jnp.isnan(o[0, 2 * (T // 4) + 1:]).any()) and not bool(jnp.isnan(o[1]).any())
+
+
+def test_an_unbound_axis_name_is_a_clear_error():
+  q, k, v, log_decay, _, _, _ = _inputs(False)
+  with pytest.raises(ValueError, match="axis_name='seq' is not a mesh axis bound here"):
+    gated_linear_attention(q, k, v, log_decay, axis_name="seq")
