@@ -1,0 +1,184 @@
+"""Sequence parallelism on paper: per-device FLOPs, bytes communicated, step-time estimates.
+
+    python -m experiments.scaling [--out docs/scaling.md]     (arithmetic only, < 1 s)
+
+For one attention layer's forward pass with the sequence of N tokens split over P devices
+(issue #14), this counts, from closed-form operation counts (stated in the table's notes, not
+measured):
+- DCA: the local window + chunked memory work of N/P tokens, the all_gather of every shard's
+  memory summary (P x H x F x (V+1) floats received per device) and the halo of the previous
+  shard's last W tokens (W x H x (2K + F) floats) and last S - 1 layer inputs (the convolution);
+- softmax with ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers"):
+  the causal score and value work of N/P queries against up to N keys, and the key/value blocks
+  that travel round the ring ((P - 1) x N/P x H x 2K floats received per device).
+The step-time estimate is compute / (peak x utilisation) + bytes / link bandwidth (no overlap of
+the two, a pessimistic choice for ring attention, which overlaps them in practice), with
+published figures of an NVIDIA H100 SXM: 989 TFLOP/s dense BF16 (NVIDIA H100 Tensor Core GPU
+datasheet), NVLink 900 GB/s per GPU inside an 8-GPU node (same datasheet), 50 GB/s per GPU
+(one 400 Gb/s NDR InfiniBand adapter per GPU, as in NVIDIA's DGX H100 reference) beyond 8. Only
+the engine's sequence-parallel form exists in the library today (`axis_name=`, tested on 8 CPU
+host devices in tests/multidevice); the DCA layer's halo is designed, not yet implemented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+
+from experiments.bookkeeping import machine_line, machine_info, now
+
+BYTES = 2                                   # BF16 activations and states on the wire
+PEAK_FLOPS = 989e12                         # H100 SXM, dense BF16 (datasheet)
+UTILISATION = 0.4                           # assumed fraction of peak reached by attention
+NVLINK_BYTES_PER_S = 900e9                  # H100 SXM NVLink, per GPU (datasheet)
+NETWORK_BYTES_PER_S = 50e9                  # 400 Gb/s InfiniBand NDR per GPU beyond one node
+NODE = 8                                    # GPUs per NVLink domain
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One attention layer: D model width, H heads, K = V head dims, W window, P_phi projected
+  feature dims (F = 1 + P_phi + P_phi (P_phi + 1) / 2), C chunk, S convolution width."""
+
+  d_model: int = 2048
+  heads: int = 16
+  head_dim: int = 128
+  window: int = 64
+  feature_proj: int = 16
+  chunk: int = 64
+  conv: int = 4
+
+  @property
+  def features(self) -> int:
+    p = self.feature_proj
+    return 1 + p + p * (p + 1) // 2
+
+
+def dca_flops(layer: Layer, tokens: float) -> float:
+  """Forward FLOPs of DCA's attention on `tokens` local tokens (projections excluded: they are
+  the same for every layer and split perfectly)."""
+  h, k, w, f, c = layer.heads, layer.head_dim, layer.window, layer.features, layer.chunk
+  window = 2 * tokens * w * h * 2 * k                  # scores and weighted values
+  intra = 2 * tokens * c * h * (f + k + 1)             # chunk-local scores and values
+  state = 2 * 2 * tokens * h * f * (k + 1)             # write into and read from the state
+  features = 2 * tokens * h * 2 * k * layer.feature_proj
+  return window + intra + state + features
+
+
+def softmax_flops(layer: Layer, tokens: float, total: float) -> float:
+  """Causal softmax FLOPs of `tokens` queries against their keys, averaged over the ring (each
+  device's queries see on average half of the `total` keys)."""
+  return 2 * tokens * (total / 2) * layer.heads * 2 * layer.head_dim
+
+
+def dca_bytes(layer: Layer, devices: int) -> float:
+  """Bytes one device receives: the all_gather of the memory summaries and the halo."""
+  if devices == 1:
+    return 0.0
+  h, k, f = layer.heads, layer.head_dim, layer.features
+  gather = (devices - 1) * h * (f * (k + 1) + f) * BYTES
+  halo = (layer.window * h * (2 * k + f) + (layer.conv - 1) * layer.d_model) * BYTES
+  return gather + halo
+
+
+def ring_bytes(layer: Layer, total: float, devices: int) -> float:
+  """Bytes one device receives in ring attention: every other shard's keys and values."""
+  return (devices - 1) * (total / devices) * layer.heads * 2 * layer.head_dim * BYTES
+
+
+def link(devices: int) -> float:
+  return NVLINK_BYTES_PER_S if devices <= NODE else NETWORK_BYTES_PER_S
+
+
+def table(layer: Layer, totals, device_counts) -> list[dict]:
+  rows = []
+  for total in totals:
+    for p in device_counts:
+      local = total / p
+      row = {"tokens": total, "devices": p,
+             "dca_gflop": dca_flops(layer, local) / 1e9,
+             "softmax_gflop": softmax_flops(layer, local, total) / 1e9,
+             "dca_mib": dca_bytes(layer, p) / 2**20,
+             "ring_mib": ring_bytes(layer, total, p) / 2**20}
+      rate = PEAK_FLOPS * UTILISATION
+      row["dca_ms"] = 1e3 * (row["dca_gflop"] * 1e9 / rate + dca_bytes(layer, p) / link(p))
+      row["softmax_ms"] = 1e3 * (row["softmax_gflop"] * 1e9 / rate
+                                 + ring_bytes(layer, total, p) / link(p))
+      rows.append(row)
+  return rows
+
+
+def _fmt(x: float) -> str:
+  if x >= 100:
+    return f"{x:,.0f}"
+  if x >= 1:
+    return f"{x:.1f}"
+  return f"{x:.3g}"
+
+
+def markdown(layer: Layer, rows: list[dict]) -> list[str]:
+  info = machine_info()
+  lines = [
+      "# Sequence parallelism: what each device computes and sends",
+      "",
+      "Generated by `python -m experiments.scaling` (closed-form counts, no measurement; "
+      f"{now()[:10]}, on {machine_line(info)}). Assumptions and sources: the module "
+      "docstring of experiments/scaling.py.",
+      "",
+      "## Status",
+      "",
+      "- Implemented and tested: `gated_linear_attention(..., axis_name=...)` and "
+      "`delta_rule_attention(..., axis_name=...)` inside `jax.shard_map` (one `all_gather` of a "
+      "per-shard summary whose size does not depend on T, then a fold of the shards before). "
+      "tests/multidevice checks sharded == single device on 8 CPU host devices for 2, 4 and 8 "
+      "shards: outputs, final states and gradients, resets at and inside shard boundaries. Those "
+      "CPU runs check correctness; they are not a speed-up (8 host devices share 2 cores).",
+      "- Designed, not implemented yet: the DCA layer's halo (the previous shard's last W keys, "
+      "values and key features and the convolution's last S - 1 inputs, one `ppermute`), the "
+      "layers' sequence-axis option and `experiments/train.py --mesh` (issue #14 parts 2-4).",
+      "",
+      f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
+      f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "
+      f"S = {layer.conv}",
+      "",
+      "Per device: attention FLOPs (projections excluded, they split perfectly), bytes "
+      "received (BF16), and the estimated time = FLOPs / (989 TFLOP/s x 0.4) + bytes / link "
+      "(900 GB/s NVLink up to 8 devices, 50 GB/s InfiniBand beyond), no overlap. Ring "
+      "attention for softmax: the causal work of N/P queries against N/2 keys on average.",
+      "",
+      "| tokens N | devices P | DCA GFLOP | DCA MiB sent to it | DCA ms | softmax GFLOP "
+      "| ring MiB | softmax ms | softmax / DCA time |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(f"| {r['tokens'] / 2**20:g}M | {r['devices']} | {_fmt(r['dca_gflop'])} | "
+                 f"{_fmt(r['dca_mib'])} | {_fmt(r['dca_ms'])} | {_fmt(r['softmax_gflop'])} | "
+                 f"{_fmt(r['ring_mib'])} | {_fmt(r['softmax_ms'])} | "
+                 f"{r['softmax_ms'] / r['dca_ms']:,.0f}x |")
+  lines += [
+      "",
+      "Reading: DCA's traffic per device is the P summaries (H x F x (V+1) each) plus one "
+      "halo, independent of N; ring attention moves every key and value of the sequence "
+      "through every device, N x H x 2K values, and its compute grows with N^2 / P. At 1024 "
+      "devices DCA's all_gather (P x H x F x (V+1)) becomes the larger term; a tree or "
+      "chunked prefix over the devices (log P steps of one summary) would bound it, and is "
+      "not implemented.",
+  ]
+  return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="docs/scaling.md")
+  args = parser.parse_args(argv)
+  layer = Layer()
+  rows = table(layer, [2**20, 2**22, 2**24], [1, 8, 64, 1024])
+  path = pathlib.Path(args.out)
+  path.write_text("\n".join(markdown(layer, rows)) + "\n")
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
