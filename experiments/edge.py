@@ -609,12 +609,12 @@ class Run:
             nnx.state(model, nnx.Param))))
         flops = count_flops(export_lib.decode_step_function(model, max_length),
                             *export_lib.input_specs(layout, 1)).flops
-        info[attention] = {"decode_flops_per_token": flops, "param_bytes": params[attention],
+        info[attention] = {f"decode_flops_per_token/{context}": flops, "param_bytes": params[attention],
                            f"cache_bytes/{context}": cache_bytes, "forward_flops_per_token": {}}
       rows_ = energy.energy_table(info, [context], [])
       table[str(context)] = {a: {"joules": rows_[a][f"decode_joules/{context}"],
                                  "ratio_to_softmax": rows_[a][f"decode/{context}"],
-                                 "flops": info[a]["decode_flops_per_token"],
+                                 "flops": info[a][f"decode_flops_per_token/{context}"],
                                  "dram_bytes": info[a]["param_bytes"] + info[a][
                                      f"cache_bytes/{context}"]} for a in info}
     self.result["param_bytes"] = params

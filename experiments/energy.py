@@ -10,7 +10,7 @@ reads every parameter and the whole decode cache once, so its DRAM bytes are par
 Only ratios to the softmax transformer are reported: the constants cancel in compute-bound rows.
 
 Example:
-  >>> info = {a: {"forward_flops_per_token": {"8": f}, "decode_flops_per_token": f,
+  >>> info = {a: {"forward_flops_per_token": {"8": f}, "decode_flops_per_token/8": f,
   ...             "param_bytes": 100, "cache_bytes/8": 10} for a, f in (("softmax", 2.0),
   ...                                                                   ("dca", 1.0))}
   >>> energy_table(info, [8], [8])["dca"]["forward/8"]
@@ -33,7 +33,8 @@ def energy_table(info: Mapping[str, Any], decode_lengths: Sequence[int],
 
   Args:
     info: attention -> its measured figures: "forward_flops_per_token" (str(T) -> FLOPs),
-      "decode_flops_per_token", "param_bytes" and "cache_bytes/<T>" for every decode length.
+      and, for every decode length T, "decode_flops_per_token/<T>" (one step with a cache
+      holding T tokens), "cache_bytes/<T>", and "param_bytes".
     decode_lengths: the contexts of the decoding rows.
     flop_lengths: the lengths of the forward rows.
 
@@ -50,7 +51,8 @@ def energy_table(info: Mapping[str, Any], decode_lengths: Sequence[int],
     for length in decode_lengths:
       def joules(m, length=length):
         bytes_moved = m["param_bytes"] + m[f"cache_bytes/{length}"]
-        return (E_FLOP_PJ * m["decode_flops_per_token"] + E_DRAM_PJ_PER_BYTE * bytes_moved) * 1e-12
+        return (E_FLOP_PJ * m[f"decode_flops_per_token/{length}"]
+                + E_DRAM_PJ_PER_BYTE * bytes_moved) * 1e-12
       row[f"decode/{length}"] = joules(m) / joules(base)
       row[f"decode_joules/{length}"] = joules(m)
     table[attention] = row

@@ -98,10 +98,12 @@ def measure_speed(out: pathlib.Path, *, repeats: int = 7, tiny: bool = False,
     for length in flop_lengths:
       tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
       flops[str(length)] = count_flops(forward, state, tokens).flops / length
-    cache = model.init_cache(1, max(decode_lengths))
     info[attention]["forward_flops_per_token"] = flops
-    info[attention]["decode_flops_per_token"] = count_flops(
-        decode, state, jax.ShapeDtypeStruct((1,), jnp.int32), cache).flops
+    # One decode step's FLOPs with a cache sized for each context (softmax's step scores every
+    # cached key, so its cost depends on the cache length).
+    for length in decode_lengths:
+      info[attention][f"decode_flops_per_token/{length}"] = count_flops(
+          decode, state, jax.ShapeDtypeStruct((1,), jnp.int32), model.init_cache(1, length)).flops
     info[attention]["param_bytes"] = benchmark.tree_bytes(nnx.state(model, nnx.Param))
 
   benchmark.Runner(log_width=None).measure(cases, repeats=repeats, min_total_s=2.0,

@@ -159,6 +159,18 @@ def test_recall_study_distances_match_the_layout():
   assert labels[0] == "[0, 32)" and labels[-1] == "[256, inf)"
 
 
+def test_energy_of_a_decode_step_uses_that_context_s_flops():
+  """Each decode row is charged the FLOPs of a step with a cache of its own length (a step at
+  1024 was once charged with the FLOPs of a cache sized for 16384)."""
+  from experiments import energy  # pylint: disable=g-import-not-at-top
+  info = {"softmax": {"forward_flops_per_token": {}, "param_bytes": 0,
+                      "decode_flops_per_token/8": 1e6, "cache_bytes/8": 0,
+                      "decode_flops_per_token/64": 8e6, "cache_bytes/64": 0}}
+  table = energy.energy_table(info, [8, 64], [])["softmax"]
+  assert table["decode_joules/64"] == pytest.approx(8 * table["decode_joules/8"])
+  assert table["decode_joules/8"] == pytest.approx(energy.E_FLOP_PJ * 1e6 * 1e-12)
+
+
 def test_speed_and_energy_tiny(tmp_path):
   result = suite_speed.measure_speed(tmp_path / "speed.json", tiny=True)
   models = result["models"]
