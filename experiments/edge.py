@@ -609,7 +609,8 @@ class Run:
             nnx.state(model, nnx.Param))))
         flops = count_flops(export_lib.decode_step_function(model, max_length),
                             *export_lib.input_specs(layout, 1)).flops
-        info[attention] = {f"decode_flops_per_token/{context}": flops, "param_bytes": params[attention],
+        info[attention] = {f"decode_flops_per_token/{context}": flops,
+                           "param_bytes": params[attention],
                            f"cache_bytes/{context}": cache_bytes, "forward_flops_per_token": {}}
       rows_ = energy.energy_table(info, [context], [])
       table[str(context)] = {a: {"joules": rows_[a][f"decode_joules/{context}"],
