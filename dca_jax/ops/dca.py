@@ -33,7 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_delta import attention_compress_delta
 from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
                                     extend_with_buffer, init_state, ordered_to_ring,
@@ -47,7 +47,7 @@ from dca_jax.ops.segments import document_ids
 def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | None = None,
                        state: DCAState | None = None, mode: Mode | str = "auto",
                        chunk_size: int | None = None, rotary_base: float | None = 10000.0,
-                       return_state: bool = False):
+                       return_state: bool = False, axis_name=None):
   """DCA over a whole sequence: exact softmax over the last W tokens + compressed memory of the rest.
 
   Implements the module-level equations for t = 1..T, continuing from `state` when given (so
@@ -68,6 +68,12 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     rotary_base: rotary embedding base for the window scores (relative offsets < W only), or
       None for no positions in the window.
     return_state: also return the `DCAState` after the last token.
+    axis_name: None (one device), or the mesh axis that T is sharded over inside
+      `jax.shard_map` (weights and reset are this shard's contiguous slice): the previous
+      shard's last W keys, values and key features arrive by one `ppermute` (the halo), the
+      document start by an `all_gather` of each shard's last reset, and the memory's carried
+      state as in `gated_linear_attention(..., axis_name=)`. Needs W <= the shard's length;
+      not with `state`, `return_state` or the delta memory (not implemented).
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
@@ -88,6 +94,13 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     docs/theory.md (the mechanism); Arora et al. 2024 (Based: linear attention beside a sliding window);
     Munkhdalai et al. 2024 (Infini-attention: compressive memory beside local attention).
   """
+  if axis_name is not None:
+    if weights.beta is not None or state is not None or return_state:
+      raise NotImplementedError(
+          "attention_compress with axis_name supports the additive memory without state= and "
+          "return_state=False only (the sharded delta memory and sharded decoding states are "
+          "not implemented).")
+    sequence_parallel.check_axis_name(axis_name)
   if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
     return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
                                     chunk_size=chunk_size, rotary_base=rotary_base,
@@ -104,7 +117,8 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     check_state(state, batch, weights)
   # The one plan of this call (it checks window, mode and chunk_size), used all the way down. The
   # softmax shortcut returns no state and has no gate, so asking for either needs the memory path.
-  needs_memory = state is not None or return_state or weights.gate is not None
+  needs_memory = (state is not None or return_state or weights.gate is not None
+                  or axis_name is not None)
   plan = adaptive_scale(time, window=window, has_state=needs_memory, mode=mode,
                         chunk_size=chunk_size,
                         per_channel_decay=weights.log_decay.ndim == weights.q.ndim)
@@ -116,7 +130,9 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   if plan.kind is PlanKind.SOFTMAX:
     return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
 
-  if state is None:
+  if axis_name is not None:
+    state = _shard_entry_state(weights, reset, window, axis_name)
+  elif state is None:
     state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
   start = state.position
   (ext_k, ext_v, ext_kf), ext_doc = extend_with_buffer(
@@ -134,6 +150,13 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   memory_out, memory = run_engine(
       (plan.engine, plan.engine_grad), weights.q_features.astype(f32), inserted_features,
       inserted_values, weights.log_decay, initial_state=state.memory, reset=reset)
+  if axis_name is not None:
+    g = weights.log_decay.astype(f32)
+    g = g[..., None] if g.ndim == 3 else g
+    if reset is not None:
+      g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
+    memory_out, memory = sequence_parallel.combine_shards(
+        memory_out, memory, weights.q_features.astype(f32), g, jnp.zeros_like(memory), axis_name)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o
@@ -144,3 +167,37 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       key_features=ordered_to_ring(ext_kf[:, -window:], end),
       doc_start=doc_start_after(state.doc_start, reset, start), memory=memory, position=end)
   return o, new_state
+
+
+def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name) -> DCAState:
+  """The `DCAState` entering this shard when T is sharded over `axis_name`: the previous shard's
+  last W tokens in the ring buffers (one `ppermute`; the first shard gets empty slots), the
+  absolute start of the current document (the last reset of the shards before), the position
+  of the shard's first token, and a zero memory (the memory's carried state is added after the
+  engine, `sequence_parallel.combine_shards`)."""
+  batch, time, heads, key_dim = weights.q.shape
+  shards = sequence_parallel.check_axis_name(axis_name)
+  if window > time:
+    raise ValueError(
+        f"window={window} is longer than this shard's {time} tokens (T sharded over "
+        f"{shards} shards along {axis_name!r}): the window would need tokens from more than one "
+        f"shard before; use fewer shards or a longer sequence.")
+  f32 = jnp.float32
+  index = jax.lax.axis_index(axis_name).astype(jnp.int32)
+  start = index * time
+  forward = [(i, i + 1) for i in range(shards - 1)]
+  halo = [jax.lax.ppermute(x[:, -window:].astype(f32), axis_name, forward)
+          for x in (weights.k, weights.v, weights.k_features)]
+  if reset is None:
+    last = jnp.full((batch,), -1, jnp.int32)
+  else:
+    last = jnp.max(jnp.where(reset, start + jnp.arange(time, dtype=jnp.int32), -1), axis=1)
+  lasts = jax.lax.all_gather(last, axis_name)                                    # [N, B]
+  earlier = (jnp.arange(shards) < index)[:, None]
+  doc_start = jnp.maximum(jnp.max(jnp.where(earlier, lasts, -1), axis=0), 0).astype(jnp.int32)
+  memory = sequence_parallel.varying(
+      jnp.zeros((batch, heads, weights.q_features.shape[-1], weights.v.shape[-1] + 1), f32),
+      axis_name)
+  return DCAState(keys=ordered_to_ring(halo[0], start), values=ordered_to_ring(halo[1], start),
+                  key_features=ordered_to_ring(halo[2], start), doc_start=doc_start,
+                  memory=memory, position=start)

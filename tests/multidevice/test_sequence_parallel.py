@@ -150,3 +150,50 @@ def test_an_unbound_axis_name_is_a_clear_error():
   q, k, v, log_decay, _, _, _ = _inputs(False)
   with pytest.raises(ValueError, match="axis_name='seq' is not a mesh axis bound here"):
     gated_linear_attention(q, k, v, log_decay, axis_name="seq")
+
+
+# DCA: the window crosses shard boundaries (halo) and the memory's state is carried.
+_W = 8
+
+
+def _dca_inputs():
+  from dca_jax import init_params  # pylint: disable=g-import-not-at-top
+  params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=_W)
+  x = jax.random.normal(jax.random.key(1), (2, 96, 32))
+  # Resets at shard boundaries (24 for 4 and 8 shards, 48 for 2) and inside shards.
+  reset = jnp.zeros((2, 96), bool).at[0, 24].set(True).at[1, 31].set(True).at[0, 50].set(True)
+  return params, x, reset
+
+
+@pytest.mark.parametrize("shards", [pytest.param(2, marks=pytest.mark.slow), 4,
+                                    pytest.param(8, marks=pytest.mark.slow)])
+def test_dca_attention_compress_sharded_equals_single_device(shards):
+  from dca_jax import attention_compress, compute_weights  # pylint: disable=g-import-not-at-top
+  params, x, reset = _dca_inputs()
+
+  def run(params, x, r, axis_name=None):
+    return attention_compress(compute_weights(params, x), window=_W, reset=r, mode="chunked",
+                              chunk_size=4, axis_name=axis_name)
+
+  sharded = jax.shard_map(functools.partial(run, axis_name="seq"), mesh=_mesh(shards),
+                          in_specs=(P(), P(None, "seq"), P(None, "seq")),
+                          out_specs=P(None, "seq"))
+  np.testing.assert_allclose(jax.jit(sharded)(params, x, reset), jax.jit(run)(params, x, reset),
+                             rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(sharded(p, x, reset))), (0, 1)))(
+      params, x)
+  grads_ref = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(run(p, x, reset))), (0, 1)))(
+      params, x)
+  for g, g_ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+    scale = float(jnp.max(jnp.abs(g_ref)))
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_dca_window_longer_than_a_shard_is_a_clear_error():
+  from dca_jax import attention_compress, compute_weights  # pylint: disable=g-import-not-at-top
+  params, x, reset = _dca_inputs()
+  sharded = jax.shard_map(
+      lambda p, x: attention_compress(compute_weights(p, x), window=_W, axis_name="seq"),
+      mesh=_mesh(8), in_specs=(P(), P(None, "seq")), out_specs=P(None, "seq"))
+  with pytest.raises(ValueError, match="window=8 is longer than this shard's 4 tokens"):
+    sharded(params, x[:, :32])
