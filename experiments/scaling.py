@@ -16,8 +16,8 @@ the two, a pessimistic choice for ring attention, which overlaps them in practic
 published figures of an NVIDIA H100 SXM: 989 TFLOP/s dense BF16 (NVIDIA H100 Tensor Core GPU
 datasheet), NVLink 900 GB/s per GPU inside an 8-GPU node (same datasheet), 50 GB/s per GPU
 (one 400 Gb/s NDR InfiniBand adapter per GPU, as in NVIDIA's DGX H100 reference) beyond 8. Only
-the engine's sequence-parallel form exists in the library today (`axis_name=`, tested on 8 CPU
-host devices in tests/multidevice); the DCA layer's halo is designed, not yet implemented.
+the engine's and `attention_compress`'s sequence-parallel forms exist in the library today
+(`axis_name=`, tested on 8 CPU host devices in tests/multidevice); the layers' option is not.
 """
 
 from __future__ import annotations
@@ -128,15 +128,17 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "",
       "## Status",
       "",
-      "- Implemented and tested: `gated_linear_attention(..., axis_name=...)` and "
-      "`delta_rule_attention(..., axis_name=...)` inside `jax.shard_map` (one `all_gather` of a "
-      "per-shard summary whose size does not depend on T, then a fold of the shards before). "
-      "tests/multidevice checks sharded == single device on 8 CPU host devices for 2, 4 and 8 "
-      "shards: outputs, final states and gradients, resets at and inside shard boundaries. Those "
-      "CPU runs check correctness; they are not a speed-up (8 host devices share 2 cores).",
-      "- Designed, not implemented yet: the DCA layer's halo (the previous shard's last W keys, "
-      "values and key features and the convolution's last S - 1 inputs, one `ppermute`), the "
-      "layers' sequence-axis option and `experiments/train.py --mesh` (issue #14 parts 2-4).",
+      "- Implemented and tested: `gated_linear_attention(..., axis_name=...)`, "
+      "`delta_rule_attention(..., axis_name=...)` and `attention_compress(..., axis_name=...)` "
+      "(DCA's additive memory) inside `jax.shard_map`: one `all_gather` of a per-shard summary "
+      "whose size does not depend on T, a fold of the shards before, and for DCA one `ppermute` "
+      "halo of the previous shard's last W keys, values and key features. tests/multidevice "
+      "checks sharded == single device on 8 CPU host devices (2, 4 and 8 shards): outputs, "
+      "final states and gradients, resets at and inside shard boundaries. Those CPU runs check "
+      "correctness; they are not a speed-up (8 host devices share 2 cores).",
+      "- Not implemented yet: the layers' sequence-axis option (with the short convolution's "
+      "halo of S - 1 inputs), the delta memory of DCA sharded, and `experiments/train.py "
+      "--mesh` (issue #14 parts 2-4).",
       "",
       f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
       f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "
