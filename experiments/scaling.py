@@ -45,7 +45,7 @@ class Layer:
   heads: int = 16
   head_dim: int = 128
   window: int = 64
-  feature_proj: int = 16
+  feature_proj: int = 8                   # the DCA layer's default feature_dim
   chunk: int = 64
   conv: int = 4
 
