@@ -136,9 +136,11 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "checks sharded == single device on 8 CPU host devices (2, 4 and 8 shards): outputs, "
       "final states and gradients, resets at and inside shard boundaries. Those CPU runs check "
       "correctness; they are not a speed-up (8 host devices share 2 cores).",
-      "- Not implemented yet: the layers' sequence-axis option (with the short convolution's "
-      "halo of S - 1 inputs), the delta memory of DCA sharded, and `experiments/train.py "
-      "--mesh` (issue #14 parts 2-4).",
+      "- `DCAttention(sequence_axis=...)`: the layer inside `jax.shard_map`, with the short "
+      "convolution's halo of S - 1 inputs (calls only, additive memory), tested against the "
+      "unsharded layer (outputs and gradients).",
+      "- Not implemented yet: the sequence axis of the other layers and of `TransformerLM`, the "
+      "delta memory of DCA sharded, and `experiments/train.py --mesh` (issue #14 parts 2-4).",
       "",
       f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
       f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "

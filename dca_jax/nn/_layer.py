@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dca_jax.ops import _checks, segments
+from dca_jax.ops import _checks, segments, sequence_parallel
 from dca_jax.ops.conv import causal_short_conv
 
 
@@ -253,11 +253,19 @@ class AttentionLayer(nnx.Module):
                  if short_conv else None)
 
   def _convolve(self, u: jax.Array, reset: jax.Array | None = None,
-                history: jax.Array | None = None) -> jax.Array:
-    """u [B, T, C] through the short convolution (`causal_short_conv`), or u without one."""
+                history: jax.Array | None = None, axis_name: Any = None) -> jax.Array:
+    """u [B, T, C] through the short convolution (`causal_short_conv`), or u without one.
+
+    With `axis_name` (T sharded inside `jax.shard_map`) the replicated kernel enters the
+    convolution's custom_vjp as a per-shard value, so its gradient is summed over the shards
+    outside it.
+    """
     if not self.short_conv:
       return u
-    return causal_short_conv(u, self.conv[...].astype(self.dtype or u.dtype), reset, history)
+    kernel = self.conv[...].astype(self.dtype or u.dtype)
+    if axis_name is not None:
+      kernel = sequence_parallel.varying(kernel, axis_name)
+    return causal_short_conv(u, kernel, reset, history)
 
   def _with_conv_cache(self, cache: Any, batch_size: int) -> Any:
     """`init_cache`'s result: the layer's cache, wrapped in a `ConvCache` with a convolution."""

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dca_jax import ops
 from dca_jax.nn import _layer
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, sequence_parallel
 
 
 class DCAConvCache(NamedTuple):
@@ -69,6 +69,11 @@ class DCAttention(_layer.AttentionLayer):
     max_half_life_ratio: heads are initialised with half-lives spread from W to this times W.
     rotary_base: rotary base for the window (None: no positions).
     mode: engine form for the compressed memory ("auto" follows `adaptive_scale`).
+    sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
+      inputs and the window's last W tokens come from the previous shard by `ppermute`, the
+      memory's state as in `attention_compress(..., axis_name=)`. Calls only (no cache); the
+      additive memory only. A non-finite input poisons outputs of its own shard only.
     chunk_size: engine chunk size (None: the planner's).
     dtype: compute dtype (default: the input's).
     param_dtype: parameter dtype (default float32).
@@ -94,8 +99,13 @@ class DCAttention(_layer.AttentionLayer):
                combine: str = "unified", decay: str = "head", decay_rank: int = 16,
                memory: ops.MemoryKind | str = "additive", short_conv: int = 4, max_half_life_ratio: float = 16.0,
                rotary_base: float | None = 10000.0, mode: ops.Mode | str = "auto",
-               chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32):
+               chunk_size: int | None = None, sequence_axis=None, dtype=None,
+               param_dtype=jnp.float32):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
+    if sequence_axis is not None and ops.MemoryKind.parse(memory) is ops.MemoryKind.DELTA:
+      raise NotImplementedError("sequence_axis with memory='delta' is not implemented; use the "
+                                "additive memory or sequence_axis=None.")
+    self.sequence_axis = sequence_axis
     _layer.check_short_conv(short_conv)
     head_dim = self.head_dim
     self.feature_map = ops.FeatureMap.parse(feature_map)
@@ -149,9 +159,14 @@ class DCAttention(_layer.AttentionLayer):
 
   def _sequence(self, x, reset):
     """[B, T, D] -> [B, T, D] on checked inputs (see `AttentionLayer.__call__`)."""
-    weights = self._weights(self._convolve(x, reset))
+    history = None
+    if self.sequence_axis is not None and self.short_conv > 1:
+      history = sequence_parallel.previous_inputs(x, reset, self.short_conv - 1,
+                                                  self.sequence_axis)
+    weights = self._weights(self._convolve(x, reset, history, self.sequence_axis))
     o = ops.attention_compress(weights, window=self.window, reset=reset, mode=self.mode,
-                                   chunk_size=self.chunk_size, rotary_base=self.rotary_base)
+                               chunk_size=self.chunk_size, rotary_base=self.rotary_base,
+                               axis_name=self.sequence_axis)
     return self._project_out(o, x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int):

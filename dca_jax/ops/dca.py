@@ -28,6 +28,7 @@ Functions (B batch, T time, H heads, K key dim, V value dim, F feature dim, W wi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -121,7 +122,12 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
                   or axis_name is not None)
   plan = adaptive_scale(time, window=window, has_state=needs_memory, mode=mode,
                         chunk_size=chunk_size,
-                        per_channel_decay=weights.log_decay.ndim == weights.q.ndim)
+                        per_channel_decay=weights.log_decay.ndim == weights.q.ndim,
+                        # Sharded: one plan for both (the custom_jvp that pairs two plans loses
+                        # shard_map's varying type of the state, jax 0.10.2).
+                        needs_grad=axis_name is not None)
+  if axis_name is not None:
+    plan = dataclasses.replace(plan, engine_grad=plan.engine)
   out_dtype = weights.v.dtype
   scale = 1.0 / math.sqrt(key_dim)
   f32 = jnp.float32

@@ -173,6 +173,7 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
   out_dtype = jnp.result_type(q, k, v)
   plans = delta_rule_plans(time, mode=mode, chunk_size=chunk_size)
   if axis_name is not None:
+    plans = (plans[1], plans[1])     # one plan: see gated_linear_attention
     initial_state = _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset,
                                     axis_name)
   o, final = run_delta_rule(plans, q, k, v, beta, log_decay, initial_state=initial_state,

@@ -113,6 +113,10 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
   out_dtype = jnp.result_type(q, k, v)
   plans = engine_plans(time, per_channel_decay=log_decay.ndim == 4 and key_dim > 1, mode=mode,
                        chunk_size=chunk_size)
+  if axis_name is not None:
+    # One plan for evaluation and gradient: the custom_jvp that pairs two plans loses
+    # shard_map's varying type of the state (jax 0.10.2).
+    plans = (plans[1], plans[1])
   if axis_name is None:
     o, final = run_engine(plans, q, k, v, log_decay, initial_state=initial_state, reset=reset)
   else:

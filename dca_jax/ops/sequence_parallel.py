@@ -107,3 +107,27 @@ def zeros_state(batch: int, heads: int, key_dim: int, value_dim: int,
   if initial_state is None:
     return jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
   return initial_state.astype(jnp.float32)
+
+
+def previous_inputs(x: jax.Array, reset: jax.Array | None, count: int,
+                    axis_name: Hashable) -> jax.Array:
+  """The last `count` rows of the previous shard's x [B, T, D] (zeros on the first shard), with
+  the rows before that shard's last reset among them zeroed: the history a short causal
+  convolution needs at a shard boundary (a zero row adds nothing to the convolution, so an
+  earlier document's inputs never reach this shard's first tokens).
+
+  Raises:
+    ValueError: `count` is more than the shard's length.
+  """
+  shards = check_axis_name(axis_name)
+  time = x.shape[1]
+  if count > time:
+    raise ValueError(f"the short convolution needs the last {count} inputs of the previous "
+                     f"shard, but a shard holds {time} tokens (T sharded over {shards} shards).")
+  rows = x[:, time - count:]
+  if reset is not None:
+    tail = reset[:, time - count:]
+    # Row j is from an earlier document than the shard's end if a reset follows it in the tail.
+    later_reset = jnp.flip(jnp.cumsum(jnp.flip(tail, axis=1), axis=1), axis=1) - tail
+    rows = jnp.where((later_reset > 0)[..., None], 0, rows)
+  return jax.lax.ppermute(rows, axis_name, [(i, i + 1) for i in range(shards - 1)])
