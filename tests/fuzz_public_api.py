@@ -40,10 +40,11 @@ hypothesis.settings.register_profile("long", max_examples=150, deadline=None, pr
 PROFILE = os.environ.get("DCA_FUZZ_PROFILE", "ci")
 hypothesis.settings.load_profile(PROFILE)
 # Each drawn shape of the compiled properties costs a compilation of ~5-10 s: fewer of them in CI
-# (3 per property there, ~80 s in all on 2026-12-02; the long profile draws 150).
+# (2 per property there since the multi-device tests joined CI, 3 took ~80 s in all on
+# 2026-12-02; the long profile draws 150).
 # DCA_FUZZ_EXAMPLES overrides the count (e.g. a shorter run of the long profile).
 COMPILED = hypothesis.settings(max_examples=int(os.environ.get(
-    "DCA_FUZZ_EXAMPLES", 3 if PROFILE == "ci" else 150)))
+    "DCA_FUZZ_EXAMPLES", 2 if PROFILE == "ci" else 150)))
 
 FORMS = ("recurrent", "associative", "chunked", "quadratic", "auto")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
