@@ -157,12 +157,10 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       (plan.engine, plan.engine_grad), weights.q_features.astype(f32), inserted_features,
       inserted_values, weights.log_decay, initial_state=state.memory, reset=reset)
   if axis_name is not None:
-    g = weights.log_decay.astype(f32)
-    g = g[..., None] if g.ndim == 3 else g
-    if reset is not None:
-      g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
     memory_out, memory = sequence_parallel.combine_shards(
-        memory_out, memory, weights.q_features.astype(f32), g, jnp.zeros_like(memory), axis_name)
+        memory_out, memory, weights.q_features.astype(f32),
+        sequence_parallel.folded_log_decay(weights.log_decay, reset), jnp.zeros_like(memory),
+        axis_name)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o

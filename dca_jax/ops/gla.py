@@ -123,13 +123,10 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
     zeros = sequence_parallel.varying(
         jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32), axis_name)
     o, local_final = run_engine(plans, q, k, v, log_decay, initial_state=zeros, reset=reset)
-    g = log_decay.astype(jnp.float32)
-    g = g[..., None] if g.ndim == 3 else g
-    if reset is not None:
-      g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
     s0 = sequence_parallel.zeros_state(batch, heads, key_dim, value_dim, initial_state)
-    o, final = sequence_parallel.combine_shards(o, local_final, q.astype(jnp.float32), g, s0,
-                                                axis_name)
+    o, final = sequence_parallel.combine_shards(
+        o, local_final, q.astype(jnp.float32),
+        sequence_parallel.folded_log_decay(log_decay, reset), s0, axis_name)
   o = o.astype(out_dtype)
   return (o, final) if return_final_state else o
 

@@ -91,6 +91,16 @@ def combine_shards(o: jax.Array, local_final: jax.Array, q: jax.Array, g: jax.Ar
   return jnp.where(reached[..., None], jnp.nan, o + correction), final
 
 
+def folded_log_decay(log_decay: jax.Array, reset: jax.Array | None) -> jax.Array:
+  """float32 [B, T, H, D] log decays (D = 1 for one per head) with resets folded in as -inf, as
+  the engine runs them (`combine_shards`'s g)."""
+  g = log_decay.astype(jnp.float32)
+  g = g[..., None] if g.ndim == 3 else g
+  if reset is not None:
+    g = jnp.where(reset[:, :, None, None], -jnp.inf, g)
+  return g
+
+
 def varying(x: jax.Array, axis_name: Hashable) -> jax.Array:
   """`x` typed as varying over `axis_name` (what a scan carry that meets per-shard values must
   be under shard_map's check_vma); unchanged if it already is."""
