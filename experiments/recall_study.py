@@ -4,6 +4,11 @@ Usage:
   python -m experiments.suite run --suite recall --runs runs/recall      # resumable; re-run it
   python -m experiments.recall_study render --runs runs/recall --out docs  # docs/recall_study.*
 
+runs/ is not committed. On a fresh checkout, runs finished earlier keep their rows from the
+committed docs/recall_study.json; train only the others:
+  python -m experiments.suite run --suite recall --runs runs/recall \
+      --only $(python -m experiments.recall_study pending)
+
 The earlier MQAR grid (docs/benchmark_results.md) gave a short convolution to DCA only, so it
 mostly measured the convolution. Here every layer has one: DCA (additive memory), DCA (delta
 memory), the sliding window, GLA and softmax get `short_conv=4` (DCA's default width), and Gated
@@ -169,8 +174,22 @@ def _last_validation(workdir: pathlib.Path) -> dict[str, Any] | None:
   return records[-1] if records else None
 
 
-def collect(runs_dir: pathlib.Path) -> list[dict[str, Any]]:
-  """One row per planned run: finished (result.json), under way (last validation) or not run."""
+def recorded_rows(record: pathlib.Path | None) -> dict[str, dict[str, Any]]:
+  """The finished rows of an earlier render (docs/recall_study.json), by run name.
+
+  The runs directory is not committed and does not survive a fresh checkout; the committed
+  record does. A run finished in an earlier session keeps its row (measured then, with its own
+  date and machine) instead of being trained again."""
+  if record is None or not record.exists():
+    return {}
+  rows = json.loads(record.read_text()).get("rows", [])
+  return {r["name"]: r for r in rows if r.get("status") == "done"}
+
+
+def collect(runs_dir: pathlib.Path, record: pathlib.Path | None = None) -> list[dict[str, Any]]:
+  """One row per planned run: finished (result.json, or a finished row of the record), under way
+  (last validation) or not run."""
+  previous = recorded_rows(record)
   rows = []
   for run in recall_runs():
     options = run.override_dict()
@@ -186,6 +205,8 @@ def collect(runs_dir: pathlib.Path) -> list[dict[str, Any]]:
                  params=result["num_params"], train_wall_s=result["train_wall_s"],
                  distance=result.get("distance_accuracy"), date=result["date"],
                  machine=result["machine"])
+    elif run.name in previous:
+      row = dict(previous[run.name])
     elif (last := _last_validation(workdir)) is not None:
       row.update(status="under way", steps=last["step"], val_accuracy=last["val_accuracy"])
     rows.append(row)
@@ -260,7 +281,7 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def render(runs_dir: pathlib.Path, out: pathlib.Path) -> list[dict[str, Any]]:
   """Writes out/recall_study.{json,md} from the runs directory; measures nothing."""
   from experiments.bookkeeping import now, write_json
-  rows = collect(runs_dir)
+  rows = collect(runs_dir, out / "recall_study.json")
   out.mkdir(parents=True, exist_ok=True)
   write_json(out / "recall_study.json", {"date": now(), "rows": rows})
   (out / "recall_study.md").write_text("\n".join(markdown(rows)) + "\n")
@@ -275,11 +296,18 @@ def main(argv: list[str] | None = None) -> int:
   p_render = sub.add_parser("render", help="docs/recall_study.{json,md}")
   p_render.add_argument("--runs", default="runs/recall")
   p_render.add_argument("--out", default="docs")
+  p_todo = sub.add_parser("pending", help="comma-separated names of the runs not yet done, in "
+                          "order (for `suite run --suite recall --only ...`)")
+  p_todo.add_argument("--runs", default="runs/recall")
+  p_todo.add_argument("--record", default="docs/recall_study.json")
   p_dist = sub.add_parser("distance", help="score one finished run by distance")
   p_dist.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
   if args.command == "render":
     render(pathlib.Path(args.runs), pathlib.Path(args.out))
+  elif args.command == "pending":
+    rows = collect(pathlib.Path(args.runs), pathlib.Path(args.record))
+    print(",".join(r["name"] for r in rows if r["status"] != "done"))
   else:
     print(json.dumps(distance_accuracy(args.workdir), indent=2))
   return 0
