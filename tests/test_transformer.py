@@ -327,6 +327,22 @@ def test_sample_logits_top_k_and_temperature():
   np.testing.assert_array_equal(sample_logits(logits, jax.random.key(0), 0.0, top_k=3), 3)
 
 
+def test_sample_logits_frequencies_and_zero_probability_tokens():
+  # Inverse-CDF sampling: the frequencies of 20,000 draws match the distribution, and tokens of
+  # probability 0 (logit -inf), first, inner or last, are never drawn.
+  probs = np.array([0.0, 0.1, 0.2, 0.0, 0.7, 0.0])
+  with np.errstate(divide="ignore"):
+    logits = jnp.asarray(np.log(np.tile(probs, (20000, 1))), jnp.float32)
+  draws = np.asarray(sample_logits(logits, jax.random.key(3), 1.0))
+  freq = np.bincount(draws, minlength=6) / draws.size
+  assert freq[[0, 3, 5]].sum() == 0
+  np.testing.assert_allclose(freq, probs, atol=0.012)
+  # Temperature 0.5 squares the probabilities (renormalised).
+  draws = np.asarray(sample_logits(logits, jax.random.key(4), 0.5))
+  sharp = probs ** 2 / (probs ** 2).sum()
+  np.testing.assert_allclose(np.bincount(draws, minlength=6) / draws.size, sharp, atol=0.012)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=9, budget=8), "budget"),
