@@ -502,18 +502,52 @@ def weights_and_state(seed=23):
   return random_weights(seed), init_state(BATCH, HEADS, HEAD_DIM, VALUE_DIM, NUM_FEATURES, WINDOW)
 
 
+def live_slots(state):
+  """bool [B, W + 1]: the ring slots a decoding state can still read (the last W tokens of each
+  row's current document). The other slots (the token that has just left, empty slots, tokens
+  of an earlier document) are never read, and the step and whole-sequence forms may leave
+  different contents there."""
+  slots = state.keys.shape[2]
+  held = state.position - slots + (np.arange(slots) - state.position) % slots
+  return (held[None] >= state.position - (slots - 1)) & (held[None] >= 0) & (
+      held[None] >= np.asarray(state.doc_start)[:, None])
+
+
 def assert_states_close(got, expected, **tol):
-  """Two `DCAState`s (or `DCAConvCache`s) agree: arrays within tol, positions exactly."""
+  """Two decoding states (`DCAState`, `DCADeltaState`, or either in a `DCAConvCache`) agree:
+  memory and the live ring slots (`live_slots`) within tol, positions and documents exactly."""
   if hasattr(got, "inputs"):           # a DCAConvCache: the inputs kept for the convolution too
     chex.assert_trees_all_close(got.inputs, expected.inputs, **tol, custom_message="inputs")
     got, expected = got.state, expected.state
-  for name in ("keys", "values", "key_features", "memory"):
-    chex.assert_trees_all_close(getattr(got, name), getattr(expected, name), **tol,
-                                custom_message=f"state.{name}")
   np.testing.assert_array_equal(np.asarray(got.doc_start), np.asarray(expected.doc_start),
                                 err_msg="state.doc_start")
   np.testing.assert_array_equal(np.asarray(got.position), np.asarray(expected.position),
                                 err_msg="state.position")
+  live = live_slots(expected)
+  for name in ("keys", "values", "key_features", "betas"):
+    if not hasattr(expected, name):
+      continue
+    a, b = np.asarray(getattr(got, name)), np.asarray(getattr(expected, name))
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    mask = live.reshape(live.shape[:1] + (1,) + live.shape[1:] + (1,) * (a.ndim - 3))
+    chex.assert_trees_all_close(np.where(mask, a, 0.0), np.where(mask, b, 0.0), **tol,
+                                custom_message=f"state.{name} (live slots)")
+  chex.assert_trees_all_close(got.memory, expected.memory, **tol, custom_message="state.memory")
+
+
+def assert_caches_close(got, expected, custom_message="", **tol):
+  """Two layer or model caches agree: DCA's decoding states (anywhere in the tree) as
+  `assert_states_close`, every other array within tol."""
+  def is_state(x):
+    return hasattr(x, "key_features") or hasattr(x, "betas")
+  got_leaves, got_tree = jax.tree_util.tree_flatten(got, is_leaf=is_state)
+  exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected, is_leaf=is_state)
+  assert got_tree == exp_tree, (custom_message, got_tree, exp_tree)
+  for a, b in zip(got_leaves, exp_leaves):
+    if is_state(b):
+      assert_states_close(a, b, **tol)
+    else:
+      chex.assert_trees_all_close(a, b, **tol, custom_message=custom_message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from oracles import (BATCH, HEAD_DIM, HEADS, NUM_FEATURES, VALUE_DIM, WINDOW, st
 
 
 @pytest.mark.parametrize("field,bad_shape", [
-    ("keys", (BATCH, WINDOW, HEADS, HEAD_DIM + 2)),
-    ("values", (BATCH, WINDOW, HEADS, VALUE_DIM + 1)),
-    ("key_features", (BATCH, WINDOW, HEADS, NUM_FEATURES - 1)),
+    ("keys", (BATCH, HEADS, WINDOW + 1, HEAD_DIM + 2)),
+    ("values", (BATCH, HEADS, WINDOW + 1, VALUE_DIM + 1)),
+    ("key_features", (BATCH, HEADS, WINDOW + 1, NUM_FEATURES - 1)),
+    ("keys", (BATCH, WINDOW, HEADS, HEAD_DIM)),
     ("doc_start", (BATCH, WINDOW)),
     ("position", (BATCH,)),
     ("memory", (BATCH, HEADS, NUM_FEATURES, VALUE_DIM)),

@@ -4,6 +4,7 @@ against the float64 oracle `oracles.rotary`."""
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,3 +66,31 @@ def test_rotary_errors():
     apply_rotary(x[0, 0], jnp.arange(3))
   with pytest.raises(TypeError, match="positions must have an integer or floating dtype"):
     apply_rotary(x, jnp.ones(5, bool))
+
+
+def test_rotary_phase_matches_the_angles_and_stays_exact_far_out():
+  """`rotary_phase` gives cos/sin of p f_i (float64 reference) for small p; far out (p ~ 2e9,
+  where float32 angles are meaningless) a query and a key rotated at their absolute positions
+  still meet at their relative angle, and a rotation by -p undoes one by p."""
+  from dca_jax.ops.rotary import rotary_phase, rotate_pairs
+  dim, base = 16, 10000.0
+  freqs = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+  positions = np.array([0, 1, 7, 1000, 123457])
+  cos, sin = rotary_phase(jnp.asarray(positions), dim, base)
+  # The documented bound: 7.3e-10 rad per unit of position (f_i rounded to 2^-32 turn) plus the
+  # float32 cos/sin.
+  bound = 1e-6 + positions[:, None] * 7.4e-10
+  assert np.all(np.abs(cos - np.cos(positions[:, None] * freqs)) <= bound)
+  assert np.all(np.abs(sin - np.sin(positions[:, None] * freqs)) <= bound)
+
+  q, k = (jax.random.normal(jax.random.key(i), (dim,)) for i in range(2))
+  far = 2_000_000_000
+  for offset in (0, 5, 63):
+    (cq, sq), (ck, sk) = rotary_phase(far + offset, dim, base), rotary_phase(far, dim, base)
+    got = jnp.dot(rotate_pairs(q, cq, sq), rotate_pairs(k, ck, sk))
+    c0, s0 = rotary_phase(offset, dim, base)
+    want = jnp.dot(rotate_pairs(q, c0, s0), k)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  c, s = rotary_phase(far, dim, base)
+  cb, sb = rotary_phase(-far, dim, base)
+  np.testing.assert_allclose(rotate_pairs(rotate_pairs(q, c, s), cb, sb), q, atol=1e-5)

@@ -133,20 +133,20 @@ class DCAttention(_layer.AttentionLayer):
                             for name in ops.DCAParams._fields})
 
   def _check_cache(self, cache, batch: int) -> None:
-    window, heads, dim = self.window, self.num_heads, self.head_dim
+    slots, heads, dim = self.window + 1, self.num_heads, self.head_dim   # ring of W + 1 slots
     if self.short_conv:
       _layer.check_cache(cache, DCAConvCache, batch,
                          {"inputs": (batch, self.short_conv - 1, self.d_model)})
       cache = cache.state
     if self.memory is ops.MemoryKind.DELTA:
       _layer.check_cache(cache, ops.DCADeltaState, batch, {
-          "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
-          "betas": (batch, window, heads), "doc_start": (batch,),
+          "keys": (batch, heads, slots, dim), "values": (batch, heads, slots, dim),
+          "betas": (batch, heads, slots), "doc_start": (batch,),
           "memory": (batch, heads, dim, dim)})
       return
     _layer.check_cache(cache, ops.DCAState, batch, {
-        "keys": (batch, window, heads, dim), "values": (batch, window, heads, dim),
-        "key_features": (batch, window, heads, self.num_features), "doc_start": (batch,),
+        "keys": (batch, heads, slots, dim), "values": (batch, heads, slots, dim),
+        "key_features": (batch, heads, slots, self.num_features), "doc_start": (batch,),
         "memory": (batch, heads, self.num_features, dim + 1)})
 
   def _weights(self, x):

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_delta import attention_compress_delta
 from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
-                                    extend_with_buffer, init_state, ordered_to_ring,
-                                    softmax_over_window, window_after_buffer)
+                                    extend_with_buffer, init_state, ring_buffers,
+                                    softmax_over_window, window_after_buffer, window_buffers)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -114,7 +114,9 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     if not isinstance(state, DCAState):
       raise TypeError(f"state must be a DCAState or None, got {type(state).__name__}.")
     if state.window != window:
-      raise ValueError(f"state has a window of {state.window} slots, expected window = {window}.")
+      raise ValueError(f"state has a window of {state.window} (state.keys of shape "
+                       f"{tuple(state.keys.shape)}: [B, H, W + 1, K], a ring of W + 1 slots), "
+                       f"expected window = {window}.")
     check_state(state, batch, weights)
   # The one plan of this call (it checks window, mode and chunk_size), used all the way down. The
   # softmax shortcut returns no state and has no gate, so asking for either needs the memory path.
@@ -137,13 +139,14 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
 
   if axis_name is not None:
-    state = _shard_entry_state(weights, reset, window, axis_name)
-  elif state is None:
-    state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
+    state, buffered = _shard_entry_state(weights, reset, window, axis_name)
+  else:
+    if state is None:
+      state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
+    buffered = window_buffers(state, rotary_base)
   start = state.position
   (ext_k, ext_v, ext_kf), ext_doc = extend_with_buffer(
-      state, (state.keys, state.values, state.key_features),
-      (weights.k, weights.v, weights.k_features), doc)
+      start, state.doc_start, buffered, (weights.k, weights.v, weights.k_features), doc)
   num, den, top = window_after_buffer(weights.q, ext_k, ext_v, ext_doc, window=window, scale=scale,
                                       rotary_base=rotary_base)
 
@@ -165,17 +168,18 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   if not return_state:
     return o
   end = start + time
-  new_state = DCAState(
-      keys=ordered_to_ring(ext_k[:, -window:], end),
-      values=ordered_to_ring(ext_v[:, -window:], end),
-      key_features=ordered_to_ring(ext_kf[:, -window:], end),
-      doc_start=doc_start_after(state.doc_start, reset, start), memory=memory, position=end)
+  keys, values, key_features = ring_buffers(
+      (ext_k[:, -window:], ext_v[:, -window:], ext_kf[:, -window:]), end, rotary_base)
+  new_state = DCAState(keys=keys, values=values, key_features=key_features,
+                       doc_start=doc_start_after(state.doc_start, reset, start), memory=memory,
+                       position=end)
   return o, new_state
 
 
-def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name) -> DCAState:
-  """The `DCAState` entering this shard when T is sharded over `axis_name`: the previous shard's
-  last W tokens in the ring buffers (one `ppermute`; the first shard gets empty slots), the
+def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name):
+  """(state, buffered) entering this shard when T is sharded over `axis_name`: the previous
+  shard's last W keys, values and key features, oldest first (one `ppermute`; the first shard
+  gets zeros), and a `DCAState` without buffers that holds the
   absolute start of the current document (the last reset of the shards before), the position
   of the shard's first token, and a zero memory (the memory's carried state is added after the
   engine, `sequence_parallel.combine_shards`)."""
@@ -202,6 +206,7 @@ def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name) -> DC
   memory = sequence_parallel.varying(
       jnp.zeros((batch, heads, weights.q_features.shape[-1], weights.v.shape[-1] + 1), f32),
       axis_name)
-  return DCAState(keys=ordered_to_ring(halo[0], start), values=ordered_to_ring(halo[1], start),
-                  key_features=ordered_to_ring(halo[2], start), doc_start=doc_start,
-                  memory=memory, position=start)
+  # Only position, doc_start and memory of this state are read; the buffers are the halo.
+  entry = DCAState(keys=None, values=None, key_features=None, doc_start=doc_start,
+                   memory=memory, position=start)
+  return entry, halo

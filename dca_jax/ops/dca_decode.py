@@ -1,8 +1,8 @@
 """One decoding step of DCA on a constant-size state: `memory_state_update`.
 
-The step costs O(W K + F V) whatever the position: the token leaving the window is folded into
-the compressed memory, the new token enters the window buffer, and the output reads both
-memories under one normaliser (`dca_memory.combine_memories`). Step by step it equals the
+The step costs O(W K + F V) whatever the position: the new token enters the window's ring buffer
+(one slot written in place), the token leaving the window is folded into the compressed memory,
+and the output reads both memories under one normaliser (`dca_memory.combine_memories`). Step by step it equals the
 whole-sequence form `attention_compress`.
 """
 
@@ -15,6 +15,7 @@ from dca_jax.ops import _checks
 from dca_jax.ops.dca_delta import DCADeltaState, delta_memory_state_update
 from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, step_slots
 from dca_jax.ops.dca_params import DCAWeights, check_weights
+from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.window import window_step_parts
 
 
@@ -64,33 +65,41 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   window, value_dim = state.window, weights.v.shape[-1]
 
   t = state.position
-  slot = t % window
-  memory = state.memory
-  doc_start = state.doc_start
+  memory, doc_start, buffered_values = state.memory, state.doc_start, state.values
   if reset is not None:
     # Everything buffered belongs to an earlier document now, and the memory starts empty
-    # (selected away, not multiplied by 0, so a non-finite old state cannot leak).
+    # (selected away, not multiplied by 0, so a non-finite old state cannot leak; the old
+    # values are zeroed because the read-out multiplies them by their weight 0).
     doc_start = jnp.where(reset, t, doc_start)
     memory = jnp.where(reset[:, None, None, None], 0.0, memory)
+    buffered_values = jnp.where(reset[:, None, None, None], 0.0, buffered_values)
 
-  # The slot about to be overwritten holds the token at t - W: it leaves the window for the
-  # memory if it exists and belongs to the current document (else it adds nothing).
+  # The new token takes slot t mod (W + 1): one in-place write per buffer, nothing shifts. Its
+  # key and the query are rotated at t once (the buffered keys were rotated at theirs).
+  q, k = weights.q.astype(f32), weights.k.astype(f32)
+  if rotary_base is not None:
+    cos, sin = rotary_phase(t, q.shape[-1], rotary_base)
+    q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+  slot = t % (window + 1)
+  keys = jax.lax.dynamic_update_index_in_dim(state.keys, k, slot, 2)
+  vals = jax.lax.dynamic_update_index_in_dim(buffered_values, weights.v.astype(f32), slot, 2)
+  key_features = jax.lax.dynamic_update_index_in_dim(
+      state.key_features, weights.k_features.astype(f32), slot, 2)
+
+  # The token at t - W leaves the window for the memory if it exists and belongs to the current
+  # document (else it adds nothing). It sits in the next slot, (t + 1) mod (W + 1), read after
+  # the write above (a different slot), which is what lets XLA update the buffers in place.
+  out = (t + 1) % (window + 1)
   leaving = ((t - window >= 0) & (t - window >= doc_start))[:, None, None]          # [B, 1, 1]
-  features = jnp.where(leaving, state.key_features[:, slot], 0.0)                   # [B, H, F]
-  values = jnp.concatenate([state.values[:, slot], jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
+  features = jnp.where(leaving, jax.lax.dynamic_index_in_dim(key_features, out, 2, False), 0.0)
+  values = jnp.concatenate([jax.lax.dynamic_index_in_dim(vals, out, 2, False),
+                            jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
+  values = jnp.where(leaving, values, 0.0)                                          # [B, H, V+1]
   decay = jnp.exp(weights.log_decay.astype(f32))
   decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]   # per channel / head
-  values = jnp.where(leaving, values, 0.0)
   memory = decay * memory + features[..., :, None] * values[..., None, :]
 
-  # The new token takes that slot: one write per buffer, nothing shifts.
-  keys = jax.lax.dynamic_update_index_in_dim(state.keys, weights.k.astype(f32), slot, 1)
-  vals = jax.lax.dynamic_update_index_in_dim(state.values, weights.v.astype(f32), slot, 1)
-  key_features = jax.lax.dynamic_update_index_in_dim(
-      state.key_features, weights.k_features.astype(f32), slot, 1)
-
-  offsets, seen = step_slots(t, doc_start, window)
-  num, den, top = window_step_parts(weights.q, keys, vals, seen, offsets, rotary_base)
+  num, den, top = window_step_parts(q, keys, vals, step_slots(t, doc_start, window))
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
   return o, DCAState(keys=keys, values=vals, key_features=key_features, doc_start=doc_start,

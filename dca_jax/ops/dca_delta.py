@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ordered_to_ring,
-                                    softmax_over_window, step_slots, window_after_buffer)
+from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ring_buffers,
+                                    softmax_over_window, step_slots, window_after_buffer,
+                                    window_buffers)
+from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import delta_rule_plans, l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -41,10 +43,10 @@ class DCADeltaState(NamedTuple):
   """Constant-size state of DCA with the delta memory after a prefix of the sequence.
 
   Attributes:
-    keys: [B, W, H, K] float32, the last W keys (not normalised, no positions), in the ring
-      slots of `DCAState` (the token at position p in slot p mod W).
-    values: [B, W, H, V] float32, their values.
-    betas: [B, W, H] float32, their writing strengths (used when they leave the window).
+    keys: [B, H, W + 1, K] float32, the last W + 1 keys (not normalised), rotated at their
+      positions, in the ring slots of `DCAState` (the token at position p in slot p mod (W + 1)).
+    values: [B, H, W + 1, V] float32, their values.
+    betas: [B, H, W + 1] float32, their writing strengths (used when they leave the window).
     doc_start: [B] int32, absolute position of each row's current document (as `DCAState`).
     memory: [B, H, K, V] float32, the delta rule's state S.
     position: int32 scalar, the number of tokens seen.
@@ -59,7 +61,7 @@ class DCADeltaState(NamedTuple):
 
   @property
   def window(self) -> int:
-    return self.keys.shape[1]
+    return self.keys.shape[2] - 1
 
 
 def init_delta_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int,
@@ -70,9 +72,9 @@ def init_delta_state(batch_size: int, num_heads: int, key_dim: int, value_dim: i
     _checks.check_positive_int(name, value)
   f32 = jnp.float32
   return DCADeltaState(
-      keys=jnp.zeros((batch_size, window, num_heads, key_dim), f32),
-      values=jnp.zeros((batch_size, window, num_heads, value_dim), f32),
-      betas=jnp.zeros((batch_size, window, num_heads), f32),
+      keys=jnp.zeros((batch_size, num_heads, window + 1, key_dim), f32),
+      values=jnp.zeros((batch_size, num_heads, window + 1, value_dim), f32),
+      betas=jnp.zeros((batch_size, num_heads, window + 1), f32),
       doc_start=jnp.zeros((batch_size,), jnp.int32),
       memory=jnp.zeros((batch_size, num_heads, key_dim, value_dim), f32),
       position=jnp.zeros((), jnp.int32))
@@ -107,8 +109,9 @@ def _check_state(state: DCADeltaState, batch: int, weights: DCAWeights) -> None:
                     f"{type(state).__name__}.")
   heads, key_dim = weights.q.shape[-2:]
   value_dim, window = weights.v.shape[-1], state.window
-  expected = {"keys": (batch, window, heads, key_dim), "values": (batch, window, heads, value_dim),
-              "betas": (batch, window, heads), "doc_start": (batch,),
+  slots = window + 1
+  expected = {"keys": (batch, heads, slots, key_dim), "values": (batch, heads, slots, value_dim),
+              "betas": (batch, heads, slots), "doc_start": (batch,),
               "memory": (batch, heads, key_dim, value_dim)}
   for name, shape in expected.items():
     got = tuple(getattr(state, name).shape)
@@ -146,7 +149,9 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   if state is not None:
     _check_state(state, batch, weights)
     if state.window != window:
-      raise ValueError(f"state has a window of {state.window} slots, expected window = {window}.")
+      raise ValueError(f"state has a window of {state.window} (state.keys of shape "
+                       f"{tuple(state.keys.shape)}: [B, H, W + 1, K], a ring of W + 1 slots), "
+                       f"expected window = {window}.")
   # The softmax shortcut is exact here whatever the gate: an empty memory adds exactly 0.
   plan = adaptive_scale(time, window=window, has_state=state is not None or return_state,
                         mode=mode, chunk_size=chunk_size)
@@ -162,7 +167,8 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
     state = init_delta_state(batch, heads, key_dim, value_dim, window)
   start = state.position
   (ext_k, ext_v, ext_beta), ext_doc = extend_with_buffer(
-      state, (state.keys, state.values, state.betas), (weights.k, weights.v, weights.beta), doc)
+      start, state.doc_start, window_buffers(state, rotary_base),
+      (weights.k, weights.v, weights.beta), doc)
   num, den, _ = window_after_buffer(weights.q, ext_k, ext_v, ext_doc, window=window, scale=scale,
                                     rotary_base=rotary_base)
 
@@ -179,9 +185,10 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   if not return_state:
     return o
   end = start + time
+  keys, values, betas = ring_buffers(
+      (ext_k[:, -window:], ext_v[:, -window:], ext_beta[:, -window:]), end, rotary_base)
   new_state = DCADeltaState(
-      keys=ordered_to_ring(ext_k[:, -window:], end), values=ordered_to_ring(ext_v[:, -window:], end),
-      betas=ordered_to_ring(ext_beta[:, -window:], end),
+      keys=keys, values=values, betas=betas,
       doc_start=doc_start_after(state.doc_start, reset, start), memory=memory, position=end)
   return o, new_state
 
@@ -205,27 +212,41 @@ def delta_memory_state_update(state: DCADeltaState, weights: DCAWeights, *,
   _checks.check_step_reset(reset, batch)
   f32 = jnp.float32
   window, t = state.window, state.position
-  slot = t % window
-  memory, doc_start = state.memory, state.doc_start
+  memory, doc_start, buffered_values = state.memory, state.doc_start, state.values
   if reset is not None:
     doc_start = jnp.where(reset, t, doc_start)
     memory = jnp.where(reset[:, None, None, None], 0.0, memory)
+    buffered_values = jnp.where(reset[:, None, None, None], 0.0, buffered_values)
 
-  # The slot about to be overwritten holds the token at t - W (as `memory_state_update`).
+  # The new token takes slot t mod (W + 1) in place, key and query rotated at t (as
+  # `memory_state_update`).
+  q, k = weights.q.astype(f32), weights.k.astype(f32)
+  if rotary_base is not None:
+    cos, sin = rotary_phase(t, q.shape[-1], rotary_base)
+    q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+  slot = t % (window + 1)
+  keys = jax.lax.dynamic_update_index_in_dim(state.keys, k, slot, 2)
+  vals = jax.lax.dynamic_update_index_in_dim(buffered_values, weights.v.astype(f32), slot, 2)
+  betas = jax.lax.dynamic_update_index_in_dim(state.betas, weights.beta.astype(f32), slot, 2)
+
+  # The token at t - W, in the next slot, leaves the window and is written into S by one delta
+  # rule step; its key is rotated back from its position t - W first.
+  out = (t + 1) % (window + 1)
   leaving = ((t - window >= 0) & (t - window >= doc_start))[:, None]                 # [B, 1]
-  k_out = jnp.where(leaving[..., None], l2_normalize(state.keys[:, slot]), 0.0)       # [B, H, K]
-  v_out = jnp.where(leaving[..., None], state.values[:, slot], 0.0)                   # [B, H, V]
-  beta = jnp.where(leaving, state.betas[:, slot], 0.0)[..., None, None]               # [B, H, 1, 1]
+  k_out = jax.lax.dynamic_index_in_dim(keys, out, 2, False)                          # [B, H, K]
+  if rotary_base is not None:
+    cos, sin = rotary_phase(window - t, k_out.shape[-1], rotary_base)
+    k_out = rotate_pairs(k_out, cos, sin)
+  k_out = jnp.where(leaving[..., None], l2_normalize(k_out), 0.0)
+  v_out = jnp.where(leaving[..., None], jax.lax.dynamic_index_in_dim(vals, out, 2, False), 0.0)
+  beta = jnp.where(leaving, jax.lax.dynamic_index_in_dim(betas, out, 2, False), 0.0)
+  beta = beta[..., None, None]                                                       # [B, H, 1, 1]
   decay = jnp.exp(weights.log_decay.astype(f32))[..., None, None]
   read = jnp.einsum("bhk,bhkv->bhv", k_out, memory)
   memory = decay * (memory - beta * k_out[..., :, None] * read[..., None, :])
   memory = memory + beta * k_out[..., :, None] * v_out[..., None, :]
 
-  keys = jax.lax.dynamic_update_index_in_dim(state.keys, weights.k.astype(f32), slot, 1)
-  vals = jax.lax.dynamic_update_index_in_dim(state.values, weights.v.astype(f32), slot, 1)
-  betas = jax.lax.dynamic_update_index_in_dim(state.betas, weights.beta.astype(f32), slot, 1)
-  offsets, seen = step_slots(t, doc_start, window)
-  num, den, _ = window_step_parts(weights.q, keys, vals, seen, offsets, rotary_base)
+  num, den, _ = window_step_parts(q, keys, vals, step_slots(t, doc_start, window))
   memory_out = jnp.einsum("bhk,bhkv->bhv", l2_normalize(weights.q.astype(f32)), memory)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(weights.v.dtype)
   return o, DCADeltaState(keys=keys, values=vals, betas=betas, doc_start=doc_start,

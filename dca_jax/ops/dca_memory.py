@@ -16,21 +16,29 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_params import DCAWeights
+from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.window import window_softmax_parts
 
 
 class DCAState(NamedTuple):
   """Constant-size state of DCA after a prefix of the sequence.
 
-  The window is a ring buffer: the token at absolute position p lives in slot p mod W, so a
-  decoding step writes one slot and moves nothing. With t = `position`, slot s holds the token
-  at t - W + ((s - t) mod W) (the oldest in slot t mod W, the next to be overwritten); a slot
-  whose position is negative (nothing written yet) or before `doc_start` is never attended.
+  The window is a ring buffer of W + 1 slots, heads first: the token at absolute position p
+  lives in slot p mod (W + 1), so a decoding step writes one slot and moves nothing. The extra
+  slot holds the token that has just left the window, so that a step reads it (to fold it into
+  the memory) after writing the new token into another slot: the buffers are then updated in
+  place. With t = `position`, slot s holds the token at t - (W + 1) + ((s - t) mod (W + 1)); the
+  query at t - 1 attends to the W slots of positions t - W .. t - 1 (the slot t mod (W + 1) is
+  the one that left), never to a negative position or one before `doc_start`.
+
+  Keys are stored rotated by their absolute positions (`rotary.rotary_phase`, exact modulo one
+  turn) when the rotary base is not None, so a step rotates its query once instead of every
+  buffered key; `window_buffers` returns them unrotated, oldest first.
 
   Attributes:
-    keys: [B, W, H, K] float32, the last W keys, unrotated (working memory).
-    values: [B, W, H, V] float32, their values.
-    key_features: [B, W, H, F] float32, their features (folded into memory on eviction).
+    keys: [B, H, W + 1, K] float32, the last W + 1 keys, rotated at their positions.
+    values: [B, H, W + 1, V] float32, their values.
+    key_features: [B, H, W + 1, F] float32, their features (folded into memory on eviction).
     doc_start: [B] int32, absolute position of the first token of each row's current document
       (0 until a reset).
     memory: [B, H, F, V + 1] float32 compressed memory; the last column is the normaliser z.
@@ -46,7 +54,7 @@ class DCAState(NamedTuple):
 
   @property
   def window(self) -> int:
-    return self.keys.shape[1]
+    return self.keys.shape[2] - 1
 
 
 def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, feature_dim: int,
@@ -57,9 +65,9 @@ def init_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int, fe
     _checks.check_positive_int(name, value)
   f32 = jnp.float32
   return DCAState(
-      keys=jnp.zeros((batch_size, window, num_heads, key_dim), f32),
-      values=jnp.zeros((batch_size, window, num_heads, value_dim), f32),
-      key_features=jnp.zeros((batch_size, window, num_heads, feature_dim), f32),
+      keys=jnp.zeros((batch_size, num_heads, window + 1, key_dim), f32),
+      values=jnp.zeros((batch_size, num_heads, window + 1, value_dim), f32),
+      key_features=jnp.zeros((batch_size, num_heads, window + 1, feature_dim), f32),
       doc_start=jnp.zeros((batch_size,), jnp.int32),
       memory=jnp.zeros((batch_size, num_heads, feature_dim, value_dim + 1), f32),
       position=jnp.zeros((), jnp.int32),
@@ -71,9 +79,9 @@ def check_state(state: DCAState, batch: int, weights: DCAWeights) -> None:
   value_dim, feature_dim = weights.v.shape[-1], weights.q_features.shape[-1]
   window = state.window
   expected = {
-      "keys": (batch, window, heads, key_dim),
-      "values": (batch, window, heads, value_dim),
-      "key_features": (batch, window, heads, feature_dim),
+      "keys": (batch, heads, window + 1, key_dim),
+      "values": (batch, heads, window + 1, value_dim),
+      "key_features": (batch, heads, window + 1, feature_dim),
       "doc_start": (batch,),
       "memory": (batch, heads, feature_dim, value_dim + 1),
   }
@@ -87,33 +95,69 @@ def check_state(state: DCAState, batch: int, weights: DCAWeights) -> None:
 
 
 def slot_positions(position: jax.Array, window: int) -> jax.Array:
-  """[W] int32: the absolute position of the token each ring slot holds after `position` tokens
-  (negative: nothing written yet). Slot s holds position - W + ((s - position) mod W)."""
-  slots = jnp.arange(window, dtype=jnp.int32)
-  return position - window + (slots - position) % window
+  """[W + 1] int32: the absolute position of the token each ring slot holds after `position`
+  tokens (negative: nothing written yet). Slot s holds position - (W + 1) + ((s - position) mod
+  (W + 1))."""
+  slots = jnp.arange(window + 1, dtype=jnp.int32)
+  return position - (window + 1) + (slots - position) % (window + 1)
 
 
 def ring_to_ordered(x: jax.Array, position: jax.Array) -> jax.Array:
-  """A ring buffer [B, W, ...] after `position` tokens -> its slots oldest first."""
-  return jnp.roll(x, -(position % x.shape[1]), axis=1)
+  """A ring buffer [B, H, W + 1, ...] after `position` tokens -> its last W tokens, oldest first,
+  time before heads: [B, W, H, ...]."""
+  slots = x.shape[2]
+  x = jnp.roll(x, -((position - (slots - 1)) % slots), axis=2)[:, :, :slots - 1]
+  return jnp.moveaxis(x, 2, 1)
 
 
 def ordered_to_ring(x: jax.Array, position: jax.Array) -> jax.Array:
-  """The last W tokens [B, W, ...], oldest first, after `position` tokens -> ring slots."""
-  return jnp.roll(x, position % x.shape[1], axis=1)
+  """The last W tokens [B, W, H, ...], oldest first, after `position` tokens -> the ring buffer
+  [B, H, W + 1, ...] (the slot of the token before them, position mod (W + 1), is zero)."""
+  window = x.shape[1]
+  x = jnp.moveaxis(x, 1, 2)
+  x = jnp.concatenate([x, jnp.zeros_like(x[:, :, :1])], axis=2)
+  return jnp.roll(x, (position - window) % (window + 1), axis=2)
 
 
-def buffer_oldest_first(position: jax.Array, doc_start: jax.Array, buffers):
-  """Ring buffers [B, W, ...] after `position` tokens -> (doc, the buffers oldest first).
+def rotate_window(keys: jax.Array, first: jax.Array, rotary_base: float | None,
+                  sign: int = 1) -> jax.Array:
+  """Keys [B, W, H, K], oldest first, of the positions first .. first + W - 1, rotated by +/- their
+  positions (`rotary.rotary_phase`); unchanged (float32) without rotary positions."""
+  keys = keys.astype(jnp.float32)
+  if rotary_base is None:
+    return keys
+  positions = sign * (first + jnp.arange(keys.shape[1], dtype=jnp.int32))
+  cos, sin = rotary_phase(positions, keys.shape[-1], rotary_base)                 # [W, K/2]
+  return rotate_pairs(keys, cos[None, :, None], sin[None, :, None])
 
-  doc [B, W] int32 is 0 for a slot of the row's current document and -1 for an empty slot or
-  one of an earlier document (never attended, never folded into a memory): the buffer's
-  document ids as the whole-sequence forms count them (the new tokens' first document is 0).
-  """
-  window = buffers[0].shape[1]
+
+def window_buffers(state, rotary_base: float | None) -> list[jax.Array]:
+  """The buffered tokens of a decoding state, oldest first, time before heads: the W keys
+  (unrotated) [B, W, H, K] and the state's other buffers [B, W, H, ...] (values, then the key
+  features of a `DCAState` or the betas of a `DCADeltaState`)."""
+  position, window = state.position, state.window
+  keys = rotate_window(ring_to_ordered(state.keys, position), position - window, rotary_base,
+                       sign=-1)
+  return [keys] + [ring_to_ordered(b, position) for b in state[1:3]]
+
+
+def ring_buffers(ordered, end: jax.Array, rotary_base: float | None) -> list[jax.Array]:
+  """The inverse of `window_buffers`: the last W tokens' keys and other buffers [B, W, H, ...],
+  oldest first, after `end` tokens -> the state's ring buffers (keys rotated)."""
+  keys, *rest = ordered
+  window = keys.shape[1]
+  keys = rotate_window(keys, end - window, rotary_base)
+  return [ordered_to_ring(b, end) for b in [keys] + list(rest)]
+
+
+def buffer_doc(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
+  """[B, W] int32 document ids of a state's buffered tokens, oldest first: 0 for a token of the
+  row's current document and -1 for an empty slot or one of an earlier document (never
+  attended, never folded into a memory), as the whole-sequence forms count them (the new
+  tokens' first document is 0)."""
   held = position - window + jnp.arange(window, dtype=jnp.int32)
   current = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])
-  return jnp.where(current, 0, -1).astype(jnp.int32), [ring_to_ordered(b, position) for b in buffers]
+  return jnp.where(current, 0, -1).astype(jnp.int32)
 
 
 def softmax_over_window(weights: DCAWeights, doc: jax.Array, *, window: int, rotary_base):
@@ -125,25 +169,27 @@ def softmax_over_window(weights: DCAWeights, doc: jax.Array, *, window: int, rot
   return (num / den[..., None]).astype(weights.v.dtype)
 
 
-def extend_with_buffer(state, buffers, new, doc: jax.Array):
-  """The sequence extended on the left by the state's W buffered tokens, oldest first.
+def extend_with_buffer(position: jax.Array, doc_start: jax.Array, old, new, doc: jax.Array):
+  """The sequence extended on the left by a state's W buffered tokens, oldest first.
 
   The window of the first new queries reaches into the buffer, and the buffer's tokens are the
   first to leave the window. They count as document 0 (the new tokens' first) when they are in
   the row's current document, else as -1 (never attended, never folded into a memory).
 
   Args:
-    state: a DCA state (`position`, `doc_start` and ring buffers of W slots).
-    buffers: the state's ring buffers [B, W, ...] to extend.
-    new: the new tokens' arrays [B, T, ...], one per buffer (cast to float32).
+    position: the state's position (the absolute position of the first new token).
+    doc_start: [B] the state's document starts.
+    old: the buffered tokens [B, W, H, ...], oldest first (`window_buffers`).
+    new: the new tokens' arrays [B, T, H, ...], one per buffer (cast to float32).
     doc: [B, T] int32 document ids of the new tokens (`segments.document_ids`).
 
   Returns:
     ([B, W + T, ...] float32 per buffer, doc [B, W + T] int32).
   """
-  buffer_doc, old = buffer_oldest_first(state.position, state.doc_start, buffers)
-  extended = [jnp.concatenate([o, n.astype(jnp.float32)], axis=1) for o, n in zip(old, new)]
-  return extended, jnp.concatenate([buffer_doc, doc], axis=1)
+  window = old[0].shape[1]
+  extended = [jnp.concatenate([o.astype(jnp.float32), n.astype(jnp.float32)], axis=1)
+              for o, n in zip(old, new)]
+  return extended, jnp.concatenate([buffer_doc(position, doc_start, window), doc], axis=1)
 
 
 def window_after_buffer(q, ext_k, ext_v, ext_doc, *, window: int, scale, rotary_base):
@@ -166,12 +212,11 @@ def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Ar
   return jnp.where(last >= 0, start + last, doc_start).astype(jnp.int32)
 
 
-def step_slots(position: jax.Array, doc_start: jax.Array, window: int):
-  """For the query at `position` (its own token already written): (offsets [W] int32, each
-  slot's position minus the query's, and seen [B, W] bool, the slots it attends to)."""
+def step_slots(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
+  """seen [B, W + 1] bool: the ring slots the query at `position` attends to, its own token
+  already written: positions position - W + 1 .. position of the row's current document."""
   held = slot_positions(position + 1, window)
-  seen = (held[None, :] >= 0) & (held[None, :] >= doc_start[:, None])
-  return held - position, seen
+  return (held[None, :] > position - window) & (held[None, :] >= doc_start[:, None])
 
 
 def combine_memories(window_num, window_den, window_max, memory_out, value_dim, gate=None):

@@ -123,3 +123,53 @@ def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -
   x1, x2 = x32[..., : key_dim // 2], x32[..., key_dim // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def rotary_phase(positions: jax.Array, dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of the rotary angles p * f_i, reduced modulo 2 pi exactly, for integer p.
+
+  Each angle is a 32-bit fixed-point phase: p * round(2^32 f_i / (2 pi)) in uint32 arithmetic,
+  which wraps modulo 2^32, i.e. modulo one turn. The difference of two phases is therefore
+  exact, whatever the positions: a key rotated at j and a query rotated at t meet at the
+  relative angle (t - j) f_i up to |t - j| * 7.3e-10 rad (the rounding of f_i to 2^-32 turn)
+  plus ~4e-7 rad (the float32 cos/sin), where float32 angles lose ~p f 2^-24 rad at position p.
+  Decoding states store their keys rotated this way (`DCAState`), so a step rotates one query
+  instead of every buffered key. Negative positions wrap as well (a rotation backwards).
+
+  Args:
+    positions: integer array [...], absolute positions (int32; negative ones rotate back).
+    dim: K, the even number of rotated channels.
+    base: rotary base (as `rotary_frequencies`).
+
+  Returns:
+    (cos, sin), each [..., K/2] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> cos, sin = rotary_phase(jnp.array([0, 1]), 4, 100.0)
+    >>> cos.shape
+    (2, 2)
+  """
+  _checks.check_positive_int("dim", dim)
+  if dim % 2:
+    raise ValueError(f"dim must be even (channels are rotated in pairs), got {dim}.")
+  if not base > 0:
+    raise ValueError(f"base must be > 0, got {base!r}.")
+  freqs = float(base) ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+  turns = np.round((freqs / (2.0 * np.pi)) % 1.0 * 2.0 ** 32).astype(np.int64) % 2 ** 32
+  # The same residues as signed int32 (two's complement): int32 products wrap modulo 2^32 in
+  # XLA (and in ONNX Runtime, which has no unsigned Mul on every build), and a signed phase
+  # maps to an angle in [-pi, pi).
+  step = jnp.asarray(np.where(turns >= 2 ** 31, turns - 2 ** 32, turns).astype(np.int32))
+  phase = jnp.asarray(positions).astype(jnp.int32)[..., None] * step    # modulo 2^32: one turn
+  angles = phase.astype(jnp.float32) * np.float32(2.0 * np.pi / 2.0 ** 32)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates the half-split channel pairs (x_i, x_{i+K/2}) of x [..., K] by the angles whose
+  cos, sin [..., K/2] are given (broadcast against x's leading dims); float32 result."""
+  half = x.shape[-1] // 2
+  x = x.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

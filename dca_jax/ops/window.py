@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.rotary import apply_rotary, rotary_frequencies
+from dca_jax.ops.rotary import apply_rotary
 from dca_jax.ops import segments
 from dca_jax.ops.segments import document_ids
 
@@ -209,50 +209,29 @@ def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: 
   return num, to_time(den), to_time(m[..., 0])
 
 
-def window_step_parts(q, keys, values, seen, offsets, rotary_base):
-  """The window's softmax parts for one query over a ring buffer of W slots.
+def window_step_parts(q, keys, values, seen):
+  """The window's softmax parts for one query over a decoding state's ring buffer.
 
-  Scores and read-out are multiply-and-reduce over the slots in the buffer's own [B, W, H, .]
-  layout: a dot_general would transpose the whole buffer at every step.
+  Scores and read-out are two batched matrix-vector products over the buffer's own heads-first
+  layout [B, H, slots, .], whose keys are already rotated at their positions (`DCAState`); the
+  query comes rotated at its own, so no per-slot rotation is computed.
 
   Args:
-    q: [B, H, K] the query (no position applied).
-    keys: [B, W, H, K] float32, the buffered keys (unrotated), in any slot order.
-    values: [B, W, H, V] float32.
-    seen: bool [B, W], the slots the query attends to (its own slot always is).
-    offsets: int [W], each slot's position minus the query's (in [-(W-1), 0]).
-    rotary_base: None or the base of rotary positions relative to the query (as in
-      `window_softmax_parts`).
+    q: [B, H, K] the query, rotated at its position (float32).
+    keys: [B, H, S, K] float32, the buffered keys (rotated at theirs), in any slot order.
+    values: [B, H, S, V] float32. A slot that is not seen holds a finite value (zero, or a token
+      of the current document that has left the window): its weight is exactly 0.
+    seen: bool [B, S], the slots the query attends to (its own slot always is).
 
   Returns:
     (N [B, H, V], Z [B, H], m [B, H]) float32 as `window_softmax_parts` gives for that query.
   """
   key_dim = q.shape[-1]
-  f32 = jnp.float32
-  q = q.astype(f32)[:, None]                                                        # [B, 1, H, K]
-  # Unseen slots are selected away (never multiplied by a zero weight), so whatever they hold
-  # cannot reach the output.
-  k = jnp.where(seen[:, :, None, None], keys, 0.0)
-  seen_values = jnp.where(seen[:, :, None, None], values, 0.0)
-  if rotary_base is None:
-    scores = jnp.sum(q * k, axis=-1)                                                # [B, W, H]
-  else:
-    # Each key is rotated by its offset, written out for the half-split pairs (k1, k2) so that
-    # neither a rotated copy of the buffer nor a per-element cos/sin is formed:
-    #   q . rot(k, o) = sum_i cos(o f_i) (q1 k1 + q2 k2) + sin(o f_i) (q2 k1 - q1 k2).
-    # The [W, K/2] angle table is materialised first (the barrier keeps XLA from fusing the
-    # transcendentals into the per-element loop over the whole buffer).
-    half = key_dim // 2
-    angles = offsets.astype(f32)[:, None] * rotary_frequencies(key_dim, rotary_base)[None]
-    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
-    cos, sin = cos[None, :, None], sin[None, :, None]                               # [1, W, 1, K/2]
-    q1, q2, k1, k2 = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
-    scores = jnp.sum(cos * (q1 * k1 + q2 * k2) + sin * (q2 * k1 - q1 * k2), axis=-1)
-  scores = jnp.where(seen[:, :, None], scores / math.sqrt(key_dim), -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.max(scores, axis=1))   # [B, H]; the query's own slot is seen
-  probs = jnp.exp(scores - top[:, None])
-  # A dot for the read-out: XLA:CPU's reduction over the middle (slot) axis costs ~70 us even
-  # at B = 1, where the dot is ~4 us and keeps the buffer's layout at B = 32.
-  num = jnp.einsum("bsh,bshv->bhv", probs, seen_values)                             # [B, H, V]
-  den = jnp.sum(probs, axis=1)
+  scores = jnp.einsum("bhk,bhsk->bhs", q.astype(jnp.float32), keys) / math.sqrt(key_dim)
+  # A non-finite score of an unseen slot is selected away here.
+  scores = jnp.where(seen[:, None, :], scores, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # [B, H]; the query's own slot is seen
+  probs = jnp.exp(scores - top[..., None])
+  num = jnp.einsum("bhs,bhsv->bhv", probs, values)                                  # [B, H, V]
+  den = jnp.sum(probs, axis=-1)
   return num, den, top
