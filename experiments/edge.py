@@ -242,6 +242,53 @@ def _speed_cell(record: Mapping[str, Any] | None) -> str:
   return f"{record['tokens_per_s']:,.0f} ({1e3 * record['step_s']:.2f} ms)"
 
 
+POWER_RUNTIMES = (JAX, ORT_FP32)   # the runtimes whose programs the estimate counts (fp32)
+
+
+def implied_watts(result: Mapping[str, Any], table: Mapping[str, Any], attention: str,
+                  runtime: str, context: int) -> float | None:
+  """The estimate's joules per token at batch 1 x the measured tokens/s (None: either missing)."""
+  e = table.get(str(context), {}).get(attention)
+  tokens_per_s = rate(result, attention, runtime, 1, context)
+  if not e or not tokens_per_s:
+    return None
+  return energy.implied_watts(e["joules"], tokens_per_s)
+
+
+def _energy_vs_measured(result, table, contexts) -> list[str]:
+  """Implied watts at each measured batch-1 rate, where speed contradicts the estimate, and
+  the brain's figure with what the model leaves out."""
+  config = result["config"]
+  lines = ["The watts those joules imply at the measured batch-1 rates of the decode table "
+           "(µJ per token x tokens/s; the fp32 runtimes only: the estimate counts fp32 "
+           "parameters):", "",
+           "| attention | runtime | " + " | ".join(f"W @ {_k(c)}" for c in contexts) + " |",
+           "|---|---|" + "---:|" * len(contexts)]
+  for attention in config["attentions"]:
+    for runtime in POWER_RUNTIMES:
+      watts = [implied_watts(result, table, attention, runtime, c) for c in contexts]
+      if any(w is not None for w in watts):
+        lines.append(f"| {attention} | {RUNTIME_TEXT[runtime]} | " + " | ".join(
+            "-" if w is None else f"{w:.2f}" for w in watts) + " |")
+  found = []
+  for runtime in POWER_RUNTIMES:
+    for c in contexts:
+      estimates = {a: e["ratio_to_softmax"] for a, e in table.get(str(c), {}).items()}
+      rates = {a: rate(result, a, runtime, 1, c) for a in estimates}
+      found.append(energy.contradiction_text(energy.contradictions(estimates, rates),
+                                             f"{RUNTIME_TEXT[runtime]} at {_k(c)}, batch 1"))
+  found = [f for f in found if f]
+  lines.append("")
+  if found:
+    lines += [" ".join(found) + " At equal power energy follows time, so there the estimate is "
+              "not borne out by the measurement.", ""]
+  else:
+    lines += ["Measured speed agrees in direction with the estimate in every cell above (the "
+              "attention estimated cheaper was measured faster, in both fp32 runtimes).", ""]
+  lines += [energy.brain_text(), ""]
+  return lines
+
+
 def render(result: Mapping[str, Any]) -> str:
   """The Markdown report of a result (see the module docstring)."""
   config = result["config"]
@@ -347,6 +394,7 @@ def render(result: Mapping[str, Any]) -> str:
           f"{1e6 * e['joules']:.3g}" if e else "-" for e in cells_) + " | " + " | ".join(
               f"{e['ratio_to_softmax']:.3f}" if e else "-" for e in cells_) + " |")
     lines.append("")
+    lines += _energy_vs_measured(result, table, contexts)
 
   acc = result.get("accuracy")
   if acc:

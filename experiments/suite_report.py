@@ -18,6 +18,7 @@ import numpy as np
 from experiments import checkpoints as checkpoints_lib
 from experiments import suite_plan
 from experiments.bookkeeping import cpu_model, machine_line, now, write_json
+from experiments import energy as energy_lib
 from experiments.energy import E_DRAM_PJ_PER_BYTE, E_FLOP_PJ, ENERGY_SOURCE
 from experiments.report import format_bytes, pyplot
 
@@ -329,6 +330,71 @@ def _speed_section(speed) -> list[str]:
     lines.append(f"| {a} | " + " | ".join(f"{r[f'forward/{n}']:.3f}" for n in flens) + " | "
                  + " | ".join(f"{r[f'decode/{n}']:.3f}" for n in lengths) + " |")
   lines.append("")
+  if any("decode_flops_per_token" in r for r in m.values()):
+    lines += ["This speed.json predates the per-context count of a decode step's FLOPs: every "
+              "decode row above was charged the FLOPs of one step at its model's longest cache "
+              "(softmax's step at 1024 overcharged). `python -m experiments.suite speed` "
+              "recounts.", ""]
+  lines += _estimate_vs_measured(speed)
+  lines += _joules_and_watts(speed)
+  return lines
+
+
+def _estimate_vs_measured(speed) -> list[str]:
+  """Sentences where the measured speed contradicts the energy estimate (none: one sentence)."""
+  m, e = speed["models"], speed["energy"]
+  found = []
+  for n in speed["decode_lengths"]:
+    text = energy_lib.contradiction_text(energy_lib.contradictions(
+        {a: r[f"decode/{n}"] for a, r in e.items()},
+        {a: r.get(f"decode_tokens_per_s/{n}") for a, r in m.items()}), f"Decoding at {n}")
+    found.append(text)
+  # Training: the forward's FLOP ratio at the training length against the measured step.
+  train_lengths = {r["config"]["seq_len"] for r in m.values() if "config" in r}
+  for t in sorted(train_lengths & set(speed["flop_lengths"])):
+    text = energy_lib.contradiction_text(energy_lib.contradictions(
+        {a: r[f"forward/{t}"] for a, r in e.items()},
+        {a: r.get("train_tokens_per_s") for a, r in m.items()}),
+        f"Training at T = {t} (the forward's FLOP ratio against the measured optimiser step, "
+        "backward included)")
+    found.append(text)
+  found = [f for f in found if f]
+  if not found:
+    return ["Measured speed agrees in direction with every estimate above (an attention "
+            "estimated cheaper than softmax was also measured faster).", ""]
+  return [" ".join(found) + " At equal power energy follows time, so in those cells the "
+          "estimate is not borne out by the measurement. The model counts only FLOPs and DRAM "
+          "bytes; per-step costs it leaves out (below) are the likely reason, not established "
+          "here.", ""]
+
+
+def _joules_and_watts(speed) -> list[str]:
+  """Joules per decoded token and the watts they imply at the measured rate, with the brain's."""
+  m, e = speed["models"], speed["energy"]
+  lengths = speed["decode_lengths"]
+  lines = ["Per decoded token under the same model: joules (µJ), and the watts those joules "
+           "imply at the measured decode rate above (µJ per token x tokens/s); the last columns "
+           "are the measured time per token relative to softmax's. Training has a measured "
+           "rate but its FLOPs (backward included) are not counted, so no watts are implied "
+           "for it.", "",
+           "| attention | " + " | ".join(f"µJ/token @ {n}" for n in lengths) + " | "
+           + " | ".join(f"W @ {n}" for n in lengths) + " | "
+           + " | ".join(f"time vs softmax @ {n}" for n in lengths) + " |",
+           "|---|" + "---:|" * (3 * len(lengths))]
+  base = m.get("softmax", {})
+  for a, r in e.items():
+    joules = [r.get(f"decode_joules/{n}") for n in lengths]
+    rates = [m[a].get(f"decode_tokens_per_s/{n}") for n in lengths]
+    watts = [energy_lib.implied_watts(j, v) if j is not None and v else None
+             for j, v in zip(joules, rates)]
+    times = [base.get(f"decode_tokens_per_s/{n}") / v
+             if v and base.get(f"decode_tokens_per_s/{n}") else None
+             for n, v in zip(lengths, rates)]
+    lines.append(f"| {a} | " + " | ".join(_fmt(None if j is None else 1e6 * j, 0)
+                                           for j in joules) + " | "
+                 + " | ".join(_fmt(w, 2) for w in watts) + " | "
+                 + " | ".join(_fmt(t, 2) for t in times) + " |")
+  lines += ["", energy_lib.brain_text(), ""]
   return lines
 
 

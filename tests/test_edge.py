@@ -105,3 +105,26 @@ def test_render_names_command_machine_and_targets():
   assert "Quick validation run" not in text
   result["config"]["quick"] = True
   assert "Quick validation run" in edge.render(result)
+
+
+def test_render_gives_implied_watts_contradictions_and_the_brain():
+  """Watts = the estimate's joules per token x the measured batch-1 rate; a sentence where the
+  measured speed contradicts the estimate (computed from the data), none where it agrees."""
+  result = _result()
+  for context in result["energy"].values():
+    context["dca"]["joules"], context["softmax"]["joules"] = 1e-3, 2e-3
+  assert edge.implied_watts(result, result["energy"], "dca", edge.ORT_FP32, 1024) == (
+      pytest.approx(1e-3 * 1000.0))
+  assert edge.implied_watts(result, result["energy"], "softmax", edge.JAX, 1024) is None
+  text = edge.render(result)
+  assert "| dca | ONNX Runtime fp32 | 1.00 | 0.95 | 0.90 |" in text
+  assert "| softmax | ONNX Runtime fp32 | 1.20 | 0.30 | 0.08 |" in text
+  assert "contradicts the estimate" not in text and "agrees in direction" in text
+  assert "20 W" in text and "Raichle & Gusnard" in text and "1 W" in text
+  assert "no power counter" in text and "SRAM" in text
+  # DCA estimated at half softmax's energy but measured slower at 1k through ONNX Runtime.
+  slow = _result(softmax_ort=(1500.0, 150.0, 40.0))
+  text = edge.render(slow)
+  assert ("ONNX Runtime fp32 at 1k, batch 1, the measured speed contradicts the estimate: dca "
+          "is estimated at 0.500") in text
+  assert "at 8k, batch 1, the measured" not in text

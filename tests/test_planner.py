@@ -95,3 +95,88 @@ def test_plan_engine_follows_the_measured_cpu_rule():
 def test_plan_engine_rejects_unknown_backends():
   with pytest.raises(ValueError, match="backend"):
     plan_engine(64, 16, 16, backend="other")
+
+
+# ---------------------------------------------------------------------------------------------
+# One plan per call: attention_compress asks adaptive_scale once and the engine does not plan again.
+
+
+@pytest.mark.parametrize("memory,mode", [("additive", "auto"), ("additive", "chunked"),
+                                         ("delta", "auto"), ("delta", "chunked")])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_attention_compress_plans_once_and_uses_the_plan(monkeypatch, memory, mode, needs_grad):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import dca_jax
+  from dca_jax.ops import dca as dca_module
+  from dca_jax.ops import dca_delta, delta_rule, gla, planner
+
+  window, length = 4, 11            # T > W: the compressed plan, whose engine is planned
+  params = dca_jax.init_params(jax.random.key(0), d_model=16, num_heads=2, window=window,
+                               feature_dim=4, memory=memory)
+  x = jax.random.normal(jax.random.key(1), (2, length, 16))
+  weights = dca_jax.compute_weights(params, x)
+
+  def run():
+    if not needs_grad:
+      return dca_jax.attention_compress(weights, window=window, mode=mode, chunk_size=4)
+    loss = lambda w: jnp.sum(dca_jax.attention_compress(w, window=window, mode=mode,
+                                                        chunk_size=4) ** 2)
+    return jax.grad(loss)(weights).v
+
+  expected = run()                  # before any spy: the outputs must not change
+  calls = {"adaptive_scale": [], "planners": 0, "plan_engine": 0, "engine": []}
+
+  def counted(fn, key):
+    def wrapper(*args, **kwargs):
+      calls[key] += 1
+      return fn(*args, **kwargs)
+    return wrapper
+
+  # Every planner the engine could ask, under every name it is reachable by.
+  for module in (planner, gla, delta_rule, dca_module, dca_delta):
+    for name in ("engine_plans", "delta_rule_plans"):
+      if hasattr(module, name):
+        monkeypatch.setattr(module, name, counted(getattr(module, name), "planners"))
+  monkeypatch.setattr(planner, "plan_engine", counted(planner.plan_engine, "plan_engine"))
+
+  def spy_scale(*args, **kwargs):
+    plan = planner.adaptive_scale(*args, **kwargs)
+    calls["adaptive_scale"].append(plan)
+    return plan
+
+  def spy_engine(run_fn):
+    def wrapper(plans, *args, **kwargs):
+      calls["engine"].append(plans)
+      return run_fn(plans, *args, **kwargs)
+    return wrapper
+
+  for module in (dca_module, dca_delta):
+    monkeypatch.setattr(module, "adaptive_scale", spy_scale)
+  monkeypatch.setattr(dca_module, "run_engine", spy_engine(gla.run_engine))
+  monkeypatch.setattr(dca_delta, "run_delta_rule", spy_engine(delta_rule.run_delta_rule))
+
+  got = run()
+  assert len(calls["adaptive_scale"]) == 1
+  (plan,) = calls["adaptive_scale"]
+  assert plan.kind is PlanKind.COMPRESSED
+  assert calls["planners"] == 1     # engine_plans (additive) or delta_rule_plans (delta), once
+  # ... and inside it, for the additive "auto" mode, one rule per case (evaluated, differentiated).
+  assert calls["plan_engine"] == (2 if (memory, mode) == ("additive", "auto") else 0)
+  assert calls["engine"] == [(plan.engine, plan.engine_grad)]
+  if mode == "chunked":
+    assert plan.engine == plan.engine_grad == EnginePlan(Mode.CHUNKED, 4)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_adaptive_scale_plans_the_delta_memory_with_its_own_rule():
+  from dca_jax.ops.planner import delta_rule_plans
+  for length, backend in ((1000, "cpu"), (1000, "gpu"), (40, "gpu")):
+    for needs_grad in (False, True):
+      plan = adaptive_scale(length, window=8, delta_memory=True, backend=backend,
+                            needs_grad=needs_grad)
+      forward, grad = delta_rule_plans(length, backend=backend)
+      assert (plan.engine, plan.engine_grad) == (grad if needs_grad else forward, grad)
+  assert adaptive_scale(8, window=8, delta_memory=True).kind is PlanKind.SOFTMAX

@@ -171,6 +171,69 @@ def test_energy_of_a_decode_step_uses_that_context_s_flops():
   assert table["decode_joules/8"] == pytest.approx(energy.E_FLOP_PJ * 1e6 * 1e-12)
 
 
+def _speed(dca_decode=600.0, softmax_decode=700.0, gla_train=150.0):
+  """A speed.json with two decode lengths and five numbers that make the arithmetic plain."""
+  from experiments import energy  # pylint: disable=g-import-not-at-top
+  info = {}
+  for attention, flops, cache in (("softmax", 4e6, 1e6), ("dca", 1e6, 1e5), ("gla", 1e6, 1e4)):
+    info[attention] = {"forward_flops_per_token": {"8": flops}, "param_bytes": 1_000_000,
+                       "decode_flops_per_token/8": flops, "cache_bytes/8": cache,
+                       "decode_flops_per_token/64": 8 * flops if attention == "softmax" else flops,
+                       "cache_bytes/64": 8 * cache if attention == "softmax" else cache}
+  table = energy.energy_table(info, [8, 64], [8])
+  rates = {"softmax": (softmax_decode, 100.0, 100.0), "dca": (dca_decode, 1000.0, 200.0),
+           "gla": (2000.0, 2000.0, gla_train)}
+  models = {}
+  for a, (at8, at64, train) in rates.items():
+    models[a] = {**info[a], "num_params": 10, "train_tokens_per_s": train,
+                 "decode_tokens_per_s/8": at8, "decode_tokens_per_s/64": at64,
+                 "config": {"seq_len": 8}}
+  return {"models": models, "energy": table, "decode_lengths": [8, 64], "flop_lengths": [8],
+          "date": "2026-12-03T00:00:00", "machine": {"cpu_model": "test cpu", "usable_cores": 2, "backend": "cpu",
+                      "jax": "0.0", "python": "3.x"}}
+
+
+def test_energy_joules_watts_and_contradictions_are_computed_from_the_data():
+  """Joules per token and the watts they imply at the measured rate; a sentence wherever the
+  measured speed disagrees with the estimate, and none where it agrees."""
+  from experiments import energy  # pylint: disable=g-import-not-at-top
+  speed = _speed()
+  e = speed["energy"]
+  # dca at 8: 1e6 FLOPs x 2.3 pJ + (1e6 + 1e5) bytes x 160 pJ.
+  dca_joules = (2.3e6 + 160 * 1.1e6) * 1e-12
+  assert e["dca"]["decode_joules/8"] == pytest.approx(dca_joules)
+  assert e["dca"]["forward_joules/8"] == pytest.approx(2.3e6 * 1e-12)
+  assert energy.implied_watts(dca_joules, 600.0) == pytest.approx(dca_joules * 600.0)
+  assert e["dca"]["decode/8"] < 1.0
+  # dca is estimated cheaper than softmax at 8 but measured slower (600 < 700 tokens/s).
+  found = energy.contradictions({a: r["decode/8"] for a, r in e.items()},
+                                {a: m["decode_tokens_per_s/8"] for a, m in speed["models"].items()})
+  assert [c["attention"] for c in found] == ["dca"]
+  assert found[0]["time_ratio"] == pytest.approx(700.0 / 600.0)
+  assert energy.contradictions({"softmax": 1.0, "dca": 1.5}, {"softmax": 10.0, "dca": 20.0})
+  assert not energy.contradictions({"softmax": 1.0, "dca": 0.5}, {"softmax": 10.0, "dca": None})
+
+  text = "\n".join(suite_report._speed_section(speed))
+  assert f"| dca | {1e6 * dca_joules:.0f} |" in text
+  assert f"{dca_joules * 600.0:.2f}" in text                    # the implied watts at 8
+  assert "Decoding at 8, the measured speed contradicts the estimate: dca" in text
+  assert "Decoding at 64" not in text                          # faster there, as estimated
+  # gla: fewer forward FLOPs than softmax and trained faster (150 > 100 tokens/s): agreement.
+  assert "Training at T = 8" not in text
+  assert "20 W" in text and "Raichle & Gusnard" in text and "PNAS" in text
+  assert "1 W" in text and "no source" in text
+  assert "no power counter" in text and "SRAM" in text and "static and idle power" in text
+  assert "predates" not in text
+
+  # dca now faster at 8 (no decode sentence); gla trained slower than softmax (90 < 100).
+  other = "\n".join(suite_report._speed_section(_speed(dca_decode=900.0, gla_train=90.0)))
+  assert "Decoding at 8" not in other
+  assert "Training at T = 8 (" in other and "gla is estimated at" in other
+  old = _speed(dca_decode=900.0)
+  old["models"]["dca"]["decode_flops_per_token"] = 1e6      # a speed.json of before 2026-12
+  assert "predates the per-context count" in "\n".join(suite_report._speed_section(old))
+
+
 def test_speed_and_energy_tiny(tmp_path):
   result = suite_speed.measure_speed(tmp_path / "speed.json", tiny=True)
   models = result["models"]

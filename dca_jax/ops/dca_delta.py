@@ -33,7 +33,7 @@ from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ring_bu
                                     window_buffers)
 from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.dca_params import DCAWeights
-from dca_jax.ops.delta_rule import delta_rule_plans, l2_normalize, run_delta_rule
+from dca_jax.ops.delta_rule import l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
 from dca_jax.ops.segments import document_ids
 from dca_jax.ops.window import window_step_parts
@@ -131,10 +131,11 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   """DCA with the delta memory over a whole sequence (the module equations, t = 1..T).
 
   `attention_compress` calls this for weights of the delta memory (`weights.beta` given); the
-  arguments and the result are the same, with a `DCADeltaState` as the state. `mode` and
-  `chunk_size` choose the delta rule's form (`delta_rule_plans`: "auto" is the recurrent form
-  when evaluated on CPU, the chunked one when differentiated past a chunk); whether the memory
-  runs at all (not when T <= W without a state: exact softmax) is `adaptive_scale`'s decision.
+  arguments and the result are the same, with a `DCADeltaState` as the state. The one plan of
+  the call is `adaptive_scale(..., delta_memory=True)`'s: whether the memory runs at all (not
+  when T <= W without a state: exact softmax) and, with `mode` and `chunk_size`, the delta
+  rule's form (`planner.delta_rule_plans`: "auto" is the recurrent form when evaluated on CPU,
+  the chunked one when differentiated past a chunk), handed to `run_delta_rule` as made.
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, `DCADeltaState`) when `return_state`.
@@ -154,7 +155,7 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
                        f"expected window = {window}.")
   # The softmax shortcut is exact here whatever the gate: an empty memory adds exactly 0.
   plan = adaptive_scale(time, window=window, has_state=state is not None or return_state,
-                        mode=mode, chunk_size=chunk_size)
+                        delta_memory=True, mode=mode, chunk_size=chunk_size)
   out_dtype = weights.v.dtype
   scale = 1.0 / math.sqrt(key_dim)
   f32 = jnp.float32
@@ -177,10 +178,9 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   keys_in = jnp.where(same_doc[..., None], l2_normalize(ext_k[:, :time]), 0.0)
   values_in = jnp.where(same_doc[..., None], ext_v[:, :time], 0.0)
   betas_in = jnp.where(same_doc, ext_beta[:, :time], 0.0)
-  # The delta rule's own plans (its forms cost differently from the additive engine's).
   memory_out, memory = run_delta_rule(
-      delta_rule_plans(time, mode=mode, chunk_size=chunk_size), l2_normalize(weights.q.astype(f32)), keys_in, values_in, betas_in,
-      weights.log_decay, initial_state=state.memory, reset=reset)
+      (plan.engine, plan.engine_grad), l2_normalize(weights.q.astype(f32)), keys_in, values_in,
+      betas_in, weights.log_decay, initial_state=state.memory, reset=reset)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(out_dtype)
   if not return_state:
     return o

@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks, segments, sequence_parallel
-from dca_jax.ops.planner import CHUNK_SIZE, DEFAULT_CHUNK_SIZE, EnginePlan, Mode
+from dca_jax.ops.planner import EnginePlan, Mode, delta_rule_plans
 from dca_jax.ops.quadratic import decay_matrix, prefix_sum, reverse_exclusive_cumsum
 
 
@@ -208,29 +208,6 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """
   wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return (wide * jax.lax.rsqrt(jnp.sum(wide * wide, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def delta_rule_plans(sequence_length: int, *, mode: Mode | str = Mode.AUTO, chunk_size: int | None = None,
-                     backend: str | None = None) -> tuple[EnginePlan, EnginePlan]:
-  """The (evaluated, differentiated) plans of one `delta_rule_attention` call.
-
-  A concrete mode is used for both. "auto": the chunked form when T > C (C = `chunk_size`, or
-  the planner's chunk for the backend: 64 on CPU and GPU, 128 on TPU), else the recurrent form; on CPU the evaluated plan is
-  the recurrent form whatever T (the engine's measured rule for forward-only calls on CPU).
-
-  Example:
-    >>> [p.mode.value for p in delta_rule_plans(1000, chunk_size=64, backend="cpu")]
-    ['recurrent', 'chunked']
-  """
-  mode = Mode.parse(mode)
-  backend = backend or jax.default_backend()
-  chunk = chunk_size or CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE)
-  if mode is not Mode.AUTO:
-    plan = EnginePlan(mode, chunk if mode is Mode.CHUNKED else None)
-    return plan, plan
-  grad = EnginePlan(Mode.CHUNKED, chunk) if sequence_length > chunk else EnginePlan(Mode.RECURRENT)
-  forward = EnginePlan(Mode.RECURRENT) if backend == "cpu" else grad
-  return forward, grad
 
 
 def _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_name):

@@ -24,7 +24,9 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
   slowest form everywhere on CPU.
 * Single-token steps (decoding) use the recurrent form.
 
-`adaptive_scale` plans a whole DCA call on top of it (exact softmax, compressed, or one step).
+`adaptive_scale` plans a whole DCA call on top of it (exact softmax, compressed, or one step);
+`delta_rule_plans` is the same choice for the delta rule (the delta memory's engine). A DCA call
+plans once, with `adaptive_scale`, and passes the plan down.
 
 `gated_linear_attention(mode="auto")` asks this planner twice, for the forward-only and the
 differentiated case, and uses the first when the call is evaluated and the second when it is
@@ -135,6 +137,32 @@ def engine_plans(sequence_length: int, *, per_channel_decay: bool, mode: Mode = 
   return plans[0], plans[1]
 
 
+def delta_rule_plans(sequence_length: int, *, mode: Mode | str = Mode.AUTO,
+                     chunk_size: int | None = None, backend: str | None = None
+                     ) -> tuple[EnginePlan, EnginePlan]:
+  """The (evaluated, differentiated) plans of one delta-rule call (`delta_rule.py`).
+
+  A concrete mode is used for both. "auto": the chunked form when T > C (C = `chunk_size`, or
+  the planner's chunk for the backend: 64 on CPU and GPU, 128 on TPU), else the recurrent form;
+  on CPU the evaluated plan is the recurrent form whatever T (the engine's measured rule for
+  forward-only calls on CPU). The delta rule's forms cost differently from the additive
+  engine's, hence a rule of its own.
+
+  Example:
+    >>> [p.mode.value for p in delta_rule_plans(1000, chunk_size=64, backend="cpu")]
+    ['recurrent', 'chunked']
+  """
+  mode = Mode.parse(mode)
+  backend = backend or jax.default_backend()
+  chunk = chunk_size or CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE)
+  if mode is not Mode.AUTO:
+    plan = EnginePlan(mode, chunk if mode is Mode.CHUNKED else None)
+    return plan, plan
+  grad = EnginePlan(Mode.CHUNKED, chunk) if sequence_length > chunk else EnginePlan(Mode.RECURRENT)
+  forward = EnginePlan(Mode.RECURRENT) if backend == "cpu" else grad
+  return forward, grad
+
+
 class PlanKind(str, enum.Enum):
   SOFTMAX = "softmax"          # T <= W and no carried state: the memory is empty
   COMPRESSED = "compressed"    # window + compressed memory through the engine
@@ -160,16 +188,22 @@ class DCAPlan:
 
 def adaptive_scale(sequence_length: int, *, window: int, has_state: bool = False,
                    decoding: bool = False, needs_grad: bool = False,
-                   per_channel_decay: bool = False, mode: Mode | str = "auto",
-                   chunk_size: int | None = None, backend: str | None = None,
-                   feature_dim: int | None = None, value_dim: int | None = None) -> DCAPlan:
+                   per_channel_decay: bool = False, delta_memory: bool = False,
+                   mode: Mode | str = "auto", chunk_size: int | None = None,
+                   backend: str | None = None, feature_dim: int | None = None,
+                   value_dim: int | None = None) -> DCAPlan:
   """Chooses how much machinery a call needs: the computation adapts to the input's length.
 
   * decoding (one token continuing a state): `memory_state_update`, O(W K + F V) per token;
   * T <= W with no carried state: no token has left the window, so the memory is empty and DCA
     is exact causal softmax over T tokens (no engine call at all);
   * otherwise: window + compressed memory, the engine's form and chunk size chosen by its
-    planner (`plan_engine`, measured by experiments/benchmark_engine.py).
+    planner (`engine_plans` over `plan_engine`, measured by experiments/benchmark_engine.py;
+    `delta_rule_plans` for the delta memory).
+
+  This is the only plan of an `attention_compress` call: the call computes it once and hands
+  `engine` and `engine_grad` to the engine's internal entry (`gla.run_engine`,
+  `delta_rule.run_delta_rule`), which does not plan again.
 
   Args:
     sequence_length: T.
@@ -178,6 +212,8 @@ def adaptive_scale(sequence_length: int, *, window: int, has_state: bool = False
     decoding: whether this is a single-token decoding step.
     needs_grad: the call is always differentiated: `engine` is then the gradient plan too.
     per_channel_decay: one decay per memory row rather than per head (changes the CPU plan).
+    delta_memory: the memory is the delta rule's (memory="delta"): its forms are planned by
+      `delta_rule_plans` instead of `engine_plans`.
     mode: the engine form ("auto": the planner's, per evaluated/differentiated case).
     chunk_size: the engine's chunk size (None: the planner's).
     backend: "cpu", "gpu", "tpu"; default `jax.default_backend()`.
@@ -202,8 +238,12 @@ def adaptive_scale(sequence_length: int, *, window: int, has_state: bool = False
     return DCAPlan(PlanKind.STEP)
   if sequence_length <= window and not has_state:
     return DCAPlan(PlanKind.SOFTMAX)
-  forward, grad = engine_plans(sequence_length, per_channel_decay=per_channel_decay, mode=mode,
-                               chunk_size=chunk_size, backend=backend)
+  if delta_memory:
+    forward, grad = delta_rule_plans(sequence_length, mode=mode, chunk_size=chunk_size,
+                                     backend=backend)
+  else:
+    forward, grad = engine_plans(sequence_length, per_channel_decay=per_channel_decay, mode=mode,
+                                 chunk_size=chunk_size, backend=backend)
   return DCAPlan(PlanKind.COMPRESSED, grad if needs_grad else forward, grad)
 
 
