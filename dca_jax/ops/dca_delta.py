@@ -31,10 +31,10 @@ from dca_jax.ops import _checks
 from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ring_buffers,
                                     softmax_over_window, step_slots, window_after_buffer,
                                     window_buffers)
-from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
+from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.segments import document_ids
 from dca_jax.ops.window import window_step_parts
 
