@@ -430,16 +430,32 @@ SECTIONS = ("layers", "engine", "training", "decoding")
 
 
 def run(config: Config, command: str, partial: pathlib.Path | None = None,
-        sections: tuple[str, ...] = SECTIONS, remeasure: tuple[str, ...] = ()) -> dict[str, Any]:
+        sections: tuple[str, ...] = SECTIONS, remeasure: tuple[str, ...] = (),
+        previous: pathlib.Path | None = None) -> dict[str, Any]:
   """Runs the sections, saving the result to `partial` after each (a rerun with the same file
   skips the sections it already holds, so a long run resumes where it stopped; the sections in
-  `remeasure` are measured again). Each section records the command and date that measured it."""
+  `remeasure` are measured again). Sections that neither the partial file holds nor this run
+  measures are taken from `previous` (the committed docs/performance.json) when it was made with
+  the same configuration, with their own commands and dates. Each section records the command
+  and date that measured it."""
   session = benchmark.Session(config.matmul_n)
+  same_config = json.loads(json.dumps(dataclasses.asdict(config)))
   result = {}
   if partial is not None and partial.exists():
     result = json.loads(partial.read_text())
-    if result.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+    if result.get("config") != same_config:
       result = {}                                       # another configuration: start afresh
+  if previous is not None and previous.exists():
+    earlier = json.loads(previous.read_text())
+    if earlier.get("config") == same_config:
+      provenance = result.setdefault("sections", {})
+      for name in SECTIONS:
+        if name not in result and name in earlier and name not in sections + remeasure:
+          result[name] = earlier[name]
+          provenance[name] = earlier.get("sections", {}).get(
+              name, {"command": earlier.get("command"), "date": earlier.get("date")})
+      if "matmul" not in result and "matmul" in earlier:
+        result["matmul"] = earlier["matmul"]
   for name in remeasure:
     result.pop(name, None)
   provenance = result.setdefault("sections", {})
@@ -494,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       if name not in SECTIONS:
         parser.error(f"unknown section {name!r}; expected some of {', '.join(SECTIONS)}")
     result = run(get_config(args.quick), command.strip(), partial=stem.with_suffix(".partial.json"),
-                 sections=sections, remeasure=remeasure)
+                 sections=sections, remeasure=remeasure, previous=stem.with_suffix(".json"))
     stem.with_suffix(".json").write_text(
         json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
   write_markdown(stem.with_suffix(".md"), result)

@@ -328,6 +328,17 @@ def test_sample_logits_top_k_and_temperature():
   np.testing.assert_array_equal(sample_logits(logits, jax.random.key(0), 0.0, top_k=3), 3)
 
 
+def test_greedy_choice_is_jnp_argmax_with_ties_and_nans():
+  from dca_jax.nn.generation import _first_argmax
+  logits = np.array(jax.random.normal(jax.random.key(5), (64, 37)))
+  logits[1, [3, 9, 20]] = 10.0                                   # ties: the first wins
+  logits[2, [4, 11]] = np.nan                                    # NaN: the first NaN wins
+  logits[3, :] = -np.inf
+  logits[4, 7] = np.inf
+  np.testing.assert_array_equal(_first_argmax(jnp.asarray(logits)),
+                                jnp.argmax(jnp.asarray(logits), axis=-1))
+
+
 def test_sample_logits_frequencies_and_zero_probability_tokens():
   # Inverse-CDF sampling: the frequencies of 20,000 draws match the distribution, and tokens of
   # probability 0 (logit -inf), first, inner or last, are never drawn.

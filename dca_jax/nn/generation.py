@@ -48,7 +48,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array | fl
     Array([1], dtype=int32)
   """
   logits = logits.astype(jnp.float32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = _first_argmax(logits)
   # The sampled branch is computed even when greedy wins the select; a floor on the temperature
   # keeps it finite so the unused branch cannot inject NaNs into gradients or debugging.
   scaled_t = jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
@@ -59,6 +59,16 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array | fl
     choice = _inverse_cdf_sample(values / scaled_t, rng)
     sampled = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
   return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _first_argmax(logits: jax.Array) -> jax.Array:
+  """[B] int32 `jnp.argmax(logits, -1)` (the first maximum; the first NaN in a row with one) as
+  two plain reductions: XLA:CPU's argmax, a reduction over (value, index) pairs, cost 57 us of a
+  ~400 us batch-32 decode step of the demo model (2026-12-03)."""
+  top = jnp.max(logits, axis=-1, keepdims=True)                  # NaN if the row has one
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  hit = (logits == top) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1).astype(jnp.int32)
 
 
 def _inverse_cdf_sample(logits: jax.Array, rng: jax.Array) -> jax.Array:
