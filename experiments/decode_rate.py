@@ -60,7 +60,23 @@ def decode_rate(attention: str, options: dict, prompt_length: int, repeats: int,
   prompt = jax.random.randint(jax.random.key(0), (batch, prompt_length), 0, 256)
   step, _ = generate_step_time(model, prompt, repeats)
   return {"tokens_per_s": batch / step, "step_s": step, "param_bytes": tree_bytes(nnx.state(model)),
-          "cache_bytes_per_row": tree_bytes(model.init_cache(1, prompt_length + BUDGET))}
+          "cache_bytes_per_row": tree_bytes(model.init_cache(1, prompt_length + BUDGET)),
+          **step_flops(model, batch, prompt_length + BUDGET)}
+
+
+def step_flops(model: TransformerLM, batch: int, max_length: int) -> dict[str, int]:
+  """{"step_flops", "step_matmul_flops"}: the FLOPs of one `decode_step` of `model` at `batch`
+  rows with a cache for `max_length` tokens, counted exactly (`dca_jax.flops.count_flops`; the
+  sampling of the next token is not included)."""
+  from dca_jax.flops import count_flops
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(batch, max_length)
+
+  def step(state, token, cache):
+    return nnx.merge(graphdef, state).decode_step(token, cache)
+
+  count = count_flops(step, state, jax.numpy.zeros((batch,), jax.numpy.int32), cache)
+  return {"step_flops": int(count.flops), "step_matmul_flops": int(count.matmul_flops)}
 
 
 def tree_bytes(tree) -> int:

@@ -388,14 +388,22 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
                 "the parameters once and each row's cache once at that rate "
                 "(batch x rate / (parameter bytes + batch x cache bytes per row); compute ignored).",
                 ""]
+    lines += ["FLOPs per step are counted exactly (`dca_jax.flops.count_flops` of one "
+              "`decode_step`, sampling excluded); their rate is FLOPs per step / step time, to set "
+              "beside the dense matmul rate above: at batch 32 a step is mostly small matmuls "
+              "([32, d] rows through the projections and the MLP).", ""]
     lines += ["| layer | batch | prompt | tokens/s (aggregate) | ms per step | parameters | "
-              "cache per row | bandwidth bound, tokens/s |", "|---|---|---|---|---|---|---|---|"]
+              "cache per row | bandwidth bound, tokens/s | MFLOP per step (matmul) | GFLOP/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["decoding"]:
       extra = ("| - | - | - |" if "param_bytes" not in r else
                f"| {report.format_bytes(r['param_bytes'])} | "
                f"{report.format_bytes(r['cache_bytes_per_row'])} | {r['bound_tokens_per_s']:,.0f} |")
+      flops = (" - | - |" if "step_flops" not in r else
+               f" {r['step_flops'] / 1e6:.1f} ({r['step_matmul_flops'] / 1e6:.1f}) | "
+               f"{r['step_flops'] / r['step_s'] / 1e9:.1f} |")
       lines.append(f"| {r['attention']} | {r['batch']} | {r['prompt']} | {r['tokens_per_s']:,.0f}"
-                   f" | {1e3 * r['step_s']:.3f} " + extra)
+                   f" | {1e3 * r['step_s']:.3f} " + extra + flops)
     lines.append("")
   path.write_text("\n".join(lines) + "\n")
 
