@@ -267,6 +267,15 @@ class AttentionLayer(nnx.Module):
       kernel = sequence_parallel.varying(kernel, axis_name)
     return causal_short_conv(u, kernel, reset, history)
 
+  def _shard_history(self, rows: jax.Array, reset: jax.Array | None,
+                     axis_name: Any) -> jax.Array | None:
+    """The convolution's history at a shard boundary when T is sharded over `axis_name`: the
+    previous shard's last S - 1 rows (`sequence_parallel.previous_inputs`); None unsharded or
+    without a convolution of width > 1."""
+    if axis_name is None or self.short_conv <= 1:
+      return None
+    return sequence_parallel.previous_inputs(rows, reset, self.short_conv - 1, axis_name)
+
   def _with_conv_cache(self, cache: Any, batch_size: int) -> Any:
     """`init_cache`'s result: the layer's cache, wrapped in a `ConvCache` with a convolution."""
     if not self.short_conv:

@@ -19,7 +19,8 @@ from dca_jax.nn import _layer
 from dca_jax.nn.linear import _RecurrentAttention
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_params import half_life_bias
-from dca_jax.ops.delta_rule import delta_rule_plans, l2_normalize, run_delta_rule
+from dca_jax.ops.delta_rule import (delta_rule_attention, delta_rule_plans, l2_normalize,
+                                   run_delta_rule)
 from dca_jax.ops.planner import EnginePlan, Mode
 
 
@@ -54,6 +55,11 @@ class GatedDeltaNet(_RecurrentAttention):
     short_conv: S, the width of the causal depthwise convolution over the projected q, k, v
       (default 4; 0: none, then the cache is a `RecurrentCache`, else a `ConvCache` of one and
       the last S - 1 projected rows).
+    sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
+      projected rows come from the previous shard by `ppermute`, the state as in
+      `delta_rule_attention(..., axis_name=)`. Calls only (prefill and decoding are not
+      sharded).
     min_half_life: the shortest initial half-life of a head, in tokens (> 0).
     max_half_life_ratio: the longest initial half-life over the shortest (>= 1).
     norm_eps: epsilon of the output RMSNorm.
@@ -86,8 +92,10 @@ class GatedDeltaNet(_RecurrentAttention):
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, expand_k: float = 0.5, short_conv: int = 4,
                min_half_life: float = 16.0, max_half_life_ratio: float = 16.0,
-               norm_eps: float = 1e-5, mode: Mode | str = "auto", chunk_size: int | None = None):
+               norm_eps: float = 1e-5, mode: Mode | str = "auto", chunk_size: int | None = None,
+               sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
+    self.sequence_axis = sequence_axis
     key_width = _layer.key_width(d_model, num_heads, expand_k)
     if isinstance(min_half_life, bool) or not isinstance(min_half_life, (int, float)) or not (
         min_half_life > 0 and math.isfinite(min_half_life)):
@@ -119,12 +127,15 @@ class GatedDeltaNet(_RecurrentAttention):
     return delta_rule_plans(time, mode=self.mode, chunk_size=self.chunk_size)
 
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+               history: jax.Array | None, axis_name: Any = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """y [B, T, D], the final [B, H, K, V] state and the projected rows [B, T, 2 H K + D]."""
     heads, f32 = self.num_heads, jnp.float32
     width = heads * self.key_dim
     rows = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-    mixed = jax.nn.silu(self._convolve(rows, reset, history))
+    if axis_name is not None:
+      history = self._shard_history(rows, reset, axis_name)
+    mixed = jax.nn.silu(self._convolve(rows, reset, history, axis_name))
     q, k, v = (_layer.split_heads(part, heads).astype(f32)
                for part in jnp.split(mixed, [width, 2 * width], axis=-1))
     q = l2_normalize(q) / math.sqrt(self.key_dim)
@@ -132,8 +143,13 @@ class GatedDeltaNet(_RecurrentAttention):
     x32 = x.astype(f32)
     beta = jax.nn.sigmoid(self.beta_proj(x).astype(f32))                       # [B, T, H]
     rate = x32 @ self.decay[...].astype(f32) + self.decay_bias[...].astype(f32)
-    o, final = run_delta_rule(self._plans(x.shape[1]), q, k, v, beta, -jax.nn.softplus(rate),
-                              initial_state=state, reset=reset)
+    if axis_name is not None:
+      o, final = delta_rule_attention(q, k, v, beta, -jax.nn.softplus(rate), initial_state=state,
+                                      reset=reset, mode=self.mode, chunk_size=self.chunk_size,
+                                      return_final_state=True, axis_name=axis_name)
+    else:
+      o, final = run_delta_rule(self._plans(x.shape[1]), q, k, v, beta, -jax.nn.softplus(rate),
+                                initial_state=state, reset=reset)
     o = _layer.merge_heads(self.norm(o))
     gate = self.out_gate(x)
     o = o.astype(gate.dtype) * jax.nn.silu(gate)

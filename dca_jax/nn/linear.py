@@ -17,7 +17,7 @@ from flax import nnx
 
 from dca_jax.nn import _layer
 from dca_jax.ops.feature_maps import elu_features
-from dca_jax.ops.gla import run_engine
+from dca_jax.ops.gla import gated_linear_attention, run_engine
 from dca_jax.ops.planner import engine_plans
 
 
@@ -48,16 +48,25 @@ class _RecurrentAttention(_layer.AttentionLayer):
   def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
     raise NotImplementedError
 
+  sequence_axis: Any = None   # set by subclasses that take the option
+
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+               history: jax.Array | None, axis_name: Any = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     raise NotImplementedError
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
-    return self._forward(x, None, reset, None)[0]
+    # Sharded (inside jax.shard_map, T over `sequence_axis`): the convolution's history comes
+    # from the previous shard and the engine carries the state across shards (LASP-2 style).
+    return self._forward(x, None, reset, None, self.sequence_axis)[0]
 
   @staticmethod
-  def _engine(q, k, v, log_decay, state, reset):
-    """The engine on the layer's own (checked) projections: planned once, not checked again."""
+  def _engine(q, k, v, log_decay, state, reset, axis_name=None):
+    """The engine on the layer's own (checked) projections: planned once, not checked again
+    (with `axis_name`, the sharded engine `gated_linear_attention(axis_name=)`)."""
+    if axis_name is not None:
+      return gated_linear_attention(q, k, v, log_decay, initial_state=state, reset=reset,
+                                    return_final_state=True, axis_name=axis_name)
     plans = engine_plans(q.shape[1], per_channel_decay=log_decay.ndim == 4)
     return run_engine(plans, q, k, v, log_decay, initial_state=state, reset=reset)
 
@@ -117,6 +126,11 @@ class LinearAttention(_RecurrentAttention):
     eps: added to the normaliser (which is > 0 since phi > 0).
     short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
+    sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
+      inputs come from the previous shard by `ppermute`, the state as in
+      `gated_linear_attention(..., axis_name=)`. Calls only (prefill and decoding are not
+      sharded).
 
   Raises:
     ValueError: num_heads does not divide d_model, either is not an integer >= 1, or short_conv
@@ -137,8 +151,10 @@ class LinearAttention(_RecurrentAttention):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
-               param_dtype: Any = jnp.float32, eps: float = 1e-6, short_conv: int = 0):
+               param_dtype: Any = jnp.float32, eps: float = 1e-6, short_conv: int = 0,
+               sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
+    self.sequence_axis = sequence_axis
     self.eps = float(eps)
     self._init_short_conv(short_conv, d_model)
     self.q_proj = self._linear(d_model, d_model, rngs)
@@ -147,10 +163,13 @@ class LinearAttention(_RecurrentAttention):
     self.out_proj = self._linear(d_model, d_model, rngs)
 
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+               history: jax.Array | None, axis_name: Any = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """y [B, T, D], the final [B, H, K, V + 1] state and the convolution's rows (x)."""
     heads, f32 = self.num_heads, jnp.float32
-    u = self._convolve(x, reset, history)
+    if axis_name is not None:
+      history = self._shard_history(x, reset, axis_name)
+    u = self._convolve(x, reset, history, axis_name)
     q = elu_features(_layer.split_heads(self.q_proj(u), heads).astype(f32))
     k = elu_features(_layer.split_heads(self.k_proj(u), heads).astype(f32))
     v = _layer.split_heads(self.v_proj(u), heads).astype(f32)
@@ -158,7 +177,7 @@ class LinearAttention(_RecurrentAttention):
     # No forgetting: a log decay of 0, one per head (the engine's fast scalar-decay path).
     log_decay = jnp.zeros(q.shape[:3], f32)
     # mode "auto" for one decode token too: the planner picks the recurrent form for T = 1.
-    o, final = self._engine(q, k, v, log_decay, state, reset)
+    o, final = self._engine(q, k, v, log_decay, state, reset, axis_name)
     o = o[..., :-1] / (o[..., -1:] + self.eps)
     return self._output(o, x.dtype), final, x
 
@@ -196,6 +215,11 @@ class GatedLinearAttention(_RecurrentAttention):
     short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity; the gates read the
       input itself); 0 (default): none.
+    sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
+      inputs come from the previous shard by `ppermute`, the state as in
+      `gated_linear_attention(..., axis_name=)`. Calls only (prefill and decoding are not
+      sharded).
 
   Raises:
     ValueError: num_heads does not divide d_model, expand_k gives a key width that is not a
@@ -219,8 +243,10 @@ class GatedLinearAttention(_RecurrentAttention):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, expand_k: float = 0.5, gate_rank: int = 16,
-               gate_temperature: float = 16.0, norm_eps: float = 1e-5, short_conv: int = 0):
+               gate_temperature: float = 16.0, norm_eps: float = 1e-5, short_conv: int = 0,
+               sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
+    self.sequence_axis = sequence_axis
     key_width = _layer.key_width(d_model, num_heads, expand_k)
     if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
       raise ValueError(f"gate_rank must be an integer >= 1, got {gate_rank!r}.")
@@ -240,16 +266,19 @@ class GatedLinearAttention(_RecurrentAttention):
     self.out_proj = self._linear(d_model, d_model, rngs)
 
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+               history: jax.Array | None, axis_name: Any = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """y [B, T, D], the final [B, H, K, V] state and the convolution's rows (x)."""
     heads, f32 = self.num_heads, jnp.float32
-    u = self._convolve(x, reset, history)
+    if axis_name is not None:
+      history = self._shard_history(x, reset, axis_name)
+    u = self._convolve(x, reset, history, axis_name)
     q = _layer.split_heads(self.q_proj(u), heads).astype(f32) / math.sqrt(self.key_dim)
     k = _layer.split_heads(self.k_proj(u), heads).astype(f32)
     v = _layer.split_heads(self.v_proj(u), heads).astype(f32)
     gate = self.gate_up(self.gate_down(x)).astype(f32)
     log_decay = _layer.split_heads(jax.nn.log_sigmoid(gate), heads) / self.gate_temperature
-    o, final = self._engine(q, k, v, log_decay, state, reset)
+    o, final = self._engine(q, k, v, log_decay, state, reset, axis_name)
     o = _layer.merge_heads(self.norm(o))
     out_gate = self.out_gate(x)
     o = o.astype(out_gate.dtype) * jax.nn.silu(out_gate)

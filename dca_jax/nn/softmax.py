@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.nn import _layer
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.rotary import apply_rotary
 from dca_jax.ops.segments import document_ids
 from dca_jax.ops.blocked_softmax import blocked_causal_attention
@@ -121,6 +121,12 @@ class SoftmaxAttention(_layer.AttentionLayer):
     short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
       With S > 0 the cache is a `ConvCache` of the `KVCache` and the last S - 1 inputs.
+    sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
+      `jax.shard_map` (x and reset are then this shard's slice): every shard gathers all keys,
+      values and resets (`all_gather`) and attends its queries to them, so each device holds
+      O(T) keys and O(T / S x T) scores: correct, not memory-scalable (ring attention, which
+      passes key blocks around the shards, is the scalable form and is not implemented).
+      Calls only (prefill and decoding are not sharded).
 
   Raises:
     ValueError: num_heads does not divide d_model, either is not an integer >= 1, or short_conv
@@ -143,9 +149,10 @@ class SoftmaxAttention(_layer.AttentionLayer):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, rotary_base: float = 10000.0,
-               short_conv: int = 0):
+               short_conv: int = 0, sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     _layer.check_rotary_head_dim(d_model, num_heads, self.head_dim)
+    self.sequence_axis = sequence_axis
     self.rotary_base = float(rotary_base)
     self._init_short_conv(short_conv, d_model)
     self.q_proj = self._linear(d_model, d_model, rngs)
@@ -163,6 +170,8 @@ class SoftmaxAttention(_layer.AttentionLayer):
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     """Full causal attention over x (see `AttentionLayer.__call__`)."""
+    if self.sequence_axis is not None:
+      return self._sharded_sequence(x, reset, self.sequence_axis)
     batch, time = x.shape[:2]
     positions = jnp.arange(time, dtype=jnp.int32)
     q, k, v = self._project(self._convolve(x, reset), positions)
@@ -175,6 +184,25 @@ class SoftmaxAttention(_layer.AttentionLayer):
     if doc is not None:
       mask = mask & (doc[:, :, None] == doc[:, None, :])
     o = masked_attention(q, k, v, mask, scale)
+    return self._output(o, x.dtype)
+
+  def _sharded_sequence(self, x: jax.Array, reset: jax.Array | None, axis_name: Any) -> jax.Array:
+    """This shard's outputs when T is sharded over `axis_name` (see `sequence_axis`)."""
+    batch, time = x.shape[:2]
+    sequence_parallel.check_axis_name(axis_name)
+    index = jax.lax.axis_index(axis_name).astype(jnp.int32)
+    history = self._shard_history(x, reset, axis_name)
+    positions = index * time + jnp.arange(time, dtype=jnp.int32)
+    q, k, v = self._project(self._convolve(x, reset, history, axis_name), positions)
+    k_all, v_all = (jax.lax.all_gather(a, axis_name, axis=1, tiled=True) for a in (k, v))
+    total = k_all.shape[1]
+    all_positions = jnp.arange(total, dtype=jnp.int32)
+    mask = (positions[:, None] >= all_positions[None, :])[None]     # [1, T, T_all]
+    if reset is not None:
+      doc_all = document_ids(jax.lax.all_gather(reset, axis_name, axis=1, tiled=True))
+      doc = jax.lax.dynamic_slice_in_dim(doc_all, index * time, time, axis=1)
+      mask = mask & (doc[:, :, None] == doc_all[:, None, :])
+    o = masked_attention(q, k_all, v_all, mask, 1.0 / math.sqrt(self.head_dim))
     return self._output(o, x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache | _layer.ConvCache:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.nn import _layer
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.rotary import apply_rotary
 from dca_jax.ops.softmax import masked_attention
 from dca_jax.ops.window import sliding_window_attention
@@ -69,6 +69,10 @@ class SlidingWindowAttention(_layer.AttentionLayer):
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
       A token then sees the inputs of its last W + S - 1 tokens. With S > 0 the cache is a
       `ConvCache` of the `WindowCache` and the last S - 1 inputs.
+    sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
+      `jax.shard_map` (x and reset are then this shard's slice): the previous shard's last W
+      keys and values (and S - 1 inputs of the convolution) arrive by `ppermute`, positions are
+      absolute. Needs W <= the shard's length. Calls only (prefill and decoding are not sharded).
 
   Raises:
     ValueError: num_heads does not divide d_model, an odd head dim, window not an integer >= 1
@@ -90,9 +94,10 @@ class SlidingWindowAttention(_layer.AttentionLayer):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, window: int = 64, rotary_base: float = 10000.0,
-               short_conv: int = 0):
+               short_conv: int = 0, sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     _checks.check_positive_int("window", window)
+    self.sequence_axis = sequence_axis
     _layer.check_rotary_head_dim(d_model, num_heads, self.head_dim)
     self.window = int(window)
     self.rotary_base = float(rotary_base)
@@ -118,9 +123,39 @@ class SlidingWindowAttention(_layer.AttentionLayer):
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     """Sliding-window attention over x (see `AttentionLayer.__call__`)."""
+    if self.sequence_axis is not None:
+      return self._sharded_sequence(x, reset, self.sequence_axis)
     q, k, v = self._project(self._convolve(x, reset), jnp.arange(x.shape[1], dtype=jnp.int32))
     o = sliding_window_attention(q, k, v, window=self.window, reset=reset)
     return self._output(o, x.dtype)
+
+  def _sharded_sequence(self, x: jax.Array, reset: jax.Array | None, axis_name: Any) -> jax.Array:
+    """This shard's outputs when T is sharded over `axis_name`: the shard's tokens are preceded
+    by the previous shard's last W keys and values (one `ppermute`; zeros on the first shard,
+    which a reset at its first token keeps out of every window), and the outputs of those W
+    extra positions are dropped."""
+    batch, time, window = x.shape[0], x.shape[1], self.window
+    shards = sequence_parallel.check_axis_name(axis_name)
+    if window > time:
+      raise ValueError(
+          f"window={window} is longer than this shard's {time} tokens (T sharded over {shards} "
+          f"shards along {axis_name!r}): the window would need tokens from more than one shard "
+          f"before; use fewer shards or a longer sequence.")
+    index = jax.lax.axis_index(axis_name).astype(jnp.int32)
+    history = self._shard_history(x, reset, axis_name)
+    positions = index * time + jnp.arange(time, dtype=jnp.int32)
+    q, k, v = self._project(self._convolve(x, reset, history, axis_name), positions)
+    forward = [(i, i + 1) for i in range(shards - 1)]
+    flags = jnp.zeros((batch, time), bool) if reset is None else reset
+    halo_k, halo_v, halo_reset = (jax.lax.ppermute(a[:, -window:], axis_name, forward)
+                                  for a in (k, v, flags))
+    # The first real token starts a document on the first shard (its halo is empty).
+    first = flags[:, :1] | (index == 0)
+    ext_reset = jnp.concatenate([halo_reset, first, flags[:, 1:]], axis=1)
+    ext = [jnp.concatenate([h, a], axis=1) for h, a in ((halo_k, k), (halo_v, v))]
+    ext_q = jnp.concatenate([jnp.zeros_like(q[:, :window]), q], axis=1)
+    o = sliding_window_attention(ext_q, ext[0], ext[1], window=window, reset=ext_reset)
+    return self._output(o[:, window:], x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int) -> WindowCache | _layer.ConvCache:
     """An empty ring buffer of W slots (in a `ConvCache` with a short convolution); `max_length`

@@ -229,3 +229,73 @@ def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
   for g, g_ref in zip(jax.tree_util.tree_leaves(loss(sharded)(params, x)),
                       jax.tree_util.tree_leaves(loss(single)(params, x))):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
+
+
+_LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gated_deltanet", {}),
+                ("window", {"window": 8, "short_conv": 4}), ("softmax", {"short_conv": 4})]
+
+
+@pytest.mark.parametrize("attention, options", _LAYER_CASES, ids=[c[0] for c in _LAYER_CASES])
+def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, options):
+  """Each baseline layer built with sequence_axis (through the registry, as TransformerLM builds
+  it) inside shard_map over 4 shards == the same layer on one device: outputs and gradients,
+  with resets before, at and inside shard boundaries."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dca_jax.nn import layer_spec  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(3), (2, 96, 32))
+  reset = jnp.zeros((2, 96), bool).at[0, 46].set(True).at[1, 24].set(True).at[0, 61].set(True)
+  spec = layer_spec(attention)
+  layers = [spec.build(32, 2, dict(options, sequence_axis=axis), rngs=nnx.Rngs(0))
+            for axis in (None, "seq")]
+  graphdef, params = nnx.split(layers[1])
+  single_def, _ = nnx.split(layers[0])
+
+  def sharded(params, x, r):
+    return jax.shard_map(lambda p, x, r: nnx.merge(graphdef, p)(x, reset=r), mesh=_mesh(4),
+                         in_specs=(P(), P(None, "seq"), P(None, "seq")),
+                         out_specs=P(None, "seq"))(params, x, r)
+
+  def single(params, x, r):
+    return nnx.merge(single_def, params)(x, reset=r)
+
+  np.testing.assert_allclose(jax.jit(sharded)(params, x, reset),
+                             jax.jit(single)(params, x, reset), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x, reset))), (0, 1)))
+  for g, g_ref in zip(jax.tree_util.tree_leaves(loss(sharded)(params, x)),
+                      jax.tree_util.tree_leaves(loss(single)(params, x))):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
+
+
+@pytest.mark.parametrize("attention", ["dca", pytest.param("gla", marks=pytest.mark.slow)])
+def test_transformer_lm_with_sequence_axis_equals_one_device(attention):
+  """TransformerLM with attention_options={"sequence_axis": "seq"} (the one option) inside
+  shard_map over 4 shards: the same logits and the same loss gradient as on one device."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dca_jax.nn import TransformerConfig, TransformerLM  # pylint: disable=g-import-not-at-top
+  options = {"window": 8} if attention == "dca" else {}
+  models = [TransformerLM(TransformerConfig(vocab_size=64, d_model=32, num_layers=2,
+                                            num_heads=2, attention=attention,
+                                            attention_options=dict(options, sequence_axis=axis)),
+                          rngs=nnx.Rngs(0)) for axis in (None, "seq")]
+  tokens = jax.random.randint(jax.random.key(4), (2, 64), 0, 64)
+  graphdef, params = nnx.split(models[1])
+  single_def, _ = nnx.split(models[0])
+
+  def sharded(params, tokens):
+    return jax.shard_map(lambda p, t: nnx.merge(graphdef, p)(t), mesh=_mesh(4),
+                         in_specs=(P(), P(None, "seq")), out_specs=P(None, "seq"))(params, tokens)
+
+  def single(params, tokens):
+    return nnx.merge(single_def, params)(tokens)
+
+  np.testing.assert_allclose(jax.jit(sharded)(params, tokens), jax.jit(single)(params, tokens),
+                             rtol=1e-5, atol=1e-5)
+
+  def loss(f):
+    def value(p):
+      logits = f(p, tokens)[:, :-1]
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+    return jax.jit(jax.grad(value))
+  for g, g_ref in zip(jax.tree_util.tree_leaves(loss(sharded)(params)),
+                      jax.tree_util.tree_leaves(loss(single)(params))):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
