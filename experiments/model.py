@@ -16,6 +16,7 @@ it returns, never the ones it passed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Iterable
@@ -30,9 +31,60 @@ from dca_jax.nn import NO_WEIGHT_DECAY, TransformerLM
 from experiments.configs import ExperimentConfig
 
 
-def build_model(config: ExperimentConfig) -> TransformerLM:
-  """The model of `config`, initialised from `config.seed`."""
-  return TransformerLM(config.model_config(), rngs=nnx.Rngs(config.seed))
+def build_model(config: ExperimentConfig, sequence_axis: str | None = None) -> TransformerLM:
+  """The model of `config`, initialised from `config.seed`; with `sequence_axis`, its attention
+  layers take T sharded over that mesh axis (the same parameters: the option changes how a
+  call is computed, not what is initialised)."""
+  model_config = config.model_config()
+  if sequence_axis is not None:
+    options = dict(model_config.attention_options.changed(), sequence_axis=sequence_axis)
+    model_config = dataclasses.replace(model_config, attention_options=options)
+  return TransformerLM(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def parse_mesh(text: str | None, devices: Any = None) -> jax.sharding.Mesh | None:
+  """The training mesh of `--mesh data=D,seq=S`: D x S devices, batch rows sharded over "data",
+  positions over "seq". None (the default) puts every device on "data"; a mesh of one device
+  is None (the single-device steps).
+
+  Raises:
+    ValueError: naming the text, for an unknown axis, a size < 1, or more devices than exist.
+
+  Example:
+    >>> parse_mesh("data=1,seq=1") is None
+    True
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": len(devices), "seq": 1} if text is None else {"data": 1, "seq": 1}
+  if text is not None:
+    for part in text.split(","):
+      name, _, value = part.partition("=")
+      if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"--mesh {text!r}: expected data=D,seq=S with integers >= 1, got "
+                         f"{part!r}.")
+      sizes[name.strip()] = int(value)
+  count = sizes["data"] * sizes["seq"]
+  if count > len(devices):
+    raise ValueError(f"--mesh {text!r} needs {count} devices, {len(devices)} are available "
+                     f"(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX "
+                     f"starts).")
+  if count == 1:
+    return None
+  grid = np.array(devices[:count]).reshape(sizes["data"], sizes["seq"])
+  return jax.sharding.Mesh(grid, ("data", "seq"))
+
+
+def check_batch_fits(mesh: jax.sharding.Mesh | None, batch_size: int, seq_len: int) -> None:
+  """A clear error when a batch does not split over the mesh (rows over "data", positions over
+  "seq")."""
+  if mesh is None:
+    return
+  data, seq = mesh.shape["data"], mesh.shape["seq"]
+  if batch_size % data:
+    raise ValueError(f"a batch of {batch_size} rows (batch_size or eval_batch_size) is not "
+                     f"divisible by the mesh's data={data}.")
+  if seq_len % seq:
+    raise ValueError(f"seq_len={seq_len} is not divisible by the mesh's seq={seq}.")
 
 
 def learning_rate_schedule(config: ExperimentConfig) -> optax.Schedule:
@@ -86,16 +138,38 @@ def _forward(graphdef, params, rest, batch):
   return model(batch["tokens"], reset=batch.get("reset"))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
+def _sums(graphdef, mesh: jax.sharding.Mesh | None) -> Callable:
+  """(params, rest, batch) -> `masked_cross_entropy`'s three sums over the whole batch: directly,
+  or with a mesh inside `jax.shard_map` (each device its [B / D, T / S] block, the sums psum'd
+  over both axes; parameters replicated, so their gradients are summed over the devices by
+  shard_map's transpose)."""
+  def local(params, rest, batch):
+    return masked_cross_entropy(_forward(graphdef, params, rest, batch), batch["targets"],
+                                batch["mask"])
+  if mesh is None:
+    return local
+  P = jax.sharding.PartitionSpec
+
+  def sharded(params, rest, batch):
+    return tuple(jax.lax.psum(x, ("data", "seq")) for x in local(params, rest, batch))
+  return jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P(), P("data", "seq")),
+                       out_specs=(P(), P(), P()))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
   """A jitted (params, rest, opt_state, batch) -> (params, opt_state, loss, grad_norm).
 
   `rest` is the model's non-parameter state (`nnx.split(model, nnx.Param, ...)`). `params` and
   `opt_state` are donated: their buffers hold the new values, so each is held once per step, and
-  the arrays passed in must not be used again.
+  the arrays passed in must not be used again. With a `mesh` (`parse_mesh`) the batch is sharded
+  over its "data" and "seq" axes and the graphdef's layers must take T sharded over "seq"
+  (`build_model(config, "seq")`); the step computes the same function up to float reassociation.
   """
+  sums = _sums(graphdef, mesh)
+
   def loss_fn(params, rest, batch):
-    total, count, _ = masked_cross_entropy(_forward(graphdef, params, rest, batch),
-                                           batch["targets"], batch["mask"])
+    total, count, _ = sums(params, rest, batch)
     return total / jnp.maximum(count, 1.0)
 
   @functools.partial(jax.jit, donate_argnums=(0, 2))
@@ -107,23 +181,22 @@ def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
   return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
-  """A jitted (params, rest, batch) -> (sum nll, count, correct) (see `masked_cross_entropy`)."""
-  @jax.jit
-  def eval_step(params, rest, batch):
-    return masked_cross_entropy(_forward(graphdef, params, rest, batch), batch["targets"],
-                                batch["mask"])
-  return eval_step
+def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """A jitted (params, rest, batch) -> (sum nll, count, correct) (see `masked_cross_entropy`;
+  `mesh` as in `make_train_step`)."""
+  return jax.jit(_sums(graphdef, mesh))
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_steps(config: ExperimentConfig) -> tuple[Any, optax.GradientTransformation,
-                                                      Callable, Callable]:
-  """(graphdef, optimiser, train_step, eval_step) of a config, cached per config so that runs
-  of one config in one process (a resume, the tests) share their compilations."""
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config)))[0]
+def compiled_steps(config: ExperimentConfig, mesh: jax.sharding.Mesh | None = None
+                   ) -> tuple[Any, optax.GradientTransformation, Callable, Callable]:
+  """(graphdef, optimiser, train_step, eval_step) of a config (on `mesh`, see `parse_mesh`),
+  cached per config and mesh so that runs of one config in one process (a resume, the tests)
+  share their compilations."""
+  axis = None if mesh is None or mesh.shape["seq"] == 1 else "seq"
+  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config, axis)))[0]
   tx = make_optimizer(config)
-  return graphdef, tx, make_train_step(graphdef, tx), make_eval_step(graphdef)
+  return graphdef, tx, make_train_step(graphdef, tx, mesh), make_eval_step(graphdef, mesh)
 
 
 def evaluate_batches(eval_step: Callable, params: Any, rest: Any,

@@ -3,6 +3,14 @@
 Usage:
   python -m experiments.train --config lm_dca --workdir runs/lm_dca [--tiny] [--set steps=100]
   python -m experiments.train --workdir runs/lm_dca --resume   # the config comes from run.json
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python -m experiments.train --config lm_dca --tiny --workdir runs/sp --mesh data=2,seq=4
+
+`--mesh data=D,seq=S` trains on D x S devices (`jax.sharding.Mesh`, `jax.shard_map`): batch
+rows sharded over "data", positions over "seq" (every attention layer takes T sharded, see the
+layers' `sequence_axis`), parameters and optimiser state replicated, the loss and gradients
+summed over the devices. The default puts every device on "data". A run resumes onto another
+mesh; the same seed gives the same run on any mesh up to float reassociation.
 
 What a run writes in its workdir:
   run.json       the config, the corpus (name, sizes, sha256), the machine, the date, the code's
@@ -82,7 +90,7 @@ _RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "eval_batche
 
 def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
           resume: bool = False, max_steps: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, mesh: Any = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (see the module docstring for what is written there).
 
   Args:
@@ -92,6 +100,10 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
     max_steps: stop (with a checkpoint) once this many steps are done, as if interrupted there;
       the schedule still runs over `config.steps`. None: run to `config.steps`.
     progress: print a progress bar on stdout.
+    mesh: None (one device) or a `jax.sharding.Mesh` with axes ("data", "seq")
+      (`model.parse_mesh`): batch rows sharded over "data", positions over "seq", parameters
+      and optimiser state replicated. The same seed gives the same run on any mesh up to float
+      reassociation, and a run resumes onto another mesh (checkpoints hold whole arrays).
 
   Returns:
     A summary: "step" (steps done), "steps" (config.steps), "loss" (the last step's loss),
@@ -128,7 +140,10 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
     changed = []
 
   task = tasks_lib.make_task(config)
-  _, tx, train_step, eval_step = model_lib.compiled_steps(config)
+  model_lib.check_batch_fits(mesh, config.batch_size, config.seq_len)
+  model_lib.check_batch_fits(mesh, config.eval_batch_size, config.seq_len)
+  _, tx, train_step, eval_step = model_lib.compiled_steps(config, mesh)
+  mesh_shape = None if mesh is None else dict(mesh.shape)
   schedule = model_lib.learning_rate_schedule(config)
   model = model_lib.build_model(config)
   num_params = count_params(model)
@@ -142,11 +157,15 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
     params, opt_state, start = checkpoints_lib.restore_train_state(manager, latest, params,
                                                                    opt_state)
     run.setdefault("resumes", []).append({"date": now(), "step": start, "changed": changed,
-                                          "config": config.to_dict()})
+                                          "config": config.to_dict(), "mesh": mesh_shape})
   else:
     run = {"config": config.to_dict(), "corpus": task.info(), "machine": machine_info(),
            "date": now(), "git_commit": git_commit(), "num_params": num_params,
-           "argv": sys.argv}
+           "argv": sys.argv, "mesh": mesh_shape}
+  if mesh is not None:
+    # Replicated on every device of the mesh (a restored checkpoint comes back on one device).
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params, opt_state, rest = jax.device_put((params, opt_state, rest), replicated)
   checkpoints_lib.write_run(workdir, run)
   metrics = checkpoints_lib.MetricsLog(workdir, start if resume else None)
 
@@ -232,7 +251,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--max-steps", type=int, default=None,
                       help="stop (with a checkpoint) after this many steps in total")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--mesh", default=None, metavar="data=D,seq=S",
+                      help="devices: D batch shards x S sequence shards (default: every device "
+                           "on data)")
   args = parser.parse_args(argv)
+  try:
+    mesh = model_lib.parse_mesh(args.mesh)
+  except ValueError as error:
+    parser.error(str(error))
   overrides = dict(configs_lib.parse_override(s) for s in args.set)
   if args.config is not None:
     config = configs_lib.load_config(args.config, tiny=args.tiny, overrides=overrides)
@@ -242,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
   else:
     parser.error("--config is required unless --resume is given.")
   summary = train(config, args.workdir, resume=args.resume, max_steps=args.max_steps,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, mesh=mesh)
   print(json.dumps({k: v for k, v in summary.items()}, default=str))
   return 130 if summary["interrupted"] else 0
 

@@ -256,15 +256,17 @@ class AttentionLayer(nnx.Module):
                 history: jax.Array | None = None, axis_name: Any = None) -> jax.Array:
     """u [B, T, C] through the short convolution (`causal_short_conv`), or u without one.
 
-    With `axis_name` (T sharded inside `jax.shard_map`) the replicated kernel enters the
-    convolution's custom_vjp as a per-shard value, so its gradient is summed over the shards
-    outside it.
+    Inside `jax.shard_map` (T sharded over `axis_name`, or the batch over another axis) the
+    replicated kernel enters the convolution's custom_vjp as a per-device value, so its
+    gradient is summed over the devices outside it.
     """
     if not self.short_conv:
       return u
     kernel = self.conv[...].astype(self.dtype or u.dtype)
     if axis_name is not None:
-      kernel = sequence_parallel.varying(kernel, axis_name)
+      kernel = sequence_parallel.varying(kernel, axis_name, like=u)
+    else:   # inside a shard_map over the batch only (data parallel), u may vary too
+      kernel = sequence_parallel.match_varying(kernel, u)
     return causal_short_conv(u, kernel, reset, history)
 
   def _shard_history(self, rows: jax.Array, reset: jax.Array | None,

@@ -205,7 +205,7 @@ def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name):
   doc_start = jnp.maximum(jnp.max(jnp.where(earlier, lasts, -1), axis=0), 0).astype(jnp.int32)
   memory = sequence_parallel.varying(
       jnp.zeros((batch, heads, weights.q_features.shape[-1], weights.v.shape[-1] + 1), f32),
-      axis_name)
+      axis_name, like=weights.q)
   # Only position, doc_start and memory of this state are read; the buffers are the halo.
   entry = DCAState(keys=None, values=None, key_features=None, doc_start=doc_start,
                    memory=memory, position=start)

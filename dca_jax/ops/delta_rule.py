@@ -216,12 +216,12 @@ def _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_
   batch, _, heads, key_dim = q.shape
   f32 = jnp.float32
   zeros = sequence_parallel.varying(jnp.zeros((batch, heads, key_dim, v.shape[-1]), f32),
-                                    axis_name)
+                                    axis_name, like=q)
   _, updates = run_delta_rule(plans, q, k, v, beta, log_decay, initial_state=zeros,
                               reset=reset)                                     # U [B, H, K, V]
   identity = jnp.broadcast_to(jnp.eye(key_dim, dtype=f32), (batch, heads, key_dim, key_dim))
   _, maps = run_delta_rule(plans, q, k, jnp.zeros(k.shape, f32), beta, log_decay,
-                           initial_state=sequence_parallel.varying(identity, axis_name),
+                           initial_state=sequence_parallel.varying(identity, axis_name, like=q),
                            reset=reset)                                        # A [B, H, K, K]
   maps = jax.lax.all_gather(maps, axis_name)
   updates = jax.lax.all_gather(updates, axis_name)
@@ -230,7 +230,7 @@ def _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_
   index = jax.lax.axis_index(axis_name)
   before = jnp.maximum(index - 1, 0)
   entering = jnp.where(index > 0, cum_maps[before] @ s0 + cum_updates[before], s0)
-  return sequence_parallel.varying(entering, axis_name)
+  return sequence_parallel.varying(entering, axis_name, like=q)
 
 
 def run_delta_rule(plans: tuple[EnginePlan, EnginePlan], q, k, v, beta, log_decay, *,

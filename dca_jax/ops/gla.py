@@ -121,7 +121,7 @@ def gated_linear_attention(q, k, v, log_decay, *, initial_state=None, reset=None
     o, final = run_engine(plans, q, k, v, log_decay, initial_state=initial_state, reset=reset)
   else:
     zeros = sequence_parallel.varying(
-        jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32), axis_name)
+        jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32), axis_name, like=q)
     o, local_final = run_engine(plans, q, k, v, log_decay, initial_state=zeros, reset=reset)
     s0 = sequence_parallel.zeros_state(batch, heads, key_dim, value_dim, initial_state)
     o, final = sequence_parallel.combine_shards(

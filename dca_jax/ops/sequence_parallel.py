@@ -101,15 +101,30 @@ def folded_log_decay(log_decay: jax.Array, reset: jax.Array | None) -> jax.Array
   return g
 
 
-def varying(x: jax.Array, axis_name: Hashable) -> jax.Array:
-  """`x` typed as varying over `axis_name` (what a scan carry that meets per-shard values must
-  be under shard_map's check_vma); unchanged if it already is."""
+def _varying_axes(x: Any) -> frozenset:
   aval = jax.typeof(x)
   axis_type = getattr(aval, "manual_axis_type", None)
-  already = axis_type.varying if axis_type is not None else getattr(aval, "vma", frozenset())
-  if axis_name in already:
+  return frozenset(axis_type.varying if axis_type is not None else getattr(aval, "vma", ()))
+
+
+def match_varying(x: jax.Array, like: Any) -> jax.Array:
+  """`x` typed as varying over every mesh axis that `like` varies over (a no-op outside
+  `jax.shard_map`): a replicated parameter that enters a custom_vjp beside per-device inputs
+  (batch or sequence shards) must, for its gradient's type to match."""
+  missing = tuple(sorted(_varying_axes(like) - _varying_axes(x), key=str))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def varying(x: jax.Array, axis_name: Hashable, like: Any = None) -> jax.Array:
+  """`x` typed as varying over `axis_name`, and over every mesh axis that `like` varies over
+  (what a scan carry or a custom_vjp argument that meets per-shard values must be under
+  shard_map's check_vma: with T sharded over "seq" and the batch over "data", the inputs vary
+  over both); unchanged where it already does."""
+  wanted = {axis_name} | (_varying_axes(like) if like is not None else set())
+  missing = tuple(sorted(wanted - _varying_axes(x), key=str))
+  if not missing:
     return x
-  return jax.lax.pcast(x, (axis_name,), to="varying")
+  return jax.lax.pcast(x, missing, to="varying")
 
 
 def zeros_state(batch: int, heads: int, key_dim: int, value_dim: int,
