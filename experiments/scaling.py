@@ -136,11 +136,21 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "checks sharded == single device on 8 CPU host devices (2, 4 and 8 shards): outputs, "
       "final states and gradients, resets at and inside shard boundaries. Those CPU runs check "
       "correctness; they are not a speed-up (8 host devices share 2 cores).",
-      "- `DCAttention(sequence_axis=...)`: the layer inside `jax.shard_map`, with the short "
-      "convolution's halo of S - 1 inputs (calls only, additive memory), tested against the "
-      "unsharded layer (outputs and gradients).",
-      "- Not implemented yet: the sequence axis of the other layers and of `TransformerLM`, the "
-      "delta memory of DCA sharded, and `experiments/train.py --mesh` (issue #14 parts 2-4).",
+      "- Every layer takes `sequence_axis=` (calls only, not prefill or decoding), and so "
+      "`TransformerLM` through `attention_options={\"sequence_axis\": \"seq\"}`: DCA (additive "
+      "memory) and the sliding window with a `ppermute` halo of the previous shard's last W "
+      "keys and values; linear attention, GLA and Gated DeltaNet through the sharded engines; "
+      "every short convolution with a halo of its S - 1 inputs. Softmax all-gathers the keys "
+      "and values: correct, but O(T) keys per device (ring attention, the scalable form, is not "
+      "implemented). tests/multidevice: each layer (4 shards, resets before, at and inside "
+      "boundaries) and the LM (logits and loss gradient) equal one device.",
+      "- `python -m experiments.train --mesh data=D,seq=S`: batch rows over \"data\", positions "
+      "over \"seq\", parameters and optimiser state replicated; one step on (2, 4) and on (8, 1) "
+      "equals the single-device step, and a run checkpointed on one mesh resumes on another "
+      "(tests/multidevice/test_data_sequence_training.py).",
+      "- Not implemented: DCA's delta memory sharded, FSDP (parameters sharded over \"data\"), "
+      "sharded prefill and decoding, ring attention for softmax, and the 1/S per-device memory "
+      "check of XLA's memory analysis.",
       "",
       f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
       f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "
