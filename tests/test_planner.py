@@ -101,9 +101,15 @@ def test_plan_engine_rejects_unknown_backends():
 # One plan per call: attention_compress asks adaptive_scale once and the engine does not plan again.
 
 
-@pytest.mark.parametrize("memory,mode", [("additive", "auto"), ("additive", "chunked"),
-                                         ("delta", "auto"), ("delta", "chunked")])
-@pytest.mark.parametrize("needs_grad", [False, True])
+# CI runs the two "auto" cases with a gradient (each memory's plan for both the evaluated and
+# the differentiated form); the other six compile for ~10 s each and run in the slow job.
+_PLAN_CASES = [pytest.param(memory, mode, grad, id=f"{grad}-{memory}-{mode}",
+                            marks=() if (mode == "auto" and grad) else pytest.mark.slow)
+               for grad in (False, True) for memory in ("additive", "delta")
+               for mode in ("auto", "chunked")]
+
+
+@pytest.mark.parametrize("memory,mode,needs_grad", _PLAN_CASES)
 def test_attention_compress_plans_once_and_uses_the_plan(monkeypatch, memory, mode, needs_grad):
   import jax
   import jax.numpy as jnp

@@ -266,7 +266,10 @@ def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, op
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
 
 
-@pytest.mark.parametrize("attention", ["dca", pytest.param("gla", marks=pytest.mark.slow)])
+# Slow job: CI covers TransformerLM with DCA sharded over "seq" through the training step of
+# tests/multidevice/test_data_sequence_training.py (loss, gradient norm and updated parameters).
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["dca", "gla"])
 def test_transformer_lm_with_sequence_axis_equals_one_device(attention):
   """TransformerLM with attention_options={"sequence_axis": "seq"} (the one option) inside
   shard_map over 4 shards: the same logits and the same loss gradient as on one device."""
