@@ -13,9 +13,9 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_delta import DCADeltaState, delta_memory_state_update
-from dca_jax.ops.dca_memory import DCAState, check_state, combine_memories, step_slots
+from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, step_slots,
+                                    write_step)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
-from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.window import window_step_parts
 
 
@@ -65,26 +65,8 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   window, value_dim = state.window, weights.v.shape[-1]
 
   t = state.position
-  memory, doc_start, buffered_values = state.memory, state.doc_start, state.values
-  if reset is not None:
-    # Everything buffered belongs to an earlier document now, and the memory starts empty
-    # (selected away, not multiplied by 0, so a non-finite old state cannot leak; the old
-    # values are zeroed because the read-out multiplies them by their weight 0).
-    doc_start = jnp.where(reset, t, doc_start)
-    memory = jnp.where(reset[:, None, None, None], 0.0, memory)
-    buffered_values = jnp.where(reset[:, None, None, None], 0.0, buffered_values)
-
-  # The new token takes slot t mod (W + 1): one in-place write per buffer, nothing shifts. Its
-  # key and the query are rotated at t once (the buffered keys were rotated at theirs).
-  q, k = weights.q.astype(f32), weights.k.astype(f32)
-  if rotary_base is not None:
-    cos, sin = rotary_phase(t, q.shape[-1], rotary_base)
-    q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
-  slot = t % (window + 1)
-  keys = jax.lax.dynamic_update_index_in_dim(state.keys, k, slot, 2)
-  vals = jax.lax.dynamic_update_index_in_dim(buffered_values, weights.v.astype(f32), slot, 2)
-  key_features = jax.lax.dynamic_update_index_in_dim(
-      state.key_features, weights.k_features.astype(f32), slot, 2)
+  q, keys, vals, key_features, memory, doc_start = write_step(
+      state, weights, weights.k_features, rotary_base, reset)
 
   # The token at t - W leaves the window for the memory if it exists and belongs to the current
   # document (else it adds nothing). It sits in the next slot, (t + 1) mod (W + 1), read after

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ring_buffers,
                                     softmax_over_window, step_slots, window_after_buffer,
-                                    window_buffers)
+                                    window_buffers, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -212,22 +212,8 @@ def delta_memory_state_update(state: DCADeltaState, weights: DCAWeights, *,
   _checks.check_step_reset(reset, batch)
   f32 = jnp.float32
   window, t = state.window, state.position
-  memory, doc_start, buffered_values = state.memory, state.doc_start, state.values
-  if reset is not None:
-    doc_start = jnp.where(reset, t, doc_start)
-    memory = jnp.where(reset[:, None, None, None], 0.0, memory)
-    buffered_values = jnp.where(reset[:, None, None, None], 0.0, buffered_values)
-
-  # The new token takes slot t mod (W + 1) in place, key and query rotated at t (as
-  # `memory_state_update`).
-  q, k = weights.q.astype(f32), weights.k.astype(f32)
-  if rotary_base is not None:
-    cos, sin = rotary_phase(t, q.shape[-1], rotary_base)
-    q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
-  slot = t % (window + 1)
-  keys = jax.lax.dynamic_update_index_in_dim(state.keys, k, slot, 2)
-  vals = jax.lax.dynamic_update_index_in_dim(buffered_values, weights.v.astype(f32), slot, 2)
-  betas = jax.lax.dynamic_update_index_in_dim(state.betas, weights.beta.astype(f32), slot, 2)
+  q, keys, vals, betas, memory, doc_start = write_step(state, weights, weights.beta, rotary_base,
+                                                       reset)
 
   # The token at t - W, in the next slot, leaves the window and is written into S by one delta
   # rule step; its key is rotated back from its position t - W first.

@@ -212,6 +212,44 @@ def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Ar
   return jnp.where(last >= 0, start + last, doc_start).astype(jnp.int32)
 
 
+def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float | None,
+               reset: jax.Array | None):
+  """The first half of a decoding step, the same for both memories: a reset, then the new token
+  written into slot t mod (W + 1) of every buffer (in place; nothing shifts).
+
+  With a reset in a row, everything buffered belongs to an earlier document and the memory
+  starts empty: both are selected away (not multiplied by 0, so a non-finite old state cannot
+  leak), and the old values are zeroed because the read-out multiplies them by their weight 0.
+  The new key and the query are rotated at t once (the buffered keys were rotated at theirs).
+
+  Args:
+    state: a `DCAState` or `DCADeltaState`; its third buffer (key features or betas) receives
+      `third`.
+    weights: the token's `DCAWeights` ([B, H, .]).
+    third: the token's entry of the third buffer.
+    rotary_base, reset: as `memory_state_update`.
+
+  Returns:
+    (q rotated [B, H, K] float32, keys, values, third buffer, memory, doc_start) after the write.
+  """
+  f32 = jnp.float32
+  t, window = state.position, state.window
+  memory, doc_start, values = state.memory, state.doc_start, state.values
+  if reset is not None:
+    doc_start = jnp.where(reset, t, doc_start)
+    memory = jnp.where(reset[:, None, None, None], 0.0, memory)
+    values = jnp.where(reset[:, None, None, None], 0.0, values)
+  q, k = weights.q.astype(f32), weights.k.astype(f32)
+  if rotary_base is not None:
+    cos, sin = rotary_phase(t, q.shape[-1], rotary_base)
+    q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+  slot = t % (window + 1)
+  keys = jax.lax.dynamic_update_index_in_dim(state.keys, k, slot, 2)
+  values = jax.lax.dynamic_update_index_in_dim(values, weights.v.astype(f32), slot, 2)
+  third = jax.lax.dynamic_update_index_in_dim(state[2], third.astype(f32), slot, 2)
+  return q, keys, values, third, memory, doc_start
+
+
 def step_slots(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
   """seen [B, W + 1] bool: the ring slots the query at `position` attends to, its own token
   already written: positions position - W + 1 .. position of the row's current document."""

@@ -201,22 +201,16 @@ def test_dca_window_longer_than_a_shard_is_a_clear_error():
     sharded(params, x[:, :32])
 
 
-def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
-  """DCAttention(sequence_axis=...) inside shard_map (convolution halo with a reset inside it,
-  window halo, carried memory) == the same layer on one device: outputs and gradients."""
+def _check_layer_sharded(layers, x, reset, shards=4):
+  """layers = (the layer unsharded, the same layer with sequence_axis="seq"): the second inside
+  shard_map over `shards` devices equals the first on one device, outputs and gradients (of
+  the parameters and of x)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from dca_jax.nn import DCAttention  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.key(2), (2, 96, 32))
-  # At 4 shards of 24: a reset 2 tokens before a boundary (inside the convolution's history),
-  # one at a boundary, one inside a shard.
-  reset = jnp.zeros((2, 96), bool).at[0, 46].set(True).at[1, 24].set(True).at[0, 61].set(True)
-  layers = [DCAttention(32, 2, window=_W, chunk_size=4, sequence_axis=axis, rngs=nnx.Rngs(0))
-            for axis in (None, "seq")]
   graphdef, params = nnx.split(layers[1])
   single_def, _ = nnx.split(layers[0])
 
   def sharded(params, x, r):
-    return jax.shard_map(lambda p, x, r: nnx.merge(graphdef, p)(x, reset=r), mesh=_mesh(4),
+    return jax.shard_map(lambda p, x, r: nnx.merge(graphdef, p)(x, reset=r), mesh=_mesh(shards),
                          in_specs=(P(), P(None, "seq"), P(None, "seq")),
                          out_specs=P(None, "seq"))(params, x, r)
 
@@ -229,6 +223,20 @@ def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
   for g, g_ref in zip(jax.tree_util.tree_leaves(loss(sharded)(params, x)),
                       jax.tree_util.tree_leaves(loss(single)(params, x))):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
+
+
+def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
+  """DCAttention(sequence_axis=...) inside shard_map (convolution halo with a reset inside it,
+  window halo, carried memory) == the same layer on one device: outputs and gradients."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dca_jax.nn import DCAttention  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(2), (2, 96, 32))
+  # At 4 shards of 24: a reset 2 tokens before a boundary (inside the convolution's history),
+  # one at a boundary, one inside a shard.
+  reset = jnp.zeros((2, 96), bool).at[0, 46].set(True).at[1, 24].set(True).at[0, 61].set(True)
+  layers = [DCAttention(32, 2, window=_W, chunk_size=4, sequence_axis=axis, rngs=nnx.Rngs(0))
+            for axis in (None, "seq")]
+  _check_layer_sharded(layers, x, reset)
 
 
 _LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gated_deltanet", {}),
@@ -247,23 +255,7 @@ def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, op
   spec = layer_spec(attention)
   layers = [spec.build(32, 2, dict(options, sequence_axis=axis), rngs=nnx.Rngs(0))
             for axis in (None, "seq")]
-  graphdef, params = nnx.split(layers[1])
-  single_def, _ = nnx.split(layers[0])
-
-  def sharded(params, x, r):
-    return jax.shard_map(lambda p, x, r: nnx.merge(graphdef, p)(x, reset=r), mesh=_mesh(4),
-                         in_specs=(P(), P(None, "seq"), P(None, "seq")),
-                         out_specs=P(None, "seq"))(params, x, r)
-
-  def single(params, x, r):
-    return nnx.merge(single_def, params)(x, reset=r)
-
-  np.testing.assert_allclose(jax.jit(sharded)(params, x, reset),
-                             jax.jit(single)(params, x, reset), rtol=1e-5, atol=1e-5)
-  loss = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x, reset))), (0, 1)))
-  for g, g_ref in zip(jax.tree_util.tree_leaves(loss(sharded)(params, x)),
-                      jax.tree_util.tree_leaves(loss(single)(params, x))):
-    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
+  _check_layer_sharded(layers, x, reset)
 
 
 # Slow job: CI covers TransformerLM with DCA sharded over "seq" through the training step of
