@@ -101,10 +101,12 @@ def test_plan_engine_rejects_unknown_backends():
 # One plan per call: attention_compress asks adaptive_scale once and the engine does not plan again.
 
 
-# CI runs the two "auto" cases with a gradient (each memory's plan for both the evaluated and
-# the differentiated form); the other six compile for ~10 s each and run in the slow job.
+# CI runs the delta memory's "auto" case with a gradient (its plan for both the evaluated and
+# the differentiated form: the path that used to plan twice); the other seven compile for
+# ~10-30 s each and run in the slow job (`pytest -m slow tests/test_planner.py`).
 _PLAN_CASES = [pytest.param(memory, mode, grad, id=f"{grad}-{memory}-{mode}",
-                            marks=() if (mode == "auto" and grad) else pytest.mark.slow)
+                            marks=() if (mode == "auto" and grad and memory == "delta")
+                            else pytest.mark.slow)
                for grad in (False, True) for memory in ("additive", "delta")
                for mode in ("auto", "chunked")]
 
