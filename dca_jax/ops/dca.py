@@ -177,12 +177,13 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
 
 
 def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name):
-  """(state, buffered) entering this shard when T is sharded over `axis_name`: the previous
-  shard's last W keys, values and key features, oldest first (one `ppermute`; the first shard
-  gets zeros), and a `DCAState` without buffers that holds the
-  absolute start of the current document (the last reset of the shards before), the position
-  of the shard's first token, and a zero memory (the memory's carried state is added after the
-  engine, `sequence_parallel.combine_shards`)."""
+  """(state, buffered) entering this shard when T is sharded over `axis_name`.
+
+  `buffered` is the previous shard's last W keys, values and key features, oldest first (one
+  `ppermute`; the first shard gets zeros). `state` is a `DCAState` without buffers: the absolute
+  start of the current document (the last reset of the shards before), the position of the
+  shard's first token, and a zero memory (the memory's carried state is added after the engine,
+  `sequence_parallel.combine_shards`)."""
   batch, time, heads, key_dim = weights.q.shape
   shards = sequence_parallel.check_axis_name(axis_name)
   if window > time:
