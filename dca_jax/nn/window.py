@@ -135,20 +135,13 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     which a reset at its first token keeps out of every window), and the outputs of those W
     extra positions are dropped."""
     batch, time, window = x.shape[0], x.shape[1], self.window
-    shards = sequence_parallel.check_axis_name(axis_name)
-    if window > time:
-      raise ValueError(
-          f"window={window} is longer than this shard's {time} tokens (T sharded over {shards} "
-          f"shards along {axis_name!r}): the window would need tokens from more than one shard "
-          f"before; use fewer shards or a longer sequence.")
+    sequence_parallel.check_axis_name(axis_name)
     index = jax.lax.axis_index(axis_name).astype(jnp.int32)
     history = self._shard_history(x, reset, axis_name)
     positions = index * time + jnp.arange(time, dtype=jnp.int32)
     q, k, v = self._project(self._convolve(x, reset, history, axis_name), positions)
-    forward = [(i, i + 1) for i in range(shards - 1)]
     flags = jnp.zeros((batch, time), bool) if reset is None else reset
-    halo_k, halo_v, halo_reset = (jax.lax.ppermute(a[:, -window:], axis_name, forward)
-                                  for a in (k, v, flags))
+    halo_k, halo_v, halo_reset = sequence_parallel.previous_tail((k, v, flags), window, axis_name)
     # The first real token starts a document on the first shard (its halo is empty).
     first = flags[:, :1] | (index == 0)
     ext_reset = jnp.concatenate([halo_reset, first, flags[:, 1:]], axis=1)

@@ -186,17 +186,11 @@ def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name):
   `sequence_parallel.combine_shards`)."""
   batch, time, heads, key_dim = weights.q.shape
   shards = sequence_parallel.check_axis_name(axis_name)
-  if window > time:
-    raise ValueError(
-        f"window={window} is longer than this shard's {time} tokens (T sharded over "
-        f"{shards} shards along {axis_name!r}): the window would need tokens from more than one "
-        f"shard before; use fewer shards or a longer sequence.")
   f32 = jnp.float32
   index = jax.lax.axis_index(axis_name).astype(jnp.int32)
   start = index * time
-  forward = [(i, i + 1) for i in range(shards - 1)]
-  halo = [jax.lax.ppermute(x[:, -window:].astype(f32), axis_name, forward)
-          for x in (weights.k, weights.v, weights.k_features)]
+  halo = [h.astype(f32) for h in sequence_parallel.previous_tail(
+      (weights.k, weights.v, weights.k_features), window, axis_name)]
   if reset is None:
     last = jnp.full((batch,), -1, jnp.int32)
   else:

@@ -118,11 +118,7 @@ def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -
 
   freqs = rotary_frequencies(key_dim, base)                        # [K/2]
   angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [..., T, 1, K/2]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., : key_dim // 2], x32[..., key_dim // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return rotate_pairs(x, jnp.cos(angles), jnp.sin(angles)).astype(x.dtype)
 
 
 def rotary_phase(positions: jax.Array, dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:

@@ -134,6 +134,24 @@ def zeros_state(batch: int, heads: int, key_dim: int, value_dim: int,
   return initial_state.astype(jnp.float32)
 
 
+def previous_tail(arrays, count: int, axis_name: Hashable) -> list[jax.Array]:
+  """The last `count` positions of each of `arrays` ([B, T, ...]) on the previous shard, by one
+  `ppermute` each (zeros on the first shard): the halo of a window of `count` tokens.
+
+  Raises:
+    ValueError: `count` is more than the shard's length T, naming both.
+  """
+  shards = check_axis_name(axis_name)
+  time = arrays[0].shape[1]
+  if count > time:
+    raise ValueError(
+        f"window={count} is longer than this shard's {time} tokens (T sharded over {shards} "
+        f"shards along {axis_name!r}): the window would need tokens from more than one shard "
+        f"before; use fewer shards or a longer sequence.")
+  forward = [(i, i + 1) for i in range(shards - 1)]
+  return [jax.lax.ppermute(a[:, -count:], axis_name, forward) for a in arrays]
+
+
 def previous_inputs(x: jax.Array, reset: jax.Array | None, count: int,
                     axis_name: Hashable) -> jax.Array:
   """The last `count` rows of the previous shard's x [B, T, D] (zeros on the first shard), with
