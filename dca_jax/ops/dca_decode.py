@@ -8,6 +8,8 @@ whole-sequence form `attention_compress`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -61,7 +63,16 @@ def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: fl
   batch = weights.q.shape[0]
   check_state(state, batch, weights)
   _checks.check_step_reset(reset, batch)
+  return _compiled_step(state, weights, reset, rotary_base=rotary_base)
+
+
+@functools.partial(jax.jit, static_argnames=("rotary_base",))
+def _compiled_step(state: DCAState, weights: DCAWeights, reset, *, rotary_base):
+  """`memory_state_update` on checked inputs, as one compiled program (a token-by-token loop
+  called eagerly then dispatches one program per step instead of ~50 small ones; inlined inside
+  a caller's jit or scan)."""
   f32 = jnp.float32
+  batch = weights.q.shape[0]
   window, value_dim = state.window, weights.v.shape[-1]
 
   t = state.position

@@ -21,6 +21,8 @@ as with the additive memory. Notation: B batch, T time, H heads, K key dim, V va
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import NamedTuple
 
@@ -156,6 +158,17 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   # The softmax shortcut is exact here whatever the gate: an empty memory adds exactly 0.
   plan = adaptive_scale(time, window=window, has_state=state is not None or return_state,
                         delta_memory=True, mode=mode, chunk_size=chunk_size)
+  return _compiled_compress_delta(weights, reset, state, plan=plan, window=window,
+                                  rotary_base=rotary_base, return_state=return_state)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "window", "rotary_base", "return_state"))
+def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window: int, rotary_base,
+                             return_state: bool):
+  """`attention_compress_delta` on checked inputs with its plan made, one compiled program (see
+  `dca._compiled_compress`)."""
+  batch, time, heads, key_dim = weights.q.shape
+  value_dim = weights.v.shape[-1]
   out_dtype = weights.v.dtype
   scale = 1.0 / math.sqrt(key_dim)
   f32 = jnp.float32
@@ -210,6 +223,12 @@ def delta_memory_state_update(state: DCADeltaState, weights: DCAWeights, *,
   batch = weights.q.shape[0]
   _check_state(state, batch, weights)
   _checks.check_step_reset(reset, batch)
+  return _compiled_delta_step(state, weights, reset, rotary_base=rotary_base)
+
+
+@functools.partial(jax.jit, static_argnames=("rotary_base",))
+def _compiled_delta_step(state: DCADeltaState, weights: DCAWeights, reset, *, rotary_base):
+  """`delta_memory_state_update` on checked inputs, one compiled program (see `dca_decode`)."""
   f32 = jnp.float32
   window, t = state.window, state.position
   q, keys, vals, betas, memory, doc_start = write_step(state, weights, weights.beta, rotary_base,

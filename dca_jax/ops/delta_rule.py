@@ -170,10 +170,20 @@ def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=
   if axis_name is not None:
     sequence_parallel.check_axis_name(axis_name)
 
-  out_dtype = jnp.result_type(q, k, v)
   plans = delta_rule_plans(time, mode=mode, chunk_size=chunk_size)
   if axis_name is not None:
     plans = (plans[1], plans[1])     # one plan: see gated_linear_attention
+  return _compiled_delta_rule(q, k, v, beta, log_decay, initial_state, reset, plans=plans,
+                              axis_name=axis_name, return_final_state=return_final_state)
+
+
+@functools.partial(jax.jit, static_argnames=("plans", "axis_name", "return_final_state"))
+def _compiled_delta_rule(q, k, v, beta, log_decay, initial_state, reset, *, plans, axis_name,
+                         return_final_state):
+  """`delta_rule_attention` on checked inputs with its plans made, one compiled program (see
+  `gla._compiled_engine`)."""
+  out_dtype = jnp.result_type(q, k, v)
+  if axis_name is not None:
     initial_state = _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset,
                                     axis_name)
   o, final = run_delta_rule(plans, q, k, v, beta, log_decay, initial_state=initial_state,

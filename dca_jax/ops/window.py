@@ -106,9 +106,20 @@ def sliding_window_attention(
     scale = 1.0 / math.sqrt(key_dim)
   if time == 0:
     return jnp.zeros((batch, 0, heads, v.shape[-1]), q.dtype)
+  if isinstance(scale, (int, float)):
+    return _compiled_window(q, k, v, reset, window=window, scale=float(scale))
+  return _window(q, k, v, reset, window=window, scale=scale)
+
+
+def _window(q, k, v, reset, *, window: int, scale):
   doc = None if reset is None else document_ids(reset)
   num, den, _ = window_softmax_parts(q, k, v, window=window, scale=scale, doc=doc)
   return (num / den[..., None]).astype(q.dtype)
+
+
+# One compiled program per shape when called eagerly (a Python scale is static; an array scale
+# takes the uncompiled path and is traced by the caller's jit, if any).
+_compiled_window = jax.jit(_window, static_argnames=("window", "scale"))
 
 
 def window_softmax_parts(q, k, v, *, window: int, scale, doc=None, rotary_base: float | None = None,
