@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.error("--threads and --rounds must be >= 1")
 
   import jax  # pylint: disable=import-outside-toplevel
+  import onnx  # pylint: disable=import-outside-toplevel
 
   from dca_jax.nn import export as export_lib  # pylint: disable=import-outside-toplevel
   from experiments import decode_rate  # pylint: disable=import-outside-toplevel
@@ -62,7 +63,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = export_lib.export_onnx(model, max_length, converter=converter)
     path = tmp / f"{converter}.onnx"
     path.write_bytes(result.data)
-    import onnx  # pylint: disable=import-outside-toplevel
     exports[converter] = {"nodes": len(onnx.load(str(path)).graph.node), "batch": result.batch,
                           "bytes": path.stat().st_size, "export_s": time.perf_counter() - start}
     programs[f"ort-fp32-{converter}"] = path
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(cells[-1]), flush=True)
   rate = {(c["runtime"], c["batch"], c["context"]): c["tokens_per_s"] for c in cells}
   runtimes = list(dict.fromkeys(c["runtime"] for c in cells))
-  print(f"\n| batch | context | " + " | ".join(runtimes) + " |")
+  print("\n| batch | context | " + " | ".join(runtimes) + " |")
   print("|---:|---:|" + "---:|" * len(runtimes))
   for context in args.contexts:
     for batch in args.batches:

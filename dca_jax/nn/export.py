@@ -554,7 +554,7 @@ def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = Non
   hold no float64 tensor (the exporter must not change the model's float32 numerics).
 
   Two converters: the graph builder (`dca_jax.nn.onnx_graph`), which writes DCA's decode step
-  from the model's maths in ~80 ONNX nodes per layer (jax2onnx: ~680), and jax2onnx (the
+  from the model's maths in ~85 ONNX nodes per layer (jax2onnx: ~680-840), and jax2onnx (the
   optional `[export]` extra), which converts any layer's decode step or prefill from its jaxpr.
   "auto" takes the builder where `onnx_graph.unsupported_reason` accepts the model and the
   program is the decode step; both write the same inputs, outputs and cache layout.
