@@ -365,6 +365,15 @@ def decode_step_model(model: Any, max_length: int, *, batch: int | str = "B",
   Raises:
     ValueError: a model the builder does not write (naming what), a batch that is neither "B"
       nor an integer >= 1, or an opset below 23.
+
+  Example:
+    >>> from flax import nnx
+    >>> from dca_jax.nn import TransformerConfig, TransformerLM
+    >>> model = TransformerLM(TransformerConfig(d_model=32, num_layers=1, num_heads=2,
+    ...                                         attention_options={"window": 8}), rngs=nnx.Rngs(0))
+    >>> proto = decode_step_model(model, max_length=64)
+    >>> [i.name for i in proto.graph.input][:2], len(proto.graph.node) < 100
+    (['token', 'past.layer0.state.keys'], True)
   """
   import onnx  # pylint: disable=import-outside-toplevel
   from onnx import TensorProto, helper  # pylint: disable=import-outside-toplevel
