@@ -6,6 +6,8 @@ Usage:
 
 Writes in --out:
   decode_step.onnx, prefill.onnx   (token(s), past.<cache>...) -> (logits, present.<cache>...)
+                                   (DCA's decode step written by dca_jax.nn.onnx_graph, the
+                                   rest by jax2onnx; each program's "converter" says which)
   decode_step.stablehlo, prefill.stablehlo   `jax.export` serialisations of the same functions
   decode_step.int8.onnx, prefill.int8.onnx   with --int8: ONNX Runtime's dynamic quantisation
                                    (int8 weights of the matrix products, activations quantised
