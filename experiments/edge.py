@@ -498,10 +498,16 @@ def export_decode(model, max_length: int, batch: int | None, directory: pathlib.
   import onnx  # pylint: disable=import-outside-toplevel
 
   from dca_jax.nn import export as export_lib  # pylint: disable=import-outside-toplevel
+  from dca_jax.nn import onnx_graph  # pylint: disable=import-outside-toplevel
   from experiments import export as export_cli  # pylint: disable=import-outside-toplevel
   meta = directory / "export.json"
+  # An export written by another converter than export_onnx would pick now (e.g. a jax2onnx
+  # export from before the graph builder) is redone, so that a rerun times the current path.
+  converter = "graph" if onnx_graph.unsupported_reason(model) is None else "jax2onnx"
   if meta.exists():
-    return json.loads(meta.read_text())
+    record = json.loads(meta.read_text())
+    if record.get("converter", "jax2onnx") == converter:
+      return record
   directory.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   result = export_lib.export_onnx(model, max_length, fallback_batch=batch or 1,
@@ -516,6 +522,7 @@ def export_decode(model, max_length: int, batch: int | None, directory: pathlib.
             "fp32_bytes": fp32.stat().st_size,
             "int8_bytes": int8_path.stat().st_size if int8 else None,
             "nodes": len(onnx.load(str(fp32)).graph.node),
+            "converter": result.converter,
             "export_s": time.perf_counter() - start,
             "fallback_reason": result.fallback_reason,
             "cache": [e.to_dict() for e in export_lib.cache_layout(model, max_length)]}

@@ -6,6 +6,8 @@ Usage:
 
 Writes in --out:
   decode_step.onnx, prefill.onnx   (token(s), past.<cache>...) -> (logits, present.<cache>...)
+                                   (DCA's decode step written by dca_jax.nn.onnx_graph, the
+                                   rest by jax2onnx; each program's "converter" says which)
   decode_step.stablehlo, prefill.stablehlo   `jax.export` serialisations of the same functions
   decode_step.int8.onnx, prefill.int8.onnx   with --int8: ONNX Runtime's dynamic quantisation
                                    (int8 weights of the matrix products, activations quantised
@@ -164,9 +166,11 @@ def export_model(model: Any, out: str | os.PathLike[str], *, prefill_length: int
     in_names, out_names = export_lib.io_names(layout, is_prefill)
     programs[f"{name}.onnx"] = {"format": "onnx", "program": name, "batch": result.batch,
                                 "batch_fallback_reason": result.fallback_reason,
+                                "converter": result.converter,
                                 "inputs": in_names, "outputs": out_names,
                                 "export_seconds": round(seconds, 2)}
-    log(f"{name}.onnx: batch {result.batch}, {len(result.data):,} bytes, {seconds:.1f} s")
+    log(f"{name}.onnx: batch {result.batch}, {len(result.data):,} bytes, {seconds:.1f} s "
+        f"({result.converter})")
     start = time.perf_counter()
     hlo = export_lib.export_stablehlo(model, max_length, prefill_length=prefill_length if is_prefill
                                       else None, fallback_batch=fixed, symbolic_batch=symbolic)

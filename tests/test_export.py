@@ -2,7 +2,8 @@
 `jax.export.deserialize`) against the JAX model they came from, and the JAX-free runner.
 
 CI (needs the `[export]` extra; skipped without it): every layer of the registry exports its
-decode step and runs a few steps from a prefilled context equal to JAX; DCA goes through the
+decode step and runs a few steps from a prefilled context equal to JAX (DCA's written by the
+graph builder, `dca_jax.nn.onnx_graph`, which is also run 80 steps as its ring wraps); DCA goes through the
 whole path (checkpoint -> `python -m experiments.export` -> manifest -> `onnx_generate.py`,
 int8 included). The long checks (512 decode steps, 256 greedy tokens, every layer's prefill) are
 `-m slow`. Tiny models: d_model 32, window 8, untrained (equality does not depend on training).
@@ -26,6 +27,7 @@ from flax import nnx
 
 from dca_jax.nn import LAYERS, TransformerConfig, TransformerLM, generate
 from dca_jax.nn import export as export_lib
+from dca_jax.nn import onnx_graph
 
 pytest.importorskip("jax2onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -132,7 +134,68 @@ def test_unsupported_primitive_names_layer_and_primitive(monkeypatch):
   monkeypatch.setattr(TransformerLM, "decode_step", decode_step)
   with pytest.raises(NotImplementedError,
                      match=r"(?s)'dca' \(DCAttention\).*'dca_test_unconvertible'"):
-    export_lib.export_onnx(model, MAX_LENGTH, symbolic_batch=False)
+    # jax2onnx converts the (patched) jaxpr; the graph builder would write DCA from its maths.
+    export_lib.export_onnx(model, MAX_LENGTH, symbolic_batch=False, converter="jax2onnx")
+
+
+# --- the graph builder (dca_jax.nn.onnx_graph) -----------------------------------------------
+
+_GRAPH_CASES = {
+    "taylor_rotary_conv": ({"window": 8, "feature_dim": 4}, True),
+    "elu_no_rotary_no_conv_untied": ({"window": 5, "feature_dim": 3, "feature_map": "elu",
+                                      "rotary_base": None, "short_conv": 0}, False),
+}
+
+
+@pytest.mark.parametrize("case", [
+    "taylor_rotary_conv",
+    pytest.param("elu_no_rotary_no_conv_untied", marks=pytest.mark.slow)])
+def test_graph_decode_step_equals_jax_as_the_ring_wraps(case):
+  """80 steps (the 9- or 6-slot ring wraps many times, the memory fills) from a context with a
+  reset in one row (doc_start > 0 there), ONNX Runtime from its own cache against JAX."""
+  options, tied = _GRAPH_CASES[case]
+  config = TransformerConfig(d_model=32, num_layers=2, num_heads=2, attention="dca",
+                             attention_options=options, tie_embeddings=tied)
+  model = TransformerLM(config, rngs=nnx.Rngs(3))
+  result = export_lib.export_onnx(model, MAX_LENGTH)
+  assert (result.converter, result.batch) == ("graph", "B")
+  import onnx  # pylint: disable=import-outside-toplevel
+  # A structural bound (jax2onnx writes ~680 nodes a layer): the builder's ~90.
+  assert len(onnx.load_from_string(result.data).graph.node) < 100 * config.num_layers
+  session = _session(result.data)
+  step = jax.jit(export_lib.decode_step_function(model, MAX_LENGTH))
+  rng = np.random.default_rng(4)
+  # The context through JAX's decode step with a reset (cheaper to compile than a prefill).
+  treedef = jax.tree_util.tree_structure(model.init_cache(2, MAX_LENGTH))
+  feed = jax.jit(lambda t, r, *c: jax.tree_util.tree_leaves(
+      model.decode_step(t, jax.tree_util.tree_unflatten(treedef, c), r)[1]))
+  want = export_lib.init_cache_arrays(export_lib.cache_layout(model, MAX_LENGTH), 2)
+  for i in range(13):
+    reset = np.array([False, i == 9])
+    want = feed(rng.integers(0, 256, (2,), dtype=np.int32), reset, *want)
+  want = [np.asarray(x) for x in want]
+  assert {int(x) for x in want[3]} == {0, 9}          # layer0's doc_start
+  got = want
+  for i in range(80):
+    token = rng.integers(0, 256, (2,), dtype=np.int32)
+    reference = [np.asarray(x) for x in step(token, *want)]
+    out = _run(session, token, *got)
+    error = _worst(out, reference)
+    assert error <= RTOL, f"step {i}: relative error {error:.2e}"
+    want, got = reference[1:], out[1:]
+
+
+def test_graph_converter_names_what_it_does_not_write():
+  gated = TransformerLM(TransformerConfig(d_model=32, num_layers=1, num_heads=2, attention="dca",
+                                          attention_options={"window": 8, "combine": "gated"}),
+                        rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"converter='graph'.*combine='gated'"):
+    export_lib.export_onnx(gated, MAX_LENGTH, converter="graph")
+  with pytest.raises(ValueError, match=r"converter='graph'.*decode step only"):
+    export_lib.export_onnx(_model("dca"), MAX_LENGTH, prefill_length=PREFILL, converter="graph")
+  with pytest.raises(ValueError, match=r"converter must be one of"):
+    export_lib.export_onnx(_model("dca"), MAX_LENGTH, converter="fast")
+  assert "softmax" in onnx_graph.unsupported_reason(_model("softmax"))
 
 
 # --- DCA through the whole path: checkpoint -> CLI -> manifest -> runner ---------------------

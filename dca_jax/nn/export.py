@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import re
 from typing import Any, Callable, Sequence
@@ -239,11 +240,13 @@ class ExportResult:
     data: the serialised program (StableHLO bytes from `jax.export`, or an ONNX model's bytes).
     batch: "B" (symbolic: any batch size runs) or the fixed batch size it was exported for.
     fallback_reason: why the batch is fixed (the symbolic export's error), or None.
+    converter: what wrote it: "jax2onnx", "graph" (`onnx_graph`) or, for StableHLO, "jax.export".
   """
 
   data: bytes
   batch: int | str
   fallback_reason: str | None = None
+  converter: str = "jax2onnx"
 
 
 def _primitives(jaxpr: Any) -> list[str]:
@@ -316,7 +319,7 @@ def export_stablehlo(model: Any, max_length: int, *, prefill_length: int | None 
     batch = jax.export.symbolic_shape("B")[0]
     try:
       exported = jax.export.export(jax.jit(fn))(*input_specs(layout, batch, prefill_length))
-      return ExportResult(bytes(exported.serialize()), "B")
+      return ExportResult(bytes(exported.serialize()), "B", None, "jax.export")
     except Exception as e:  # noqa: BLE001  (any tracing failure: retry with a fixed batch)
       if not _is_shape_error(e):
         raise ValueError(f"jax.export of the {what} failed for {_layer_name(model)} at primitive "
@@ -327,7 +330,7 @@ def export_stablehlo(model: Any, max_length: int, *, prefill_length: int | None 
   except Exception as e:  # noqa: BLE001
     raise ValueError(f"jax.export of the {what} failed for {_layer_name(model)} at primitive "
                      f"{_failing_primitive(e)!r}: {type(e).__name__}: {e}") from e
-  return ExportResult(bytes(exported.serialize()), fallback_batch, reason)
+  return ExportResult(bytes(exported.serialize()), fallback_batch, reason, "jax.export")
 
 
 def _pad_without_interior(x: jax.Array, padding_value: jax.Array,
@@ -483,37 +486,28 @@ def _float64_tensors(proto: Any) -> list[str]:
   return found
 
 
-def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = None,
-                fallback_batch: int = 1, symbolic_batch: bool = True,
-                opset: int = 23) -> ExportResult:
-  """The decode step (prefill_length None) or the prefill as an ONNX model (jax2onnx).
+class OnnxConverter(str, enum.Enum):
+  """How `export_onnx` writes a program."""
 
-  Inputs are named "token" ([B] int32; "tokens" [B, P] for the prefill) and "past.<cache name>",
-  outputs "logits" and "present.<cache name>" (`io_names`). The model is loaded once in ONNX
-  Runtime before it is returned, so a graph the runtime rejects fails here, and it is checked to
-  hold no float64 tensor (the exporter must not change the model's float32 numerics).
+  AUTO = "auto"            # the graph builder where it applies, else jax2onnx
+  GRAPH = "graph"          # `onnx_graph.decode_step_model` only: DCA's decode step
+  JAX2ONNX = "jax2onnx"    # jax2onnx, any layer and program
 
-  Args:
-    model, max_length, prefill_length, fallback_batch, symbolic_batch: see `export_stablehlo`.
-    opset: the ONNX opset.
+  @classmethod
+  def parse(cls, value: "OnnxConverter | str") -> "OnnxConverter":
+    return _checks.parse_choice(cls, value, "converter")
 
-  Returns:
-    An `ExportResult` with the serialised ONNX model.
 
-  Raises:
-    ImportError: jax2onnx / onnxruntime are not installed (`pip install dca_jax[export]`).
-    NotImplementedError: naming the layer and the primitive jax2onnx cannot convert.
-    ValueError: naming the layer and the primitive, for any other failed conversion, a graph
-      ONNX Runtime rejects, or float64 values in the graph.
-  """
+def _jax2onnx_proto(model: Any, fn: Callable, layout: Sequence[CacheEntry], what: str,
+                    prefill_length: int | None, fallback_batch: int, symbolic_batch: bool,
+                    opset: int) -> tuple[Any, int | str, str | None]:
+  """(ONNX model, batch, fallback reason) of `fn` converted by jax2onnx, a symbolic batch first."""
   try:
     import jax2onnx  # pylint: disable=import-outside-toplevel
-    import onnxruntime  # pylint: disable=import-outside-toplevel
     from jax2onnx.plugins.plugin_system import PLUGIN_REGISTRY  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("export_onnx needs jax2onnx, onnx and onnxruntime: "
                       "pip install -e '.[export]'.") from e
-  fn, layout, what = _program(model, max_length, prefill_length, fallback_batch)
   in_names, out_names = io_names(layout, prefill_length is not None)
 
   def convert(batch):
@@ -546,6 +540,62 @@ def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = Non
     reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     batch = fallback_batch
     proto = convert(batch)
+  return proto, batch, reason
+
+
+def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = None,
+                fallback_batch: int = 1, symbolic_batch: bool = True,
+                opset: int = 23, converter: OnnxConverter | str = "auto") -> ExportResult:
+  """The decode step (prefill_length None) or the prefill as an ONNX model.
+
+  Inputs are named "token" ([B] int32; "tokens" [B, P] for the prefill) and "past.<cache name>",
+  outputs "logits" and "present.<cache name>" (`io_names`). The model is loaded once in ONNX
+  Runtime before it is returned, so a graph the runtime rejects fails here, and it is checked to
+  hold no float64 tensor (the exporter must not change the model's float32 numerics).
+
+  Two converters: the graph builder (`dca_jax.nn.onnx_graph`), which writes DCA's decode step
+  from the model's maths in ~85 ONNX nodes per layer (jax2onnx: ~680-840), and jax2onnx (the
+  optional `[export]` extra), which converts any layer's decode step or prefill from its jaxpr.
+  "auto" takes the builder where `onnx_graph.unsupported_reason` accepts the model and the
+  program is the decode step; both write the same inputs, outputs and cache layout.
+
+  Args:
+    model, max_length, prefill_length, fallback_batch, symbolic_batch: see `export_stablehlo`.
+    opset: the ONNX opset (the graph builder needs >= 23).
+    converter: "auto", "graph" or "jax2onnx" (see above).
+
+  Returns:
+    An `ExportResult` with the serialised ONNX model.
+
+  Raises:
+    ImportError: onnx / onnxruntime (or, for jax2onnx, jax2onnx) are not installed
+      (`pip install dca_jax[export]`).
+    NotImplementedError: naming the layer and the primitive jax2onnx cannot convert.
+    ValueError: naming the layer and the primitive, for any other failed conversion, a graph
+      ONNX Runtime rejects, float64 values in the graph, an unknown converter, or
+      converter="graph" for a program the builder does not write (saying why).
+  """
+  converter = OnnxConverter.parse(converter)
+  try:
+    import onnxruntime  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("export_onnx needs onnx and onnxruntime (and jax2onnx for layers the "
+                      "graph builder does not write): pip install -e '.[export]'.") from e
+  from dca_jax.nn import onnx_graph  # pylint: disable=import-outside-toplevel
+  fn, layout, what = _program(model, max_length, prefill_length, fallback_batch)
+  unsupported = ("the graph builder writes the decode step only" if prefill_length is not None
+                 else onnx_graph.unsupported_reason(model))
+  if converter is OnnxConverter.GRAPH and unsupported is not None:
+    raise ValueError(f"converter='graph' cannot export the {what} of {_layer_name(model)}: "
+                     f"{unsupported}; use converter='auto' or 'jax2onnx'.")
+  if converter is not OnnxConverter.JAX2ONNX and unsupported is None:
+    batch: int | str = "B" if symbolic_batch else fallback_batch
+    proto, reason, used = onnx_graph.decode_step_model(model, max_length, batch=batch,
+                                                       opset=opset), None, "graph"
+  else:
+    proto, batch, reason = _jax2onnx_proto(model, fn, layout, what, prefill_length,
+                                           fallback_batch, symbolic_batch, opset)
+    used = "jax2onnx"
   doubles = _float64_tensors(proto)
   if doubles:
     raise ValueError(f"ONNX export of the {what} for {_layer_name(model)} holds float64 values "
@@ -560,4 +610,4 @@ def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = Non
     where = f" (ONNX node {node.group(1)}, op {node.group(2)})" if node else ""
     raise ValueError(f"ONNX Runtime rejects the exported {what} of {_layer_name(model)}{where}: "
                      f"{e}") from e
-  return ExportResult(data, batch, reason)
+  return ExportResult(data, batch, reason, used)
