@@ -431,7 +431,8 @@ def onnx_friendly(fn: Callable[..., Any], specs: Sequence[jax.ShapeDtypeStruct]
     outs = _interpret(jaxpr, closed.consts, *args)
     fresh = []
     for out, same in zip(outs, passthrough):
-      if same:
+      # Also an input passed through a jit call that `_interpret` inlined: the very same value.
+      if same or any(out is a for a in args):
         out = jnp.logical_or(out, False) if out.dtype == jnp.bool_ else out + jnp.zeros((), out.dtype)
       fresh.append(out)
     return tuple(fresh)
