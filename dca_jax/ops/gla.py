@@ -167,6 +167,9 @@ def run_engine(plans: tuple[EnginePlan, EnginePlan], q, k, v, log_decay, *, init
     s0 = jnp.zeros((batch, heads, key_dim, v.shape[-1]), f32)
   else:
     s0 = initial_state.astype(f32)
+  # Under shard_map the carry must vary over the mesh axes the inputs vary over (a zero state
+  # made inside the shard is invariant; data=8, seq=1 met this), or the scans reject it.
+  s0 = sequence_parallel.match_varying(s0, q, k, v, g)
   # Non-finite inputs are zeroed (a select) and the outputs that can see them set to NaN after:
   # a corrupt token must not leak into the past or into another document through 0 x NaN.
   # A log decay of -inf is valid (it erases the state).

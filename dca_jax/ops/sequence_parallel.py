@@ -107,11 +107,13 @@ def _varying_axes(x: Any) -> frozenset:
   return frozenset(axis_type.varying if axis_type is not None else getattr(aval, "vma", ()))
 
 
-def match_varying(x: jax.Array, like: Any) -> jax.Array:
-  """`x` typed as varying over every mesh axis that `like` varies over (a no-op outside
+def match_varying(x: jax.Array, *like: Any) -> jax.Array:
+  """`x` typed as varying over every mesh axis that any of `like` varies over (a no-op outside
   `jax.shard_map`): a replicated parameter that enters a custom_vjp beside per-device inputs
-  (batch or sequence shards) must, for its gradient's type to match."""
-  missing = tuple(sorted(_varying_axes(like) - _varying_axes(x), key=str))
+  (batch or sequence shards) must, for its gradient's type to match, and so must a scan's initial
+  carry (a zero state made inside the shard) whose body mixes in per-device inputs."""
+  wanted = frozenset().union(*(_varying_axes(y) for y in like))
+  missing = tuple(sorted(wanted - _varying_axes(x), key=str))
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
