@@ -34,8 +34,10 @@ import dca_jax
 from dca_jax import gated_linear_attention
 from dca_jax.nn import LAYERS, layer_spec
 
-hypothesis.settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True,
-                                     print_blob=True)
+# CI draws 4 examples per property; the full job (DCA_TESTS=full, `.ci/full`) draws 10.
+hypothesis.settings.register_profile(
+    "ci", max_examples=10 if os.environ.get("DCA_TESTS", "") == "full" else 4, deadline=None,
+    derandomize=True, print_blob=True)
 hypothesis.settings.register_profile("long", max_examples=150, deadline=None, print_blob=True)
 PROFILE = os.environ.get("DCA_FUZZ_PROFILE", "ci")
 hypothesis.settings.load_profile(PROFILE)

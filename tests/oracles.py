@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+import pytest
 
 from dca_jax import (DCAWeights, attention_compress, compute_weights, init_params, init_state,
                      memory_state_update)
@@ -681,3 +683,35 @@ def assert_layer_matches_oracle(layer, oracle, d_model, time=20, starts=(0, 3, 1
   reset[0, [s for s in starts if s < time]] = True
   np.testing.assert_allclose(layer_forward(layer, x, reset), oracle(layer, x, reset),
                              **{**dict(rtol=1e-4, atol=2e-5), **tol})
+
+
+# ---------------------------------------------------------------------------------------------
+# CI and the full job.
+#
+# CI (the README's test command) runs a representative subset: about a third of each property
+# test's examples and, for long parametrisations, the cases picked by `ci_cases` (the others are
+# marked slow). The full job, `.ci/full`, sets DCA_TESTS=full and runs every test with every
+# example: `DCA_TESTS=full pytest -n 2 -m "slow or not slow"`.
+
+FULL = os.environ.get("DCA_TESTS", "") == "full"
+
+
+def draws(examples: int) -> int:
+  """Hypothesis examples for a property test written for `examples`: all of them in the full
+  job, a third (at least 2) in CI."""
+  return examples if FULL else max(2, -(-examples // 3))
+
+
+def ci_cases(params, keep) -> list:
+  """`params` (values, tuples of values for several argnames, or pytest.param) with those whose
+  index is not in `keep` marked slow (run by the full job only)."""
+  out = []
+  for i, p in enumerate(params):
+    if i in keep:
+      out.append(p)
+    elif isinstance(p, type(pytest.param(None))):
+      out.append(pytest.param(*p.values, id=p.id, marks=(*p.marks, pytest.mark.slow)))
+    else:
+      values = p if isinstance(p, tuple) else (p,)
+      out.append(pytest.param(*values, marks=pytest.mark.slow))
+  return out

@@ -18,7 +18,7 @@ FUZZ = pathlib.Path(__file__).with_name("fuzz_public_api.py")
 def _run_fuzz(profile: str, timeout: int) -> None:
   env = dict(os.environ, DCA_FUZZ_PROFILE=profile)
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
        str(FUZZ)], cwd=FUZZ.parent.parent, env=env, capture_output=True, text=True,
       timeout=timeout)
   output = (proc.stdout + proc.stderr)[-20000:]

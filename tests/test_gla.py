@@ -43,7 +43,7 @@ F32_TOL = 1e-4
 F32_GRAD_TOL = 2e-4
 
 def _settings(examples):
-  return settings(max_examples=examples, deadline=None,
+  return settings(max_examples=oracles.draws(examples), deadline=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

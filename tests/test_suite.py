@@ -234,6 +234,7 @@ def test_energy_joules_watts_and_contradictions_are_computed_from_the_data():
   assert "predates the per-context count" in "\n".join(suite_report._speed_section(old))
 
 
+@pytest.mark.slow          # ~90 s; its report sections are checked on fixed data just above
 def test_speed_and_energy_tiny(tmp_path):
   result = suite_speed.measure_speed(tmp_path / "speed.json", tiny=True)
   models = result["models"]

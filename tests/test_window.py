@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import oracles
 from dca_jax import sliding_window_attention, window_softmax_parts
 from oracles import window_attention, window_attention_dense
 
@@ -49,7 +50,7 @@ def _swa(q, k, v, window, scale=None, reset=None):
 # Values against the oracle.
 
 
-@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.settings(max_examples=oracles.draws(12), deadline=None)
 @hypothesis.given(
     batch=st.integers(1, 2),
     time=st.sampled_from([1, 2, 3, 7, 13, 31, 32, 33, 64, 97]),
