@@ -1,6 +1,9 @@
 """Sequence parallelism on paper: per-device FLOPs, bytes communicated, step-time estimates.
 
     python -m experiments.scaling [--out docs/scaling.md]     (arithmetic only, < 1 s)
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.scaling --measure
+        (adds a correctness run on 8 CPU host devices: per-device memory and times, 81 s on the
+        2-core CPU, 2026-12-04)
 
 For one attention layer's forward pass with the sequence of N tokens split over P devices
 (issue #14), this counts, from closed-form operation counts (stated in the table's notes, not
@@ -15,15 +18,17 @@ The step-time estimate is compute / (peak x utilisation) + bytes / link bandwidt
 the two, a pessimistic choice for ring attention, which overlaps them in practice), with
 published figures of an NVIDIA H100 SXM: 989 TFLOP/s dense BF16 (NVIDIA H100 Tensor Core GPU
 datasheet), NVLink 900 GB/s per GPU inside an 8-GPU node (same datasheet), 50 GB/s per GPU
-(one 400 Gb/s NDR InfiniBand adapter per GPU, as in NVIDIA's DGX H100 reference) beyond 8. Only
-the engine's and `attention_compress`'s sequence-parallel forms exist in the library today
-(`axis_name=`, tested on 8 CPU host devices in tests/multidevice); the layers' option is not.
+(one 400 Gb/s NDR InfiniBand adapter per GPU, as in NVIDIA's DGX H100 reference) beyond 8. The
+sequence-parallel forms (the engines' and `attention_compress`'s `axis_name=`, the layers'
+`sequence_axis=`) are tested on 8 CPU host devices in tests/multidevice; `--measure` adds one
+measured run on such devices (`measure`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 
 from experiments.bookkeeping import machine_line, machine_info, now
@@ -148,9 +153,12 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "over \"seq\", parameters and optimiser state replicated; one step on (2, 4) and on (8, 1) "
       "equals the single-device step, and a run checkpointed on one mesh resumes on another "
       "(tests/multidevice/test_data_sequence_training.py).",
-      "- Not implemented: DCA's delta memory sharded, FSDP (parameters sharded over \"data\"), "
-      "sharded prefill and decoding, ring attention for softmax, and the 1/S per-device memory "
-      "check of XLA's memory analysis.",
+      "- Per-device temporary memory falls about as 1/S with S sequence shards: a slow test "
+      "(tests/multidevice, `-m slow`) checks it on XLA's memory analysis, and the measured table "
+      "at the end shows it.",
+      "- Not implemented: DCA's delta memory sharded (`sequence_axis` with `memory=\"delta\"` "
+      "raises NotImplementedError), FSDP (parameters sharded over \"data\"), sharded prefill "
+      "and decoding, ring attention for softmax.",
       "",
       f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
       f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "
@@ -182,14 +190,103 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
   return lines
 
 
+# The measured run: one DCA layer (additive memory) with T sharded over S of 8 CPU host devices.
+MEASURED = dict(d_model=128, heads=4, window=64, time=8192, batch=1)
+
+
+def measure(shard_counts=(1, 2, 4, 8), repeats: int = 3) -> dict:
+  """Per-device temporary memory (XLA's memory analysis of the compiled program) and wall time of
+  one DCA layer's forward+backward with T sharded over S host devices, S in `shard_counts`.
+
+  Needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX starts). On
+  a CPU the host devices share its cores: the times show the cost of the sharded program's extra
+  work (halo, summaries, fold), not a speed-up; the memory is what each device would hold.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from dca_jax.nn import DCAttention  # pylint: disable=g-import-not-at-top
+  from experiments.benchmark import time_interleaved  # pylint: disable=g-import-not-at-top
+
+  if jax.device_count() < max(shard_counts):
+    raise SystemExit(f"--measure needs {max(shard_counts)} devices, got {jax.device_count()}: run "
+                     "it with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  m = MEASURED
+  x = jax.random.normal(jax.random.key(0), (m["batch"], m["time"], m["d_model"]))
+  layer = DCAttention(m["d_model"], m["heads"], window=m["window"], sequence_axis="seq",
+                      rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(layer)
+  programs, temp = {}, {}
+  for shards in shard_counts:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:shards]), ("seq",))
+
+    def loss(p, x, mesh=mesh):
+      y = jax.shard_map(lambda p, x: nnx.merge(graphdef, p)(x), mesh=mesh,
+                        in_specs=(P(), P(None, "seq")), out_specs=P(None, "seq"))(p, x)
+      return jnp.sum(y ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+    temp[shards] = int(compiled.memory_analysis().temp_size_in_bytes)
+    programs[shards] = compiled
+  timings = time_interleaved(
+      {str(s): (lambda c=c: c(params, x)) for s, c in programs.items()}, repeats=repeats)
+  rows = [{"shards": s, "temp_bytes_per_device": temp[s],
+           "temp_vs_one_device": temp[s] / temp[shard_counts[0]],
+           "forward_backward_s": timings[str(s)].median_s} for s in shard_counts]
+  return {"layer": m, "devices": jax.device_count(), "repeats": repeats, "rows": rows}
+
+
+def measured_markdown(result: dict) -> list[str]:
+  m = result["layer"]
+  lines = [
+      "",
+      f"## Measured on {result['devices']} CPU host devices: a correctness run, not a speed-up",
+      "",
+      f"One DCA layer (additive memory; d_model {m['d_model']}, {m['heads']} heads, window "
+      f"{m['window']}), batch {m['batch']}, T = {m['time']}, forward+backward (`jax.grad` of a "
+      "sum of squares), T sharded over S devices with `sequence_axis=\"seq\"`. The host devices "
+      "share the machine's cores, so the time shows the cost of the sharded program's extra work "
+      "(halo, summaries, fold) on the same cores, not a speed-up; the per-device temporary memory "
+      "(XLA's memory analysis of the compiled program) is what each device would hold. Median of "
+      f"{result['repeats']} calls after a warm-up, round-robin. Measured {result['date']} on "
+      f"{result['machine']}; command: `XLA_FLAGS=--xla_force_host_platform_device_count=8 python "
+      "-m experiments.scaling --measure`.",
+      "",
+      "| S | temp MiB per device | vs S = 1 | 1/S | forward+backward s |",
+      "|---:|---:|---:|---:|---:|",
+  ]
+  for r in result["rows"]:
+    lines.append(f"| {r['shards']} | {r['temp_bytes_per_device'] / 2**20:,.1f} | "
+                 f"{r['temp_vs_one_device']:.3f} | {1 / r['shards']:.3f} | "
+                 f"{r['forward_backward_s']:.3f} |")
+  return lines
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="docs/scaling.md")
+  parser.add_argument("--measure", action="store_true",
+                      help="also measure on 8 CPU host devices (writes the .json beside --out); "
+                           "without it the last measured run in that .json is kept")
   args = parser.parse_args(argv)
   layer = Layer()
   rows = table(layer, [2**20, 2**22, 2**24], [1, 8, 64, 1024])
   path = pathlib.Path(args.out)
-  path.write_text("\n".join(markdown(layer, rows)) + "\n")
+  measured_path = path.with_suffix(".json")
+  measured = None
+  if args.measure:
+    measured = measure()
+    measured.update(date=now()[:10], machine=machine_line(machine_info()))
+    measured_path.write_text(json.dumps(measured, indent=2) + "\n")
+    print(f"wrote {measured_path}")
+  elif measured_path.exists():
+    measured = json.loads(measured_path.read_text())
+  lines = markdown(layer, rows)
+  if measured is not None:
+    lines += measured_markdown(measured)
+  path.write_text("\n".join(lines) + "\n")
   print(f"wrote {path}")
   return 0
 

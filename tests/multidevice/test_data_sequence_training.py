@@ -39,6 +39,7 @@ def test_one_sharded_training_step_equals_the_single_device_step(mesh_text):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow      # ~60 s; CI checks the sharded step above, the full job this resume
 def test_a_run_resumes_onto_another_mesh(tmp_path):
   """1 step on data=2,seq=4, then 1 more resumed on data=4,seq=2 == 2 steps on one device."""
   config = _config(batch_size=8, eval_batch_size=8, steps=2, eval_every=0, checkpoint_every=1)

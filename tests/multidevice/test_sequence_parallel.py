@@ -62,8 +62,8 @@ def _check(sharded, single, args, n_grad):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
-# CI draws 2 and 4 shards here, 8 in the delta rule's test (`-m slow` adds the rest).
-_GRID = [(2, False), (4, True)]
+# CI draws 4 shards (per-channel decay) here, 8 in the delta rule's test; `-m slow` adds the rest.
+_GRID = [(4, True)]
 
 
 @pytest.mark.parametrize("shards, per_channel", _GRID + [
@@ -241,9 +241,13 @@ def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
 
 _LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gated_deltanet", {}),
                 ("window", {"window": 8, "short_conv": 4}), ("softmax", {"short_conv": 4})]
+# Gated DeltaNet's sharded engine is checked in CI by test_delta_rule_sharded_equals_single_device.
+_SLOW_LAYERS = ("gated_deltanet",)
 
 
-@pytest.mark.parametrize("attention, options", _LAYER_CASES, ids=[c[0] for c in _LAYER_CASES])
+@pytest.mark.parametrize("attention, options", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in _SLOW_LAYERS else [])
+    for c in _LAYER_CASES])
 def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, options):
   """Each baseline layer built with sequence_axis (through the registry, as TransformerLM builds
   it) inside shard_map over 4 shards == the same layer on one device: outputs and gradients,
