@@ -275,7 +275,7 @@ def test_bad_inputs_name_the_argument(case, error, match):
 # Complexity: memory linear in T, never a T x T matrix.
 
 
-@pytest.mark.parametrize("differentiate", [False, True])
+@pytest.mark.parametrize("differentiate", oracles.ci_cases([False, True], keep=(1,)))
 def test_memory_is_linear_in_time(differentiate):
   batch, heads, dim, window = 1, 2, 16, 32
 
