@@ -42,7 +42,12 @@ def rotary_frequencies(dim: int, base: float = 10000.0) -> jax.Array:
     raise ValueError(f"base must be > 0, got {base!r}.")
   # Computed in float64 by NumPy (dim and base are static) and rounded once, so every caller
   # agrees on the exact float32 frequencies.
-  return jnp.asarray(float(base) ** (-np.arange(0, dim, 2, dtype=np.float64) / dim), jnp.float32)
+  return jnp.asarray(frequencies_numpy(dim, base))
+
+
+def frequencies_numpy(dim: int, base: float) -> np.ndarray:
+  """`rotary_frequencies` as a NumPy float32 array, unchecked (for tables built at trace time)."""
+  return (float(base) ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
 
 
 def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Array:
