@@ -307,8 +307,9 @@ class Runner:
       record.update(memory_stats(compiled))
       if count:
         try:
-          flops = count_flops(case.fn, *[jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                         for a in case.args])
+          # Arguments may be pytrees (a layer's nnx.State): abstract every leaf.
+          flops = count_flops(case.fn, *jax.tree.map(
+              lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), list(case.args)))
           record.update(flops=flops.flops, matmul_flops=flops.matmul_flops,
                         transcendentals=flops.transcendentals)
         except Exception as error:  # pylint: disable=broad-except
