@@ -101,12 +101,11 @@ def test_plan_engine_rejects_unknown_backends():
 # One plan per call: attention_compress asks adaptive_scale once and the engine does not plan again.
 
 
-# CI runs both memories' "auto" case with a gradient (its plan for both the evaluated and
-# the differentiated form: the path that used to plan twice); the other six run in the slow job
+# CI runs the additive memory's "auto" case with a gradient (its plan for both the evaluated
+# and the differentiated form: the path that used to plan twice) and the delta memory's "auto"
+# case without one (~20 s less than with); the other six run in the slow job
 # (`pytest -m slow tests/test_planner.py`).
 _PLAN_CASES = [pytest.param(memory, mode, grad, id=f"{grad}-{memory}-{mode}",
-                            # CI: the additive memory's plan with gradients, the delta
-                            # memory's without (~20 s less); the full job runs all eight.
                             marks=() if (mode == "auto" and grad == (memory == "additive"))
                             else pytest.mark.slow)
                for grad in (False, True) for memory in ("additive", "delta")
