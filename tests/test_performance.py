@@ -74,3 +74,22 @@ def test_torch_peer_is_causal_softmax_attention():
   np.testing.assert_allclose(got[0], expected[-1], rtol=1e-4, atol=1e-5)
   assert np.all(np.isfinite(loss_and_grad))
   assert "torch" not in sys.modules
+
+
+def test_layer_records_count_flops_of_the_layer_state():
+  """The layers section counts each JAX layer's FLOPs although its arguments are a pytree (the
+  layer's nnx.State): every record of 2026-12-04's run had a flops_error instead."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from experiments import benchmark, benchmark_layers  # pylint: disable=import-outside-toplevel
+  config = benchmark_layers.get_config(lengths=(32,), repeats=1, big_repeats=1, time_budget_s=5.0)
+  (layer,) = [spec for spec in benchmark_layers.layers(config) if spec.name == "DCAttention"]
+  splits = {layer.name: (layer, *nnx.split(layer.make(config)))}
+  runner = benchmark.Runner(memory_budget_gib=1.0, time_budget_s=5.0, compile_exhausted=False)
+  records = benchmark_layers.measure_grid(runner, config, splits, 32, count=True)
+  assert {r["pass"] for r in records} == {"fwd", "fwd+bwd"}
+  for record in records:
+    assert "flops_error" not in record, record.get("flops_error")
+    assert record["flops"] > record["matmul_flops"] > 0
+  forward, both = sorted(records, key=lambda r: r["flops"])
+  assert both["flops"] > 2 * forward["flops"]
