@@ -234,8 +234,8 @@ def _block_rotary_tables(block: int, key_dim: int, base: float) -> tuple[np.ndar
   Offsets repeat in every block, so the table is a constant of the program: computed here once
   (the float32 angle i * f_i as `apply_rotary` forms it, its cos and sin in float64, rounded once)
   instead of cos and sin of a [T, K/2] angle array in the compiled program, which XLA:CPU fused
-  into every consumer and recomputed per element: 8.5 of 16.8 ms of the window's forward+backward
-  at T = 1024, H = 4, K = 64 (2026-12-04)."""
+  into every consumer and recomputed per element (`python -m experiments.performance` measures
+  the layers that use this)."""
   freqs = frequencies_numpy(key_dim, base)
   angles = (np.arange(2 * block, dtype=np.float32)[:, None] * freqs[None, :]).astype(np.float64)
   return (np.cos(angles).astype(np.float32)[:, None, :],

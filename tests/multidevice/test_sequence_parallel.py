@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import oracles
 from dca_jax import delta_rule_attention, gated_linear_attention
 
 B, H, K, V = 2, 3, 4, 5
@@ -241,13 +242,13 @@ def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
 
 _LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gated_deltanet", {}),
                 ("window", {"window": 8, "short_conv": 4}), ("softmax", {"short_conv": 4})]
-# Gated DeltaNet's sharded engine is checked in CI by test_delta_rule_sharded_equals_single_device.
-_SLOW_LAYERS = ("gated_deltanet",)
+# CI leaves out Gated DeltaNet: its sharded engine is checked by
+# test_delta_rule_sharded_equals_single_device.
 
 
-@pytest.mark.parametrize("attention, options", [
-    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in _SLOW_LAYERS else [])
-    for c in _LAYER_CASES])
+@pytest.mark.parametrize("attention, options", oracles.ci_cases(
+    [pytest.param(*c, id=c[0]) for c in _LAYER_CASES],
+    keep=[i for i, c in enumerate(_LAYER_CASES) if c[0] != "gated_deltanet"]))
 def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, options):
   """Each baseline layer built with sequence_axis (through the registry, as TransformerLM builds
   it) inside shard_map over 4 shards == the same layer on one device: outputs and gradients,
