@@ -147,13 +147,24 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale:
     >>> blocked_causal_attention(q, k, v, scale=8 ** -0.5, block=64).shape
     (1, 300, 2, 8)
   """
+  self_attention = (key_doc is None and k.shape[1] == q.shape[1] and isinstance(q_start, int)
+                    and q_start == 0)
+  q_start = 0 if self_attention else jnp.asarray(q_start, jnp.int32)
+  if isinstance(scale, (int, float)):   # one compiled program per shape when called eagerly
+    return _compiled_blocked(q, k, v, doc, key_doc, q_start, scale=float(scale), block=block,
+                             self_attention=self_attention)
+  return _blocked(q, k, v, doc, key_doc, q_start, scale=scale, block=block,
+                  self_attention=self_attention)
+
+
+def _blocked(q, k, v, doc, key_doc, q_start, *, scale, block: int, self_attention: bool):
+  """`blocked_causal_attention` after its keyword logic (see there)."""
   f32 = jnp.float32
   batch, time, _, _ = q.shape
   keys = k.shape[1]
   q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
   qdoc = jnp.zeros((batch, time), jnp.int32) if doc is None else doc.astype(jnp.int32)
   kdoc = qdoc if key_doc is None else key_doc.astype(jnp.int32)
-  self_attention = key_doc is None and keys == time and isinstance(q_start, int) and q_start == 0
   # Non-finite inputs are zeroed and the queries that see them set to NaN (see masked_attention).
   bad_q = segments.nonfinite(q)
   bad_kv = segments.nonfinite(k) | segments.nonfinite(v)
@@ -179,3 +190,6 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale:
     o = _forward(qb, kb, vb, qd, kd, jnp.asarray(q_start, jnp.int32), keys, scale, block)[0]
   o = o.transpose(1, 0, 3, 2, 4).reshape(batch, n_q * block, q.shape[2], -1)[:, :time]
   return jnp.where(poisoned[..., None], jnp.nan, o)
+
+
+_compiled_blocked = jax.jit(_blocked, static_argnames=("scale", "block", "self_attention"))

@@ -9,6 +9,7 @@ H heads, K key dim, V value dim, P projected feature input dim, F features, R de
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import NamedTuple
 
@@ -131,7 +132,15 @@ def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Featur
   d_model = params.query.shape[0]
   if x.shape[-1] != d_model:
     raise ValueError(f"x must have last dim d_model = {d_model}, got shape {tuple(x.shape)}.")
-  dtype = x.dtype
+  # One compiled program per shape when called eagerly (inlined in a caller's jit).
+  return _compiled_weights(params, x, feature_map_kind=FeatureMap.parse(feature_map_kind))
+
+
+@functools.partial(jax.jit, static_argnames=("feature_map_kind",))
+def _compiled_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: FeatureMap
+                      ) -> DCAWeights:
+  """`compute_weights` on checked inputs."""
+  d_model = params.query.shape[0]
   if params.feature is None:      # the delta memory: no feature map, a writing strength
     return _delta_weights(params, x)
   heads, key_dim = params.query.shape[1:]
@@ -144,7 +153,7 @@ def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Featur
       params.value.reshape(d_model, -1),
       jnp.einsum("dhk,hkp->dhp", params.query, params.feature).reshape(d_model, -1),
       jnp.einsum("dhk,hkp->dhp", params.key, params.feature).reshape(d_model, -1)], axis=1)
-  y = x @ fused.astype(dtype)
+  y = x @ fused.astype(x.dtype)
   sizes = (heads * key_dim, heads * key_dim, heads * value_dim, heads * proj_dim, heads * proj_dim)
   q, k, v, q_in, k_in = (part.reshape(x.shape[:-1] + (heads, -1))
                          for part in jnp.split(y, np.cumsum(sizes)[:-1], axis=-1))

@@ -150,9 +150,10 @@ def test_a_nonfinite_token_poisons_only_later_shards_up_to_a_reset():
 
 
 def test_an_unbound_axis_name_is_a_clear_error():
-  q, k, v, log_decay, _, _, _ = _inputs(False)
+  # Raised while tracing, so shapes are enough (eager inputs would only add op compilations).
+  q, k, v, log_decay, _, _, _ = jax.eval_shape(lambda: _inputs(False))
   with pytest.raises(ValueError, match="axis_name='seq' is not a mesh axis bound here"):
-    gated_linear_attention(q, k, v, log_decay, axis_name="seq")
+    jax.eval_shape(functools.partial(gated_linear_attention, axis_name="seq"), q, k, v, log_decay)
 
 
 # DCA: the window crosses shard boundaries (halo) and the memory's state is carried.
@@ -194,12 +195,12 @@ def test_dca_attention_compress_sharded_equals_single_device(shards):
 
 def test_dca_window_longer_than_a_shard_is_a_clear_error():
   from dca_jax import attention_compress, compute_weights  # pylint: disable=g-import-not-at-top
-  params, x, reset = _dca_inputs()
+  params, x, _ = jax.eval_shape(_dca_inputs)    # raised while tracing: shapes are enough
   sharded = jax.shard_map(
       lambda p, x: attention_compress(compute_weights(p, x), window=_W, axis_name="seq"),
       mesh=_mesh(8), in_specs=(P(), P(None, "seq")), out_specs=P(None, "seq"))
   with pytest.raises(ValueError, match="window=8 is longer than this shard's 4 tokens"):
-    sharded(params, x[:, :32])
+    jax.eval_shape(sharded, params, jax.ShapeDtypeStruct((2, 32, 32), x.dtype))
 
 
 def _check_layer_sharded(layers, x, reset, shards=4):
