@@ -322,6 +322,9 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
     value = row["value"]
     shown = "-" if value is None else (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
     lines.append(f"| {row['target']} | {shown} {row['detail']} | {row['goal']} | {row['status']} |")
+  lines += ["", "Where the time of a missed target goes, op by op (matmuls, data movement, "
+            "elementwise; by part of the layer): docs/profile_ops.md, "
+            "`python -m experiments.profile_ops`."]
   lines += ["", "## Layers, forward only", "",
             "| layer | " + " | ".join(f"T={t}" for t in lengths) + " |",
             "|---|" + "---|" * len(lengths)]
