@@ -15,9 +15,9 @@ compiled HLO and summed over the repeats. The report gives, per (layer, T):
   independent ops of one step on its threads at once, so the op sum may exceed the wall time;
 * the op time by class, from the instruction: "matmul" (a `dot`, or a fusion XLA:CPU hands to
   its YNNPACK matmul library, fusion kind `__ynn_fusion`), "data movement" (a copy, transpose,
-  concatenate, pad, slice, broadcast, dynamic-update-slice, gather or scatter, or a loop fusion
-  whose name XLA built from those ops only) and "elementwise / reduce" (the other loop fusions:
-  arithmetic, exp, compare, reductions, with whatever data movement XLA fused into them);
+  concatenate, pad, slice, broadcast, select, dynamic-update-slice, gather or scatter, or a loop
+  fusion whose name XLA built from those ops only) and "elementwise / reduce" (the other loop
+  fusions: arithmetic, exp, compare, reductions, with whatever data movement XLA fused in);
 * the op time by part of the layer, from the op's name in the HLO metadata (the innermost
   `jax.jit` it was traced in: `_compiled_weights` is `compute_weights`, `_compiled_compress`
   `attention_compress`, ...; ops of a `custom_jvp` or `custom_vjp` region carry no name and are
@@ -53,9 +53,10 @@ from experiments.bookkeeping import log, machine_info, machine_line, now, write_
 
 DEFAULT_LAYERS = ("dca", "gla")
 DEFAULT_LENGTHS = (1024, 8192)
-_MOVEMENT = {"copy", "transpose", "concatenate", "pad", "slice", "broadcast", "bitcast",
-             "dynamic-update-slice", "dynamic-slice", "gather", "scatter", "reshape", "wrapped",
-             "select", "iota", "constant", "reverse"}
+# Words of the op names (opcodes split at "-", fusion names at "_" and "-") that only move data.
+_MOVEMENT = {"copy", "transpose", "concatenate", "pad", "slice", "broadcast", "bitcast", "dynamic",
+             "update", "gather", "scatter", "reshape", "wrapped", "select", "iota", "constant",
+             "reverse"}
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (.*)")
 
 
@@ -74,15 +75,11 @@ def parse_hlo(text: str) -> dict[str, dict[str, str]]:
 
 def op_class(name: str, instruction: dict[str, str]) -> str:
   """"matmul", "data movement" or "elementwise / reduce" (see the module docstring)."""
-  line = instruction["line"]
-  if instruction["opcode"] in ("dot", "convolution") or "__ynn_fusion" in line:
+  if instruction["opcode"] in ("dot", "convolution") or "__ynn_fusion" in instruction["line"]:
     return "matmul"
-  if instruction["opcode"] == "fusion":
-    words = set(re.sub(r"\.\d+$", "", name).replace("-", "_").split("_")) - {"fusion", ""}
-    words = {w.replace("dynamic", "dynamic-update-slice") for w in words} - {"update"}
-    return "data movement" if words <= _MOVEMENT | {"dynamic-update-slice"} else \
-        "elementwise / reduce"
-  return "data movement" if instruction["opcode"] in _MOVEMENT else "elementwise / reduce"
+  label = re.sub(r"\.\d+$", "", name) if instruction["opcode"] == "fusion" else instruction["opcode"]
+  words = set(re.split(r"[_\-]", label)) - {"fusion", ""}
+  return "data movement" if words <= _MOVEMENT else "elementwise / reduce"
 
 
 # The library's compiled entry points (`jax.jit` names in the HLO metadata) -> the public function.
