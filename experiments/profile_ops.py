@@ -77,14 +77,16 @@ def op_class(name: str, instruction: dict[str, str]) -> str:
   """"matmul", "data movement" or "elementwise / reduce" (see the module docstring)."""
   if instruction["opcode"] in ("dot", "convolution") or "__ynn_fusion" in instruction["line"]:
     return "matmul"
-  label = re.sub(r"\.\d+$", "", name) if instruction["opcode"] == "fusion" else instruction["opcode"]
+  fusion = instruction["opcode"] == "fusion"
+  label = re.sub(r"\.\d+$", "", name) if fusion else instruction["opcode"]
   words = set(re.split(r"[_\-]", label)) - {"fusion", ""}
   return "data movement" if words <= _MOVEMENT else "elementwise / reduce"
 
 
 # The library's compiled entry points (`jax.jit` names in the HLO metadata) -> the public function.
 PARTS = {"_compiled_weights": "compute_weights", "_compiled_compress": "attention_compress",
-         "_compiled_engine": "gated_linear_attention", "_compiled_window": "sliding_window_attention",
+         "_compiled_engine": "gated_linear_attention",
+         "_compiled_window": "sliding_window_attention",
          "_compiled_blocked": "blocked_causal_attention"}
 LAYER_PART = "layer (projections, convolution, masks)"
 NO_METADATA = "(no metadata: custom_jvp / custom_vjp regions)"
@@ -176,7 +178,8 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
         f"{r['flops'] / 1e9:.2f} | {r['gflops']:.1f} | {100 * r['gflops'] / rate:.0f}% | "
         f"{share('matmul')} | {share('data movement')} | {share('elementwise / reduce')} |")
   for r in result["profiles"]:
-    lines += ["", f"## {r['layer']}, T = {r['T']}", "", "| part of the layer | op ms |", "|---|---:|"]
+    lines += ["", f"## {r['layer']}, T = {r['T']}", "", "| part of the layer | op ms |",
+              "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in r["by_part_ms"].items()]
     lines += ["", "| slowest ops | class | part | HLO shape | ms |", "|---|---|---|---|---:|"]
     lines += [f"| `{o['name']}` | {o['class']} | {o['part']} | `{o['shape']}` | {o['ms']:.2f} |"
