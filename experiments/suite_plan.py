@@ -238,16 +238,13 @@ def run_config(run: Run, *, tiny: bool = False) -> ExperimentConfig:
   config = configs_lib.load_config(run.config, overrides=run.override_dict())
   if not tiny:
     return config
-  changes = dict(steps=4, batch_size=2, d_model=32, num_heads=2, num_layers=1, warmup_steps=1,
-                 eval_every=2, eval_batches=1, checkpoint_every=2, log_every=2,
-                 attention_options=configs_lib.tiny_attention_options(config.attention,
-                                                                      config.attention_options))
-  if config.task == "mqar":
-    pairs = min(config.mqar_pairs, 8)
-    changes.update(seq_len=max(32, 4 * pairs), mqar_pairs=pairs, vocab_size=64)
-  else:
-    changes.update(seq_len=32)
-  return dataclasses.replace(config, **changes)
+  # The experiments' own CI size (`configs.tiny_variant`), so that a tiny run of an experiment's
+  # plain config is the config `--tiny` trains (tests/test_suite.py checks training on it).
+  if config.task != "mqar":
+    return configs_lib.tiny_variant(config)
+  pairs = min(config.mqar_pairs, 8)
+  return configs_lib.tiny_variant(config, seq_len=max(32, 4 * pairs), mqar_pairs=pairs,
+                                  vocab_size=64)
 
 
 def find_run(name: str) -> Run:

@@ -14,6 +14,7 @@ import pytest
 import numpy as np
 
 import oracles
+import train_checks
 from experiments import demo
 from experiments import mqar
 from experiments import recall_study
@@ -43,12 +44,13 @@ def tiny_suite(tmp_path_factory):
 
 def test_tiny_suite_runs_resumes_and_renders(tiny_suite, tmp_path, capsys):
   """The tiny runs are one test: under pytest-xdist each worker that runs a test of this fixture
-  builds it (~90 s of CI), so its checks stay together on one worker."""
+  builds it (~85 s of CI, 2026-12-04), so its checks stay together on one worker."""
   _check_tiny_runs_write_results(tiny_suite)
   _check_rerun_skips_finished_runs(tiny_suite, capsys)
   _check_render_writes_tables_and_plots(tiny_suite, tmp_path / "render")
   _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path / "unfinished")
   _check_recall_study_renders_distance_buckets(tiny_suite, tmp_path / "recall")
+  _check_lm_dca_run_trains_resumes_and_evaluates(tiny_suite, tmp_path / "train")
 
 
 def test_suite_lists_every_configuration():
@@ -148,6 +150,16 @@ def _check_recall_study_renders_distance_buckets(tiny_suite, tmp_path):
   assert "| Gated DeltaNet | not run | not run | 0." in text
   assert "Where each memory stops recalling" in text
   assert sum(r["status"] == "done" for r in rows) == 1
+
+
+def _check_lm_dca_run_trains_resumes_and_evaluates(tiny_suite, tmp_path):
+  # The suite's tiny lm_dca run is `configs.load_config("lm_dca", tiny=True)` (suite_plan.run_config),
+  # so test_train's checks of a trained run apply to it as they are (CI trains it only here).
+  workdir = tiny_suite / "lm_dca"
+  last = [r for r in train_checks.records(workdir) if "loss" in r][-1]
+  result = json.loads((workdir / "result.json").read_text())
+  summary = {"step": result["steps"], "interrupted": False, "loss": last["last_loss"]}
+  train_checks.check_lm_dca_run(workdir, summary, tmp_path)
 
 
 def test_recall_study_distances_match_the_layout():

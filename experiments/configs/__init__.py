@@ -193,13 +193,14 @@ def tiny_variant(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:
 
   One layer of width 32 with 2 heads and small attention options (`tiny_attention_options`),
   4 steps of 4 rows of 32 tokens, a metric record every step, validations (2 batches) and
-  checkpoints every 2 steps.
+  checkpoints every 2 steps; `changes` replace any of these.
   """
-  return dataclasses.replace(
-      config, d_model=32, num_layers=1, num_heads=2,
+  fields = dict(
+      d_model=32, num_layers=1, num_heads=2,
       attention_options=tiny_attention_options(config.attention, config.attention_options),
       seq_len=32, batch_size=4, steps=4, peak_lr=3e-3, warmup_steps=1, log_every=1,
-      eval_every=2, eval_batches=2, checkpoint_every=2, **changes)
+      eval_every=2, eval_batches=2, checkpoint_every=2)
+  return dataclasses.replace(config, **{**fields, **changes})
 
 
 def load_config(name: str, tiny: bool = False,
