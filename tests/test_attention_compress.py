@@ -201,6 +201,37 @@ def test_chained_calls_equal_one_call(split, mode, chunk):
   np.testing.assert_allclose(np.asarray(full), oracles.dca(weights, WINDOW, reset), **ORACLE_TOL)
 
 
+@pytest.mark.parametrize("time,window,with_reset,rotary_base",
+                         [(3, 4, True, ROTARY), (29, 8, False, ROTARY), (17, 1, True, None)])
+def test_no_state_equals_the_empty_state(time, window, with_reset, rotary_base):
+  """Without a state the window runs over the new tokens alone and the memory reads them
+  shifted by W (`dca._fresh_compress`); with an explicit empty state, over the state's W empty
+  slots and the tokens after them. Outputs, returned states and gradients agree."""
+  weights = random_weights(time + 31 * window, BATCH, time, window)
+  reset = random_reset(time + 5, BATCH, time, prob=0.3) if with_reset else None
+  empty = init_state(BATCH, HEADS, HEAD_DIM, VALUE_DIM, NUM_FEATURES, window)
+
+  @fast_jit
+  def both(weights):
+    return [attention_compress(weights, window=window, reset=reset, state=state,
+                               rotary_base=rotary_base, return_state=True)
+            for state in (None, empty)]
+
+  (fresh, fresh_state), (held, held_state) = both(weights)
+  chex.assert_trees_all_close(fresh, held, **F32_TOL)
+  assert_states_close(fresh_state, held_state, rtol=1e-5, atol=1e-5)
+
+  @fast_jit
+  def grads(weights):
+    probe = random_x(99, held.shape)
+    return [jax.grad(lambda w, s=s: jnp.sum(probe * attention_compress(
+        w, window=window, reset=reset, state=s, rotary_base=rotary_base)))(weights)
+            for s in (None, empty)]
+
+  fresh_grad, held_grad = grads(weights)
+  chex.assert_trees_all_close(fresh_grad, held_grad, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Resets.
 
