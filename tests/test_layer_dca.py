@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from dca_jax.nn import DCAttention
+from dca_jax.ops import segment_length as ops_segment_length
 from oracles import DCA_LAYER_VARIANTS, dca_noise, layer_decode, layer_forward, random_x, randomize
 
 L_D, L_HEADS, L_WINDOW = 32, 4, 8
@@ -64,6 +65,8 @@ def test_layer_rejects_bad_options():
     (lambda: DCAttention(32, 4, window=0, rngs=nnx.Rngs(0)), "window"),
     (lambda: DCAttention(32, 4, feature_map="relu", rngs=nnx.Rngs(0)), "feature_map"),
     (lambda: DCAttention(32, 4, mode="fast", rngs=nnx.Rngs(0)), "mode"),
+    (lambda: DCAttention(32, 4, window=8, segment_length=4, rngs=nnx.Rngs(0)), "segment_length"),
+    (lambda: DCAttention(32, 4, segment_length="fast", rngs=nnx.Rngs(0)), "segment_length"),
 ])
 def test_layer_rejects_bad_construction(make, name):
   with pytest.raises(ValueError, match=name):
@@ -75,3 +78,42 @@ def test_layer_parameter_count_is_close_to_softmax():
   count = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(nnx.state(layer, nnx.Param)))
   softmax = 4 * 256 * 256
   assert softmax < count <= 1.05 * softmax, count
+
+
+@pytest.mark.parametrize("options,time,segment", [
+    ({}, 29, 8),                       # 3 segments and 5 tokens after them, resets in row 0
+    (dict(memory="delta"), 24, 12)])   # whole segments only; the delta engine's state gradient
+def test_segmented_call_equals_one_pass(options, time, segment):
+  """A call as a scan over segments that continue each other's cache (`segment_length`) is the
+  one-pass call: outputs and gradients of the input and of every parameter."""
+  one_pass = make_layer(11, segment_length=None, **options)
+  segmented = make_layer(11, segment_length=segment, **options)
+  assert segmented._segment(time) == segment and one_pass._segment(time) is None
+  x = random_x(12, (2, time, L_D))
+  reset = jnp.zeros((2, time), bool).at[0, jnp.array([3, segment, 2 * segment + 1])].set(True)
+  probe = random_x(13, x.shape)
+
+  @nnx.jit
+  def value_and_grads(layer, x):
+    def loss(layer, x):
+      return jnp.sum(probe * layer(x, reset=reset))
+    return nnx.value_and_grad(loss, argnums=(0, 1))(layer, x)
+
+  (value, (grad_layer, grad_x)) = value_and_grads(segmented, x)
+  (expected, (grad_layer_1, grad_x_1)) = value_and_grads(one_pass, x)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  np.testing.assert_allclose(grad_x, grad_x_1, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(nnx.state(grad_layer, nnx.Param)),
+                  jax.tree_util.tree_leaves(nnx.state(grad_layer_1, nnx.Param))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_segment_length_auto_follows_the_planner():
+  layer = nnx.eval_shape(lambda: DCAttention(32, 4, window=8, rngs=nnx.Rngs(0)))
+  for time in (16, 4096, 32768):
+    expected = ops_segment_length(time, window=8)
+    assert layer._segment(time) == (expected if expected and time > expected else None)
+  assert ops_segment_length(32768, window=64, backend="cpu") == 1024
+  assert ops_segment_length(32768, window=64, backend="gpu") is None
+  assert ops_segment_length(32768, window=2048, backend="cpu") == 2048
+  assert ops_segment_length(2048, window=64, backend="cpu") is None
