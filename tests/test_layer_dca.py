@@ -110,10 +110,10 @@ def test_segmented_call_equals_one_pass(options, time, segment):
 
 def test_segment_length_auto_follows_the_planner():
   layer = nnx.eval_shape(lambda: DCAttention(32, 4, window=8, rngs=nnx.Rngs(0)))
-  for time in (16, 4096, 32768):
+  for time in (16, 8192, 16384, 32768):
     expected = ops_segment_length(time, window=8)
     assert layer._segment(time) == (expected if expected and time > expected else None)
   assert ops_segment_length(32768, window=64, backend="cpu") == 1024
   assert ops_segment_length(32768, window=64, backend="gpu") is None
   assert ops_segment_length(32768, window=2048, backend="cpu") == 2048
-  assert ops_segment_length(2048, window=64, backend="cpu") is None
+  assert ops_segment_length(8192, window=64, backend="cpu") is None

@@ -240,6 +240,19 @@ def test_reset_equals_separate_documents(name, options):
                                 custom_message=f"row {row}, document [{start}, {end})")
 
 
+@pytest.mark.parametrize("name,options", [p for p in cases() if setup(p.values[0]).constant_cache])
+def test_segmented_call_equals_one_pass(name, options):
+  """A layer with a constant-size cache can run a call as a scan over segments that continue the
+  cache (`segment_length`): the same outputs as one pass, across documents and segment edges
+  (T = 21 in segments of 8: two whole ones and 5 tokens after). DCA's own tests add gradients."""
+  layer = make_layer(name, {**options, "segment_length": 8})
+  assert layer._segment(DOC_TIME) == 8
+  one_pass = make_layer(name, {**options, "segment_length": None})
+  x = normal((len(DOC_STARTS), DOC_TIME, D_MODEL))
+  chex.assert_trees_all_close(layer_forward(layer, x, document_reset()),
+                              layer_forward(one_pass, x, document_reset()), **TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients and dtypes.
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dca_jax.ops import _checks, segments, sequence_parallel
+from dca_jax.ops import _checks, planner, segments, sequence_parallel
 from dca_jax.ops.conv import causal_short_conv
 
 
@@ -228,6 +228,9 @@ class AttentionLayer(nnx.Module):
 
   # Names of parameters that weight decay must not touch (see `registry.NO_WEIGHT_DECAY`).
   no_weight_decay: frozenset[str] = frozenset()
+  # Set by the layers whose cache has a constant size (`_init_segments`); None: one pass.
+  segment_length: Any = None
+  sequence_axis: Any = None
 
   def __init__(self, d_model: int, num_heads: int, *, dtype: Any = None,
                param_dtype: Any = jnp.float32):
@@ -238,6 +241,51 @@ class AttentionLayer(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.short_conv = 0   # no convolution unless `_init_short_conv` sets one up
+
+  def _init_segments(self, segment_length: Any, window: int = 1) -> None:
+    """Checks and keeps the `segment_length` option of a layer with a constant-size cache:
+    "auto", None, or an integer >= `window` (the layer's window; 1 without one)."""
+    if segment_length is not None and segment_length != "auto":
+      _checks.check_positive_int("segment_length", segment_length)
+      if segment_length < window:
+        raise ValueError(f"segment_length must be \"auto\", None or an integer >= window = "
+                         f"{window}, got {segment_length}.")
+    self.segment_length = segment_length
+    self._segment_window = int(window)
+
+  def _segment(self, time: int) -> int | None:
+    """The segment length S of a call over `time` tokens (None: one pass, see `__call__`)."""
+    if self.sequence_axis is not None or self.segment_length is None:
+      return None
+    if self.segment_length == "auto":
+      segment = planner.segment_length(time, window=self._segment_window)
+    else:
+      segment = self.segment_length
+    return segment if segment is not None and time > segment else None
+
+  def _segmented(self, x: jax.Array, reset: jax.Array | None, segment: int) -> jax.Array:
+    """`_sequence` as a `jax.lax.scan` over segments of `segment` tokens, each continuing the
+    previous one's cache (`prefill`); the tokens after the last whole segment take one more
+    call."""
+    batch, time, d_model = x.shape
+    whole = time - time % segment
+
+    def to_segments(a):   # [B, whole, ...] -> [N, B, S, ...]
+      return jnp.swapaxes(a[:, :whole].reshape((batch, whole // segment, segment) + a.shape[2:]),
+                          0, 1)
+
+    def body(cache, inputs):
+      x_seg, reset_seg = inputs
+      y, cache = self.prefill(x_seg, cache, reset_seg)
+      return cache, y
+
+    cache, ys = jax.lax.scan(body, self.init_cache(batch, time),
+                             (to_segments(x), None if reset is None else to_segments(reset)))
+    y = jnp.swapaxes(ys, 0, 1).reshape(batch, whole, d_model)
+    if whole == time:
+      return y
+    rest, _ = self.prefill(x[:, whole:], cache, None if reset is None else reset[:, whole:])
+    return jnp.concatenate([y, rest], axis=1)
 
   def _init_short_conv(self, short_conv: Any, channels: int) -> None:
     """Sets up the optional short causal convolution over `channels` rows (`short_conv` = S).
@@ -358,7 +406,8 @@ class AttentionLayer(nnx.Module):
     self._check_call(x, reset)
     bad = segments.nonfinite(x)                                            # [B, T]
     x, = segments.zero_where(bad, x)
-    y = self._sequence(x, reset)
+    segment = self._segment(x.shape[1])
+    y = self._sequence(x, reset) if segment is None else self._segmented(x, reset, segment)
     doc = None if reset is None else segments.document_ids(reset)
     poisoned = segments.sees_nonfinite(bad, doc, window=self._reach())
     return jnp.where(poisoned[..., None], jnp.nan, y)

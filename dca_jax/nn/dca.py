@@ -79,7 +79,7 @@ class DCAttention(_layer.AttentionLayer):
       tokens then runs as a `jax.lax.scan` over segments of S tokens, each continuing the
       previous one's cache as `prefill` does (the same function: outputs and gradients agree
       with one pass), so that one segment's intermediates are live at a time; "auto" asks
-      `dca_jax.ops.segment_length` (on CPU S = 1024 from T = 4096 on, where it measured faster;
+      `dca_jax.ops.segment_length` (on CPU S = 1024 from T = 16384 on, where it measured faster;
       elsewhere one pass); None: always one pass. Not with `sequence_axis`.
     dtype: compute dtype (default: the input's).
     param_dtype: parameter dtype (default float32).
@@ -127,12 +127,7 @@ class DCAttention(_layer.AttentionLayer):
     ops.adaptive_scale(1, window=window, mode=mode, chunk_size=chunk_size)
     self.window, self.rotary_base = window, rotary_base
     self.mode, self.chunk_size = ops.Mode.parse(mode), chunk_size
-    if segment_length is not None and segment_length != "auto":
-      _checks.check_positive_int("segment_length", segment_length)
-      if segment_length < window:
-        raise ValueError(f"segment_length must be \"auto\", None or an integer >= window = "
-                         f"{window}, got {segment_length}.")
-    self.segment_length = segment_length
+    self._init_segments(segment_length, window)
     # One parameter per field of DCAParams, under the field's name (None: option not in use).
     for name, value in init._asdict().items():
       setattr(self, name, None if value is None else nnx.Param(value.astype(param_dtype)))
@@ -169,21 +164,8 @@ class DCAttention(_layer.AttentionLayer):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
     return self.out(o).astype(x_dtype)   # outputs return in the input's dtype
 
-  def _segment(self, time: int) -> int | None:
-    """The segment length S of a call over `time` tokens (None: one pass)."""
-    if self.sequence_axis is not None or self.segment_length is None:
-      return None
-    if self.segment_length == "auto":
-      segment = ops.segment_length(time, window=self.window)
-    else:
-      segment = self.segment_length
-    return segment if segment is not None and time > segment else None
-
   def _sequence(self, x, reset):
     """[B, T, D] -> [B, T, D] on checked inputs (see `AttentionLayer.__call__`)."""
-    segment = self._segment(x.shape[1])
-    if segment is not None:
-      return self._segmented(x, reset, segment)
     history = None
     if self.sequence_axis is not None and self.short_conv > 1:
       history = sequence_parallel.previous_inputs(x, reset, self.short_conv - 1,
@@ -193,29 +175,6 @@ class DCAttention(_layer.AttentionLayer):
                                chunk_size=self.chunk_size, rotary_base=self.rotary_base,
                                axis_name=self.sequence_axis)
     return self._project_out(o, x.dtype)
-
-  def _segmented(self, x, reset, segment: int):
-    """`_sequence` as a scan over segments of `segment` tokens, each continuing the previous
-    one's cache (`prefill`); the tokens after the last whole segment take one more call."""
-    batch, time, d_model = x.shape
-    whole = time - time % segment
-
-    def to_segments(a):   # [B, whole, ...] -> [N, B, S, ...]
-      return jnp.swapaxes(a[:, :whole].reshape((batch, whole // segment, segment) + a.shape[2:]),
-                          0, 1)
-
-    def body(cache, inputs):
-      x_seg, reset_seg = inputs
-      y, cache = self.prefill(x_seg, cache, reset_seg)
-      return cache, y
-
-    cache, ys = jax.lax.scan(body, self.init_cache(batch, time),
-                             (to_segments(x), None if reset is None else to_segments(reset)))
-    y = jnp.swapaxes(ys, 0, 1).reshape(batch, whole, d_model)
-    if whole == time:
-      return y
-    rest, _ = self.prefill(x[:, whole:], cache, None if reset is None else reset[:, whole:])
-    return jnp.concatenate([y, rest], axis=1)
 
   def init_cache(self, batch_size: int, max_length: int):
     """An empty cache (a `DCAState`, or a `DCADeltaState` with memory="delta", in a `DCAConvCache`

@@ -55,6 +55,10 @@ class GatedDeltaNet(_RecurrentAttention):
     short_conv: S, the width of the causal depthwise convolution over the projected q, k, v
       (default 4; 0: none, then the cache is a `RecurrentCache`, else a `ConvCache` of one and
       the last S - 1 projected rows).
+    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
+      over more than S tokens runs as a scan over segments continuing the cache
+      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, S = 1024 from T = 16384
+      on CPU, one pass elsewhere; None: always one pass).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       projected rows come from the previous shard by `ppermute`, the state as in
@@ -93,9 +97,10 @@ class GatedDeltaNet(_RecurrentAttention):
                param_dtype: Any = jnp.float32, expand_k: float = 0.5, short_conv: int = 4,
                min_half_life: float = 16.0, max_half_life_ratio: float = 16.0,
                norm_eps: float = 1e-5, mode: Mode | str = "auto", chunk_size: int | None = None,
-               sequence_axis: Any = None):
+               segment_length: int | str | None = "auto", sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     self.sequence_axis = sequence_axis
+    self._init_segments(segment_length)
     key_width = _layer.key_width(d_model, num_heads, expand_k)
     if isinstance(min_half_life, bool) or not isinstance(min_half_life, (int, float)) or not (
         min_half_life > 0 and math.isfinite(min_half_life)):

@@ -126,6 +126,10 @@ class LinearAttention(_RecurrentAttention):
     eps: added to the normaliser (which is > 0 since phi > 0).
     short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
+    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
+      over more than S tokens runs as a scan over segments continuing the cache
+      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, S = 1024 from T = 16384
+      on CPU, one pass elsewhere; None: always one pass).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       inputs come from the previous shard by `ppermute`, the state as in
@@ -152,9 +156,10 @@ class LinearAttention(_RecurrentAttention):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, eps: float = 1e-6, short_conv: int = 0,
-               sequence_axis: Any = None):
+               segment_length: int | str | None = "auto", sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     self.sequence_axis = sequence_axis
+    self._init_segments(segment_length)
     self.eps = float(eps)
     self._init_short_conv(short_conv, d_model)
     self.q_proj = self._linear(d_model, d_model, rngs)
@@ -215,6 +220,10 @@ class GatedLinearAttention(_RecurrentAttention):
     short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity; the gates read the
       input itself); 0 (default): none.
+    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
+      over more than S tokens runs as a scan over segments continuing the cache
+      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, S = 1024 from T = 16384
+      on CPU, one pass elsewhere; None: always one pass).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       inputs come from the previous shard by `ppermute`, the state as in
@@ -244,9 +253,10 @@ class GatedLinearAttention(_RecurrentAttention):
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, expand_k: float = 0.5, gate_rank: int = 16,
                gate_temperature: float = 16.0, norm_eps: float = 1e-5, short_conv: int = 0,
-               sequence_axis: Any = None):
+               segment_length: int | str | None = "auto", sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     self.sequence_axis = sequence_axis
+    self._init_segments(segment_length)
     key_width = _layer.key_width(d_model, num_heads, expand_k)
     if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
       raise ValueError(f"gate_rank must be an integer >= 1, got {gate_rank!r}.")

@@ -12,7 +12,7 @@ is typed, hashable (a model config is a static argument of jit) and checked for 
 Example:
   >>> spec = layer_spec("window")
   >>> spec.layer.__name__, spec.options(window=16)
-  ('SlidingWindowAttention', SlidingWindowAttentionOptions(window=16, rotary_base=10000.0, short_conv=0, sequence_axis=None))
+  ('SlidingWindowAttention', SlidingWindowAttentionOptions(window=16, rotary_base=10000.0, short_conv=0, segment_length='auto', sequence_axis=None))
   >>> spec.parse_options({"window": 8}).changed()
   {'window': 8}
 """

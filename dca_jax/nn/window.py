@@ -69,6 +69,10 @@ class SlidingWindowAttention(_layer.AttentionLayer):
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
       A token then sees the inputs of its last W + S - 1 tokens. With S > 0 the cache is a
       `ConvCache` of the `WindowCache` and the last S - 1 inputs.
+    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
+      over more than S tokens runs as a scan over segments continuing the cache
+      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, S = 1024 from T = 16384
+      on CPU, one pass elsewhere; None: always one pass).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the previous shard's last W
       keys and values (and S - 1 inputs of the convolution) arrive by `ppermute`, positions are
@@ -94,10 +98,12 @@ class SlidingWindowAttention(_layer.AttentionLayer):
 
   def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32, window: int = 64, rotary_base: float = 10000.0,
-               short_conv: int = 0, sequence_axis: Any = None):
+               short_conv: int = 0, segment_length: int | str | None = "auto",
+               sequence_axis: Any = None):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
     _checks.check_positive_int("window", window)
     self.sequence_axis = sequence_axis
+    self._init_segments(segment_length, window)
     _layer.check_rotary_head_dim(d_model, num_heads, self.head_dim)
     self.window = int(window)
     self.rotary_base = float(rotary_base)

@@ -64,14 +64,16 @@ DEFAULT_CHUNK_SIZE = 64
 BACKENDS = ("cpu", "gpu", "tpu")
 
 
-# Long sequences through a DCA layer in segments (`segment_length`), keyed by backend: on CPU a
-# layer over T = 32768 tokens ran forward+backward 25% faster as a scan of 1024-token segments
-# continuing the constant-size cache than as one call (2457 -> 1847 ms), 10% at T = 8192 (481 ->
-# 433-438 ms with segments of 512 or 1024, 477 ms with 2048); B = 1, d_model 256, 4 heads, the
-# 2-core EPYC, 2026-12-04. One segment's arrays stay in the caches that a whole-sequence pass
-# spills. GPUs and TPUs want the parallel whole-sequence pass (not segmented by default).
+# Long sequences through a layer in segments (`segment_length`), keyed by backend. Forward+
+# backward of one layer (B = 1, d_model 256, 4 heads) as one call against a scan of 1024-token
+# segments continuing the constant-size cache, medians of interleaved repeats on the 2-core EPYC
+# (2026-12-04): DCA 233 / 242 ms at T = 4096, 463 / 462 ms at 8192, 978 / 907 ms at 16384 and
+# 2457 / 1847 ms at 32768; at 32768 GLA 2115 / 1855, the sliding window 1437 / 1168, Gated
+# DeltaNet 2647 / 2373, linear attention 1526 / 1246 ms. Segments of 2048 were slower than of
+# 1024 at every T measured. One segment's arrays stay in the caches that a whole-sequence pass
+# spills; GPUs and TPUs want the parallel whole-sequence pass (not segmented by default).
 SEGMENT_LENGTH = {"cpu": 1024}
-SEGMENT_MIN_T = 4096
+SEGMENT_MIN_T = 16384
 
 
 def segment_length(sequence_length: int, *, window: int, backend: str | None = None
@@ -81,7 +83,7 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
   A layer over T tokens can run as a `jax.lax.scan` over segments of S tokens, each continuing
   the previous one's cache (`DCAttention.prefill`): the same function (its tests check outputs
   and gradients), with one segment's intermediates live at a time. On CPU this is faster from
-  T = `SEGMENT_MIN_T` (measurements above); elsewhere None.
+  T = `SEGMENT_MIN_T` = 16384 (measurements above); elsewhere None.
 
   Args:
     sequence_length: T.
@@ -94,7 +96,7 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
   Example:
     >>> segment_length(32768, window=64, backend="cpu")
     1024
-    >>> segment_length(2048, window=64, backend="cpu") is None
+    >>> segment_length(8192, window=64, backend="cpu") is None
     True
   """
   backend = backend or jax.default_backend()
