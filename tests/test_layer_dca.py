@@ -117,3 +117,7 @@ def test_segment_length_auto_follows_the_planner():
   assert ops_segment_length(32768, window=64, backend="gpu") is None
   assert ops_segment_length(32768, window=2048, backend="cpu") == 2048
   assert ops_segment_length(8192, window=64, backend="cpu") is None
+  with pytest.raises(ValueError, match="backend"):
+    ops_segment_length(32768, window=64, backend="npu")
+  with pytest.raises(ValueError, match="sequence_length"):
+    ops_segment_length(0, window=64)

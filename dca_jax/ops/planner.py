@@ -78,11 +78,13 @@ SEGMENT_MIN_T = 16384
 
 def segment_length(sequence_length: int, *, window: int, backend: str | None = None
                    ) -> int | None:
-  """How many tokens a DCA layer processes at a time in a whole-sequence call, or None (all).
+  """How many tokens a layer with a constant-size cache processes at a time in a whole-sequence
+  call, or None (all at once).
 
-  A layer over T tokens can run as a `jax.lax.scan` over segments of S tokens, each continuing
-  the previous one's cache (`DCAttention.prefill`): the same function (its tests check outputs
-  and gradients), with one segment's intermediates live at a time. On CPU this is faster from
+  Such a layer over T tokens can run as a `jax.lax.scan` over segments of S tokens, each
+  continuing the previous one's cache (its `prefill`; `AttentionLayer._segmented`): the same
+  function (the tests check outputs, and DCA's gradients), with one segment's intermediates live
+  at a time. On CPU this is faster from
   T = `SEGMENT_MIN_T` = 16384 (measurements above); elsewhere None.
 
   Args:
@@ -93,13 +95,20 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
   Returns:
     S, or None for one pass over the whole sequence.
 
+  Raises:
+    ValueError: sequence_length or window not an integer >= 1, or an unknown backend.
+
   Example:
     >>> segment_length(32768, window=64, backend="cpu")
     1024
     >>> segment_length(8192, window=64, backend="cpu") is None
     True
   """
+  _checks.check_positive_int("sequence_length", sequence_length)
+  _checks.check_positive_int("window", window)
   backend = backend or jax.default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
   segment = SEGMENT_LENGTH.get(backend)
   if segment is None or sequence_length < SEGMENT_MIN_T:
     return None
