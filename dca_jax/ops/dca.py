@@ -38,13 +38,11 @@ import jax.numpy as jnp
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_delta import attention_compress_delta
 from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
-                                    extend_with_buffer, init_state, ring_buffers,
-                                    softmax_over_window, window_after_buffer, window_buffers)
+                                    ring_buffers, softmax_over_window, window_and_stream)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
 from dca_jax.ops.segments import document_ids
-from dca_jax.ops.window import window_softmax_parts
 
 
 def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | None = None,
@@ -154,30 +152,23 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   if plan.kind is PlanKind.SOFTMAX:
     return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
 
-  if state is None and axis_name is None:
-    return _fresh_compress(weights, reset, doc, plan=plan, window=window,
-                           rotary_base=rotary_base, return_state=return_state)
+  buffered = None
   if axis_name is not None:
     state, buffered = _shard_entry_state(weights, reset, window, axis_name)
-  else:
-    if state is None:
-      state = init_state(batch, heads, key_dim, value_dim, weights.q_features.shape[-1], window)
-    buffered = window_buffers(state, rotary_base)
-  start = state.position
-  (ext_k, ext_v, ext_kf), ext_doc = extend_with_buffer(
-      start, state.doc_start, buffered, (weights.k, weights.v, weights.k_features), doc)
-  num, den, top = window_after_buffer(weights.q, ext_k, ext_v, ext_doc, window=window, scale=scale,
-                                      rotary_base=rotary_base)
+  (num, den, top), (k_in, v_in, kf_in), same_doc, tails = window_and_stream(
+      weights.q, (weights.k, weights.v, weights.k_features), doc, reset, state, window=window,
+      scale=scale, rotary_base=rotary_base, buffered=buffered)
 
   # Memory: step t folds in the token at t - W, if it belongs to t's document (otherwise it
   # left with the reset that started t's document).
-  same_doc = (ext_doc[:, :time] == doc)[:, :, None, None]
-  inserted_features = jnp.where(same_doc, ext_kf[:, :time], 0.0)
-  ones = jnp.ones(ext_v.shape[:-1] + (1,), f32)
-  inserted_values = jnp.where(same_doc, jnp.concatenate([ext_v, ones], axis=-1)[:, :time], 0.0)
+  same_doc = same_doc[:, :, None, None]
+  inserted_features = jnp.where(same_doc, kf_in, 0.0)
+  ones = jnp.ones(v_in.shape[:-1] + (1,), f32)
+  inserted_values = jnp.where(same_doc, jnp.concatenate([v_in, ones], axis=-1), 0.0)
   memory_out, memory = run_engine(
       (plan.engine, plan.engine_grad), weights.q_features.astype(f32), inserted_features,
-      inserted_values, weights.log_decay, initial_state=state.memory, reset=reset)
+      inserted_values, weights.log_decay,
+      initial_state=None if state is None else state.memory, reset=reset)
   if axis_name is not None:
     memory_out, memory = sequence_parallel.combine_shards(
         memory_out, memory, weights.q_features.astype(f32),
@@ -186,58 +177,14 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o
+  start = jnp.zeros((), jnp.int32) if state is None else state.position
+  doc_start = jnp.zeros((batch,), jnp.int32) if state is None else state.doc_start
   end = start + time
-  keys, values, key_features = ring_buffers(
-      (ext_k[:, -window:], ext_v[:, -window:], ext_kf[:, -window:]), end, rotary_base)
+  keys, values, key_features = ring_buffers(tails, end, rotary_base)
   new_state = DCAState(keys=keys, values=values, key_features=key_features,
-                       doc_start=doc_start_after(state.doc_start, reset, start), memory=memory,
+                       doc_start=doc_start_after(doc_start, reset, start), memory=memory,
                        position=end)
   return o, new_state
-
-
-def _fresh_compress(weights: DCAWeights, reset, doc, *, plan, window: int, rotary_base,
-                    return_state: bool):
-  """`_compiled_compress` from the empty state (training, evaluation, a first prefill): the
-  window runs over the new tokens alone (no buffer of W empty slots in front: one block fewer,
-  and no document masks without resets), and the memory's delayed stream is the new tokens
-  shifted by W."""
-  batch, time, heads, key_dim = weights.q.shape
-  value_dim = weights.v.shape[-1]
-  f32 = jnp.float32
-  num, den, top = window_softmax_parts(
-      weights.q, weights.k, weights.v, window=window, scale=1.0 / math.sqrt(key_dim),
-      doc=None if reset is None else doc, rotary_base=rotary_base)
-
-  def delayed(x):   # x_{t - W} at t, zero for t < W
-    x = x.astype(f32)
-    return jnp.pad(x, ((0, 0), (window, 0)) + ((0, 0),) * (x.ndim - 2))[:, :time]
-
-  ones = jnp.ones(weights.v.shape[:-1] + (1,), f32)
-  inserted_features = delayed(weights.k_features)
-  inserted_values = delayed(jnp.concatenate([weights.v.astype(f32), ones], axis=-1))
-  if reset is not None:
-    # The token at t - W is folded in only if it belongs to t's document.
-    doc_before = jnp.pad(doc, ((0, 0), (window, 0)), constant_values=-1)[:, :time]
-    same_doc = (doc_before == doc)[:, :, None, None]
-    inserted_features = jnp.where(same_doc, inserted_features, 0.0)
-    inserted_values = jnp.where(same_doc, inserted_values, 0.0)
-  memory_out, memory = run_engine(
-      (plan.engine, plan.engine_grad), weights.q_features.astype(f32), inserted_features,
-      inserted_values, weights.log_decay, reset=reset)
-  o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
-  if not return_state:
-    return o
-
-  def last_window(x):   # the last W tokens, zeros before the first
-    x = x.astype(f32)
-    return jnp.pad(x, ((0, 0), (window, 0)) + ((0, 0),) * (x.ndim - 2))[:, -window:]
-
-  end = jnp.asarray(time, jnp.int32)
-  keys, values, key_features = ring_buffers(
-      [last_window(x) for x in (weights.k, weights.v, weights.k_features)], end, rotary_base)
-  doc_start = doc_start_after(jnp.zeros((batch,), jnp.int32), reset, jnp.asarray(0, jnp.int32))
-  return o, DCAState(keys=keys, values=values, key_features=key_features, doc_start=doc_start,
-                     memory=memory, position=end)
 
 
 def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name):

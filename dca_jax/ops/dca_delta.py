@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (doc_start_after, extend_with_buffer, ring_buffers,
-                                    softmax_over_window, step_slots, window_after_buffer,
-                                    window_buffers, write_step)
+from dca_jax.ops.dca_memory import (doc_start_after, ring_buffers, softmax_over_window,
+                                    step_slots, window_and_stream, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -177,32 +176,29 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   if plan.kind is PlanKind.SOFTMAX:
     return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
 
-  if state is None:
-    state = init_delta_state(batch, heads, key_dim, value_dim, window)
-  start = state.position
-  (ext_k, ext_v, ext_beta), ext_doc = extend_with_buffer(
-      start, state.doc_start, window_buffers(state, rotary_base),
-      (weights.k, weights.v, weights.beta), doc)
-  num, den, _ = window_after_buffer(weights.q, ext_k, ext_v, ext_doc, window=window, scale=scale,
-                                    rotary_base=rotary_base)
+  (num, den, _), (k_in, v_in, beta_in), same_doc, tails = window_and_stream(
+      weights.q, (weights.k, weights.v, weights.beta), doc, reset, state, window=window,
+      scale=scale, rotary_base=rotary_base)
 
   # Step t writes the token at t - W if it belongs to t's document (else nothing: k = 0, beta = 0).
-  same_doc = (ext_doc[:, :time] == doc)[:, :, None]                                  # [B, T, 1]
-  keys_in = jnp.where(same_doc[..., None], l2_normalize(ext_k[:, :time]), 0.0)
-  values_in = jnp.where(same_doc[..., None], ext_v[:, :time], 0.0)
-  betas_in = jnp.where(same_doc, ext_beta[:, :time], 0.0)
+  same_doc = same_doc[:, :, None]                                                    # [B, T, 1]
+  keys_in = jnp.where(same_doc[..., None], l2_normalize(k_in), 0.0)
+  values_in = jnp.where(same_doc[..., None], v_in, 0.0)
+  betas_in = jnp.where(same_doc, beta_in, 0.0)
   memory_out, memory = run_delta_rule(
       (plan.engine, plan.engine_grad), l2_normalize(weights.q.astype(f32)), keys_in, values_in,
-      betas_in, weights.log_decay, initial_state=state.memory, reset=reset)
+      betas_in, weights.log_decay, initial_state=None if state is None else state.memory,
+      reset=reset)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(out_dtype)
   if not return_state:
     return o
+  start = jnp.zeros((), jnp.int32) if state is None else state.position
+  doc_start = jnp.zeros((batch,), jnp.int32) if state is None else state.doc_start
   end = start + time
-  keys, values, betas = ring_buffers(
-      (ext_k[:, -window:], ext_v[:, -window:], ext_beta[:, -window:]), end, rotary_base)
+  keys, values, betas = ring_buffers(tails, end, rotary_base)
   new_state = DCADeltaState(
       keys=keys, values=values, betas=betas,
-      doc_start=doc_start_after(state.doc_start, reset, start), memory=memory, position=end)
+      doc_start=doc_start_after(doc_start, reset, start), memory=memory, position=end)
   return o, new_state
 
 

@@ -202,6 +202,55 @@ def window_after_buffer(q, ext_k, ext_v, ext_doc, *, window: int, scale, rotary_
   return num[:, window:], den[:, window:], top[:, window:]
 
 
+def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scale, rotary_base,
+                      buffered=None):
+  """The window's parts for the new queries and the stream the memory reads, for both memories.
+
+  Step t folds in the token at t - W (the one leaving the window) if it belongs to t's document.
+  With a state, its W buffered tokens come first (`extend_with_buffer`). Without one (the empty
+  state: training, evaluation, a first prefill) the window runs over the new tokens alone, with
+  no document masks when there are no resets, and the stream is the new tokens shifted by W:
+  one window block fewer than W empty slots in front, and the same result (tested).
+
+  Args:
+    q: [B, T, H, K] new queries.
+    new: the new tokens' (k, v, third) [B, T, H, ...] (third: key features or betas).
+    doc: [B, T] int32 document ids (`segments.document_ids`; zeros without resets).
+    reset: the call's reset or None.
+    state: a `DCAState` / `DCADeltaState`, or None.
+    window, scale, rotary_base: as `window_softmax_parts`.
+    buffered: the W tokens before the new ones, in place of the state's buffers (a shard's halo
+      under sequence parallelism, `dca._shard_entry_state`); the state gives position and
+      doc_start.
+
+  Returns:
+    ((N, Z, m) of the window, the stream [B, T, ...] float32 per array of `new` (the token at
+    t - W, zero before the first; not masked), same_doc bool [B, T] (whether step t folds it in),
+    the last W tokens [B, W, ...] float32 per array, oldest first (zeros before the first), for
+    `ring_buffers`).
+  """
+  time = q.shape[1]
+  f32 = jnp.float32
+  if state is None:
+    parts = window_softmax_parts(q, *new[:2], window=window, scale=scale,
+                                 doc=None if reset is None else doc, rotary_base=rotary_base)
+
+    def padded(x):   # W zeros in front
+      return jnp.pad(x.astype(f32), ((0, 0), (window, 0)) + ((0, 0),) * (x.ndim - 2))
+
+    extended = [padded(x) for x in new]
+    doc_before = jnp.pad(doc, ((0, 0), (window, 0)), constant_values=-1)[:, :time]
+  else:
+    if buffered is None:
+      buffered = window_buffers(state, rotary_base)
+    extended, ext_doc = extend_with_buffer(state.position, state.doc_start, buffered, new, doc)
+    parts = window_after_buffer(q, extended[0], extended[1], ext_doc, window=window,
+                                scale=scale, rotary_base=rotary_base)
+    doc_before = ext_doc[:, :time]
+  return (parts, [x[:, :time] for x in extended], doc_before == doc,
+          [x[:, -window:] for x in extended])
+
+
 def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Array) -> jax.Array:
   """doc_start [B] after the tokens at start .. start + T - 1 with `reset` [B, T] (or None):
   the absolute position of each row's last reset, or the incoming doc_start without one."""
