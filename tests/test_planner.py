@@ -195,3 +195,13 @@ def test_adaptive_scale_plans_the_delta_memory_with_its_own_rule():
       forward, grad = delta_rule_plans(length, backend=backend)
       assert (plan.engine, plan.engine_grad) == (grad if needs_grad else forward, grad)
   assert adaptive_scale(8, window=8, delta_memory=True).kind is PlanKind.SOFTMAX
+
+
+def test_segment_study_prints_one_row_per_layer_and_length(capsys):
+  """`python -m experiments.segment_study` (the measurement behind `segment_length`) at toy size."""
+  from experiments import segment_study  # pylint: disable=g-import-not-at-top
+  assert segment_study.main(["--layers", "linear", "--lengths", "64", "--segments", "none,32",
+                             "--repeats", "1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1] == "| layer | T | one pass | S=32 |"
+  assert lines[2].startswith("| linear | 64 | ") and lines[2].count(" ms") == 2

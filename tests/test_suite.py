@@ -153,8 +153,9 @@ def _check_recall_study_renders_distance_buckets(tiny_suite, tmp_path):
 
 
 def _check_lm_dca_run_trains_resumes_and_evaluates(tiny_suite, tmp_path):
-  # The suite's tiny lm_dca run is `configs.load_config("lm_dca", tiny=True)` (suite_plan.run_config),
-  # so test_train's checks of a trained run apply to it as they are (CI trains it only here).
+  # The suite's tiny lm_dca run is `configs.load_config("lm_dca", tiny=True)`
+  # (suite_plan.run_config), so test_train's checks of a trained run apply to it as they are (CI
+  # trains it only here). The suite writes result.json only for a run that was not interrupted.
   workdir = tiny_suite / "lm_dca"
   last = [r for r in train_checks.records(workdir) if "loss" in r][-1]
   result = json.loads((workdir / "result.json").read_text())

@@ -67,7 +67,8 @@ BACKENDS = ("cpu", "gpu", "tpu")
 # Long sequences through a layer in segments (`segment_length`), keyed by backend. Forward+
 # backward of one layer (B = 1, d_model 256, 4 heads) as one call against a scan of 1024-token
 # segments continuing the constant-size cache, medians of interleaved repeats on the 2-core EPYC
-# (2026-12-04): DCA 233 / 242 ms at T = 4096, 463 / 462 ms at 8192, 978 / 907 ms at 16384 and
+# (2026-12-04; `python -m experiments.segment_study` repeats the measurement): DCA 233 / 242 ms
+# at T = 4096, 463 / 462 ms at 8192, 978 / 907 ms at 16384 and
 # 2457 / 1847 ms at 32768; at 32768 GLA 2115 / 1855, the sliding window 1437 / 1168, Gated
 # DeltaNet 2647 / 2373, linear attention 1526 / 1246 ms. Segments of 2048 were slower than of
 # 1024 at every T measured. One segment's arrays stay in the caches that a whole-sequence pass

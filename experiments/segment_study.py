@@ -1,0 +1,73 @@
+"""Measures the rule of `dca_jax.ops.segment_length`: one pass against segments, per layer and T.
+
+Usage:
+  python -m experiments.segment_study                                  # the planner's table
+  python -m experiments.segment_study --layers dca --lengths 4096,8192 --segments none,1024
+
+For each layer and T: forward+backward of one layer (B = 1, d_model 256, 4 heads, float32, the
+layer's defaults) with `segment_length=None` (one pass) and with each segment length, compiled
+once each, then timed round-robin (`--repeats` rounds after one warm-up call); prints the median
+milliseconds, side by side in one process. The figures quoted in dca_jax/ops/planner.py come
+from this script (2026-12-04, the 2-core EPYC); ratios only compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dca_jax.nn import registry
+
+
+def measure(layer_name: str, length: int, segments, repeats: int) -> dict:
+  """Median seconds of a forward+backward per segment setting (None: one pass)."""
+  x = jax.random.normal(jax.random.key(0), (1, length, 256))
+  probe = jax.random.normal(jax.random.key(5), x.shape)
+  steps = {}
+  for segment in segments:
+    layer = registry.layer_spec(layer_name).layer(256, 4, rngs=nnx.Rngs(0),
+                                                  segment_length=segment)
+    graph, state = nnx.split(layer)
+
+    def loss(state, x, graph=graph):
+      return jnp.sum(probe * nnx.merge(graph, state)(x))
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(step(state, x))            # compile and warm up
+    steps[segment] = (step, state)
+  times = {segment: [] for segment in steps}
+  for _ in range(repeats):
+    for segment, (step, state) in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(state, x))
+      times[segment].append(time.perf_counter() - start)
+  return {segment: statistics.median(t) for segment, t in times.items()}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--layers", default="dca,gla,window,gated_deltanet,linear")
+  parser.add_argument("--lengths", default="4096,8192,16384,32768")
+  parser.add_argument("--segments", default="none,1024,2048",
+                      help="comma-separated segment lengths; none = one pass")
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args(argv)
+  segments = [None if s == "none" else int(s) for s in args.segments.split(",")]
+  print(f"backend {jax.default_backend()}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+  print("| layer | T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
+        + " |")
+  for name in args.layers.split(","):
+    for length in (int(t) for t in args.lengths.split(",")):
+      result = measure(name, length, segments, args.repeats)
+      print(f"| {name} | {length} | "
+            + " | ".join(f"{result[s] * 1e3:.0f} ms" for s in segments) + " |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
