@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dca_jax.ops import _checks, planner, segments, sequence_parallel
+from dca_jax.ops import _checks, planner, projection, segments, sequence_parallel
 from dca_jax.ops.conv import causal_short_conv
 
 
@@ -356,7 +356,8 @@ class AttentionLayer(nnx.Module):
               use_bias: bool = False) -> nnx.Linear:
     """A projection in the layer's dtypes (bias-free unless asked)."""
     return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=self.dtype,
-                      param_dtype=self.param_dtype, rngs=rngs)
+                      param_dtype=self.param_dtype, dot_general=projection.dot_general,
+                      rngs=rngs)
 
   def _check_call(self, x: Any, reset: Any = None) -> None:
     """Checks the arguments of `__call__`."""

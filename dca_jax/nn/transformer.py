@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.nn.registry import layer_spec
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, projection
 
 def _parse_dtype(name: str, value: Any, *, allow_none: bool) -> Any:
   """A jnp dtype from a string or dtype-like, or None when allowed; ValueError naming `name`."""
@@ -167,7 +167,7 @@ class SwiGLU(nnx.Module):
   def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any = None,
                param_dtype: Any = jnp.float32):
     linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
+                                     dot_general=projection.dot_general, rngs=rngs)
     self.gate = linear(d_model, hidden)
     self.up = linear(d_model, hidden)
     self.down = linear(hidden, d_model)
@@ -281,7 +281,7 @@ class TransformerLM(nnx.Module):
     else:
       self.head = nnx.Linear(d, v, use_bias=False, dtype=config.compute_dtype,
                              param_dtype=param_dtype, preferred_element_type=jnp.float32,
-                             rngs=rngs)
+                             dot_general=projection.dot_general, rngs=rngs)
 
   def _check_tokens(self, tokens: Any, rank: int, name: str) -> None:
     shape = "[B, T]" if rank == 2 else "[B]"
@@ -307,7 +307,7 @@ class TransformerLM(nnx.Module):
     if self.head is not None:
       return self.head(h).astype(jnp.float32)
     table = self.embed.embedding[...].astype(h.dtype)
-    return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+    return projection.project(h, table.T, None, jnp.float32)
 
   def __call__(self, tokens: jax.Array, *, reset: jax.Array | None = None) -> jax.Array:
     """Logits of the next token at every position.

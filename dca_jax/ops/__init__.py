@@ -7,7 +7,8 @@ W window, C chunk, F features, D decay channels (K or 1) or model width (in laye
 Files, one idea each: `gla.py` (engine entry) with `scan.py` (recurrent, associative),
 `chunked.py`, `quadratic.py` and `planner.py` (forms and plans); the gated delta rule, every form
 in one file, in `delta_rule.py`; `window.py`, `softmax.py` and `blocked_softmax.py`,
-`conv.py`, `feature_maps.py`, `rotary.py`, `segments.py`; DCA in `dca_params.py` (parameters,
+`conv.py`, `feature_maps.py`, `rotary.py`, `segments.py`, `projection.py` (x W with a fast
+weight gradient on CPU); DCA in `dca_params.py` (parameters,
 weights), `dca.py` (whole sequence), `dca_decode.py` (one step), `dca_memory.py` (state and
 read-out) and `dca_delta.py` (the delta-rule memory, memory="delta").
 """
@@ -26,6 +27,7 @@ from dca_jax.ops.feature_maps import (FeatureMap, elu_features, feature_dim, fea
 from dca_jax.ops.gla import gated_linear_attention
 from dca_jax.ops.planner import (DCAPlan, EnginePlan, Mode, PlanKind, adaptive_scale, plan_engine,
                                  segment_length)
+from dca_jax.ops.projection import project
 from dca_jax.ops.rotary import apply_rotary, rotary_frequencies
 from dca_jax.ops.scan import combine_decayed_states
 from dca_jax.ops.segments import document_ids
@@ -40,7 +42,7 @@ __all__ = [
     "delta_rule_attention", "document_ids", "elu_features", "feature_dim", "feature_map",
     "gated_linear_attention",
     "half_life_bias", "init_delta_state", "init_params", "init_state", "l2_normalize", "masked_attention", "memory_state_update",
-    "plan_engine", "rotary_frequencies", "segment_length", "sliding_window_attention",
+    "plan_engine", "project", "rotary_frequencies", "segment_length", "sliding_window_attention",
     "taylor_features",
     "window_softmax_parts",
 ]

@@ -19,6 +19,7 @@ import numpy as np
 
 from dca_jax.ops import _checks
 from dca_jax.ops.feature_maps import FeatureMap, feature_map
+from dca_jax.ops.projection import project
 
 
 class DCAParams(NamedTuple):
@@ -153,7 +154,7 @@ def _compiled_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Feat
       params.value.reshape(d_model, -1),
       jnp.einsum("dhk,hkp->dhp", params.query, params.feature).reshape(d_model, -1),
       jnp.einsum("dhk,hkp->dhp", params.key, params.feature).reshape(d_model, -1)], axis=1)
-  y = x @ fused.astype(x.dtype)
+  y = project(x, fused.astype(x.dtype))
   sizes = (heads * key_dim, heads * key_dim, heads * value_dim, heads * proj_dim, heads * proj_dim)
   q, k, v, q_in, k_in = (part.reshape(x.shape[:-1] + (heads, -1))
                          for part in jnp.split(y, np.cumsum(sizes)[:-1], axis=-1))
@@ -178,7 +179,7 @@ def _delta_weights(params: DCAParams, x: jax.Array) -> DCAWeights:
   d_model, heads = params.query.shape[:2]
   fused = jnp.concatenate([params.query.reshape(d_model, -1), params.key.reshape(d_model, -1),
                            params.value.reshape(d_model, -1)], axis=1)
-  y = x @ fused.astype(x.dtype)
+  y = project(x, fused.astype(x.dtype))
   width = params.query.shape[1] * params.query.shape[2]
   q, k, v = (part.reshape(x.shape[:-1] + (heads, -1))
              for part in jnp.split(y, [width, 2 * width], axis=-1))
