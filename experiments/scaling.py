@@ -135,20 +135,21 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "",
       "- Implemented and tested: `gated_linear_attention(..., axis_name=...)`, "
       "`delta_rule_attention(..., axis_name=...)` and `attention_compress(..., axis_name=...)` "
-      "(DCA's additive memory) inside `jax.shard_map`: one `all_gather` of a per-shard summary "
+      "(DCA, either memory) inside `jax.shard_map`: one `all_gather` of a per-shard summary "
       "whose size does not depend on T, a fold of the shards before, and for DCA one `ppermute` "
-      "halo of the previous shard's last W keys, values and key features. tests/multidevice "
+      "halo of the previous shard's last W keys, values and key features (betas for the delta "
+      "memory, whose entering state is the sharded delta rule's). tests/multidevice "
       "checks sharded == single device on 8 CPU host devices (2, 4 and 8 shards): outputs, "
       "final states and gradients, resets at and inside shard boundaries. Those CPU runs check "
       "correctness; they are not a speed-up (8 host devices share 2 cores).",
       "- Every layer takes `sequence_axis=` (calls only, not prefill or decoding), and so "
-      "`TransformerLM` through `attention_options={\"sequence_axis\": \"seq\"}`: DCA (additive "
+      "`TransformerLM` through `attention_options={\"sequence_axis\": \"seq\"}`: DCA (either "
       "memory) and the sliding window with a `ppermute` halo of the previous shard's last W "
       "keys and values; linear attention, GLA and Gated DeltaNet through the sharded engines; "
       "every short convolution with a halo of its S - 1 inputs. Softmax all-gathers the keys "
       "and values: correct, but O(T) keys per device (ring attention, the scalable form, is not "
-      "implemented). tests/multidevice: each layer (4 shards, resets before, at and inside "
-      "boundaries) and the LM (logits and loss gradient) equal one device.",
+      "implemented). tests/multidevice: each layer (4 shards; DCA's delta memory on 8; resets "
+      "before, at and inside boundaries) and the LM (logits and loss gradient) equal one device.",
       "- `python -m experiments.train --mesh data=D,seq=S`: batch rows over \"data\", positions "
       "over \"seq\", parameters and optimiser state replicated; one step on (2, 4) and on (8, 1) "
       "equals the single-device step, and a run checkpointed on one mesh resumes on another "
@@ -156,9 +157,8 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "- Per-device temporary memory falls about as 1/S with S sequence shards: a slow test "
       "(tests/multidevice, `-m slow`) checks it on XLA's memory analysis, and the measured table "
       "at the end shows it.",
-      "- Not implemented: DCA's delta memory sharded (`sequence_axis` with `memory=\"delta\"` "
-      "raises NotImplementedError), FSDP (parameters sharded over \"data\"), sharded prefill "
-      "and decoding, ring attention for softmax.",
+      "- Not implemented: FSDP (parameters sharded over \"data\"), sharded prefill and "
+      "decoding, ring attention for softmax.",
       "",
       f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
       f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "

@@ -72,8 +72,8 @@ class DCAttention(_layer.AttentionLayer):
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       inputs and the window's last W tokens come from the previous shard by `ppermute`, the
-      memory's state as in `attention_compress(..., axis_name=)`. Calls only (no cache); the
-      additive memory only. A non-finite input poisons outputs of its own shard only.
+      memory's state as in `attention_compress(..., axis_name=)`, for either memory. Calls only
+      (no cache). A non-finite input poisons outputs of its own shard only.
     chunk_size: engine chunk size (None: the planner's).
     segment_length: "auto" (default), an integer S >= `window`, or None. A call over more than S
       tokens then runs as a `jax.lax.scan` over segments of S tokens, each continuing the
@@ -108,9 +108,6 @@ class DCAttention(_layer.AttentionLayer):
                chunk_size: int | None = None, segment_length: int | str | None = "auto",
                sequence_axis=None, dtype=None, param_dtype=jnp.float32):
     super().__init__(d_model, num_heads, dtype=dtype, param_dtype=param_dtype)
-    if sequence_axis is not None and ops.MemoryKind.parse(memory) is ops.MemoryKind.DELTA:
-      raise NotImplementedError("sequence_axis with memory='delta' is not implemented; use the "
-                                "additive memory or sequence_axis=None.")
     self.sequence_axis = sequence_axis
     _layer.check_short_conv(short_conv)
     head_dim = self.head_dim

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_delta import attention_compress_delta
 from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
-                                    ring_buffers, softmax_over_window, window_and_stream)
+                                    ring_buffers, shard_entry, softmax_over_window,
+                                    window_and_stream)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -71,10 +72,11 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     return_state: also return the `DCAState` after the last token.
     axis_name: None (one device), or the mesh axis that T is sharded over inside
       `jax.shard_map` (weights and reset are this shard's contiguous slice): the previous
-      shard's last W keys, values and key features arrive by one `ppermute` (the halo), the
-      document start by an `all_gather` of each shard's last reset, and the memory's carried
-      state as in `gated_linear_attention(..., axis_name=)`. Needs W <= the shard's length;
-      not with `state`, `return_state` or the delta memory (not implemented).
+      shard's last W keys, values and key features (betas for the delta memory) arrive by one
+      `ppermute` (the halo), the document start by an `all_gather` of each shard's last
+      reset, and the memory's carried state as in `gated_linear_attention(..., axis_name=)`
+      (`delta_rule_attention(..., axis_name=)` for the delta memory). Needs W <= the shard's
+      length; not with `state` or `return_state` (not implemented).
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
@@ -96,16 +98,15 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     Munkhdalai et al. 2024 (Infini-attention: compressive memory beside local attention).
   """
   if axis_name is not None:
-    if weights.beta is not None or state is not None or return_state:
+    if state is not None or return_state:
       raise NotImplementedError(
-          "attention_compress with axis_name supports the additive memory without state= and "
-          "return_state=False only (the sharded delta memory and sharded decoding states are "
-          "not implemented).")
+          "attention_compress with axis_name supports state=None and return_state=False only "
+          "(a sharded prefill handing a state to decoding is not implemented).")
     sequence_parallel.check_axis_name(axis_name)
   if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
     return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
                                     chunk_size=chunk_size, rotary_base=rotary_base,
-                                    return_state=return_state)
+                                    return_state=return_state, axis_name=axis_name)
   check_weights(weights, step=False)
   batch, time, heads, key_dim = weights.q.shape
   value_dim = weights.v.shape[-1]
@@ -154,7 +155,15 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
 
   buffered = None
   if axis_name is not None:
-    state, buffered = _shard_entry_state(weights, reset, window, axis_name)
+    # Only position and doc_start of this state are read (the buffers are the halo); its memory
+    # is zero: the carried state is added after the engine (`sequence_parallel.combine_shards`).
+    start, doc_start, buffered = shard_entry((weights.k, weights.v, weights.k_features), reset,
+                                             window, axis_name)
+    memory = sequence_parallel.varying(
+        jnp.zeros((batch, heads, weights.q_features.shape[-1], value_dim + 1), f32), axis_name,
+        like=weights.q)
+    state = DCAState(keys=None, values=None, key_features=None, doc_start=doc_start,
+                     memory=memory, position=start)
   (num, den, top), (k_in, v_in, kf_in), same_doc, tails = window_and_stream(
       weights.q, (weights.k, weights.v, weights.k_features), doc, reset, state, window=window,
       scale=scale, rotary_base=rotary_base, buffered=buffered)
@@ -185,34 +194,3 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
                        doc_start=doc_start_after(doc_start, reset, start), memory=memory,
                        position=end)
   return o, new_state
-
-
-def _shard_entry_state(weights: DCAWeights, reset, window: int, axis_name):
-  """(state, buffered) entering this shard when T is sharded over `axis_name`.
-
-  `buffered` is the previous shard's last W keys, values and key features, oldest first (one
-  `ppermute`; the first shard gets zeros). `state` is a `DCAState` without buffers: the absolute
-  start of the current document (the last reset of the shards before), the position of the
-  shard's first token, and a zero memory (the memory's carried state is added after the engine,
-  `sequence_parallel.combine_shards`)."""
-  batch, time, heads, key_dim = weights.q.shape
-  shards = sequence_parallel.check_axis_name(axis_name)
-  f32 = jnp.float32
-  index = jax.lax.axis_index(axis_name).astype(jnp.int32)
-  start = index * time
-  halo = [h.astype(f32) for h in sequence_parallel.previous_tail(
-      (weights.k, weights.v, weights.k_features), window, axis_name)]
-  if reset is None:
-    last = jnp.full((batch,), -1, jnp.int32)
-  else:
-    last = jnp.max(jnp.where(reset, start + jnp.arange(time, dtype=jnp.int32), -1), axis=1)
-  lasts = jax.lax.all_gather(last, axis_name)                                    # [N, B]
-  earlier = (jnp.arange(shards) < index)[:, None]
-  doc_start = jnp.maximum(jnp.max(jnp.where(earlier, lasts, -1), axis=0), 0).astype(jnp.int32)
-  memory = sequence_parallel.varying(
-      jnp.zeros((batch, heads, weights.q_features.shape[-1], weights.v.shape[-1] + 1), f32),
-      axis_name, like=weights.q)
-  # Only position, doc_start and memory of this state are read; the buffers are the halo.
-  entry = DCAState(keys=None, values=None, key_features=None, doc_start=doc_start,
-                   memory=memory, position=start)
-  return entry, halo

@@ -21,8 +21,8 @@ as with the additive memory. Notation: B batch, T time, H heads, K key dim, V va
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-
 import math
 from typing import NamedTuple
 
@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (doc_start_after, ring_buffers, softmax_over_window,
-                                    step_slots, window_and_stream, write_step)
+from dca_jax.ops.dca_memory import (doc_start_after, ring_buffers, shard_entry,
+                                    softmax_over_window, step_slots, window_and_stream,
+                                    write_step)
 from dca_jax.ops.dca_params import DCAWeights
-from dca_jax.ops.delta_rule import l2_normalize, run_delta_rule
+from dca_jax.ops.delta_rule import entering_state, l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
 from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.segments import document_ids
@@ -128,7 +129,8 @@ def _read_out(num, den, memory_out, gate):
 
 def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, state=None,
                              mode: Mode | str = "auto", chunk_size: int | None = None,
-                             rotary_base: float | None = 10000.0, return_state: bool = False):
+                             rotary_base: float | None = 10000.0, return_state: bool = False,
+                             axis_name=None):
   """DCA with the delta memory over a whole sequence (the module equations, t = 1..T).
 
   `attention_compress` calls this for weights of the delta memory (`weights.beta` given); the
@@ -137,6 +139,12 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   when T <= W without a state: exact softmax) and, with `mode` and `chunk_size`, the delta
   rule's form (`planner.delta_rule_plans`: "auto" is the recurrent form when evaluated on CPU,
   the chunked one when differentiated past a chunk), handed to `run_delta_rule` as made.
+
+  With `axis_name` (T sharded over that mesh axis inside `jax.shard_map`, as in
+  `attention_compress`) the previous shard's last W keys, values and betas arrive by one
+  `ppermute` (`dca_memory.shard_entry`) and the memory's entering state is the delta rule's
+  (`delta_rule_attention(..., axis_name=)`: every shard's affine summary, one `all_gather`);
+  one plan serves evaluation and gradient there.
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, `DCADeltaState`) when `return_state`.
@@ -155,15 +163,23 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
                        f"{tuple(state.keys.shape)}: [B, H, W + 1, K], a ring of W + 1 slots), "
                        f"expected window = {window}.")
   # The softmax shortcut is exact here whatever the gate: an empty memory adds exactly 0.
-  plan = adaptive_scale(time, window=window, has_state=state is not None or return_state,
-                        delta_memory=True, mode=mode, chunk_size=chunk_size)
+  # Sharded: the memory always runs (a shard's window reaches into the previous one), with one
+  # plan for evaluation and gradient (see `attention_compress`).
+  plan = adaptive_scale(time, window=window,
+                        has_state=state is not None or return_state or axis_name is not None,
+                        delta_memory=True, mode=mode, chunk_size=chunk_size,
+                        needs_grad=axis_name is not None)
+  if axis_name is not None:
+    plan = dataclasses.replace(plan, engine_grad=plan.engine)
   return _compiled_compress_delta(weights, reset, state, plan=plan, window=window,
-                                  rotary_base=rotary_base, return_state=return_state)
+                                  rotary_base=rotary_base, return_state=return_state,
+                                  axis_name=axis_name)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "window", "rotary_base", "return_state"))
+@functools.partial(jax.jit, static_argnames=("plan", "window", "rotary_base", "return_state",
+                                             "axis_name"))
 def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window: int, rotary_base,
-                             return_state: bool):
+                             return_state: bool, axis_name=None):
   """`attention_compress_delta` on checked inputs with its plan made, one compiled program (see
   `dca._compiled_compress`)."""
   batch, time, heads, key_dim = weights.q.shape
@@ -176,19 +192,32 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   if plan.kind is PlanKind.SOFTMAX:
     return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
 
+  new = (weights.k, weights.v, weights.beta)
+  buffered = None
+  if axis_name is not None:
+    # Only position and doc_start of this state are read; the buffers are the halo.
+    start, doc_start, buffered = shard_entry(new, reset, window, axis_name)
+    state = DCADeltaState(keys=None, values=None, betas=None, doc_start=doc_start, memory=None,
+                          position=start)
   (num, den, _), (k_in, v_in, beta_in), same_doc, tails = window_and_stream(
-      weights.q, (weights.k, weights.v, weights.beta), doc, reset, state, window=window,
-      scale=scale, rotary_base=rotary_base)
+      weights.q, new, doc, reset, state, window=window, scale=scale, rotary_base=rotary_base,
+      buffered=buffered)
 
   # Step t writes the token at t - W if it belongs to t's document (else nothing: k = 0, beta = 0).
   same_doc = same_doc[:, :, None]                                                    # [B, T, 1]
   keys_in = jnp.where(same_doc[..., None], l2_normalize(k_in), 0.0)
   values_in = jnp.where(same_doc[..., None], v_in, 0.0)
   betas_in = jnp.where(same_doc, beta_in, 0.0)
-  memory_out, memory = run_delta_rule(
-      (plan.engine, plan.engine_grad), l2_normalize(weights.q.astype(f32)), keys_in, values_in,
-      betas_in, weights.log_decay, initial_state=None if state is None else state.memory,
-      reset=reset)
+  plans = (plan.engine, plan.engine_grad)
+  q_unit = l2_normalize(weights.q.astype(f32))
+  if axis_name is not None:
+    # The memory's state entering this shard: every shard's affine summary, one all_gather.
+    initial = entering_state(plans, q_unit, keys_in, values_in, betas_in, weights.log_decay,
+                             None, reset, axis_name)
+  else:
+    initial = None if state is None else state.memory
+  memory_out, memory = run_delta_rule(plans, q_unit, keys_in, values_in, betas_in,
+                                      weights.log_decay, initial_state=initial, reset=reset)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(out_dtype)
   if not return_state:
     return o

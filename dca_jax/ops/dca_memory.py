@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops import _checks
+from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.window import window_softmax_parts
@@ -249,6 +249,33 @@ def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scal
     doc_before = ext_doc[:, :time]
   return (parts, [x[:, :time] for x in extended], doc_before == doc,
           [x[:, -window:] for x in extended])
+
+
+def shard_entry(new, reset, window: int, axis_name):
+  """(position, doc_start, buffered) entering this shard when T is sharded over `axis_name`.
+
+  For both memories' `window_and_stream` under sequence parallelism: `buffered` is the previous
+  shard's last W tokens of each of `new` ([B, T, ...]: keys, values and the third buffer), oldest
+  first (one `ppermute` each; the first shard gets zeros, which count as empty slots); `position`
+  is the absolute position of the shard's first token and `doc_start` [B] the start of each
+  row's current document, from an `all_gather` of every shard's last reset.
+
+  Raises:
+    ValueError: W longer than the shard (`sequence_parallel.previous_tail`).
+  """
+  batch, time = new[0].shape[:2]
+  shards = sequence_parallel.check_axis_name(axis_name)
+  index = jax.lax.axis_index(axis_name).astype(jnp.int32)
+  start = index * time
+  halo = [h.astype(jnp.float32) for h in sequence_parallel.previous_tail(new, window, axis_name)]
+  if reset is None:
+    last = jnp.full((batch,), -1, jnp.int32)
+  else:
+    last = jnp.max(jnp.where(reset, start + jnp.arange(time, dtype=jnp.int32), -1), axis=1)
+  lasts = jax.lax.all_gather(last, axis_name)                                    # [N, B]
+  earlier = (jnp.arange(shards) < index)[:, None]
+  doc_start = jnp.maximum(jnp.max(jnp.where(earlier, lasts, -1), axis=0), 0).astype(jnp.int32)
+  return start, doc_start, halo
 
 
 def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Array) -> jax.Array:

@@ -184,7 +184,7 @@ def _compiled_delta_rule(q, k, v, beta, log_decay, initial_state, reset, *, plan
   `gla._compiled_engine`)."""
   out_dtype = jnp.result_type(q, k, v)
   if axis_name is not None:
-    initial_state = _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset,
+    initial_state = entering_state(plans, q, k, v, beta, log_decay, initial_state, reset,
                                     axis_name)
   o, final = run_delta_rule(plans, q, k, v, beta, log_decay, initial_state=initial_state,
                             reset=reset)
@@ -220,7 +220,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (wide * jax.lax.rsqrt(jnp.sum(wide * wide, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def _entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_name):
+def entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_name):
   """The state entering this shard of a sequence sharded over `axis_name` (see
   `delta_rule_attention`), float32 [B, H, K, V]."""
   batch, _, heads, key_dim = q.shape

@@ -160,20 +160,21 @@ def test_an_unbound_axis_name_is_a_clear_error():
 _W = 8
 
 
-def _dca_inputs():
+def _dca_inputs(memory="additive"):
   from dca_jax import init_params  # pylint: disable=g-import-not-at-top
-  params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=_W)
+  params = init_params(jax.random.key(0), d_model=32, num_heads=2, window=_W, memory=memory)
   x = jax.random.normal(jax.random.key(1), (2, 96, 32))
   # Resets at shard boundaries (24 for 4 and 8 shards, 48 for 2) and inside shards.
   reset = jnp.zeros((2, 96), bool).at[0, 24].set(True).at[1, 31].set(True).at[0, 50].set(True)
   return params, x, reset
 
 
-# In CI the layer test below covers this path (with the convolution's halo too).
+# In CI the layer tests below cover this path (with the convolution's halo too).
+@pytest.mark.parametrize("memory", ["additive", "delta"])
 @pytest.mark.parametrize("shards", [pytest.param(n, marks=pytest.mark.slow) for n in (2, 4, 8)])
-def test_dca_attention_compress_sharded_equals_single_device(shards):
+def test_dca_attention_compress_sharded_equals_single_device(shards, memory):
   from dca_jax import attention_compress, compute_weights  # pylint: disable=g-import-not-at-top
-  params, x, reset = _dca_inputs()
+  params, x, reset = _dca_inputs(memory)
 
   def run(params, x, r, axis_name=None):
     return attention_compress(compute_weights(params, x), window=_W, reset=r, mode="chunked",
@@ -239,6 +240,19 @@ def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
   layers = [DCAttention(32, 2, window=_W, chunk_size=4, sequence_axis=axis, rngs=nnx.Rngs(0))
             for axis in (None, "seq")]
   _check_layer_sharded(layers, x, reset)
+
+
+def test_dca_delta_memory_layer_with_sequence_axis_equals_the_unsharded_layer():
+  """DCAttention(memory="delta", sequence_axis=...): the window's halo carries the betas and the
+  delta rule's entering state crosses the shards (one all_gather of the affine summaries); 8
+  shards of 12 tokens (W = 8), resets at a boundary and inside shards: outputs and gradients."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dca_jax.nn import DCAttention  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(2), (2, 96, 32))
+  reset = jnp.zeros((2, 96), bool).at[0, 46].set(True).at[1, 24].set(True).at[0, 61].set(True)
+  layers = [DCAttention(32, 2, window=_W, chunk_size=4, memory="delta", sequence_axis=axis,
+                        rngs=nnx.Rngs(0)) for axis in (None, "seq")]
+  _check_layer_sharded(layers, x, reset, shards=8)
 
 
 _LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gated_deltanet", {}),
