@@ -418,8 +418,20 @@ class AttentionLayer(nnx.Module):
     raise NotImplementedError
 
   def _check_prefill_reset(self, x: Any, reset: Any) -> None:
-    """Checks `prefill`'s optional reset: bool [B, T] like x's first two dims."""
+    """Checks `prefill`'s optional reset: bool [B, T] like x's first two dims, and that T is
+    not sharded: inside `jax.shard_map` over `sequence_axis`, each shard would prefill its slice
+    from the same cache (a wrong result), so that is an error."""
     _checks.check_reset(reset, x.shape[0], x.shape[1])
+    if self.sequence_axis is not None:
+      try:
+        shards = jax.lax.axis_size(self.sequence_axis)
+      except NameError:
+        return                    # not under shard_map over that axis: one device, as usual
+      raise NotImplementedError(
+          f"prefill inside jax.shard_map over sequence_axis={self.sequence_axis!r} ({shards} "
+          f"shards) is not implemented (each shard would continue the same cache). Call the "
+          f"layer without a cache there, or prefill on one device; for DCA, "
+          f"attention_compress(..., axis_name=..., return_state=True) is a sharded prefill.")
 
   def decode_step(self, x_t: jax.Array, cache: Any,
                   reset: jax.Array | None = None) -> tuple[jax.Array, Any]:

@@ -73,7 +73,9 @@ class DCAttention(_layer.AttentionLayer):
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       inputs and the window's last W tokens come from the previous shard by `ppermute`, the
       memory's state as in `attention_compress(..., axis_name=)`, for either memory. Calls only
-      (no cache). A non-finite input poisons outputs of its own shard only.
+      (`prefill` inside shard_map over this axis raises; `attention_compress(...,
+      axis_name=..., return_state=True)` is the sharded prefill). A non-finite input poisons
+      outputs of its own shard only.
     chunk_size: engine chunk size (None: the planner's).
     segment_length: "auto" (default), an integer S >= `window`, or None. A call over more than S
       tokens then runs as a `jax.lax.scan` over segments of S tokens, each continuing the

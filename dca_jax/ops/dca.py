@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_delta import attention_compress_delta
 from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
-                                    ring_buffers, shard_entry, softmax_over_window,
-                                    window_and_stream)
+                                    from_last_shard, ring_buffers, shard_entry,
+                                    softmax_over_window, window_and_stream)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -76,7 +76,9 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       `ppermute` (the halo), the document start by an `all_gather` of each shard's last
       reset, and the memory's carried state as in `gated_linear_attention(..., axis_name=)`
       (`delta_rule_attention(..., axis_name=)` for the delta memory). Needs W <= the shard's
-      length; not with `state` or `return_state` (not implemented).
+      length; not with `state` (not implemented). With `return_state` every shard returns the
+      state after the whole sequence (the last shard's buffers and document start, the carried
+      memory), replicated: a sharded prefill for decoding on one device.
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
@@ -98,10 +100,10 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     Munkhdalai et al. 2024 (Infini-attention: compressive memory beside local attention).
   """
   if axis_name is not None:
-    if state is not None or return_state:
+    if state is not None:
       raise NotImplementedError(
-          "attention_compress with axis_name supports state=None and return_state=False only "
-          "(a sharded prefill handing a state to decoding is not implemented).")
+          "attention_compress with axis_name supports state=None only (continuing a state in a "
+          "sharded call is not implemented; a sharded call can return one: return_state=True).")
     sequence_parallel.check_axis_name(axis_name)
   if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
     return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
@@ -189,8 +191,10 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   start = jnp.zeros((), jnp.int32) if state is None else state.position
   doc_start = jnp.zeros((batch,), jnp.int32) if state is None else state.doc_start
   end = start + time
+  doc_start = doc_start_after(doc_start, reset, start)
+  if axis_name is not None:       # the sequence ends on the last shard (memory is already final)
+    *tails, doc_start, end = from_last_shard([*tails, doc_start, end], axis_name)
   keys, values, key_features = ring_buffers(tails, end, rotary_base)
-  new_state = DCAState(keys=keys, values=values, key_features=key_features,
-                       doc_start=doc_start_after(doc_start, reset, start), memory=memory,
-                       position=end)
+  new_state = DCAState(keys=keys, values=values, key_features=key_features, doc_start=doc_start,
+                       memory=memory, position=end)
   return o, new_state

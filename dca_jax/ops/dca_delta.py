@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (doc_start_after, ring_buffers, shard_entry,
+from dca_jax.ops.dca_memory import (doc_start_after, from_last_shard, ring_buffers, shard_entry,
                                     softmax_over_window, step_slots, window_and_stream,
                                     write_step)
 from dca_jax.ops.dca_params import DCAWeights
@@ -144,7 +144,8 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   `attention_compress`) the previous shard's last W keys, values and betas arrive by one
   `ppermute` (`dca_memory.shard_entry`) and the memory's entering state is the delta rule's
   (`delta_rule_attention(..., axis_name=)`: every shard's affine summary, one `all_gather`);
-  one plan serves evaluation and gradient there.
+  one plan serves evaluation and gradient there, and `return_state` returns the state after the
+  whole sequence on every shard.
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, `DCADeltaState`) when `return_state`.
@@ -224,10 +225,12 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   start = jnp.zeros((), jnp.int32) if state is None else state.position
   doc_start = jnp.zeros((batch,), jnp.int32) if state is None else state.doc_start
   end = start + time
+  doc_start = doc_start_after(doc_start, reset, start)
+  if axis_name is not None:       # the sequence ends on the last shard
+    *tails, doc_start, memory, end = from_last_shard([*tails, doc_start, memory, end], axis_name)
   keys, values, betas = ring_buffers(tails, end, rotary_base)
-  new_state = DCADeltaState(
-      keys=keys, values=values, betas=betas,
-      doc_start=doc_start_after(doc_start, reset, start), memory=memory, position=end)
+  new_state = DCADeltaState(keys=keys, values=values, betas=betas, doc_start=doc_start,
+                            memory=memory, position=end)
   return o, new_state
 
 

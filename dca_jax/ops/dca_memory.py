@@ -278,6 +278,15 @@ def shard_entry(new, reset, window: int, axis_name):
   return start, doc_start, halo
 
 
+def from_last_shard(values, axis_name):
+  """Each of `values` as the last shard along `axis_name` holds it, on every shard (a psum of it
+  from that shard alone: an invariant value, as shard_map's out_specs=P() requires): the end
+  state of a sequence sharded over `axis_name` is the last shard's."""
+  last = jax.lax.axis_size(axis_name) - 1
+  mine = jax.lax.axis_index(axis_name) == last
+  return [jax.lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), axis_name) for x in values]
+
+
 def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Array) -> jax.Array:
   """doc_start [B] after the tokens at start .. start + T - 1 with `reset` [B, T] (or None):
   the absolute position of each row's last reset, or the incoming doc_start without one."""

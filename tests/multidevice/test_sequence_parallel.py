@@ -194,6 +194,51 @@ def test_dca_attention_compress_sharded_equals_single_device(shards, memory):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("memory", ["additive", "delta"])
+def test_dca_sharded_prefill_returns_the_single_device_state(memory):
+  """attention_compress(..., axis_name=, return_state=True) on 4 shards: every shard returns the
+  state after the whole sequence (ring buffers, document start, memory, position), equal to the
+  single-device call's, so decoding can continue from it on one device."""
+  from dca_jax import attention_compress, compute_weights, memory_state_update  # pylint: disable=g-import-not-at-top
+  params, x, reset = _dca_inputs(memory)
+
+  def run(params, x, r, axis_name=None):
+    return attention_compress(compute_weights(params, x), window=_W, reset=r, mode="chunked",
+                              chunk_size=4, return_state=True, axis_name=axis_name)
+
+  sharded = jax.shard_map(functools.partial(run, axis_name="seq"), mesh=_mesh(4),
+                          in_specs=(P(), P(None, "seq"), P(None, "seq")),
+                          out_specs=(P(None, "seq"), P()))
+  (o, state), (o_ref, state_ref) = jax.jit(sharded)(params, x, reset), jax.jit(run)(params, x,
+                                                                                       reset)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+  assert type(state) is type(state_ref)
+  for name, got, want in zip(state._fields, state, state_ref):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+  # One decoding step from the sharded prefill's state equals one from the single device's.
+  token = compute_weights(params, jax.random.normal(jax.random.key(9), (2, 32)))
+  step = jax.jit(memory_state_update)
+  for a, b in zip(jax.tree_util.tree_leaves(step(state, token)),
+                  jax.tree_util.tree_leaves(step(state_ref, token))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_with_the_sequence_axis_bound_is_a_clear_error():
+  """A layer's prefill inside shard_map over its sequence_axis would continue one cache on every
+  shard: a NotImplementedError that says what to use instead (outside shard_map it runs)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dca_jax.nn import DCAttention  # pylint: disable=g-import-not-at-top
+  layer = DCAttention(32, 2, window=_W, sequence_axis="seq", rngs=nnx.Rngs(0))
+  cache = layer.init_cache(2, 96)
+  x = jax.ShapeDtypeStruct((2, 96, 32), jnp.float32)
+  sharded = jax.shard_map(lambda x: layer.prefill(x, cache)[0], mesh=_mesh(4),
+                          in_specs=P(None, "seq"), out_specs=P(None, "seq"))
+  with pytest.raises(NotImplementedError, match="prefill inside jax.shard_map over "
+                                                "sequence_axis='seq' \\(4 shards\\)"):
+    jax.eval_shape(sharded, x)
+  assert jax.eval_shape(layer.prefill, x, cache)[0].shape == (2, 96, 32)
+
+
 def test_dca_window_longer_than_a_shard_is_a_clear_error():
   from dca_jax import attention_compress, compute_weights  # pylint: disable=g-import-not-at-top
   params, x, _ = jax.eval_shape(_dca_inputs)    # raised while tracing: shapes are enough
