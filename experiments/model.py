@@ -156,8 +156,38 @@ def _sums(graphdef, mesh: jax.sharding.Mesh | None) -> Callable:
                        out_specs=(P(), P(), P()))
 
 
+def fsdp_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Where an array of `shape` lives with parameters sharded FSDP-style over "data": split along
+  its first axis whose size the data axis divides (each device holds 1/D of it), replicated when
+  none does (scalars, small vectors). The "seq" devices of one data shard hold the same part.
+
+  Example:
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "seq"))
+    >>> fsdp_sharding((6, 4), mesh).spec == jax.sharding.PartitionSpec("data")
+    True
+  """
+  P = jax.sharding.PartitionSpec
+  data = mesh.shape["data"]
+  for axis, size in enumerate(shape):
+    if size >= data and size % data == 0:
+      return jax.sharding.NamedSharding(mesh, P(*([None] * axis + ["data"])))
+  return jax.sharding.NamedSharding(mesh, P())
+
+
+def place_train_state(params: Any, opt_state: Any, rest: Any, mesh: jax.sharding.Mesh,
+                      fsdp: bool = False) -> tuple[Any, Any, Any]:
+  """(params, opt_state, rest) on `mesh`: replicated on every device, or with `fsdp` the
+  parameters and optimiser state sharded over "data" (`fsdp_sharding`; `rest` replicated)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rest = jax.device_put(rest, replicated)
+  if not fsdp:
+    return (*jax.device_put((params, opt_state), replicated), rest)
+  place = lambda x: jax.device_put(x, fsdp_sharding(np.shape(x), mesh))
+  return jax.tree.map(place, params), jax.tree.map(place, opt_state), rest
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+                    mesh: jax.sharding.Mesh | None = None, fsdp: bool = False) -> Callable:
   """A jitted (params, rest, opt_state, batch) -> (params, opt_state, loss, grad_norm).
 
   `rest` is the model's non-parameter state (`nnx.split(model, nnx.Param, ...)`). `params` and
@@ -165,6 +195,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
   the arrays passed in must not be used again. With a `mesh` (`parse_mesh`) the batch is sharded
   over its "data" and "seq" axes and the graphdef's layers must take T sharded over "seq"
   (`build_model(config, "seq")`); the step computes the same function up to float reassociation.
+  With `fsdp` the parameters and optimiser state stay sharded over "data" between steps
+  (`place_train_state`): the step gathers the parameters where the model reads them (the
+  shard_map's replicated inputs), and the update runs on each device's part.
   """
   sums = _sums(graphdef, mesh)
 
@@ -172,11 +205,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
     total, count, _ = sums(params, rest, batch)
     return total / jnp.maximum(count, 1.0)
 
+  def keep_sharded(tree):
+    if not fsdp or mesh is None:
+      return tree
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, fsdp_sharding(x.shape, mesh)), tree)
+
   @functools.partial(jax.jit, donate_argnums=(0, 2))
   def train_step(params, rest, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+    updates, opt_state = tx.update(keep_sharded(grads), opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return keep_sharded(params), keep_sharded(opt_state), loss, optax.tree.norm(grads)
 
   return train_step
 
@@ -188,15 +228,17 @@ def make_eval_step(graphdef, mesh: jax.sharding.Mesh | None = None) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_steps(config: ExperimentConfig, mesh: jax.sharding.Mesh | None = None
+def compiled_steps(config: ExperimentConfig, mesh: jax.sharding.Mesh | None = None,
+                   fsdp: bool = False
                    ) -> tuple[Any, optax.GradientTransformation, Callable, Callable]:
-  """(graphdef, optimiser, train_step, eval_step) of a config (on `mesh`, see `parse_mesh`),
-  cached per config and mesh so that runs of one config in one process (a resume, the tests)
-  share their compilations."""
+  """(graphdef, optimiser, train_step, eval_step) of a config (on `mesh`, see `parse_mesh`;
+  `fsdp` as in `make_train_step`), cached per config and mesh so that runs of one config in one
+  process (a resume, the tests) share their compilations."""
   axis = None if mesh is None or mesh.shape["seq"] == 1 else "seq"
   graphdef = nnx.split(nnx.eval_shape(lambda: build_model(config, axis)))[0]
   tx = make_optimizer(config)
-  return graphdef, tx, make_train_step(graphdef, tx, mesh), make_eval_step(graphdef, mesh)
+  return (graphdef, tx, make_train_step(graphdef, tx, mesh, fsdp),
+          make_eval_step(graphdef, mesh))
 
 
 def evaluate_batches(eval_step: Callable, params: Any, rest: Any,

@@ -151,8 +151,11 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "implemented). tests/multidevice: each layer (4 shards; DCA's delta memory on 8; resets "
       "before, at and inside boundaries) and the LM (logits and loss gradient) equal one device.",
       "- `python -m experiments.train --mesh data=D,seq=S`: batch rows over \"data\", positions "
-      "over \"seq\", parameters and optimiser state replicated; one step on (2, 4) and on (8, 1) "
-      "equals the single-device step, and a run checkpointed on one mesh resumes on another "
+      "over \"seq\", parameters and optimiser state replicated, or with `--fsdp` sharded over "
+      "\"data\" between steps (each device keeps 1/D of every array that an axis of it allows; "
+      "the step gathers the parameters where the model reads them); one step on (2, 4) and on "
+      "(8, 1), and an FSDP step on (4, 2), equals the single-device step, and a run "
+      "checkpointed on one mesh (FSDP) resumes on another (replicated) "
       "(tests/multidevice/test_data_sequence_training.py).",
       "- Per-device temporary memory falls about as 1/S with S sequence shards: a slow test "
       "(tests/multidevice, `-m slow`) checks it on XLA's memory analysis, and the measured table "
@@ -163,8 +166,9 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "decoding step from it equals one from the single-device state (both memories; "
       "tests/multidevice). A layer's `prefill` inside `shard_map` over its `sequence_axis` "
       "raises NotImplementedError instead of continuing one cache on every shard.",
-      "- Not implemented: FSDP (parameters sharded over \"data\"), continuing a state in a "
-      "sharded call, the layers' sharded prefill, ring attention for softmax.",
+      "- Not implemented: continuing a state in a sharded call, the layers' sharded prefill, "
+      "ring attention for softmax, FSDP's per-layer gathering (the whole parameter set is "
+      "gathered once per step, so the saving is the stored parameters and optimiser state).",
       "",
       f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
       f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "

@@ -5,12 +5,15 @@ Usage:
   python -m experiments.train --workdir runs/lm_dca --resume   # the config comes from run.json
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
     python -m experiments.train --config lm_dca --tiny --workdir runs/sp --mesh data=2,seq=4
+  ... --mesh data=4,seq=2 --fsdp     # parameters and optimiser state sharded over "data"
 
 `--mesh data=D,seq=S` trains on D x S devices (`jax.sharding.Mesh`, `jax.shard_map`): batch
 rows sharded over "data", positions over "seq" (every attention layer takes T sharded, see the
-layers' `sequence_axis`), parameters and optimiser state replicated, the loss and gradients
-summed over the devices. The default puts every device on "data". A run resumes onto another
-mesh; the same seed gives the same run on any mesh up to float reassociation.
+layers' `sequence_axis`), parameters and optimiser state replicated (with `--fsdp` sharded over
+"data" between steps, FSDP-style: each device keeps 1/D of them and the step gathers the
+parameters where the model reads them), the loss and gradients summed over the devices. The
+default puts every device on "data". A run resumes onto another mesh, with or without `--fsdp`;
+the same seed gives the same run on any mesh up to float reassociation.
 
 What a run writes in its workdir:
   run.json       the config, the corpus (name, sizes, sha256), the machine, the date, the code's
@@ -90,7 +93,7 @@ _RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "eval_batche
 
 def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
           resume: bool = False, max_steps: int | None = None,
-          progress: bool = True, mesh: Any = None) -> dict[str, Any]:
+          progress: bool = True, mesh: Any = None, fsdp: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (see the module docstring for what is written there).
 
   Args:
@@ -104,6 +107,8 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
       (`model.parse_mesh`): batch rows sharded over "data", positions over "seq", parameters
       and optimiser state replicated. The same seed gives the same run on any mesh up to float
       reassociation, and a run resumes onto another mesh (checkpoints hold whole arrays).
+    fsdp: with a mesh, keep the parameters and optimiser state sharded over "data"
+      (`model.place_train_state`) instead of replicated.
 
   Returns:
     A summary: "step" (steps done), "steps" (config.steps), "loss" (the last step's loss),
@@ -142,7 +147,7 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
   task = tasks_lib.make_task(config)
   model_lib.check_batch_fits(mesh, config.batch_size, config.seq_len)
   model_lib.check_batch_fits(mesh, config.eval_batch_size, config.seq_len)
-  _, tx, train_step, eval_step = model_lib.compiled_steps(config, mesh)
+  _, tx, train_step, eval_step = model_lib.compiled_steps(config, mesh, fsdp)
   mesh_shape = None if mesh is None else dict(mesh.shape)
   schedule = model_lib.learning_rate_schedule(config)
   model = model_lib.build_model(config)
@@ -157,15 +162,15 @@ def train(config: ExperimentConfig | None, workdir: str | os.PathLike[str], *,
     params, opt_state, start = checkpoints_lib.restore_train_state(manager, latest, params,
                                                                    opt_state)
     run.setdefault("resumes", []).append({"date": now(), "step": start, "changed": changed,
-                                          "config": config.to_dict(), "mesh": mesh_shape})
+                                          "config": config.to_dict(), "mesh": mesh_shape,
+                                          "fsdp": fsdp})
   else:
     run = {"config": config.to_dict(), "corpus": task.info(), "machine": machine_info(),
            "date": now(), "git_commit": git_commit(), "num_params": num_params,
-           "argv": sys.argv, "mesh": mesh_shape}
+           "argv": sys.argv, "mesh": mesh_shape, "fsdp": fsdp}
   if mesh is not None:
-    # Replicated on every device of the mesh (a restored checkpoint comes back on one device).
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params, opt_state, rest = jax.device_put((params, opt_state, rest), replicated)
+    # On the mesh's devices (a restored checkpoint comes back on one device).
+    params, opt_state, rest = model_lib.place_train_state(params, opt_state, rest, mesh, fsdp)
   checkpoints_lib.write_run(workdir, run)
   metrics = checkpoints_lib.MetricsLog(workdir, start if resume else None)
 
@@ -254,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--mesh", default=None, metavar="data=D,seq=S",
                       help="devices: D batch shards x S sequence shards (default: every device "
                            "on data)")
+  parser.add_argument("--fsdp", action="store_true",
+                      help="with --mesh: parameters and optimiser state sharded over data")
   args = parser.parse_args(argv)
   try:
     mesh = model_lib.parse_mesh(args.mesh)
@@ -268,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
   else:
     parser.error("--config is required unless --resume is given.")
   summary = train(config, args.workdir, resume=args.resume, max_steps=args.max_steps,
-                  progress=not args.no_progress, mesh=mesh)
+                  progress=not args.no_progress, mesh=mesh, fsdp=args.fsdp)
   print(json.dumps({k: v for k, v in summary.items()}, default=str))
   return 130 if summary["interrupted"] else 0
 

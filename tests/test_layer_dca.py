@@ -82,7 +82,9 @@ def test_layer_parameter_count_is_close_to_softmax():
 
 @pytest.mark.parametrize("options,time,segment", [
     ({}, 29, 8),                       # 3 segments and 5 tokens after them, resets in row 0
-    (dict(memory="delta"), 24, 12)])   # whole segments only; the delta engine's state gradient
+    # Whole segments; the delta state's gradient. Slow job only (CI: the chaining a segmented
+    # call runs, test_dca_delta.test_prefill_then_steps_equal_one_call, forward).
+    pytest.param(dict(memory="delta"), 24, 12, marks=pytest.mark.slow)])
 def test_segmented_call_equals_one_pass(options, time, segment):
   """A call as a scan over segments that continue each other's cache (`segment_length`) is the
   one-pass call: outputs and gradients of the input and of every parameter."""

@@ -21,18 +21,30 @@ def _config(attention="lm_dca", **changes):
   return configs_lib.load_config(attention, tiny=True, overrides=changes)
 
 
-@pytest.mark.parametrize("mesh_text", ["data=2,seq=4", "data=8,seq=1"])
-def test_one_sharded_training_step_equals_the_single_device_step(mesh_text):
+@pytest.mark.parametrize("mesh_text, fsdp", [("data=2,seq=4", False), ("data=8,seq=1", True)])
+def test_one_sharded_training_step_equals_the_single_device_step(mesh_text, fsdp):
+  """One step on the mesh equals the single-device step; with `fsdp` every parameter and
+  optimiser-state array that an axis of it allows is held as 1/8 per device, before and after."""
   config = _config(batch_size=8)
   mesh = model_lib.parse_mesh(mesh_text)
   batch = tasks_lib.make_task(config).train_batch(0)
   results = []
   for m in (None, mesh):
-    _, tx, train_step, _ = model_lib.compiled_steps(config, m)
+    _, tx, train_step, _ = model_lib.compiled_steps(config, m, fsdp and m is not None)
     _, params, rest = nnx.split(model_lib.build_model(config), nnx.Param, ...)
-    params, _, loss, norm = train_step(params, rest, tx.init(params), batch)
+    opt_state = tx.init(params)
+    if m is not None:
+      params, opt_state, rest = model_lib.place_train_state(params, opt_state, rest, m, fsdp)
+      before = [x.addressable_shards[0].data.size / x.size
+                for x in jax.tree_util.tree_leaves((params, opt_state))]
+    params, opt_state, loss, norm = train_step(params, rest, opt_state, batch)
     results.append((params, float(loss), float(norm)))
   (p_ref, loss_ref, norm_ref), (p, loss, norm) = results
+  after = [x.addressable_shards[0].data.size / x.size
+           for x in jax.tree_util.tree_leaves((p, opt_state))]
+  assert after == before
+  big = [x.size >= 64 for x in jax.tree_util.tree_leaves((p, opt_state))]
+  assert all(f == 0.125 for f, b in zip(after, big) if b) if fsdp else set(after) == {1.0}
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
   np.testing.assert_allclose(norm, norm_ref, rtol=1e-4)
   for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(p_ref)):
@@ -41,10 +53,11 @@ def test_one_sharded_training_step_equals_the_single_device_step(mesh_text):
 
 @pytest.mark.slow      # ~60 s; CI checks the sharded step above, the full job this resume
 def test_a_run_resumes_onto_another_mesh(tmp_path):
-  """1 step on data=2,seq=4, then 1 more resumed on data=4,seq=2 == 2 steps on one device."""
+  """1 step on data=2,seq=4 (FSDP), then 1 more resumed on data=4,seq=2 (replicated) == 2 steps
+  on one device."""
   config = _config(batch_size=8, eval_batch_size=8, steps=2, eval_every=0, checkpoint_every=1)
   first = train_lib.train(config, tmp_path / "sharded", max_steps=1, progress=False,
-                          mesh=model_lib.parse_mesh("data=2,seq=4"))
+                          mesh=model_lib.parse_mesh("data=2,seq=4"), fsdp=True)
   assert first["step"] == 1
   done = train_lib.train(None, tmp_path / "sharded", resume=True, progress=False,
                          mesh=model_lib.parse_mesh("data=4,seq=2"))

@@ -63,7 +63,7 @@ def _check(sharded, single, args, n_grad):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
-# CI draws 4 shards (per-channel decay) here, 8 in the delta rule's test; `-m slow` adds the rest.
+# CI draws 4 shards (per-channel decay) here; `-m slow` adds the rest.
 _GRID = [(4, True)]
 
 
@@ -108,8 +108,10 @@ def test_gla_sharded_every_mode(mode):
   np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shards", [pytest.param(2, marks=pytest.mark.slow),
-                                    pytest.param(4, marks=pytest.mark.slow), 8])
+# In CI the delta rule's sharded engine runs inside DCA's delta memory (the layer test on 8
+# shards: entering states, resets, gradients; the prefill test: the final state); `-m slow` runs
+# it here too, with an initial state.
+@pytest.mark.parametrize("shards", [pytest.param(n, marks=pytest.mark.slow) for n in (2, 4, 8)])
 def test_delta_rule_sharded_equals_single_device(shards):
   q, k, v, log_decay, beta, s0, reset = _inputs(False)
 
@@ -194,7 +196,8 @@ def test_dca_attention_compress_sharded_equals_single_device(shards, memory):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("memory", ["additive", "delta"])
+# CI: the delta memory (its sharded engine's final state); the additive one in the slow job.
+@pytest.mark.parametrize("memory", [pytest.param("additive", marks=pytest.mark.slow), "delta"])
 def test_dca_sharded_prefill_returns_the_single_device_state(memory):
   """attention_compress(..., axis_name=, return_state=True) on 4 shards: every shard returns the
   state after the whole sequence (ring buffers, document start, memory, position), equal to the
@@ -302,8 +305,8 @@ def test_dca_delta_memory_layer_with_sequence_axis_equals_the_unsharded_layer():
 
 _LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gated_deltanet", {}),
                 ("window", {"window": 8, "short_conv": 4}), ("softmax", {"short_conv": 4})]
-# CI leaves out Gated DeltaNet: its sharded engine is checked by
-# test_delta_rule_sharded_equals_single_device.
+# CI leaves out Gated DeltaNet: its sharded engine is checked through DCA's delta memory
+# (test_dca_delta_memory_layer_with_sequence_axis_equals_the_unsharded_layer).
 
 
 @pytest.mark.parametrize("attention, options", oracles.ci_cases(
