@@ -276,7 +276,9 @@ def _check_layer_sharded(layers, x, reset, shards=4):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_ref))))
 
 
-def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
+@pytest.mark.parametrize("shards", [pytest.param(2, marks=pytest.mark.slow), 4,
+                                    pytest.param(8, marks=pytest.mark.slow)])
+def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer(shards):
   """DCAttention(sequence_axis=...) inside shard_map (convolution halo with a reset inside it,
   window halo, carried memory) == the same layer on one device: outputs and gradients."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -287,20 +289,22 @@ def test_dca_layer_with_sequence_axis_equals_the_unsharded_layer():
   reset = jnp.zeros((2, 96), bool).at[0, 46].set(True).at[1, 24].set(True).at[0, 61].set(True)
   layers = [DCAttention(32, 2, window=_W, chunk_size=4, sequence_axis=axis, rngs=nnx.Rngs(0))
             for axis in (None, "seq")]
-  _check_layer_sharded(layers, x, reset)
+  _check_layer_sharded(layers, x, reset, shards)
 
 
-def test_dca_delta_memory_layer_with_sequence_axis_equals_the_unsharded_layer():
+@pytest.mark.parametrize("shards", [pytest.param(2, marks=pytest.mark.slow),
+                                    pytest.param(4, marks=pytest.mark.slow), 8])
+def test_dca_delta_memory_layer_with_sequence_axis_equals_the_unsharded_layer(shards):
   """DCAttention(memory="delta", sequence_axis=...): the window's halo carries the betas and the
-  delta rule's entering state crosses the shards (one all_gather of the affine summaries); 8
-  shards of 12 tokens (W = 8), resets at a boundary and inside shards: outputs and gradients."""
+  delta rule's entering state crosses the shards (one all_gather of the affine summaries); in CI
+  8 shards of 12 tokens (W = 8), resets at a boundary and inside shards: outputs and gradients."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dca_jax.nn import DCAttention  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(2), (2, 96, 32))
   reset = jnp.zeros((2, 96), bool).at[0, 46].set(True).at[1, 24].set(True).at[0, 61].set(True)
   layers = [DCAttention(32, 2, window=_W, chunk_size=4, memory="delta", sequence_axis=axis,
                         rngs=nnx.Rngs(0)) for axis in (None, "seq")]
-  _check_layer_sharded(layers, x, reset, shards=8)
+  _check_layer_sharded(layers, x, reset, shards)
 
 
 _LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gated_deltanet", {}),
@@ -309,13 +313,16 @@ _LAYER_CASES = [("linear", {"short_conv": 4}), ("gla", {"short_conv": 4}), ("gat
 # (test_dca_delta_memory_layer_with_sequence_axis_equals_the_unsharded_layer).
 
 
+# CI: 4 shards, every layer but Gated DeltaNet; the slow job adds it and 2 and 8 shards.
+@pytest.mark.parametrize("shards", [pytest.param(2, marks=pytest.mark.slow), 4,
+                                    pytest.param(8, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("attention, options", oracles.ci_cases(
     [pytest.param(*c, id=c[0]) for c in _LAYER_CASES],
     keep=[i for i, c in enumerate(_LAYER_CASES) if c[0] != "gated_deltanet"]))
-def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, options):
+def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, options, shards):
   """Each baseline layer built with sequence_axis (through the registry, as TransformerLM builds
-  it) inside shard_map over 4 shards == the same layer on one device: outputs and gradients,
-  with resets before, at and inside shard boundaries."""
+  it) inside shard_map over 2, 4 or 8 shards == the same layer on one device: outputs and
+  gradients, with resets before, at and inside shard boundaries."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dca_jax.nn import layer_spec  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(3), (2, 96, 32))
@@ -323,7 +330,7 @@ def test_every_layer_with_sequence_axis_equals_the_unsharded_layer(attention, op
   spec = layer_spec(attention)
   layers = [spec.build(32, 2, dict(options, sequence_axis=axis), rngs=nnx.Rngs(0))
             for axis in (None, "seq")]
-  _check_layer_sharded(layers, x, reset)
+  _check_layer_sharded(layers, x, reset, shards)
 
 
 # Slow job: CI covers TransformerLM with DCA sharded over "seq" through the training step of
