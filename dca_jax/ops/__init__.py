@@ -8,9 +8,9 @@ Files, one idea each: `gla.py` (engine entry) with `scan.py` (recurrent, associa
 `chunked.py`, `quadratic.py` and `planner.py` (forms and plans); the gated delta rule, every form
 in one file, in `delta_rule.py`; `window.py`, `softmax.py` and `blocked_softmax.py`,
 `conv.py`, `feature_maps.py`, `rotary.py`, `segments.py`, `projection.py` (x W with a fast
-weight gradient on CPU); DCA in `dca_params.py` (parameters,
-weights), `dca.py` (whole sequence), `dca_decode.py` (one step), `dca_memory.py` (state and
-read-out) and `dca_delta.py` (the delta-rule memory, memory="delta").
+weight gradient on CPU); DCA in `dca_params.py` (parameters, weights), `dca.py` (whole
+sequence), `dca_decode.py` (one step), `dca_memory.py` (state, read-out, shard entry and exit)
+and `dca_delta.py` (the delta-rule memory, memory="delta").
 """
 
 from dca_jax.ops.blocked_softmax import blocked_causal_attention

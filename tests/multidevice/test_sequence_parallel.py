@@ -63,13 +63,11 @@ def _check(sharded, single, args, n_grad):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
-# CI draws 4 shards (per-channel decay) here; `-m slow` adds the rest.
-_GRID = [(4, True)]
-
-
-@pytest.mark.parametrize("shards, per_channel", _GRID + [
-    pytest.param(n, c, marks=pytest.mark.slow) for n in (2, 4, 8) for c in (False, True)
-    if (n, c) not in _GRID])
+# The slow job draws every case here. In CI the sharded GLA engine runs inside the GLA layer
+# (per-channel decays) and DCA's additive memory (per-head), outputs and gradients, and with an
+# initial and a final state in test_gla_sharded_every_mode (recurrent form).
+@pytest.mark.parametrize("shards, per_channel", [
+    pytest.param(n, c, marks=pytest.mark.slow) for n in (2, 4, 8) for c in (False, True)])
 def test_gla_sharded_equals_single_device(shards, per_channel):
   q, k, v, log_decay, _, s0, reset = _inputs(per_channel)
 
