@@ -160,15 +160,17 @@ def markdown(layer: Layer, rows: list[dict]) -> list[str]:
       "- Per-device temporary memory falls about as 1/S with S sequence shards: a slow test "
       "(tests/multidevice, `-m slow`) checks it on XLA's memory analysis, and the measured table "
       "at the end shows it.",
-      "- A sharded prefill for decoding: `attention_compress(..., axis_name=..., "
-      "return_state=True)` returns on every shard the state after the whole sequence (the last "
-      "shard's buffers and document start, the carried memory), equal to one device's, and a "
-      "decoding step from it equals one from the single-device state (both memories; "
-      "tests/multidevice). A layer's `prefill` inside `shard_map` over its `sequence_axis` "
-      "raises NotImplementedError instead of continuing one cache on every shard.",
-      "- Not implemented: continuing a state in a sharded call, the layers' sharded prefill, "
-      "ring attention for softmax, FSDP's per-layer gathering (the whole parameter set is "
-      "gathered once per step, so the saving is the stored parameters and optimiser state).",
+      "- A sharded prefill for decoding: `attention_compress(..., axis_name=..., state=..., "
+      "return_state=True)` continues an incoming state on the first shard (its buffered tokens "
+      "as that shard's halo, its memory as the state entering it) and returns on every shard "
+      "the state after the whole sequence (the last shard's buffers and document start, the "
+      "carried memory), equal to one device's; a decoding step from it equals one from the "
+      "single-device state (both memories; tests/multidevice). A layer's `prefill` inside "
+      "`shard_map` over its `sequence_axis` raises NotImplementedError instead of continuing "
+      "one cache on every shard.",
+      "- Not implemented: the layers' sharded prefill (the ops-level one above is), ring "
+      "attention for softmax, FSDP's per-layer gathering (the whole parameter set is gathered "
+      "once per step, so the saving is the stored parameters and optimiser state).",
       "",
       f"## One layer, forward: D = {layer.d_model}, H = {layer.heads}, K = V = "
       f"{layer.head_dim}, W = {layer.window}, F = {layer.features}, C = {layer.chunk}, "

@@ -431,7 +431,8 @@ class AttentionLayer(nnx.Module):
           f"prefill inside jax.shard_map over sequence_axis={self.sequence_axis!r} ({shards} "
           f"shards) is not implemented (each shard would continue the same cache). Call the "
           f"layer without a cache there, or prefill on one device; for DCA, "
-          f"attention_compress(..., axis_name=..., return_state=True) is a sharded prefill.")
+          f"attention_compress(..., axis_name=..., state=..., return_state=True) is a sharded "
+          f"prefill.")
 
   def decode_step(self, x_t: jax.Array, cache: Any,
                   reset: jax.Array | None = None) -> tuple[jax.Array, Any]:

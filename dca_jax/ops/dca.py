@@ -76,9 +76,10 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       `ppermute` (the halo), the document start by an `all_gather` of each shard's last
       reset, and the memory's carried state as in `gated_linear_attention(..., axis_name=)`
       (`delta_rule_attention(..., axis_name=)` for the delta memory). Needs W <= the shard's
-      length; not with `state` (not implemented). With `return_state` every shard returns the
-      state after the whole sequence (the last shard's buffers and document start, the carried
-      memory), replicated: a sharded prefill for decoding on one device.
+      length. A `state` (replicated) continues on the first shard (its buffered tokens are that
+      shard's halo, its memory the state entering it). With `return_state` every shard returns
+      the state after the whole sequence (the last shard's buffers and document start, the
+      carried memory), replicated: a sharded prefill for decoding on one device.
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
@@ -100,10 +101,6 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     Munkhdalai et al. 2024 (Infini-attention: compressive memory beside local attention).
   """
   if axis_name is not None:
-    if state is not None:
-      raise NotImplementedError(
-          "attention_compress with axis_name supports state=None only (continuing a state in a "
-          "sharded call is not implemented; a sharded call can return one: return_state=True).")
     sequence_parallel.check_axis_name(axis_name)
   if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
     return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
@@ -159,8 +156,9 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   if axis_name is not None:
     # Only position and doc_start of this state are read (the buffers are the halo); its memory
     # is zero: the carried state is added after the engine (`sequence_parallel.combine_shards`).
+    incoming = state
     start, doc_start, buffered = shard_entry((weights.k, weights.v, weights.k_features), reset,
-                                             window, axis_name)
+                                             window, axis_name, incoming, rotary_base)
     memory = sequence_parallel.varying(
         jnp.zeros((batch, heads, weights.q_features.shape[-1], value_dim + 1), f32), axis_name,
         like=weights.q)
@@ -183,8 +181,8 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   if axis_name is not None:
     memory_out, memory = sequence_parallel.combine_shards(
         memory_out, memory, weights.q_features.astype(f32),
-        sequence_parallel.folded_log_decay(weights.log_decay, reset), jnp.zeros_like(memory),
-        axis_name)
+        sequence_parallel.folded_log_decay(weights.log_decay, reset),
+        jnp.zeros_like(memory) if incoming is None else incoming.memory, axis_name)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o

@@ -197,9 +197,11 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   buffered = None
   if axis_name is not None:
     # Only position and doc_start of this state are read; the buffers are the halo.
-    start, doc_start, buffered = shard_entry(new, reset, window, axis_name)
-    state = DCADeltaState(keys=None, values=None, betas=None, doc_start=doc_start, memory=None,
-                          position=start)
+    incoming = state
+    start, doc_start, buffered = shard_entry(new, reset, window, axis_name, incoming,
+                                             rotary_base)
+    state = DCADeltaState(keys=None, values=None, betas=None, doc_start=doc_start,
+                          memory=None if incoming is None else incoming.memory, position=start)
   (num, den, _), (k_in, v_in, beta_in), same_doc, tails = window_and_stream(
       weights.q, new, doc, reset, state, window=window, scale=scale, rotary_base=rotary_base,
       buffered=buffered)
@@ -214,7 +216,7 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   if axis_name is not None:
     # The memory's state entering this shard: every shard's affine summary, one all_gather.
     initial = entering_state(plans, q_unit, keys_in, values_in, betas_in, weights.log_decay,
-                             None, reset, axis_name)
+                             state.memory, reset, axis_name)
   else:
     initial = None if state is None else state.memory
   memory_out, memory = run_delta_rule(plans, q_unit, keys_in, values_in, betas_in,

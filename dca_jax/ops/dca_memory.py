@@ -251,14 +251,15 @@ def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scal
           [x[:, -window:] for x in extended])
 
 
-def shard_entry(new, reset, window: int, axis_name):
+def shard_entry(new, reset, window: int, axis_name, state=None, rotary_base=None):
   """(position, doc_start, buffered) entering this shard when T is sharded over `axis_name`.
 
   For both memories' `window_and_stream` under sequence parallelism: `buffered` is the previous
   shard's last W tokens of each of `new` ([B, T, ...]: keys, values and the third buffer), oldest
-  first (one `ppermute` each; the first shard gets zeros, which count as empty slots); `position`
-  is the absolute position of the shard's first token and `doc_start` [B] the start of each
-  row's current document, from an `all_gather` of every shard's last reset.
+  first (one `ppermute` each); the first shard gets the incoming `state`'s buffered tokens
+  (`window_buffers`), or zeros without one, which count as empty slots. `position` is the
+  absolute position of the shard's first token and `doc_start` [B] the start of each row's
+  current document, from an `all_gather` of every shard's last reset (and the state's).
 
   Raises:
     ValueError: W longer than the shard (`sequence_parallel.previous_tail`).
@@ -266,16 +267,21 @@ def shard_entry(new, reset, window: int, axis_name):
   batch, time = new[0].shape[:2]
   shards = sequence_parallel.check_axis_name(axis_name)
   index = jax.lax.axis_index(axis_name).astype(jnp.int32)
-  start = index * time
+  offset = jnp.zeros((), jnp.int32) if state is None else state.position
+  start = offset + index * time
   halo = [h.astype(jnp.float32) for h in sequence_parallel.previous_tail(new, window, axis_name)]
+  incoming = jnp.zeros((batch,), jnp.int32)
+  if state is not None:
+    halo = [jnp.where(index == 0, b, h) for b, h in zip(window_buffers(state, rotary_base), halo)]
+    incoming = state.doc_start
   if reset is None:
     last = jnp.full((batch,), -1, jnp.int32)
   else:
     last = jnp.max(jnp.where(reset, start + jnp.arange(time, dtype=jnp.int32), -1), axis=1)
   lasts = jax.lax.all_gather(last, axis_name)                                    # [N, B]
   earlier = (jnp.arange(shards) < index)[:, None]
-  doc_start = jnp.maximum(jnp.max(jnp.where(earlier, lasts, -1), axis=0), 0).astype(jnp.int32)
-  return start, doc_start, halo
+  doc_start = jnp.maximum(jnp.max(jnp.where(earlier, lasts, -1), axis=0), incoming)
+  return start, doc_start.astype(jnp.int32), halo
 
 
 def from_last_shard(values, axis_name):

@@ -194,24 +194,29 @@ def test_dca_attention_compress_sharded_equals_single_device(shards, memory):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
-# CI: the delta memory (its sharded engine's final state); the additive one in the slow job.
+# CI: the delta memory (its sharded engine's entering and final states); the additive one in the
+# slow job.
 @pytest.mark.parametrize("memory", [pytest.param("additive", marks=pytest.mark.slow), "delta"])
-def test_dca_sharded_prefill_returns_the_single_device_state(memory):
-  """attention_compress(..., axis_name=, return_state=True) on 4 shards: every shard returns the
-  state after the whole sequence (ring buffers, document start, memory, position), equal to the
-  single-device call's, so decoding can continue from it on one device."""
+def test_dca_sharded_prefill_continues_and_returns_the_single_device_state(memory):
+  """attention_compress(..., axis_name=, state=, return_state=True) on 4 shards: the first shard
+  continues an incoming state (its buffered tokens, document start and memory; one device's
+  prefill of the first 32 tokens, with a reset among the buffered tokens), and every shard
+  returns the state after the whole sequence (ring buffers, document start, memory, position),
+  equal to the single-device call's, so decoding can continue from it on one device."""
   from dca_jax import attention_compress, compute_weights, memory_state_update  # pylint: disable=g-import-not-at-top
   params, x, reset = _dca_inputs(memory)
 
-  def run(params, x, r, axis_name=None):
+  def run(params, x, r, state, axis_name=None):
     return attention_compress(compute_weights(params, x), window=_W, reset=r, mode="chunked",
-                              chunk_size=4, return_state=True, axis_name=axis_name)
+                              chunk_size=4, state=state, return_state=True, axis_name=axis_name)
 
+  _, incoming = jax.jit(run)(params, x[:, :32], reset[:, :32], None)
+  x, reset = x[:, 32:], reset[:, 32:]                     # 4 shards of 16 tokens, W = 8
   sharded = jax.shard_map(functools.partial(run, axis_name="seq"), mesh=_mesh(4),
-                          in_specs=(P(), P(None, "seq"), P(None, "seq")),
+                          in_specs=(P(), P(None, "seq"), P(None, "seq"), P()),
                           out_specs=(P(None, "seq"), P()))
-  (o, state), (o_ref, state_ref) = jax.jit(sharded)(params, x, reset), jax.jit(run)(params, x,
-                                                                                       reset)
+  (o, state), (o_ref, state_ref) = (jax.jit(sharded)(params, x, reset, incoming),
+                                    jax.jit(run)(params, x, reset, incoming))
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
   assert type(state) is type(state_ref)
   for name, got, want in zip(state._fields, state, state_ref):
