@@ -417,7 +417,7 @@ class AttentionLayer(nnx.Module):
     """`__call__` on checked inputs."""
     raise NotImplementedError
 
-  def _check_prefill_reset(self, x: Any, reset: Any) -> None:
+  def _check_prefill_args(self, x: Any, reset: Any) -> None:
     """Checks `prefill`'s optional reset: bool [B, T] like x's first two dims, and that T is
     not sharded: inside `jax.shard_map` over `sequence_axis`, each shard would prefill its slice
     from the same cache (a wrong result), so that is an error."""

@@ -208,7 +208,7 @@ class DCAttention(_layer.AttentionLayer):
     memory nor the convolution reaches across it, the cached ones included."""
     _layer.check_sequence(x, self.d_model)
     self._check_cache(cache, x.shape[0])
-    self._check_prefill_reset(x, reset)
+    self._check_prefill_args(x, reset)
     state, inputs = self._split_cache(cache)
     weights = self._weights(self._convolve(x, reset, history=inputs))
     o, state = ops.attention_compress(weights, window=self.window, state=state, reset=reset,

@@ -101,7 +101,7 @@ class _RecurrentAttention(_layer.AttentionLayer):
     """
     cache, inputs = self._check_prefill(x, cache, RecurrentCache,
                                         {"state": self._state_shape(None)})
-    self._check_prefill_reset(x, reset)
+    self._check_prefill_args(x, reset)
     y, state, rows = self._forward(x, cache.state, reset, inputs)
     cache = RecurrentCache(state=state, position=cache.position + x.shape[1])
     return y, self._join_conv_cache(cache, inputs, rows)

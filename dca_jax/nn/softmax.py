@@ -246,7 +246,7 @@ class SoftmaxAttention(_layer.AttentionLayer):
     """
     head_shape = (None, None, self.num_heads, self.head_dim)
     cache, inputs = self._check_prefill(x, cache, KVCache, {"k": head_shape, "v": head_shape})
-    self._check_prefill_reset(x, reset)
+    self._check_prefill_args(x, reset)
     conv_input, x = x, self._convolve(x, reset, inputs)
     time = x.shape[1]
     max_length = cache.max_length

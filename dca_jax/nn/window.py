@@ -233,7 +233,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     window = self.window
     head_shape = (None, window, self.num_heads, self.head_dim)
     cache, inputs = self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape})
-    self._check_prefill_reset(x, reset)
+    self._check_prefill_args(x, reset)
     batch, time = x.shape[:2]
     start = cache.position
     q, k, v = self._project(self._convolve(x, reset, inputs),

@@ -37,9 +37,8 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_delta import attention_compress_delta
-from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, doc_start_after,
-                                    from_last_shard, ring_buffers, shard_entry,
-                                    softmax_over_window, window_and_stream)
+from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, shard_entry,
+                                    softmax_over_window, state_after, window_and_stream)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -108,7 +107,6 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
                                     return_state=return_state, axis_name=axis_name)
   check_weights(weights, step=False)
   batch, time, heads, key_dim = weights.q.shape
-  value_dim = weights.v.shape[-1]
   _checks.check_reset(reset, batch, time)
   if state is not None:
     if not isinstance(state, DCAState):
@@ -186,13 +184,7 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(out_dtype)
   if not return_state:
     return o
-  start = jnp.zeros((), jnp.int32) if state is None else state.position
-  doc_start = jnp.zeros((batch,), jnp.int32) if state is None else state.doc_start
-  end = start + time
-  doc_start = doc_start_after(doc_start, reset, start)
-  if axis_name is not None:       # the sequence ends on the last shard (memory is already final)
-    *tails, doc_start, end = from_last_shard([*tails, doc_start, end], axis_name)
-  keys, values, key_features = ring_buffers(tails, end, rotary_base)
-  new_state = DCAState(keys=keys, values=values, key_features=key_features, doc_start=doc_start,
-                       memory=memory, position=end)
-  return o, new_state
+  (keys, values, key_features), doc_start, end, memory = state_after(
+      tails, state, reset, memory, time=time, rotary_base=rotary_base, axis_name=axis_name)
+  return o, DCAState(keys=keys, values=values, key_features=key_features, doc_start=doc_start,
+                     memory=memory, position=end)

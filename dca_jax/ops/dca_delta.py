@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (doc_start_after, from_last_shard, ring_buffers, shard_entry,
-                                    softmax_over_window, step_slots, window_and_stream,
-                                    write_step)
+from dca_jax.ops.dca_memory import (shard_entry, softmax_over_window, state_after, step_slots,
+                                    window_and_stream, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import entering_state, l2_normalize, run_delta_rule
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
@@ -155,7 +154,6 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
   """
   check_delta_weights(weights, step=False)
   batch, time, heads, key_dim = weights.q.shape
-  value_dim = weights.v.shape[-1]
   _checks.check_reset(reset, batch, time)
   if state is not None:
     _check_state(state, batch, weights)
@@ -184,7 +182,6 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   """`attention_compress_delta` on checked inputs with its plan made, one compiled program (see
   `dca._compiled_compress`)."""
   batch, time, heads, key_dim = weights.q.shape
-  value_dim = weights.v.shape[-1]
   out_dtype = weights.v.dtype
   scale = 1.0 / math.sqrt(key_dim)
   f32 = jnp.float32
@@ -224,16 +221,10 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(out_dtype)
   if not return_state:
     return o
-  start = jnp.zeros((), jnp.int32) if state is None else state.position
-  doc_start = jnp.zeros((batch,), jnp.int32) if state is None else state.doc_start
-  end = start + time
-  doc_start = doc_start_after(doc_start, reset, start)
-  if axis_name is not None:       # the sequence ends on the last shard
-    *tails, doc_start, memory, end = from_last_shard([*tails, doc_start, memory, end], axis_name)
-  keys, values, betas = ring_buffers(tails, end, rotary_base)
-  new_state = DCADeltaState(keys=keys, values=values, betas=betas, doc_start=doc_start,
-                            memory=memory, position=end)
-  return o, new_state
+  (keys, values, betas), doc_start, end, memory = state_after(
+      tails, state, reset, memory, time=time, rotary_base=rotary_base, axis_name=axis_name)
+  return o, DCADeltaState(keys=keys, values=values, betas=betas, doc_start=doc_start,
+                          memory=memory, position=end)
 
 
 def delta_memory_state_update(state: DCADeltaState, weights: DCAWeights, *,

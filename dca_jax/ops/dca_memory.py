@@ -220,8 +220,7 @@ def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scal
     state: a `DCAState` / `DCADeltaState`, or None.
     window, scale, rotary_base: as `window_softmax_parts`.
     buffered: the W tokens before the new ones, in place of the state's buffers (a shard's halo
-      under sequence parallelism, `dca._shard_entry_state`); the state gives position and
-      doc_start.
+      under sequence parallelism, `shard_entry`); the state gives position and doc_start.
 
   Returns:
     ((N, Z, m) of the window, the stream [B, T, ...] float32 per array of `new` (the token at
@@ -291,6 +290,20 @@ def from_last_shard(values, axis_name):
   last = jax.lax.axis_size(axis_name) - 1
   mine = jax.lax.axis_index(axis_name) == last
   return [jax.lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), axis_name) for x in values]
+
+
+def state_after(tails, state, reset, memory, *, time: int, rotary_base, axis_name=None):
+  """The parts of the state after a whole-sequence call, for both memories: (ring buffers of the
+  last W tokens `tails` from `window_and_stream`, doc_start [B], position, memory). `state` is
+  the one the call continued (None: the empty state; a shard's entry under `axis_name`, whose
+  sequence ends on the last shard: those parts come from there, `from_last_shard`)."""
+  batch = tails[0].shape[0]
+  start = jnp.zeros((), jnp.int32) if state is None else state.position
+  doc_start = jnp.zeros((batch,), jnp.int32) if state is None else state.doc_start
+  doc_start, end = doc_start_after(doc_start, reset, start), start + time
+  if axis_name is not None:
+    *tails, doc_start, memory, end = from_last_shard([*tails, doc_start, memory, end], axis_name)
+  return ring_buffers(tails, end, rotary_base), doc_start, end, memory
 
 
 def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Array) -> jax.Array:

@@ -85,8 +85,8 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
   Such a layer over T tokens can run as a `jax.lax.scan` over segments of S tokens, each
   continuing the previous one's cache (its `prefill`; `AttentionLayer._segmented`): the same
   function (the tests check outputs, and DCA's gradients), with one segment's intermediates live
-  at a time. On CPU this is faster from
-  T = `SEGMENT_MIN_T` = 16384 (measurements above); elsewhere None.
+  at a time. On CPU this is faster from T = `SEGMENT_MIN_T` = 16384 (measurements above);
+  elsewhere None.
 
   Args:
     sequence_length: T.
