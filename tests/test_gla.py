@@ -649,3 +649,32 @@ def test_auto_mode_forward_and_reverse_mode_equal_the_recurrent_form(time):
                              atol=1e-5)
   np.testing.assert_allclose(jax.jacfwd(f["auto"])(q), jax.grad(f["recurrent"])(q), rtol=1e-4,
                              atol=1e-5)
+
+
+def test_head_decay_weights_equal_float64_direct_sums_forward_and_gradient():
+  """The chunked form's per-head decay weights (one masked matmul) against float64 direct sums,
+  with 0, -1e4, -1e31 (below the clamp) and -inf log decays mixed in; the gradient against the
+  float64 one, finite."""
+  from dca_jax.ops.quadratic import head_decay_weights  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  g = -rng.exponential(0.3, size=(3, 64))
+  g[0, 5], g[0, 40], g[1, 0], g[1, 17], g[2, 30], g[2, 31] = (-np.inf, 0.0, -1e4, -np.inf,
+                                                              -1e31, -np.inf)
+  i, j = np.arange(64)[:, None], np.arange(64)[None, :]
+  between = (j[:, :, None] < np.arange(64)) & (np.arange(64) <= i[:, :, None])   # [i, j, l]
+
+  def direct(x):   # exp of the direct sum over j < l <= i, float64 under enable_x64
+    sums = jnp.sum(jnp.where(between, x[..., None, None, :], 0.0), axis=-1)
+    return jnp.where(i >= j, jnp.exp(sums), 0.0)
+
+  cot = rng.normal(size=(64, 64))
+  loss = lambda f: lambda x: jnp.sum(f(x) * cot)
+  g32 = jnp.asarray(g, jnp.float32)
+  got, grad = np.asarray(head_decay_weights(g32)), np.asarray(jax.grad(loss(head_decay_weights))(g32))
+  with jax.enable_x64(True):
+    expected = np.asarray(direct(jnp.asarray(g)))
+    grad64 = np.asarray(jax.grad(loss(direct))(jnp.asarray(g)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+  assert np.array_equal(got == 0, expected == 0)          # exact zeros where a -inf is crossed
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad, grad64, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ The chunk summaries (exp(g_chunk), U_n) are combined with `jax.lax.associative_s
 
 With one decay per head (D = 1) the decay factors out of the channel sum of the intra-chunk
 scores A_ij = sum_c q_ic k_jc exp(g_{j+1..i, c}), so the [C, C] block is one matmul times the
-exact decay matrix (`decayed_scores`).
+exact decay matrix (`quadratic.head_decay_weights`).
 
 With one decay per key channel it does not, and the usual factorisation
 (q_i exp(into_i)) . (k_j exp(-into_j)) is unusable: exp(-into_j) overflows once a chunk decays by
@@ -56,7 +56,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops.quadratic import decayed_scores, prefix_sum, reverse_exclusive_cumsum
+from dca_jax.ops.quadratic import head_decay_weights, prefix_sum, reverse_exclusive_cumsum
 from dca_jax.ops.scan import combine_decayed_states
 
 
@@ -147,7 +147,7 @@ def chunked(q, k, v, g, s0, *, chunk_size: int):
     scores, into, after = _per_channel_scores(flat(q), flat(k), flat(g))
     scores, into, after = (x.reshape(g.shape[:-1] + x.shape[-1:]) for x in (scores, into, after))
   else:
-    scores = decayed_scores(q, k, g)
+    scores = jnp.einsum("...ik,...jk->...ij", q, k) * head_decay_weights(g[..., 0])
     into = prefix_sum(g, axis=-2)
     after = reverse_exclusive_cumsum(g, axis=-2)
 

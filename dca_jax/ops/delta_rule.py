@@ -45,8 +45,8 @@ K'_j = exp(E_j) k_j,
 so the chunk-to-chunk recurrence S_n = A_n S_{n-1} + B_n is a `jax.lax.scan` over chunks (one
 K x K by K x V matmul per chunk: sequential, which is what a CPU runs best; an associative scan
 would cost K^3 per combine), and everything else is batched matmuls over chunks. Every decay is
-a direct sum of log decays (`quadratic.decay_matrix`, `prefix_sum`, `reverse_exclusive_cumsum`),
-never a difference of prefix sums, so exp is only ever taken of a sum of non-positive terms:
+a direct sum of log decays (`quadratic.head_decay_weights`, `prefix_sum`,
+`reverse_exclusive_cumsum`), never a difference of prefix sums, so exp is only ever taken of a sum of non-positive terms:
 nothing overflows and a reset (g = -inf) gives exact zeros, not NaN. With |k| = 1 and beta in
 [0, 1] every factor (I - beta k k^T) has norm <= 1 and the entries of L are bounded by 1.
 
@@ -73,7 +73,7 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks, segments, sequence_parallel
 from dca_jax.ops.planner import EnginePlan, Mode, delta_rule_plans
-from dca_jax.ops.quadratic import decay_matrix, prefix_sum, reverse_exclusive_cumsum
+from dca_jax.ops.quadratic import head_decay_weights, prefix_sum, reverse_exclusive_cumsum
 
 
 def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=None, mode="auto",
@@ -442,10 +442,9 @@ def chunked(q, k, v, beta, g, s0, *, chunk_size: int):
   # Decays as direct sums of log decays: into (G_i), between (D_ij, j <= i), after (E_j).
   into = prefix_sum(g, axis=-1)                                                # [B, H, N, C]
   after = reverse_exclusive_cumsum(g, axis=-1)
-  between = decay_matrix(g[..., None])[..., 0]                                 # [B, H, N, C, C]
+  between = head_decay_weights(g)                           # [B, H, N, C, C]: exp(D_ij), j <= i
   index = jnp.arange(chunk)
   strict = index[:, None] > index[None, :]
-  between = jnp.where(index[:, None] >= index[None, :], jnp.exp(between), 0.0)
 
   # The UT transform: (I + L) [W, U'] = [diag(beta exp(G)) K, diag(beta) V].
   lower = jnp.where(strict, beta[..., :, None] * between * jnp.einsum("...ik,...jk->...ij", k, k),
