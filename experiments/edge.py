@@ -54,7 +54,7 @@ import pathlib
 import shlex
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 

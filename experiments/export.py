@@ -38,7 +38,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dca_jax.nn import export as export_lib

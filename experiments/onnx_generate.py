@@ -23,7 +23,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import oracles
-from dca_jax import (DCAParams, DCAState, DCAWeights, apply_rotary, attention_compress,
+from dca_jax import (DCAParams, DCAWeights, apply_rotary, attention_compress,
                      compute_weights, init_state)
 from oracles import (BATCH, D_MODEL, F32_TOL, HEAD_DIM, HEADS, NUM_FEATURES, ORACLE_TOL, ROTARY,
                      TIME, VALUE_DIM, VARIANTS, WINDOW, assert_states_close, fast_jit, jit_compress,

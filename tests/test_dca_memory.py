@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from dca_jax import DCAState, attention_compress, init_state, memory_state_update
+from dca_jax import attention_compress, init_state, memory_state_update
 from oracles import (BATCH, HEAD_DIM, HEADS, NUM_FEATURES, VALUE_DIM, WINDOW, step_weights,
                      weights_and_state)
 

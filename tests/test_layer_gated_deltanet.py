@@ -15,7 +15,7 @@ from flax import nnx
 
 import oracles
 from dca_jax.nn import GatedDeltaNet, SoftmaxAttention
-from oracles import layer_forward, module_jit, normal, randomize
+from oracles import module_jit, normal, randomize
 
 D_MODEL, HEADS = 32, 4
 
