@@ -128,3 +128,4 @@ def test_render_gives_implied_watts_contradictions_and_the_brain():
   assert ("ONNX Runtime fp32 at 1k, batch 1, the measured speed contradicts the estimate: dca "
           "is estimated at 0.500") in text
   assert "at 8k, batch 1, the measured" not in text
+

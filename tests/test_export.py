@@ -354,3 +354,24 @@ def test_slow_every_layer_decode_and_prefill(attention, tmp_path):
                                      max_length=MAX_LENGTH, log=lambda *_: None)
   assert manifest["check_against_jax"]["max_relative_error"] <= RTOL
   _greedy_equal(tmp_path, model, tokens=48)
+
+
+def test_onnx_speed_breakdown_programs_run():
+  """`onnx_speed --breakdown`'s reference programs: the step's weight products (the weights of
+  its MatMul / Gemm nodes, not the activation products) and a chain of Adds, run by ONNX
+  Runtime with the expected results."""
+  import onnx  # pylint: disable=import-outside-toplevel
+
+  from experiments import decode_rate, onnx_speed  # pylint: disable=import-outside-toplevel
+  model = decode_rate.demo_model("dca")
+  step = onnx_graph.decode_step_model(model, max_length=128, batch=1)
+  program, feed = onnx_speed._matmul_program(step)  # pylint: disable=protected-access
+  weights = onnx.load_from_string(program).graph.initializer
+  # Per layer: the fused projection, the attention output, the MLP's gate, up and down; the head.
+  assert len(feed) == len(weights) == 2 * 5 + 1
+  outputs = ort.InferenceSession(program, providers=["CPUExecutionProvider"]).run(None, feed)
+  assert all(o.shape[0] == 1 and np.all(np.isfinite(o)) for o in outputs)
+  chain = ort.InferenceSession(onnx_speed._chain_program(7),  # pylint: disable=protected-access
+                               providers=["CPUExecutionProvider"])
+  (y,) = chain.run(None, {"x": np.zeros((1, 128), np.float32)})
+  np.testing.assert_array_equal(y, np.full((1, 128), 7.0, np.float32))
