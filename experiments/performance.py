@@ -287,7 +287,7 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
            f"(run time {result['runtime_s'] / 60:.1f} min). Medians of round-robin repeats "
            "after warm-up; every ratio below comes from one run of its section.", ""]
   provenance = result.get("sections", {})
-  if len({(p["command"], p["date"]) for p in provenance.values()}) > 1:
+  if len({(p["command"], p.get("run", p["date"])) for p in provenance.values()}) > 1:
     lines += ["Sections measured by separate runs (a full `python -m experiments.performance` "
               "measures them all in one): " + "; ".join(
                   f"{name}: `{p['command']}`, {p['date']}" for name, p in provenance.items()) + ".",
@@ -484,10 +484,13 @@ def run(config: Config, command: str, partial: pathlib.Path | None = None,
       log(f"{name}: kept from {partial}")
       continue
     result[name] = measures[name](config)
-    provenance[name] = {"command": command, "date": bookkeeping.now()}
+    provenance[name] = {"command": command, "date": bookkeeping.now(), "run": result["date"]}
     if partial is not None:
       partial.write_text(json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
   session.finish()
+  # The matmul rates of earlier runs stay only beside sections those runs measured.
+  if all(p.get("run") == result["date"] for p in provenance.values()):
+    probes = []
   result["matmul"] = {"probes": probes + session.probes}
   result["runtime_s"] = result.get("runtime_s", 0.0) + time.perf_counter() - started
   result["targets"] = targets(result)

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops.quadratic import head_decay_weights, prefix_sum, reverse_exclusive_cumsum
+from dca_jax.ops.rowwise import row_dot, scale_rows
 from dca_jax.ops.scan import combine_decayed_states
 
 
@@ -101,7 +102,7 @@ def _per_channel_scores(q, k, g):
     end (exclusive of j), as direct sums.
   """
   rows, chunk, dim = q.shape
-  scores = jnp.sum(q * k, axis=-1)[:, :, None, None]          # [M, C, 1, 1]: A_ii, no decay
+  scores = row_dot(q, k)[:, :, None, None]                    # [M, C, 1, 1]: A_ii, no decay
   into, after = g, jnp.zeros_like(g)                           # segments of h = 1 token
   size = 1
   while size < chunk:
@@ -153,12 +154,16 @@ def chunked(q, k, v, g, s0, *, chunk_size: int):
 
   # Inter-chunk part: chunk summaries, then a parallel prefix over chunks.
   chunk_decay = jnp.exp(jnp.sum(g, axis=-2))[..., None]                     # [B, H, N, D, 1]
-  summaries = jnp.einsum("bhnck,bhncv->bhnkv", k * jnp.exp(after), v)       # [B, H, N, K, V]
+  if per_channel:
+    scaled = lambda x, log_scale: x * jnp.exp(log_scale)
+  else:   # one factor per row (rowwise.scale_rows: its gradient is a dot, not a slow reduction)
+    scaled = lambda x, log_scale: scale_rows(x, jnp.exp(log_scale[..., 0]))
+  summaries = jnp.einsum("bhnck,bhncv->bhnkv", scaled(k, after), v)         # [B, H, N, K, V]
   cum_decay, cum_update = jax.lax.associative_scan(
       combine_decayed_states, (chunk_decay, summaries), axis=2)
   states = cum_decay * s0[:, :, None] + cum_update                          # after each chunk
   entering = jnp.concatenate([s0[:, :, None], states[:, :, :-1]], axis=2)
-  o = jnp.einsum("bhnck,bhnkv->bhncv", q * jnp.exp(into), entering)
+  o = jnp.einsum("bhnck,bhnkv->bhncv", scaled(q, into), entering)
   o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, v)
 
   o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(batch, n_chunks * chunk, heads, -1)

@@ -420,7 +420,9 @@ def _unified_fwd(window_num, window_den, window_max, mem_num, mem_den):
 def _unified_bwd(res, grad):
   out, den, window_weight, per_unit = res
   d_num = grad / den                                       # d o / d num
-  d_den = -jnp.sum(d_num * out, axis=-1)                   # d o / d den (den is one per row)
+  # d o / d den (den is one per row), as an einsum: a reduce-of-multiply here went to XLA:CPU's
+  # slow YNNPACK reduction (see dca_jax.ops.rowwise).
+  d_den = -jnp.einsum("...v,...v->...", d_num, out)
   return (d_num * window_weight, d_den * window_weight[..., 0], None,
           d_num * per_unit, d_den * per_unit[..., 0])
 

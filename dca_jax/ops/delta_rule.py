@@ -74,6 +74,7 @@ import jax.numpy as jnp
 from dca_jax.ops import _checks, segments, sequence_parallel
 from dca_jax.ops.planner import EnginePlan, Mode, delta_rule_plans
 from dca_jax.ops.quadratic import head_decay_weights, prefix_sum, reverse_exclusive_cumsum
+from dca_jax.ops.rowwise import row_dot, scale_rows
 
 
 def delta_rule_attention(q, k, v, beta, log_decay, *, initial_state=None, reset=None, mode="auto",
@@ -217,7 +218,8 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     [0.6000000238418579, 0.800000011920929]
   """
   wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return (wide * jax.lax.rsqrt(jnp.sum(wide * wide, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+  # row_dot and scale_rows: the plain products, with a faster backward on XLA:CPU (rowwise).
+  return scale_rows(wide, jax.lax.rsqrt(row_dot(wide, wide) + eps)).astype(x.dtype)
 
 
 def entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_name):
@@ -447,17 +449,17 @@ def chunked(q, k, v, beta, g, s0, *, chunk_size: int):
   strict = index[:, None] > index[None, :]
 
   # The UT transform: (I + L) [W, U'] = [diag(beta exp(G)) K, diag(beta) V].
-  lower = jnp.where(strict, beta[..., :, None] * between * jnp.einsum("...ik,...jk->...ij", k, k),
+  lower = jnp.where(strict, scale_rows(between * jnp.einsum("...ik,...jk->...ij", k, k), beta),
                     0.0)
-  rhs = jnp.concatenate([(beta * jnp.exp(into))[..., None] * k, beta[..., None] * v], axis=-1)
+  rhs = jnp.concatenate([scale_rows(k, beta * jnp.exp(into)), scale_rows(v, beta)], axis=-1)
   solution = unit_lower_solve(lower, rhs)
   w, u = solution[..., :key_dim], solution[..., key_dim:]
 
   # Per chunk: outputs O = P S + R and the end state S_end = A S + B of the entering state S.
   scores = between * jnp.einsum("...ik,...jk->...ij", q, k)                    # M, causal
-  p = jnp.exp(into)[..., None] * q - scores @ w                                # [B, H, N, C, K]
+  p = scale_rows(q, jnp.exp(into)) - scores @ w                                # [B, H, N, C, K]
   r = scores @ u                                                               # [B, H, N, C, V]
-  k_after = jnp.exp(after)[..., None] * k
+  k_after = scale_rows(k, jnp.exp(after))
   total = jnp.exp(jnp.sum(g, axis=-1))[..., None, None]                        # [B, H, N, 1, 1]
   maps = total * jnp.eye(key_dim, dtype=k.dtype) - jnp.swapaxes(k_after, -1, -2) @ w  # [B,H,N,K,K]
   updates = jnp.swapaxes(k_after, -1, -2) @ u                                  # [B, H, N, K, V]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dca_jax.ops.rowwise import scale_rows
+
 
 def combine_decayed_states(earlier, later):
   """Associative combine of two segments of the recurrence S -> diag(a) S + U.
@@ -42,7 +44,14 @@ def combine_decayed_states(earlier, later):
   """
   a1, u1 = earlier
   a2, u2 = later
-  return a2 * a1, a2 * u1 + u2
+  # a2 scales the rows of U1 (rowwise.scale_rows: its gradient with respect to a2 is a dot
+  # rather than a reduce-of-multiply, slow on XLA:CPU).
+  if a2.shape[-2] == 1:     # one decay per head
+    flat = u1.reshape(u1.shape[:-2] + (u1.shape[-2] * u1.shape[-1],))
+    scaled = scale_rows(flat, a2[..., 0, 0]).reshape(u1.shape)
+  else:
+    scaled = scale_rows(u1, a2[..., 0])
+  return a2 * a1, scaled + u2
 
 
 def recurrent(q, k, v, g, s0):

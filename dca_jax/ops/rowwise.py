@@ -1,0 +1,60 @@
+"""Row-wise products whose gradients are matrix products: `scale_rows`, `row_dot`, `outer_self`.
+
+Reverse-mode autodiff of a broadcasting product, x * s[..., None], gives the gradient with
+respect to s as a reduce-of-multiply over the last axis, and so does sum(x * y, -1). XLA:CPU
+(jax 0.10.2) hands those reductions to YNNPACK's reduction, which is slow for many short rows:
+~830 us to sum [1, 1024, 4, 64] -> [1, 1024, 4] against ~120 us for the same sum as a
+`dot_general` (an einsum), 2026-12-04. In DCA's forward+backward at T = 1024 such reductions
+(the memory's decays into and out of each chunk, the feature map's products, the read-out's
+normaliser) took a third of the time.
+
+Both functions here evaluate the plain product (what jax2onnx and every backend see when the
+function is only evaluated) and carry a `custom_jvp` whose tangent is written with einsums:
+forward mode (jvp, jacfwd) uses it as it is, and reverse mode transposes it into dot_generals.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_jvp
+def scale_rows(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """x [..., K] times one factor per row, scale [...]: x * scale[..., None]."""
+  return x * scale[..., None]
+
+
+@scale_rows.defjvp
+def _scale_rows_jvp(primals, tangents):
+  x, scale = primals
+  dx, dscale = tangents
+  out = scale_rows(x, scale)
+  return out, dx * scale[..., None] + jnp.einsum("...k,...->...k", x, dscale)
+
+
+@jax.custom_jvp
+def row_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+  """sum(x * y, -1) for x, y [..., K] -> [...]."""
+  return jnp.sum(x * y, axis=-1)
+
+
+@row_dot.defjvp
+def _row_dot_jvp(primals, tangents):
+  x, y = primals
+  dx, dy = tangents
+  return row_dot(x, y), (jnp.einsum("...k,...k->...", dx, y)
+                         + jnp.einsum("...k,...k->...", x, dy))
+
+
+@jax.custom_jvp
+def outer_self(x: jax.Array) -> jax.Array:
+  """x [..., K] -> x x^T [..., K, K] (a broadcasting product; its tangent is two einsums)."""
+  return x[..., :, None] * x[..., None, :]
+
+
+@outer_self.defjvp
+def _outer_self_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return outer_self(x), (jnp.einsum("...i,...j->...ij", dx, x)
+                         + jnp.einsum("...i,...j->...ij", x, dx))
