@@ -36,11 +36,10 @@ class OnnxLM:
     model_dir: an export directory (manifest.json and the programs).
     int8: use the int8-quantised programs (exported with --int8).
     threads: ONNX Runtime's intra-op threads of both programs. None: the decode step runs on one
-      thread (a step is ~175 small nodes, where a pool's synchronisation costs more than it
-      saves: 0.28 against 0.30 ms per step at batch 1 and 0.83 against 1.01 ms at batch 8 with
-      two threads on the 2-core CPU, and 0.60 ms with two threads when the other core is busy,
-      2026-12-04; `python -m experiments.edge` times both), the prefill on ONNX Runtime's
-      default (one thread per core).
+      thread (a step is ~180 small nodes, where a pool's synchronisation costs more than it
+      saves: 0.27 ms per step at batch 1 on one thread against 0.28-0.58 ms on two, in
+      docs/edge.md of 2026-12-04, which times both), the prefill on ONNX Runtime's default (one
+      thread per core).
     verify: check the sha256 of the program files against the manifest.
 
   Raises:

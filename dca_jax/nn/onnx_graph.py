@@ -28,7 +28,7 @@ W window, S = W + 1 ring slots, t the layer's cache position; the maths of
   Taylor features: with a = [1, x], each feature is a_i a_j w for fixed i, j, w (1, x_i and
       x_i x_j): two Gathers and two Muls;
   decay a_t = exp(-softplus(z));
-  the new token written into slot t mod S (ScatterElements); the token in slot
+  the new token written into slot t mod S (ScatterND); the token in slot
       (t + 1) mod S leaves the window when t - W >= max(doc_start, 0):
       M <- a_t M + [phi(k_out) v_out^T, phi(k_out)];
   the window's scores q . keys over the slots whose offset r_s = (s - (t + 1)) mod S satisfies
@@ -287,8 +287,8 @@ def _dca_block(g: _Graph, x: str, block: Any, past: dict[str, str], present: dic
 
   # The ring: slot t mod S receives the token, slot (t + 1) mod S holds the one leaving. The
   # write is a ScatterND (a copy and one [K]-row per head): ONNX Runtime's broadcasting Where
-  # against a one-hot slot column costs ~3 ns an element, and a ScatterElements, which takes one
-  # index per element, ~5 us more per buffer than ScatterND's row copies (2026-12-04).
+  # against a one-hot slot column costs ~3 ns an element, and a ScatterElements takes one index
+  # per element where ScatterND copies whole rows.
   doc_start = past["doc_start"]
   g.op("Add", [position, g.const("one_i", np.int32(1))], f"{hint}_next",
        outputs=[present["position"]])

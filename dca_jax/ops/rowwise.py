@@ -3,12 +3,13 @@
 Reverse-mode autodiff of a broadcasting product, x * s[..., None], gives the gradient with
 respect to s as a reduce-of-multiply over the last axis, and so does sum(x * y, -1). XLA:CPU
 (jax 0.10.2) hands those reductions to YNNPACK's reduction, which is slow for many short rows:
-~830 us to sum [1, 1024, 4, 64] -> [1, 1024, 4] against ~120 us for the same sum as a
-`dot_general` (an einsum), 2026-12-04. In DCA's forward+backward at T = 1024 such reductions
-(the memory's decays into and out of each chunk, the feature map's products, the read-out's
-normaliser) took a third of the time.
+826 us to sum [1, 1024, 4, 64] -> [1, 1024, 4] against 146 us for the same sum as an einsum
+(`python -m experiments.rowwise_study`, 2-core Intel Xeon, 2026-12-04). In DCA's
+forward+backward at T = 1024 such reductions (the memory's decays into and out of each chunk, the
+feature map's products, the read-out's normaliser) were about a third of the time
+(`python -m experiments.profile_ops`: 30.5 ms before these functions, 20.8 ms after, same day).
 
-Both functions here evaluate the plain product (what jax2onnx and every backend see when the
+The functions here evaluate the plain product (what jax2onnx and every backend see when the
 function is only evaluated) and carry a `custom_jvp` whose tangent is written with einsums:
 forward mode (jvp, jacfwd) uses it as it is, and reverse mode transposes it into dot_generals.
 """
