@@ -422,7 +422,7 @@ def _unified_bwd(res, grad):
   d_num = grad / den                                       # d o / d num
   # d o / d den (den is one per row), as an einsum: a reduce-of-multiply here went to XLA:CPU's
   # slow YNNPACK reduction (see dca_jax.ops.rowwise).
-  d_den = -jnp.einsum("...v,...v->...", d_num, out)
+  d_den = -jnp.einsum("...v,...v->...", d_num, out, precision=jax.lax.Precision.HIGHEST)
   return (d_num * window_weight, d_den * window_weight[..., 0], None,
           d_num * per_unit, d_den * per_unit[..., 0])
 

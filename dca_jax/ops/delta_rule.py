@@ -46,9 +46,10 @@ so the chunk-to-chunk recurrence S_n = A_n S_{n-1} + B_n is a `jax.lax.scan` ove
 K x K by K x V matmul per chunk: sequential, which is what a CPU runs best; an associative scan
 would cost K^3 per combine), and everything else is batched matmuls over chunks. Every decay is
 a direct sum of log decays (`quadratic.head_decay_weights`, `prefix_sum`,
-`reverse_exclusive_cumsum`), never a difference of prefix sums, so exp is only ever taken of a sum of non-positive terms:
-nothing overflows and a reset (g = -inf) gives exact zeros, not NaN. With |k| = 1 and beta in
-[0, 1] every factor (I - beta k k^T) has norm <= 1 and the entries of L are bounded by 1.
+`reverse_exclusive_cumsum`), never a difference of prefix sums, so exp is only ever taken of a
+sum of non-positive terms: nothing overflows and a reset (g = -inf) gives exact zeros, not NaN.
+With |k| = 1 and beta in [0, 1] every factor (I - beta k k^T) has norm <= 1 and the entries of L
+are bounded by 1.
 
 Internal contract of the forms (the public wrapper `delta_rule_attention` checks the inputs and
 establishes it): q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H], g [B, T, H], all float32,

@@ -67,7 +67,9 @@ def head_decay_weights(g):
   upto = (index[None, :] <= index[:, None]).astype(g.dtype)                # [i, l]: l <= i
   later = (index[:, None] > index[None, :]).astype(g.dtype)                # [l, j]: l > j
   terms = jnp.maximum(g, _LOG_DECAY_FLOOR)[..., :, None] * later           # [..., l, j]
-  between = jnp.einsum("il,...lj->...ij", upto, terms)
+  # HIGHEST: on TPU (and GPU with TF32) a default-precision float32 matmul rounds its inputs to
+  # fewer mantissa bits, which a sum of log decays cannot afford; on CPU it changes nothing.
+  between = jnp.einsum("il,...lj->...ij", upto, terms, precision=jax.lax.Precision.HIGHEST)
   return jnp.where(index[:, None] >= index[None, :], jnp.exp(between), 0.0)
 
 
