@@ -20,7 +20,7 @@ attention, at batch 1 and 8 and at contexts of 1k, 8k and 32k tokens already in 
      it, each step's cache goes back into the next call: warm-up steps, then the median over
      repeats of the time of N consecutive steps, once for each intra_op_num_threads in
      `--threads` (1 and 2 by default) with inter_op_num_threads = 1; the table shows the fastest
-     and its thread count (a batch-1 step is ~175 small nodes: one thread avoids the pool's
+     and its thread count (a batch-1 step is ~180 small nodes: one thread avoids the pool's
      synchronisation, while softmax's long caches gain from two).
    Softmax's cache holds context + 1,024 slots (the same length `generate` allocates with
    decode_rate's budget): its exported programs are rebuilt for each context.
