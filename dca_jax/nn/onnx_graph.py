@@ -303,13 +303,12 @@ def _dca_block(g: _Graph, x: str, block: Any, past: dict[str, str], present: dic
                axis=3)                                                           # [B, H, 1, 3]
   leaving_slot = g.op("Mod", [present["position"], ring], f"{hint}_out_slot")
 
-  def write(buffer, new, field, width):
-    del width
+  def write(buffer, new, field):
     return g.op("ScatterND", [buffer, index, new], f"{hint}_{field}", outputs=[present[field]])
 
-  keys = write(past["keys"], k, "keys", head_dim)
-  values = write(past["values"], v, "values", head_dim)
-  write(past["key_features"], phi_k, "key_features", layer.num_features)
+  keys = write(past["keys"], k, "keys")
+  values = write(past["values"], v, "values")
+  write(past["key_features"], phi_k, "key_features")
 
   # The leaving token's features and values, each selected to 0 unless it leaves (as
   # memory_state_update), then M <- a_t M + [phi v^T, phi].
