@@ -3,12 +3,14 @@
 Usage:
   python -m experiments.segment_study                                  # the planner's table
   python -m experiments.segment_study --layers dca --lengths 4096,8192 --segments none,1024
+  python -m experiments.segment_study --engine                         # planner.ENGINE_SEGMENT
 
 For each layer and T: forward+backward of one layer (B = 1, d_model 256, 4 heads, float32, the
 layer's defaults) with `segment_length=None` (one pass) and with each segment length, compiled
 once each, then timed round-robin (`--repeats` rounds after one warm-up call); prints the median
-milliseconds, side by side in one process. The figures quoted in dca_jax/ops/planner.py come
-from this script (2026-12-04, the 2-core EPYC); ratios only compare within one run.
+milliseconds, side by side in one process. With `--engine`: the same for the engine's chunked
+form alone, with XLA's temporary memory of each setting. The figures quoted in
+dca_jax/ops/planner.py come from this script (2026-12-04); ratios only compare within one run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,37 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.nn import registry
+from dca_jax.ops import chunked
+
+
+def measure_engine(length: int, segments, repeats: int) -> dict:
+  """(median seconds, XLA temp bytes) of the chunked form's forward+backward per segment setting.
+
+  `chunked.chunked` on its internal contract (per-head decay, B = 1, H = 4, K = V = 64, C = 64,
+  zero initial state), differentiated with respect to q, k, v and the log decays.
+  """
+  keys = jax.random.split(jax.random.key(0), 5)
+  q, k, v = (jax.random.normal(key, (1, length, 4, 64)) for key in keys[:3])
+  g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (1, length, 4, 1)) + 4.0)
+  probe = jax.random.normal(keys[4], q.shape)
+  s0 = jnp.zeros((1, 4, 64, 64))
+  steps, memory = {}, {}
+  for segment in segments:
+    def loss(q, k, v, g, segment=segment):
+      o, _ = chunked.chunked(q, k, v, g, s0, chunk_size=64, segment_size=segment)
+      return jnp.sum(probe * o)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(q, k, v, g).compile()
+    memory[segment] = step.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(step(q, k, v, g))          # warm up
+    steps[segment] = step
+  times = {segment: [] for segment in steps}
+  for _ in range(repeats):
+    for segment, step in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(q, k, v, g))
+      times[segment].append(time.perf_counter() - start)
+  return {segment: (statistics.median(t), memory[segment]) for segment, t in times.items()}
 
 
 def measure(layer_name: str, length: int, segments, repeats: int) -> dict:
@@ -56,9 +89,25 @@ def main(argv=None) -> int:
   parser.add_argument("--segments", default="none,1024,2048",
                       help="comma-separated segment lengths; none = one pass")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--engine", action="store_true",
+                      help="the engine's chunked form instead of layers (lengths default "
+                           "8192,32768,65536, segments none,512,1024,2048)")
   args = parser.parse_args(argv)
+  if args.engine and args.lengths == parser.get_default("lengths"):
+    args.lengths = "8192,32768,65536"
+  if args.engine and args.segments == parser.get_default("segments"):
+    args.segments = "none,512,1024,2048"
   segments = [None if s == "none" else int(s) for s in args.segments.split(",")]
   print(f"backend {jax.default_backend()}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+  if args.engine:
+    print("| engine | T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
+          + " |  (forward+backward: median ms, XLA temp MiB)")
+    for length in (int(t) for t in args.lengths.split(",")):
+      result = measure_engine(length, segments, args.repeats)
+      print(f"| chunked | {length} | " + " | ".join(
+          f"{result[s][0] * 1e3:.0f} ms, {result[s][1] / 2**20:.0f} MiB" for s in segments)
+          + " |", flush=True)
+    return 0
   print("| layer | T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
         + " |")
   for name in args.layers.split(","):

@@ -678,3 +678,40 @@ def test_head_decay_weights_equal_float64_direct_sums_forward_and_gradient():
   assert np.array_equal(got == 0, expected == 0)          # exact zeros where a -inf is crossed
   assert np.all(np.isfinite(grad))
   np.testing.assert_allclose(grad, grad64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("time,chunk,segment,per_channel", [
+    (37, 4, 8, False), (70, 8, 12, True), (64, 4, 16, False), (13, 4, 5, True), (9, 8, 64, False),
+])
+def test_segmented_chunked_pass_equals_float64_scan_forward_and_gradients(time, chunk, segment,
+                                                                          per_channel):
+  """`chunked.chunked` with `segment_size` (a checkpointed scan over segments, then the rest)
+  against the float64 token scan: outputs, final state, and gradients of all five inputs, with
+  0, -1e4 and -inf log decays mixed in; segment lengths that are not multiples of the chunk
+  (rounded down to one), longer than T, and T not a multiple of them."""
+  from dca_jax.ops import chunked as chunked_form  # pylint: disable=import-outside-toplevel
+  from dca_jax.ops import scan  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(time + segment)
+  heads, dim = 2, 4
+  q, k, v = (rng.normal(size=(2, time, heads, dim)) for _ in range(3))
+  g = -rng.exponential(0.4, size=(2, time, heads, dim if per_channel else 1))
+  g.flat[rng.choice(g.size, 3, replace=False)] = [0.0, -1e4, -np.inf]
+  s0 = rng.normal(size=(2, heads, dim, dim))
+  w_o, w_s = rng.normal(size=(2, time, heads, dim)), rng.normal(size=s0.shape)
+
+  def loss(form):
+    def value(*args):
+      o, final = form(*args)
+      return jnp.sum(o * w_o) + jnp.sum(final * w_s), (o, final)
+    return jax.value_and_grad(value, argnums=(0, 1, 2, 3, 4), has_aux=True)
+
+  segmented = functools.partial(chunked_form.chunked, chunk_size=chunk, segment_size=segment)
+  args32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, s0)]
+  (_, (o, final)), grads = fast_jit(loss(segmented))(*args32)
+  with jax.enable_x64(True):
+    (_, (o64, final64)), grads64 = loss(scan.recurrent)(*(jnp.asarray(x) for x in (q, k, v, g, s0)))
+    o64, final64, grads64 = jax.tree.map(np.asarray, (o64, final64, grads64))
+  _assert_close(o, o64, F32_TOL, "o")
+  _assert_close(final, final64, F32_TOL, "final state")
+  for name, grad, ref in zip(("q", "k", "v", "log_decay", "initial_state"), grads, grads64):
+    _assert_close(grad, ref, F32_GRAD_TOL, f"d loss / d {name}")

@@ -126,8 +126,46 @@ def _per_channel_scores(q, k, g):
   return scores.reshape(rows, chunk, chunk), into, after
 
 
-def chunked(q, k, v, g, s0, *, chunk_size: int):
-  """Chunked form (see module docstring). Internal contract as in `scan.py`."""
+def chunked(q, k, v, g, s0, *, chunk_size: int, segment_size: int | None = None):
+  """Chunked form (see module docstring). Internal contract as in `scan.py`.
+
+  With `segment_size` S and T > S, the first floor(T / S) S tokens run as a `jax.lax.scan` over
+  segments of S tokens (S rounded down to a multiple of the chunk, at least one chunk), each a
+  chunked pass continuing the state the previous one returned, and the rest as one more pass.
+  The function is the same (the chunk boundaries are the same when S is a multiple of C); the
+  segment body is `jax.checkpoint`ed, so the backward pass recomputes one segment's intra-chunk
+  arrays at a time instead of storing them for the whole sequence: XLA's temporary memory of
+  forward+backward becomes O(T / S) states plus one segment's arrays instead of O(T C). On CPU it
+  is also faster at long T (one segment's arrays stay in the caches; `planner.ENGINE_SEGMENT`
+  has the measurements).
+  """
+  chunk = effective_chunk_size(chunk_size, g.shape[-1] > 1)
+  if segment_size is None or q.shape[1] <= segment_size:
+    return _chunked_pass(q, k, v, g, s0, chunk_size=chunk)
+  segment = max(segment_size // chunk, 1) * chunk
+  batch, time = q.shape[:2]
+  count = time // segment
+  whole = count * segment
+
+  def split(x):  # [B, count S, ...] -> [count, B, S, ...]
+    x = x[:, :whole].reshape((batch, count, segment) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  @jax.checkpoint
+  def body(state, inputs):
+    o, state = _chunked_pass(*inputs, state, chunk_size=chunk)
+    return state, o
+
+  state, o = jax.lax.scan(body, s0, [split(x) for x in (q, k, v, g)])
+  o = jnp.moveaxis(o, 0, 1).reshape((batch, whole) + o.shape[3:])
+  if whole == time:
+    return o, state
+  o_rest, state = _chunked_pass(*(x[:, whole:] for x in (q, k, v, g)), state, chunk_size=chunk)
+  return jnp.concatenate([o, o_rest], axis=1), state
+
+
+def _chunked_pass(q, k, v, g, s0, *, chunk_size: int):
+  """One chunked pass over the whole of its inputs (`chunked` without segments)."""
   batch, time, heads, _ = q.shape
   per_channel = g.shape[-1] > 1
   chunk = effective_chunk_size(chunk_size, per_channel)

@@ -203,7 +203,7 @@ def _run(plan: EnginePlan, q, k, v, g, s0):
   if plan.mode is Mode.QUADRATIC:
     return quadratic(q, k, v, g, s0)
   chunk = plan.chunk_size or CHUNK_SIZE.get(jax.default_backend(), DEFAULT_CHUNK_SIZE)
-  return chunked(q, k, v, g, s0, chunk_size=chunk)
+  return chunked(q, k, v, g, s0, chunk_size=chunk, segment_size=plan.segment_size)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))

@@ -123,10 +123,39 @@ class EnginePlan:
   Attributes:
     mode: one of the concrete modes (never AUTO).
     chunk_size: chunk length for the chunked form, None for the other forms.
+    segment_size: for the chunked form, how many tokens one checkpointed pass covers (a
+      `jax.lax.scan` over segments carrying the state; `chunked.chunked`), or None for one pass
+      over the whole sequence. `engine_segment` chooses it.
   """
 
   mode: Mode
   chunk_size: int | None = None
+  segment_size: int | None = None
+
+
+# The chunked form's passes over long sequences, keyed by backend (`engine_segment`). Engine
+# alone (`chunked.chunked`, per-head decay, B = 1, H = 4, K = V = 64, C = 64), forward+backward,
+# one pass against segments of 1024 tokens, medians of 5 interleaved repeats on the 2-core Xeon
+# (2026-12-04T15:06Z, `python -m experiments.segment_study --engine`): 98 / 99 ms and XLA temp
+# memory 112 / 42 MiB at T = 8192, 541 / 382 ms and 448 / 115 MiB at 32768, 1311 / 779 ms and
+# 898 / 214 MiB at 65536. Segments of 512 and 2048 were slower at 32768 and 65536. Elsewhere
+# the parallel whole-sequence pass (GPUs and TPUs want the parallelism).
+ENGINE_SEGMENT = {"cpu": 1024}
+ENGINE_SEGMENT_MIN_T = 16384
+
+
+def engine_segment(sequence_length: int, backend: str | None = None) -> int | None:
+  """The chunked form's segment length for T tokens on `backend` (None: one pass).
+
+  Example:
+    >>> engine_segment(65536, backend="cpu"), engine_segment(8192, backend="cpu")
+    (1024, None)
+  """
+  backend = backend or jax.default_backend()
+  segment = ENGINE_SEGMENT.get(backend)
+  if segment is None or sequence_length < ENGINE_SEGMENT_MIN_T:
+    return None
+  return segment
 
 
 def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: str | None = None,
@@ -149,7 +178,7 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
 
   Example:
     >>> plan_engine(8192, 64, 64, backend="cpu", needs_grad=True)
-    EnginePlan(mode=<Mode.CHUNKED: 'chunked'>, chunk_size=64)
+    EnginePlan(mode=<Mode.CHUNKED: 'chunked'>, chunk_size=64, segment_size=None)
     >>> plan_engine(8192, 64, 64, backend="cpu").mode.value
     'recurrent'
   """
@@ -167,7 +196,7 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
     # Per-channel decays: the scan (their quadratic form builds a [T, T, K] decay tensor).
     return EnginePlan(Mode.RECURRENT if per_channel_decay else Mode.QUADRATIC)
   chunk = min(CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE), sequence_length)
-  return EnginePlan(Mode.CHUNKED, chunk)
+  return EnginePlan(Mode.CHUNKED, chunk, engine_segment(sequence_length, backend))
 
 
 def engine_plans(sequence_length: int, *, per_channel_decay: bool, mode: Mode = Mode.AUTO,
@@ -180,12 +209,16 @@ def engine_plans(sequence_length: int, *, per_channel_decay: bool, mode: Mode = 
   concrete mode both are that mode. An explicit `chunk_size` overrides the planner's chunk.
   """
   if mode is not Mode.AUTO:
-    plan = EnginePlan(mode, chunk_size if mode is Mode.CHUNKED else None)
+    if mode is Mode.CHUNKED:
+      plan = EnginePlan(mode, chunk_size, engine_segment(sequence_length, backend))
+    else:
+      plan = EnginePlan(mode)
     return plan, plan
   plans = [plan_engine(sequence_length, 0, 0, backend=backend, needs_grad=grad,
                        per_channel_decay=per_channel_decay) for grad in (False, True)]
   if chunk_size is not None:
-    plans = [EnginePlan(p.mode, chunk_size if p.mode is Mode.CHUNKED else None) for p in plans]
+    plans = [dataclasses.replace(p, chunk_size=chunk_size) if p.mode is Mode.CHUNKED else p
+             for p in plans]
   return plans[0], plans[1]
 
 
