@@ -24,14 +24,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.nn import registry
-from dca_jax.ops import chunked
+from dca_jax.ops import chunked, scan
 
 
 def measure_engine(length: int, segments, repeats: int) -> dict:
-  """(median seconds, XLA temp bytes) of the chunked form's forward+backward per segment setting.
+  """{segment: (forward s, forward+backward s, XLA temp bytes of forward+backward)}: medians.
 
   `chunked.chunked` on its internal contract (per-head decay, B = 1, H = 4, K = V = 64, C = 64,
-  zero initial state), differentiated with respect to q, k, v and the log decays.
+  zero initial state), differentiated with respect to q, k, v and the log decays; the
+  recurrent form's forward under the key "recurrent".
   """
   keys = jax.random.split(jax.random.key(0), 5)
   q, k, v = (jax.random.normal(key, (1, length, 4, 64)) for key in keys[:3])
@@ -40,21 +41,29 @@ def measure_engine(length: int, segments, repeats: int) -> dict:
   s0 = jnp.zeros((1, 4, 64, 64))
   steps, memory = {}, {}
   for segment in segments:
-    def loss(q, k, v, g, segment=segment):
-      o, _ = chunked.chunked(q, k, v, g, s0, chunk_size=64, segment_size=segment)
-      return jnp.sum(probe * o)
+    def forward(q, k, v, g, segment=segment):
+      return chunked.chunked(q, k, v, g, s0, chunk_size=64, segment_size=segment)[0]
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(q, k, v, g).compile()
-    memory[segment] = step.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(step(q, k, v, g))          # warm up
-    steps[segment] = step
-  times = {segment: [] for segment in steps}
+    def loss(q, k, v, g, forward=forward):
+      return jnp.sum(probe * forward(q, k, v, g))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(q, k, v, g).compile()
+    memory[segment] = grad.memory_analysis().temp_size_in_bytes
+    steps[(segment, "fwd")] = jax.jit(forward)
+    steps[(segment, "fwd+bwd")] = grad
+  steps[("recurrent", "fwd")] = jax.jit(lambda q, k, v, g: scan.recurrent(q, k, v, g, s0)[0])
+  for step in steps.values():
+    jax.block_until_ready(step(q, k, v, g))          # compile and warm up
+  times = {key: [] for key in steps}
   for _ in range(repeats):
-    for segment, step in steps.items():
+    for key, step in steps.items():
       start = time.perf_counter()
       jax.block_until_ready(step(q, k, v, g))
-      times[segment].append(time.perf_counter() - start)
-  return {segment: (statistics.median(t), memory[segment]) for segment, t in times.items()}
+      times[key].append(time.perf_counter() - start)
+  result = {s: (statistics.median(times[(s, "fwd")]), statistics.median(times[(s, "fwd+bwd")]),
+                memory[s]) for s in segments}
+  result["recurrent"] = (statistics.median(times[("recurrent", "fwd")]), None, None)
+  return result
 
 
 def measure(layer_name: str, length: int, segments, repeats: int) -> dict:
@@ -91,22 +100,22 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--engine", action="store_true",
                       help="the engine's chunked form instead of layers (lengths default "
-                           "8192,32768,65536, segments none,512,1024,2048)")
+                           "4096,8192,32768,65536, segments none,512,1024,2048)")
   args = parser.parse_args(argv)
   if args.engine and args.lengths == parser.get_default("lengths"):
-    args.lengths = "8192,32768,65536"
+    args.lengths = "4096,8192,32768,65536"
   if args.engine and args.segments == parser.get_default("segments"):
     args.segments = "none,512,1024,2048"
   segments = [None if s == "none" else int(s) for s in args.segments.split(",")]
   print(f"backend {jax.default_backend()}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
   if args.engine:
-    print("| engine | T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
-          + " |  (forward+backward: median ms, XLA temp MiB)")
+    print("| chunked form, T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
+          + " | recurrent fwd |  (fwd ms, fwd+bwd ms, fwd+bwd XLA temp MiB; medians)")
     for length in (int(t) for t in args.lengths.split(",")):
       result = measure_engine(length, segments, args.repeats)
-      print(f"| chunked | {length} | " + " | ".join(
-          f"{result[s][0] * 1e3:.0f} ms, {result[s][1] / 2**20:.0f} MiB" for s in segments)
-          + " |", flush=True)
+      print(f"| {length} | " + " | ".join(
+          f"{result[s][0] * 1e3:.1f}, {result[s][1] * 1e3:.0f} ms, {result[s][2] / 2**20:.0f} MiB"
+          for s in segments) + f" | {result['recurrent'][0] * 1e3:.1f} ms |", flush=True)
     return 0
   print("| layer | T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
         + " |")

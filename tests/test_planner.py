@@ -83,9 +83,14 @@ def test_plan_engine_follows_the_measured_cpu_rule():
   # scan up to T = 128 (never the quadratic form), chunks above; forward: the scan.
   assert plan_engine(8192, 64, 64, backend="cpu").mode is Mode.RECURRENT
   assert plan_engine(100, 64, 64, backend="cpu", needs_grad=True).mode is Mode.QUADRATIC
-  assert plan_engine(8192, 64, 64, backend="cpu", needs_grad=True) == EnginePlan(Mode.CHUNKED, 64)
-  assert plan_engine(8192, 64, 64, backend="cpu", needs_grad=True,
+  assert plan_engine(4096, 64, 64, backend="cpu", needs_grad=True) == EnginePlan(Mode.CHUNKED, 64)
+  assert plan_engine(4096, 64, 64, backend="cpu", needs_grad=True,
                      per_channel_decay=True) == EnginePlan(Mode.CHUNKED, 64)
+  # From T = 8192 the chunked form runs in checkpointed segments of 1024 tokens (planner.py has
+  # the measurements); not on GPU.
+  assert plan_engine(8192, 64, 64, backend="cpu", needs_grad=True) == EnginePlan(Mode.CHUNKED, 64,
+                                                                                 1024)
+  assert plan_engine(8192, 64, 64, backend="gpu", needs_grad=True).segment_size is None
   assert plan_engine(100, 64, 64, backend="cpu", needs_grad=True,
                      per_channel_decay=True).mode is Mode.RECURRENT
   assert plan_engine(8192, 64, 64, backend="cpu", per_channel_decay=True).mode is Mode.RECURRENT

@@ -23,6 +23,9 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
 * The associative form over tokens is never chosen: it materialises every state and was the
   slowest form everywhere on CPU.
 * Single-token steps (decoding) use the recurrent form.
+* On CPU from T = 8192 the chunked form runs as a checkpointed scan over segments of 1024
+  tokens (`engine_segment`; measurements at `ENGINE_SEGMENT`): XLA's temporary memory of
+  forward+backward falls by 2.7-4.2x and the time stays or falls.
 
 `adaptive_scale` plans a whole DCA call on top of it (exact softmax, compressed, or one step);
 `delta_rule_plans` is the same choice for the delta rule (the delta memory's engine). A DCA call
@@ -134,21 +137,27 @@ class EnginePlan:
 
 
 # The chunked form's passes over long sequences, keyed by backend (`engine_segment`). Engine
-# alone (`chunked.chunked`, per-head decay, B = 1, H = 4, K = V = 64, C = 64), forward+backward,
-# one pass against segments of 1024 tokens, medians of 5 interleaved repeats on the 2-core Xeon
-# (2026-12-04T15:06Z, `python -m experiments.segment_study --engine`): 98 / 99 ms and XLA temp
-# memory 112 / 42 MiB at T = 8192, 541 / 382 ms and 448 / 115 MiB at 32768, 1311 / 779 ms and
-# 898 / 214 MiB at 65536. Segments of 512 and 2048 were slower at 32768 and 65536. Elsewhere
-# the parallel whole-sequence pass (GPUs and TPUs want the parallelism).
+# alone (`chunked.chunked`, per-head decay, B = 1, H = 4, K = V = 64, C = 64): one pass against
+# segments of 1024 tokens, forward / forward+backward / XLA temp memory of forward+backward,
+# medians of 5 interleaved repeats on the 2-core Xeon (`python -m experiments.segment_study
+# --engine --segments none,1024`, 2026-12-04 15:15 UTC):
+#   T = 4096:  13.1 / 48 ms / 56 MiB     against 12.5 / 49 ms / 29 MiB
+#   T = 8192:  33.4 / 95 ms / 112 MiB    against 25.0 / 101 ms / 42 MiB
+#   T = 32768: 176 / 445 ms / 448 MiB    against 114 / 398 ms / 115 MiB
+#   T = 65536: 356 / 1407 ms / 898 MiB   against 239 / 799 ms / 214 MiB
+# (the recurrent form's forward: 10.9, 21.5, 105, 200 ms). An earlier run (15:06 UTC) found
+# segments of 512 and 2048 slower than of 1024 at 32768 and 65536. Segments from T = 8192, where
+# the forward gains a quarter; elsewhere the parallel whole-sequence pass (GPUs and TPUs want
+# the parallelism).
 ENGINE_SEGMENT = {"cpu": 1024}
-ENGINE_SEGMENT_MIN_T = 16384
+ENGINE_SEGMENT_MIN_T = 8192
 
 
 def engine_segment(sequence_length: int, backend: str | None = None) -> int | None:
   """The chunked form's segment length for T tokens on `backend` (None: one pass).
 
   Example:
-    >>> engine_segment(65536, backend="cpu"), engine_segment(8192, backend="cpu")
+    >>> engine_segment(65536, backend="cpu"), engine_segment(4096, backend="cpu")
     (1024, None)
   """
   backend = backend or jax.default_backend()
@@ -178,7 +187,7 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
 
   Example:
     >>> plan_engine(8192, 64, 64, backend="cpu", needs_grad=True)
-    EnginePlan(mode=<Mode.CHUNKED: 'chunked'>, chunk_size=64, segment_size=None)
+    EnginePlan(mode=<Mode.CHUNKED: 'chunked'>, chunk_size=64, segment_size=1024)
     >>> plan_engine(8192, 64, 64, backend="cpu").mode.value
     'recurrent'
   """
