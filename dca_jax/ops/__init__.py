@@ -25,8 +25,8 @@ from dca_jax.ops.delta_rule import delta_rule_attention, l2_normalize
 from dca_jax.ops.feature_maps import (FeatureMap, elu_features, feature_dim, feature_map,
                                       taylor_features)
 from dca_jax.ops.gla import gated_linear_attention
-from dca_jax.ops.planner import (DCAPlan, EnginePlan, Mode, PlanKind, adaptive_scale, plan_engine,
-                                 segment_length)
+from dca_jax.ops.planner import (DCAPlan, EnginePlan, Mode, PlanKind, adaptive_scale,
+                                 engine_segment, plan_engine, segment_length)
 from dca_jax.ops.projection import project
 from dca_jax.ops.rotary import apply_rotary, rotary_frequencies
 from dca_jax.ops.scan import combine_decayed_states
@@ -39,7 +39,8 @@ __all__ = [
     "EnginePlan", "FeatureMap", "MemoryKind", "Mode", "PlanKind", "adaptive_scale", "apply_rotary", "attention_compress",
     "blocked_causal_attention",
     "causal_short_conv", "combine_decayed_states", "combine_memories", "compute_weights",
-    "delta_rule_attention", "document_ids", "elu_features", "feature_dim", "feature_map",
+    "delta_rule_attention", "document_ids", "elu_features", "engine_segment", "feature_dim",
+    "feature_map",
     "gated_linear_attention",
     "half_life_bias", "init_delta_state", "init_params", "init_state", "l2_normalize", "masked_attention", "memory_state_update",
     "plan_engine", "project", "rotary_frequencies", "segment_length", "sliding_window_attention",
