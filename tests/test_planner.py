@@ -210,3 +210,12 @@ def test_segment_study_prints_one_row_per_layer_and_length(capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[1] == "| layer | T | one pass | S=32 |"
   assert lines[2].startswith("| linear | 64 | ") and lines[2].count(" ms") == 2
+
+
+def test_engine_segment_rejects_bad_arguments_naming_them():
+  from dca_jax.ops import engine_segment  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="sequence_length"):
+    engine_segment(0, backend="cpu")
+  with pytest.raises(ValueError, match="backend"):
+    engine_segment(8192, backend="other")
+  assert engine_segment(8192, backend="tpu") is None
