@@ -231,8 +231,10 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
            "runs/recall` (see experiments/recall_study.py for the plan and the budget).", ""]
   if done:
     dates = sorted(r["date"][:10] for r in done)
-    lines += [f"Machine: {machine_line(done[0]['machine'])}; runs finished {dates[0]} to "
-              f"{dates[-1]}. Every cell is a single seed (seed 0).", ""]
+    # The project's machine changed between runs; name each one a finished run was on.
+    machines = sorted({machine_line(r["machine"]) for r in done})
+    lines += [f"{'Machine' if len(machines) == 1 else 'Machines'}: {' / '.join(machines)}; runs "
+              f"finished {dates[0]} to {dates[-1]}. Every cell is a single seed (seed 0).", ""]
   lines += ["Model: 2 layers, d_model 128, 2 heads, vocabulary 512, window W = 32 (DCA and "
             "the sliding window). Budget: up to 3000 steps x 32 fresh sequences, AdamW, "
             "validation every 100 steps, stop at the first validation with >= 0.99 answer "
