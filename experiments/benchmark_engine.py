@@ -53,6 +53,9 @@ from experiments.bookkeeping import GIB, log, machine_line
 FWD = "fwd"
 FWD_BWD = "fwd+bwd"
 PASSES = (FWD, FWD_BWD)
+# (contender, pass) pairs timed on their own from T = ISOLATE_FROM_T (see `run`).
+ISOLATED = {("recurrent", FWD_BWD), ("recurrent (per-channel decay)", FWD_BWD)}
+ISOLATE_FROM_T = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,7 +478,9 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       f"V={config['value_dim']}, float32, jit. Median of {config['repeats']} calls after one "
       f"warm-up ({config['big_repeats']} from T={config['big_t']}, 1 at T>={config['huge_t']}; "
       f"fast calls are repeated until they add up to {config['min_total_s']} s); the contenders "
-      "of one T run interleaved, round-robin. The machine may have been shared with other jobs: "
+      "of one T run interleaved, round-robin (from T=" + str(ISOLATE_FROM_T) + " the token "
+      "scan's fwd+bwd, 1-4 GiB of temp memory, runs after the others, alone: interleaved, its "
+      "allocations slowed its neighbours). The machine may have been shared with other jobs: "
       "trust ratios within one T more than absolute times. fwd+bwd is the loss <o, dO> and its "
       "gradients with respect to every input. Memory is XLA's temporary buffers "
       "(`memory_analysis().temp_size_in_bytes`), excluding inputs and outputs. "
@@ -591,7 +596,19 @@ def run(config: Config, command: str) -> dict[str, Any]:
     log(f"T={length}")
     full = config.full_grid_max_t is None or length <= config.full_grid_max_t
     jobs = [(c, PASSES) for c in contenders if full or c.core]
-    records += measure(runner, config, jobs, length, section="grid")
+    if length < ISOLATE_FROM_T:
+      records += measure(runner, config, jobs, length, section="grid")
+      continue
+    # Autodiff through the token scan stores one K x V state per token (1-4 GiB of XLA temp
+    # memory from T = 8192): interleaved with the other forms, its allocations slowed them
+    # (chunked forward at T = 32768: 137 ms with only the forward forms interleaved, 174 ms with
+    # the scan's forward+backward among them; 2026-12-04, 2-core Xeon). It runs after them.
+    alone = [(c, tuple(p for p in passes if (c.name, p) in ISOLATED)) for c, passes in jobs]
+    shared = [(c, tuple(p for p in passes if (c.name, p) not in ISOLATED)) for c, passes in jobs]
+    records += measure(runner, config, [(c, p) for c, p in shared if p], length, section="grid")
+    if any(p for _, p in alone):
+      records += measure(runner, config, [(c, p) for c, p in alone if p], length,
+                         section="grid")
 
   by_name = {c.name: c for c in contenders}
   for length in config.long_lengths:
