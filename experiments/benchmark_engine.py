@@ -479,8 +479,8 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       f"warm-up ({config['big_repeats']} from T={config['big_t']}, 1 at T>={config['huge_t']}; "
       f"fast calls are repeated until they add up to {config['min_total_s']} s); the contenders "
       "of one T run interleaved, round-robin (from T=" + str(ISOLATE_FROM_T) + " the token "
-      "scan's fwd+bwd, 1-4 GiB of temp memory, runs after the others, alone: interleaved, its "
-      "allocations slowed its neighbours). The machine may have been shared with other jobs: "
+      "scan's fwd+bwd, 1-4 GiB of temp memory, runs after the others, alone, so that its "
+      "allocations cannot touch their timings). The machine may have been shared with other jobs: "
       "trust ratios within one T more than absolute times. fwd+bwd is the loss <o, dO> and its "
       "gradients with respect to every input. Memory is XLA's temporary buffers "
       "(`memory_analysis().temp_size_in_bytes`), excluding inputs and outputs. "
@@ -600,9 +600,12 @@ def run(config: Config, command: str) -> dict[str, Any]:
       records += measure(runner, config, jobs, length, section="grid")
       continue
     # Autodiff through the token scan stores one K x V state per token (1-4 GiB of XLA temp
-    # memory from T = 8192): interleaved with the other forms, its allocations slowed them
-    # (chunked forward at T = 32768: 137 ms with only the forward forms interleaved, 174 ms with
-    # the scan's forward+backward among them; 2026-12-04, 2-core Xeon). It runs after them.
+    # memory from T = 8192). It runs after the other forms, alone. In the full runs of
+    # 2026-12-04 13:30 and 15:19 UTC, with it interleaved, the chunked forward at T = 32768
+    # measured 276 and 280 ms; at 16:20 UTC, with it apart, 145 ms. The side-by-side check
+    # `python -m experiments.isolation_check` (16:25 UTC) found no difference within one
+    # process (156 against 153 ms), so the cause is not established; apart, its allocations
+    # cannot touch the other forms' timings.
     alone = [(c, tuple(p for p in passes if (c.name, p) in ISOLATED)) for c, passes in jobs]
     shared = [(c, tuple(p for p in passes if (c.name, p) not in ISOLATED)) for c, passes in jobs]
     records += measure(runner, config, [(c, p) for c, p in shared if p], length, section="grid")
