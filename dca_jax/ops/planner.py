@@ -68,6 +68,21 @@ DEFAULT_CHUNK_SIZE = 64
 BACKENDS = ("cpu", "gpu", "tpu")
 
 
+def _checked_backend(backend: str | None) -> str:
+  """`backend`, or the default backend when None; ValueError naming it when unknown."""
+  backend = backend or jax.default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
+  return backend
+
+
+def _from_length(table: dict[str, int], min_length: int, sequence_length: int,
+                 backend: str) -> int | None:
+  """table[backend] from T = min_length on, else None (no entry: None)."""
+  value = table.get(backend)
+  return None if value is None or sequence_length < min_length else value
+
+
 # Long sequences through a layer in segments (`segment_length`), keyed by backend. Forward+
 # backward of one layer (B = 1, d_model 256, 4 heads) as one call against a scan of 1024-token
 # segments continuing the constant-size cache, medians of interleaved repeats on the 2-core EPYC
@@ -111,13 +126,9 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
   """
   _checks.check_positive_int("sequence_length", sequence_length)
   _checks.check_positive_int("window", window)
-  backend = backend or jax.default_backend()
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
-  segment = SEGMENT_LENGTH.get(backend)
-  if segment is None or sequence_length < SEGMENT_MIN_T:
-    return None
-  return max(segment, window)
+  backend = _checked_backend(backend)
+  segment = _from_length(SEGMENT_LENGTH, SEGMENT_MIN_T, sequence_length, backend)
+  return None if segment is None else max(segment, window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,13 +176,8 @@ def engine_segment(sequence_length: int, backend: str | None = None) -> int | No
     (1024, None)
   """
   _checks.check_positive_int("sequence_length", sequence_length)
-  backend = backend or jax.default_backend()
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
-  segment = ENGINE_SEGMENT.get(backend)
-  if segment is None or sequence_length < ENGINE_SEGMENT_MIN_T:
-    return None
-  return segment
+  backend = _checked_backend(backend)
+  return _from_length(ENGINE_SEGMENT, ENGINE_SEGMENT_MIN_T, sequence_length, backend)
 
 
 def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: str | None = None,
@@ -201,9 +207,7 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
   del key_dim, value_dim  # Not decisive at the sizes measured so far.
   if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 1:
     raise ValueError(f"sequence_length must be an integer >= 1, got {sequence_length!r}.")
-  backend = backend or jax.default_backend()
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}.")
+  backend = _checked_backend(backend)
   if decoding or sequence_length == 1:
     return EnginePlan(Mode.RECURRENT)
   if backend == "cpu" and not needs_grad:
