@@ -229,13 +229,11 @@ def engine_plans(sequence_length: int, *, per_channel_decay: bool, mode: Mode = 
   concrete mode both are that mode. An explicit `chunk_size` overrides the planner's chunk.
   """
   if mode is not Mode.AUTO:
-    if mode is Mode.CHUNKED:
-      # A backend the planner has no rule for (a plugin's name) runs one pass, as before.
-      known = (backend or jax.default_backend()) in BACKENDS
-      plan = EnginePlan(mode, chunk_size,
-                        engine_segment(sequence_length, backend) if known else None)
-    else:
-      plan = EnginePlan(mode)
+    # Explicit chunks take the backend's segments; a backend without an entry (a plugin's
+    # name, which `engine_segment` would reject) runs one pass.
+    segment = _from_length(ENGINE_SEGMENT, ENGINE_SEGMENT_MIN_T, sequence_length,
+                           backend or jax.default_backend())
+    plan = (EnginePlan(mode, chunk_size, segment) if mode is Mode.CHUNKED else EnginePlan(mode))
     return plan, plan
   plans = [plan_engine(sequence_length, 0, 0, backend=backend, needs_grad=grad,
                        per_channel_decay=per_channel_decay) for grad in (False, True)]
