@@ -29,6 +29,12 @@ from typing import Any, Callable
 import numpy as np
 
 NAME = "torch SDPA (CPU flash)"
+CUDA_NAME = "torch SDPA (CUDA)"
+
+
+def name(device: str = "cpu") -> str:
+  """The peer's row label on `device` ("cpu" or "cuda")."""
+  return CUDA_NAME if device == "cuda" else NAME
 
 
 def available() -> str | None:
@@ -58,16 +64,23 @@ class TorchLayer:
     num_heads: H (head dim D / H).
     seed: parameter initialisation seed.
     threads: intra-op threads (default: the machine's cores).
+    device: "cpu", or "cuda" for the GPU check (experiments.gpu_check): there SDPA picks its
+      CUDA kernel (in float32 the memory-efficient one; flash kernels want half precision).
   """
 
   def __init__(self, torch: Any, d_model: int, num_heads: int, seed: int = 0,
-               threads: int | None = None):
+               threads: int | None = None, device: str = "cpu"):
+    if device not in ("cpu", "cuda"):
+      raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+      raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device.")
     self.torch = torch
+    self.device = device
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(seed)
     self.num_heads = num_heads
-    self.qkv = torch.nn.Linear(d_model, 3 * d_model)
-    self.out = torch.nn.Linear(d_model, d_model)
+    self.qkv = torch.nn.Linear(d_model, 3 * d_model).to(device)
+    self.out = torch.nn.Linear(d_model, d_model).to(device)
     self.parameters = list(self.qkv.parameters()) + list(self.out.parameters())
 
   def __call__(self, x: Any) -> Any:
@@ -78,6 +91,8 @@ class TorchLayer:
     return self.out(o.transpose(1, 2).reshape(batch, time, d_model))
 
   def version(self) -> str:
+    if self.device == "cuda":
+      return f"torch {self.torch.__version__}, {self.torch.cuda.get_device_name()}"
     return f"torch {self.torch.__version__}, {self.torch.get_num_threads()} threads"
 
   def calls(self, x: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
@@ -87,13 +102,13 @@ class TorchLayer:
     layers' benchmark. Each thunk returns the (finite?) loss or an output sample as NumPy.
     """
     torch = self.torch
-    inputs = torch.from_numpy(np.array(x, np.float32))        # a writable copy
+    inputs = torch.from_numpy(np.array(x, np.float32)).to(self.device)  # a writable copy
     grad_inputs = inputs.clone().requires_grad_(True)
 
     def forward() -> np.ndarray:
       with torch.no_grad():
         y = self(inputs)
-      return y[:, -1].numpy().copy()
+      return y[:, -1].cpu().numpy().copy()     # .cpu() waits for the device
 
     def forward_backward() -> np.ndarray:
       for p in self.parameters:
@@ -106,13 +121,18 @@ class TorchLayer:
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
-def _serve(conn: Any, d_model: int, num_heads: int, threads: int | None, seed: int) -> None:
+def _serve(conn: Any, d_model: int, num_heads: int, threads: int | None, seed: int,
+           device: str) -> None:
   """The child process: builds the layer, then answers requests until "stop"."""
   torch, why_not = load()
   if torch is None:
     conn.send(("error", why_not))
     return
-  layer = TorchLayer(torch, d_model, num_heads, seed=seed, threads=threads)
+  try:
+    layer = TorchLayer(torch, d_model, num_heads, seed=seed, threads=threads, device=device)
+  except (ValueError, RuntimeError) as error:
+    conn.send(("error", str(error)))
+    return
   conn.send(("ready", layer.version(), sum(p.numel() for p in layer.parameters)))
   calls = {}
   while True:
@@ -123,7 +143,7 @@ def _serve(conn: Any, d_model: int, num_heads: int, threads: int | None, seed: i
     elif message[0] == "run":
       conn.send(calls[message[1]]())
     elif message[0] == "weights":
-      conn.send({name: p.detach().numpy().copy() for name, p in
+      conn.send({key: p.detach().cpu().numpy().copy() for key, p in
                  (("qkv.weight", layer.qkv.weight), ("qkv.bias", layer.qkv.bias),
                   ("out.weight", layer.out.weight), ("out.bias", layer.out.bias))})
     else:
@@ -138,11 +158,12 @@ class PeerProcess:
     num_params: the layer's parameter count.
   """
 
-  def __init__(self, d_model: int, num_heads: int, *, threads: int | None = None, seed: int = 0):
+  def __init__(self, d_model: int, num_heads: int, *, threads: int | None = None, seed: int = 0,
+               device: str = "cpu"):
     context = multiprocessing.get_context("spawn")
     self._conn, child = context.Pipe()
-    self._process = context.Process(target=_serve, args=(child, d_model, num_heads, threads, seed),
-                                    daemon=True)
+    self._process = context.Process(
+        target=_serve, args=(child, d_model, num_heads, threads, seed, device), daemon=True)
     self._process.start()
     reply = self._conn.recv()
     if reply[0] != "ready":
