@@ -24,7 +24,14 @@ it measures comes from one process on one device, side by side, as the CPU bench
 
 A section that would start after `--budget-s` seconds is recorded as not run. The result is
 written to DIR/gpu_check.json after every section (a run that is cut off keeps what it
-measured); `--render` writes docs/gpu.md from such a file.
+measured). Rendering, on any machine:
+
+    python -m experiments.gpu_check --render --inputs A/gpu_check.json B/gpu_check.json \
+        --pytest-log A/pytest.log --out docs
+
+merges the sections of one or more such files (a later file's section replaces an earlier's),
+adds the counts of the pytest log of the same lease (tests run on the GPU) and writes
+docs/gpu_check.json and docs/gpu.md.
 
 Run with XLA_PYTHON_CLIENT_PREALLOCATE=false, so that the PyTorch peer's process finds GPU memory.
 """
@@ -237,12 +244,221 @@ def run(out: pathlib.Path, sections: tuple[str, ...], budget_s: float,
     result["sections"][name] = value
     result["runtime_s"] = time.monotonic() - start
     path.write_text(json.dumps(result, indent=1, default=str))
+  path.write_text(json.dumps(result, indent=1, default=str))     # with the sections not run
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def parse_pytest_log(text: str) -> dict[str, Any]:
+  """Per test file: passed / failed / error / skipped counts of a `pytest -v` log (xdist or not),
+  and whether the log has pytest's final summary line (absent: the run was cut off)."""
+  import re  # pylint: disable=import-outside-toplevel
+  counts: dict[str, dict[str, int]] = {}
+  for outcome, path in re.findall(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/[\w/]+\.py)",
+                                  text):
+    counts.setdefault(path, {}).setdefault(outcome.lower(), 0)
+    counts[path][outcome.lower()] += 1
+  finished = re.search(r"^=+ .*\b(passed|failed)\b.* in [\d.]+s", text, re.M) is not None
+  totals: dict[str, int] = {}
+  for per_file in counts.values():
+    for outcome, n in per_file.items():
+      totals[outcome] = totals.get(outcome, 0) + n
+  return {"files": counts, "totals": totals, "finished": finished}
+
+
+def merge(paths: list[pathlib.Path]) -> dict[str, Any]:
+  """One result from several runs' files: sections of later files replace earlier ones."""
+  merged: dict[str, Any] = {"runs": [], "sections": {}}
+  for path in paths:
+    result = json.loads(path.read_text())
+    merged["runs"].append({"command": result["command"], "date": result["date"],
+                           "sections": sorted(result["sections"]),
+                           "not_run": result.get("not_run", [])})
+    merged["sections"].update(result["sections"])
+  return merged
+
+
+def _reading(result: dict[str, Any]) -> list[str]:
+  """The few conclusions the figures support, each computed from them."""
+  sections, out = result["sections"], []
+  env, precision = sections.get("env", {}), sections.get("precision", {})
+  rates = env.get("matmul", {})
+  if "float32 default" in rates and "float32 highest" in rates:
+    diffs = precision.get("max_relative_difference", {})
+    dca = diffs.get("DCAttention T=1024: default vs highest")
+    out.append(
+        f"- JAX's default precision for float32 matmuls on this GPU is TF32: "
+        f"{rates['float32 default']['gflops'] / rates['float32 highest']['gflops']:.1f}x the "
+        "rate of true float32 (`highest`)"
+        + (f", and it moves DCA's outputs by up to {dca:.0e} (relative)" if dca else "")
+        + ". Training needs no more; comparisons against float64 do: the tests set "
+        "`JAX_DEFAULT_MATMUL_PRECISION=highest` on a GPU, and so should a user who checks "
+        "equivalence (`with jax.default_matmul_precision('highest'):`).")
+  engine = sections.get("engine", {})
+  ratios = [row["planner_over_best"] for row in engine.get("planner", [])
+            if row["planner_over_best"] is not None]
+  if ratios:
+    lengths = sorted({row["T"] for row in engine["planner"]})
+    out.append(f"- The engine planner's GPU rule (the quadratic form up to T = 128, the "
+               f"chunked form with C = 64 above) picks a form within {max(ratios):.2f}x of the best "
+               f"measured at every T from {lengths[0]} to {lengths[-1]}, both passes.")
+    slow = [r for r in engine["records"] if r["contender"] == "recurrent"
+            and r["status"] == "ok" and r["T"] == lengths[-1]]
+    fast = [r for r in engine["records"] if r["contender"] == "chunked C=64"
+            and r["status"] == "ok" and r["T"] == lengths[-1]]
+    if slow and fast:
+      pairs = {r["pass"]: r["median_s"] for r in slow}
+      fast_by = {r["pass"]: r["median_s"] for r in fast}
+      out.append(f"- The recurrent form, the CPU's choice for the forward pass, is "
+                 f"{pairs['fwd'] / fast_by['fwd']:.0f}x slower than the chunked form here at "
+                 f"T = {lengths[-1]}: a GPU runs the token scan as one small kernel launch per "
+                 "token.")
+  layers = sections.get("layers", {})
+  if layers.get("records"):
+    lengths = sorted({r["T"] for r in layers["records"]})
+    soft = {t: benchmark.median(layers["records"], {"layer": "SoftmaxAttention",
+                                                    "pass": "fwd+bwd", "T": t})
+            for t in lengths}
+    if len(lengths) > 1 and all(soft.values()):
+      out.append(f"- `SoftmaxAttention` goes from {_ms(soft[lengths[0]])} at T = {lengths[0]} "
+                 f"to {_ms(soft[lengths[-1]])} at T = {lengths[-1]} (fwd+bwd): from the size "
+                 "where its score matrix passes 64 MiB it runs the blocked form, a loop over key "
+                 "blocks written for the CPU's memory. On a GPU a fused attention kernel "
+                 "(cuDNN through `jax.nn.dot_product_attention`) is the fast route; not "
+                 "measured in this lease.")
+    out.append("- The PyTorch peer is eager PyTorch at batch 1, timed through a pipe to its own "
+               "process (a round trip of tens of microseconds per call): at these sizes every "
+               "contender leaves the GPU mostly idle, so the bracketed ratios measure launch "
+               "and call overheads more than attention kernels. They are not the CPU "
+               "benchmark's kind of comparison.")
+  return out
+
+
+def _ms(seconds: float | None) -> str:
+  return "-" if seconds is None else f"{seconds * 1e3:.3g} ms"
+
+
+def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
+  sections = result["sections"]
+  env = sections.get("env", {})
+  lines = ["# DCA on a GPU: one lease's measurements", "",
+           "Written by `python -m experiments.gpu_check --render` from docs/gpu_check.json. The "
+           "project's own machine has no GPU; these figures come from one short lease of a GPU "
+           "machine and are not refreshed by the CPU benchmarks.", "",
+           f"- Device: {env.get('nvidia_smi') or env.get('device_kind')}; JAX {env.get('jax')} "
+           f"(backend {env.get('backend')}), Python {env.get('python')}.",
+           "- Runs (each one process, contenders side by side, median of repeats after warm-up):"]
+  for run in result["runs"]:
+    lines.append(f"  - {run['date']}: `{run['command']}` (sections {', '.join(run['sections'])}"
+                 + (f"; not run for lack of time: {', '.join(run['not_run'])}" if run["not_run"]
+                    else "") + ")")
+  lines += ["", "## What it shows", ""] + _reading(result)
+  tests = result.get("pytest")
+  if tests:
+    totals = tests["totals"]
+    lines += ["", "## The tests on the GPU", "",
+              f"Command: `{tests['command']}`.", "",
+              f"{totals.get('passed', 0)} passed, {totals.get('failed', 0)} failed, "
+              f"{totals.get('error', 0)} errors, {totals.get('skipped', 0)} skipped"
+              + ("." if tests["finished"] else
+                 " before the time limit stopped the run (the files below were reached; the "
+                 "others were not)."), "",
+              "| test file | passed | failed |", "| --- | ---: | ---: |"]
+    for name, per_file in sorted(tests["files"].items()):
+      lines.append(f"| {name} | {per_file.get('passed', 0)} | {per_file.get('failed', 0)} |")
+  if "matmul" in env:
+    lines += ["", "## Matmul precision", "",
+              "| dense 8192^3 matmul | TFLOP/s |", "| --- | ---: |"]
+    for name, rate in env["matmul"].items():
+      lines.append(f"| {name} | {rate['gflops'] / 1e3:.1f} |")
+  if "precision" in sections:
+    lines += ["", "| comparison | max relative difference |", "| --- | ---: |"]
+    for name, value in sections["precision"]["max_relative_difference"].items():
+      lines.append(f"| {name} | {value:.1e} |")
+  engine = sections.get("engine")
+  if engine and "planner" in engine:
+    config = engine["config"]
+    forms = list(dict.fromkeys(r["contender"] for r in engine["records"]))
+    lines += ["", "## The engine's forms and the planner", "",
+              f"`gated_linear_attention`, per-head decay, B = {config['batch']}, "
+              f"H = {config['heads']}, K = V = {config['key_dim']}, float32.", ""]
+    for pass_name in benchmark_engine.PASSES:
+      lengths = sorted({r["T"] for r in engine["records"] if r["pass"] == pass_name})
+      lines += [f"{pass_name}:", "", "| form | " + " | ".join(f"T={t}" for t in lengths) + " |",
+                "| --- |" + " ---: |" * len(lengths)]
+      for form in forms:
+        cells = []
+        for length in lengths:
+          record = benchmark.find(engine["records"], {"contender": form, "pass": pass_name,
+                                                      "T": length})
+          cells.append(_ms(record.get("median_s")) if record and record["status"] == "ok"
+                       else "-")
+        lines.append(f"| {form} | " + " | ".join(cells) + " |")
+      lines.append("")
+    lines += ["| T | pass | best form | planner's pick | pick / best |",
+              "| ---: | --- | --- | --- | ---: |"]
+    for row in engine["planner"]:
+      ratio = row["planner_over_best"]
+      lines.append(f"| {row['T']} | {row['pass']} | {row['best']} | {row['planner']} | "
+                   + ("-" if ratio is None else f"{ratio:.2f}") + " |")
+    if engine.get("not_run_T"):
+      lines.append(f"\nNot reached in the time of the lease: T = "
+                   f"{', '.join(map(str, engine['not_run_T']))}.")
+  layers = sections.get("layers")
+  if layers and "records" in layers:
+    names = list(dict.fromkeys(r["layer"] for r in layers["records"]))
+    lengths = sorted({r["T"] for r in layers["records"]})
+    peer = layers["peer"]["name"]
+    lines += ["", "## The layers", "",
+              "d_model 256, 4 heads, batch 1, float32, W = 64 (as docs/performance.md); "
+              f"peer: {layers['peer'].get('version', layers['peer'].get('reason'))}. "
+              "Median time; in brackets, the peer's time over the layer's (above 1: the layer "
+              "is faster).", "",
+              "| layer | " + " | ".join(f"{p} T={t}" for t in lengths
+                                      for p in benchmark_layers.PASSES) + " |",
+              "| --- |" + " ---: |" * (len(lengths) * 2)]
+    for name in names:
+      cells = []
+      for length in lengths:
+        for pass_name in benchmark_layers.PASSES:
+          mine = benchmark.median(layers["records"], {"layer": name, "pass": pass_name,
+                                                      "T": length})
+          theirs = benchmark.median(layers["records"], {"layer": peer, "pass": pass_name,
+                                                        "T": length})
+          cell = _ms(mine)
+          if mine and theirs and name != peer:
+            cell += f" ({theirs / mine:.2f}x)"
+          cells.append(cell)
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if layers.get("not_run_T"):
+      lines.append(f"\nNot reached in the time of the lease: T = "
+                   f"{', '.join(map(str, layers['not_run_T']))}.")
+  path.write_text("\n".join(lines) + "\n")
+
+
+def render(inputs: list[pathlib.Path], pytest_log: pathlib.Path | None,
+           pytest_command: str | None, out: pathlib.Path) -> dict[str, Any]:
+  result = merge(inputs)
+  if pytest_log is not None:
+    result["pytest"] = {"command": pytest_command or "(not given)",
+                        **parse_pytest_log(pytest_log.read_text())}
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+  write_markdown(out / "gpu.md", result)
   return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="folder for gpu_check.json")
+  parser.add_argument("--out", required=True, help="folder for gpu_check.json (and gpu.md)")
+  parser.add_argument("--render", action="store_true",
+                      help="write OUT/gpu_check.json and OUT/gpu.md from --inputs")
+  parser.add_argument("--inputs", nargs="*", default=[], help="gpu_check.json files to merge")
+  parser.add_argument("--pytest-log", help="the `pytest -v` log of the same lease")
+  parser.add_argument("--pytest-command", help="the command that wrote --pytest-log")
   parser.add_argument("--budget-s", type=float, default=300.0,
                       help="no section or length starts after this many seconds")
   parser.add_argument("--smoke", action="store_true",
@@ -250,6 +466,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--sections", default=",".join(SECTIONS),
                       help=f"comma-separated subset of {','.join(SECTIONS)}")
   args = parser.parse_args(argv)
+  if args.render:
+    if not args.inputs:
+      parser.error("--render needs --inputs (one or more gpu_check.json files)")
+    return render([pathlib.Path(p) for p in args.inputs],
+                  pathlib.Path(args.pytest_log) if args.pytest_log else None,
+                  args.pytest_command, pathlib.Path(args.out))
   sections = tuple(s for s in args.sections.split(",") if s)
   unknown = [s for s in sections if s not in SECTIONS]
   if unknown:

@@ -21,6 +21,11 @@ import hypothesis
 os.environ.setdefault("XLA_FLAGS",
                       "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
+# The tests compare every form with float64 references at float32 tolerances. On NVIDIA GPUs
+# since Ampere JAX's default float32 matmul is TF32 (a relative error of ~4e-4 on DCA's outputs,
+# docs/gpu.md), so the suite asks for true float32 matmuls; on the CPU this changes nothing.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
 hypothesis.settings.register_profile("reproducible", deadline=None, derandomize=True,
                                      print_blob=True)
 hypothesis.settings.register_profile("explore", deadline=None, print_blob=True)

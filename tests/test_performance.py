@@ -93,3 +93,27 @@ def test_layer_records_count_flops_of_the_layer_state():
     assert record["flops"] > record["matmul_flops"] > 0
   forward, both = sorted(records, key=lambda r: r["flops"])
   assert both["flops"] > 2 * forward["flops"]
+
+
+def test_gpu_report_is_regenerated_from_its_json(tmp_path):
+  """docs/gpu.md is what `experiments.gpu_check --render` writes from docs/gpu_check.json."""
+  import json
+  import pathlib
+  from experiments import gpu_check
+  docs = pathlib.Path(__file__).resolve().parent.parent / "docs"
+  result = json.loads((docs / "gpu_check.json").read_text())
+  gpu_check.write_markdown(tmp_path / "gpu.md", result)
+  assert (tmp_path / "gpu.md").read_text() == (docs / "gpu.md").read_text()
+
+
+def test_gpu_check_counts_a_pytest_log():
+  from experiments import gpu_check
+  log = ("[gw0] [ 10%] PASSED tests/test_gla.py::test_a[1]\n"
+         "[gw1] [ 20%] FAILED tests/test_gla.py::test_b\n"
+         "PASSED tests/test_window.py::test_c\n")
+  counts = gpu_check.parse_pytest_log(log)
+  assert counts["files"] == {"tests/test_gla.py": {"passed": 1, "failed": 1},
+                             "tests/test_window.py": {"passed": 1}}
+  assert counts["totals"] == {"passed": 2, "failed": 1}
+  assert not counts["finished"]
+  assert gpu_check.parse_pytest_log(log + "==== 2 passed, 1 failed in 3.20s ====\n")["finished"]
