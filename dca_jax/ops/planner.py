@@ -4,12 +4,15 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
 (2 cores; docs/engine_benchmark.md has the figures, including its planner sweep):
 
 * Forward only (inference, prefill) on CPU: the recurrent form. Its `lax.scan` over tokens was
-  the fastest forward at every T measured, from 8 to 2^20 tokens (3-5x faster than the chunked
-  form: XLA's CPU backend runs the chunked form's many small batched matmuls at ~11% of its
-  dense-matmul rate, while the scan's per-token work is small and cache-resident).
+  the fastest forward, or tied with the chunked form, at every T measured from 8 to 2^20
+  tokens. On the 2-core AMD EPYC of 2026-11-28 it was 3-5x faster; on the 2-core Intel Xeon
+  (AVX-512) of 2026-12-04, with the chunked form's later changes, the chunked forward took
+  0.99-1.20x the scan's time (docs/engine_benchmark.md, 17:31 UTC): the choice stands, the
+  margin is gone.
 * With gradients: the quadratic form up to T = `QUADRATIC_MAX_T` (one masked matmul; fastest up
-  to T = 128 in the sweep), the chunked form with C = min(64, T) above (7.5x faster than autodiff
-  through the token scan at T = 8192, which stores one K x V state per token).
+  to T = 128 in the sweep of 2026-11-28), the chunked form with C = min(64, T) above (12.7x
+  faster than autodiff through the token scan at T = 8192 on 2026-12-04, which stores one
+  K x V state per token).
 * Per-channel decay on CPU: the recurrent form forward, and with gradients above
   T = `QUADRATIC_MAX_T` the chunked form (its intra-chunk scores by recursive halving,
   chunked.py). Measured again on 2026-12-02 with that form (`python -m experiments.performance
