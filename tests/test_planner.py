@@ -78,11 +78,17 @@ def test_mode_parse():
 
 
 def test_plan_engine_follows_the_measured_cpu_rule():
-  # docs/performance.md: on CPU the token scan is the fastest forward at every T; with gradients
-  # the quadratic form up to T = 128, then chunks of 64; per-channel decay with gradients: the
-  # scan up to T = 128 (never the quadratic form), chunks above; forward: the scan.
+  # planner.py: on CPU the token scan is the fastest forward (or tied) at every T; with gradients
+  # the quadratic form up to T = 96, then chunks of 64 (docs/planner_check.json); per-channel
+  # decay with gradients: the scan up to T = 128 (never the quadratic form), chunks above;
+  # forward: the scan.
   assert plan_engine(8192, 64, 64, backend="cpu").mode is Mode.RECURRENT
-  assert plan_engine(100, 64, 64, backend="cpu", needs_grad=True).mode is Mode.QUADRATIC
+  assert plan_engine(96, 64, 64, backend="cpu", needs_grad=True).mode is Mode.QUADRATIC
+  assert plan_engine(97, 64, 64, backend="cpu", needs_grad=True) == EnginePlan(Mode.CHUNKED, 64)
+  assert plan_engine(128, 64, 64, backend="cpu", needs_grad=True,
+                     per_channel_decay=True).mode is Mode.RECURRENT
+  assert plan_engine(129, 64, 64, backend="cpu", needs_grad=True,
+                     per_channel_decay=True) == EnginePlan(Mode.CHUNKED, 64)
   assert plan_engine(4096, 64, 64, backend="cpu", needs_grad=True) == EnginePlan(Mode.CHUNKED, 64)
   assert plan_engine(4096, 64, 64, backend="cpu", needs_grad=True,
                      per_channel_decay=True) == EnginePlan(Mode.CHUNKED, 64)

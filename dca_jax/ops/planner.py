@@ -9,12 +9,16 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
   (AVX-512) of 2026-12-04, with the chunked form's later changes, the chunked forward took
   0.99-1.20x the scan's time (docs/engine_benchmark.md, 17:31 UTC): the choice stands, the
   margin is gone.
-* With gradients: the quadratic form up to T = `QUADRATIC_MAX_T` (one masked matmul; fastest up
-  to T = 128 in the sweep of 2026-11-28), the chunked form with C = min(64, T) above (12.7x
+* With gradients: the quadratic form up to T = `QUADRATIC_MAX_T` = 96 (one masked matmul), the
+  chunked form with C = min(64, T) above. The sweep of 2026-11-28 (AMD) had the quadratic form
+  fastest up to T = 128; on the Intel Xeon of 2026-12-04 it was 1.32x slower than chunks of 64
+  at T = 128 and within 1.06x of the fastest at T = 96, where chunks of 64 were 1.23x slower
+  (`python -m experiments.planner_check --lengths 64,96,128,192 --rounds 3`, medians of three
+  rounds, docs/planner_check.json). The chunked form is 12.7x
   faster than autodiff through the token scan at T = 8192 on 2026-12-04, which stores one
   K x V state per token).
 * Per-channel decay on CPU: the recurrent form forward, and with gradients above
-  T = `QUADRATIC_MAX_T` the chunked form (its intra-chunk scores by recursive halving,
+  T = `PER_CHANNEL_SCAN_MAX_T` the chunked form (its intra-chunk scores by recursive halving,
   chunked.py). Measured again on 2026-12-02 with that form (`python -m experiments.performance
   --quick`, K = V = 64): chunked fwd+bwd 4.3 ms against 59 ms through the token scan at
   T = 256, 25 ms against 232 ms at T = 1024; docs/performance.md has the GatedLinearAttention
@@ -68,7 +72,9 @@ class Mode(str, enum.Enum):
 
 
 # Measured thresholds (docs/engine_benchmark.md); keyed by jax.default_backend().
-QUADRATIC_MAX_T = 128
+QUADRATIC_MAX_T = 96
+# Per-channel decays with gradients take the token scan up to this T (see the docstring).
+PER_CHANNEL_SCAN_MAX_T = 128
 CHUNK_SIZE = {"cpu": 64, "gpu": 64, "tpu": 128}
 DEFAULT_CHUNK_SIZE = 64
 BACKENDS = ("cpu", "gpu", "tpu")
@@ -218,9 +224,13 @@ def plan_engine(sequence_length: int, key_dim: int, value_dim: int, *, backend: 
     return EnginePlan(Mode.RECURRENT)
   if backend == "cpu" and not needs_grad:
     return EnginePlan(Mode.RECURRENT)
-  if sequence_length <= QUADRATIC_MAX_T:
-    # Per-channel decays: the scan (their quadratic form builds a [T, T, K] decay tensor).
-    return EnginePlan(Mode.RECURRENT if per_channel_decay else Mode.QUADRATIC)
+  if per_channel_decay:
+    # Per-channel decays: the scan for short T (their quadratic form would build a [T, T, K]
+    # decay tensor).
+    if sequence_length <= PER_CHANNEL_SCAN_MAX_T:
+      return EnginePlan(Mode.RECURRENT)
+  elif sequence_length <= QUADRATIC_MAX_T:
+    return EnginePlan(Mode.QUADRATIC)
   chunk = min(CHUNK_SIZE.get(backend, DEFAULT_CHUNK_SIZE), sequence_length)
   return EnginePlan(Mode.CHUNKED, chunk, engine_segment(sequence_length, backend))
 
