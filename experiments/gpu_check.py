@@ -13,12 +13,15 @@ it measures comes from one process on one device, side by side, as the CPU bench
 2. precision: how far the default precision moves DCA's outputs from "highest" (the tests run
    at "highest": JAX_DEFAULT_MATMUL_PRECISION=highest), the engine's chunked form against its
    recurrent form under both.
-3. engine: the planner's sweep on this backend (quadratic, recurrent, chunked C = 32/64/128,
-   forward and forward+backward, B = 1, H = 4, K = V = 64, T = 64 ... 65536), with the planner's
-   pick against the best form at each T: the GPU row of `dca_jax.ops.planner` comes from it.
-4. layers: the five layers of `dca_jax.nn` (d_model 256, 4 heads, batch 1, float32, as in
+3. layers: the five layers of `dca_jax.nn` (d_model 256, 4 heads, batch 1, float32, as in
    docs/performance.md) and PyTorch's SDPA layer on CUDA (`experiments.torch_peer`), forward and
    forward+backward at T = 1024 ... 32768.
+4. engine: the planner's sweep on this backend (quadratic, recurrent, chunked C = 32/64/128,
+   forward and forward+backward, B = 1, H = 4, K = V = 64, T = 64 ... 65536), with the planner's
+   pick against the best form at each T: the GPU row of `dca_jax.ops.planner` comes from it.
+   Beside it from T = 1024, softmax on the same shape three ways (XLA's dot_product_attention,
+   the library's blocked form, cuDNN's fused kernel in bfloat16), to choose the GPU's route for
+   `SoftmaxAttention`.
 5. training: LM training steps of `lm_dca` against `lm_softmax` (tokens/s at T = 256 x 8 and
    T = 2048 x 1), as in docs/performance.md.
 
@@ -58,15 +61,18 @@ from dca_jax.nn import count_params
 from experiments import benchmark, benchmark_engine, benchmark_layers, bookkeeping, torch_peer
 from experiments.bookkeeping import log
 
-SECTIONS = ("env", "precision", "engine", "layers", "training")
+# Layers before the engine: the 2026-12-04 lease ran out of time inside the engine's sweep (GPU
+# compilation, ~5 s per program, dominates) and never reached T >= 16384 of the layers.
+SECTIONS = ("env", "precision", "layers", "engine", "training")
 ENGINE_LENGTHS = (64, 256, 1024, 4096, 16384, 65536)
 LAYER_LENGTHS = (1024, 4096, 16384, 32768)
 TRAIN_LENGTHS = ((256, 8), (2048, 1))
 MATMUL_N = 8192
+SOFTMAX_MIN_T = 1024      # the engine section's softmax contenders run from this T
 # --smoke: the same code paths at sizes a CPU runs in a minute or two (to try the script before
 # a lease, not to measure).
 SMOKE = {"ENGINE_LENGTHS": (64, 256), "LAYER_LENGTHS": (256,), "TRAIN_LENGTHS": ((128, 2),),
-         "MATMUL_N": 512}
+         "MATMUL_N": 512, "SOFTMAX_MIN_T": 256}
 
 
 def _gpu_name() -> str | None:
@@ -136,6 +142,25 @@ def section_precision() -> dict[str, Any]:
   return {"max_relative_difference": rows}
 
 
+def _softmax_xla(q, k, v, g):
+  del g
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def _softmax_blocked(q, k, v, g):
+  from dca_jax.ops.blocked_softmax import (  # pylint: disable=import-outside-toplevel
+      blocked_causal_attention)
+  del g
+  return blocked_causal_attention(q, k, v, scale=q.shape[-1]**-0.5, block=128)
+
+
+def _softmax_cudnn(q, k, v, g):
+  del g
+  bf16 = jnp.bfloat16
+  return jax.nn.dot_product_attention(q.astype(bf16), k.astype(bf16), v.astype(bf16),
+                                      is_causal=True, implementation="cudnn").astype(q.dtype)
+
+
 def section_engine(deadline: float) -> dict[str, Any]:
   config = benchmark_engine.get_config(
       lengths=(), long_lengths=(), planner_lengths=ENGINE_LENGTHS, planner_chunks=(32, 64, 128),
@@ -143,9 +168,23 @@ def section_engine(deadline: float) -> dict[str, Any]:
       time_budget_s=4.0, memory_budget_gib=60.0, quadratic_max_t=8192)
   runner = benchmark_engine.make_runner(config)
   sweep = benchmark_engine.planner_contenders(config)
-  sweep = [c if c.name != "quadratic" else
-           benchmark_engine.Contender(c.name, c.fwd, c.decay, c.exponent, max_t=8192)
-           for c in sweep]
+  # Limits from the lease of 2026-12-04 (docs/gpu.md): the token scan was 100-300x slower than
+  # the chunked form from T = 1024 (one launch per token), so it stops at 4096.
+  limits = {"quadratic": 8192, "recurrent": 4096}
+  sweep = [benchmark_engine.Contender(c.name, c.fwd, c.decay, c.exponent,
+                                      max_t=limits.get(c.name, c.max_t)) for c in sweep]
+  # Softmax on the same shape, to decide the GPU's softmax route (docs/gpu.md: the library's
+  # blocked form took 34.5 ms at T = 4096 in the layer): XLA's dot_product_attention, the
+  # blocked form, and cuDNN's fused kernel (bfloat16 inputs: cuDNN's flash attention takes
+  # half precision only).
+  softmax = [
+      benchmark_engine.Contender("softmax, XLA dot_product_attention", _softmax_xla, None, 2,
+                                 max_t=16384),
+      benchmark_engine.Contender("softmax, blocked (SoftmaxAttention's long form)",
+                                 _softmax_blocked, None, 2)]
+  if jax.default_backend() == "gpu":
+    softmax.append(benchmark_engine.Contender("softmax, cuDNN (bfloat16 inputs)", _softmax_cudnn,
+                                              None, 2))
   records, not_run = [], []
   for length in ENGINE_LENGTHS:
     if time.monotonic() > deadline:
@@ -155,6 +194,10 @@ def section_engine(deadline: float) -> dict[str, Any]:
     records += benchmark_engine.measure(
         runner, config, [(c, benchmark_engine.PASSES) for c in sweep], length,
         section="planner", repeats=config.repeats, min_total_s=config.min_total_s, count=True)
+    if length >= SOFTMAX_MIN_T:
+      records += benchmark_engine.measure(
+          runner, config, [(c, benchmark_engine.PASSES) for c in softmax], length,
+          section="softmax", repeats=config.repeats, min_total_s=config.min_total_s, count=True)
   planner = benchmark_engine.planner_analysis(
       benchmark_engine.get_config(planner_lengths=ENGINE_LENGTHS), records)
   return {"config": {"batch": config.batch, "heads": config.heads, "key_dim": config.key_dim,
