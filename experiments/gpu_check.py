@@ -168,7 +168,7 @@ def section_engine(deadline: float) -> dict[str, Any]:
       time_budget_s=4.0, memory_budget_gib=60.0, quadratic_max_t=8192)
   runner = benchmark_engine.make_runner(config)
   sweep = benchmark_engine.planner_contenders(config)
-  # Limits from the lease of 2026-12-04 (docs/gpu.md): the token scan was 100-300x slower than
+  # Limits from the lease of 2026-12-04 (docs/gpu.md): the token scan was 77-307x slower than
   # the chunked form from T = 1024 (one launch per token), so it stops at 4096.
   limits = {"quadratic": 8192, "recurrent": 4096}
   sweep = [benchmark_engine.Contender(c.name, c.fwd, c.decay, c.exponent,

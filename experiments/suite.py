@@ -9,6 +9,7 @@ Usage:
   python -m experiments.suite run --suite recall --runs runs/recall  # opt-in: issue #12's MQAR study
   python -m experiments.suite speed --out runs/suite/speed.json   # tokens/s, side by side
   python -m experiments.suite render --runs runs/suite            # docs/benchmark_results.*
+  python -m experiments.suite render-corpus --runs runs/corpus    # docs/corpus_comparison.*
   python -m experiments.suite list --suite all                    # what would run
 Add `--tiny` to `run` for the CI-sized variants (seconds per run, same code paths).
 
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
   p_render = sub.add_parser("render", help="docs/benchmark_results.{json,md} and plots")
   p_render.add_argument("--runs", default="runs/suite")
   p_render.add_argument("--out", default="docs")
+  p_corpus = sub.add_parser("render-corpus",
+                            help="docs/corpus_comparison.{json,md} from the corpus runs of --runs")
+  p_corpus.add_argument("--runs", default="runs/corpus")
+  p_corpus.add_argument("--out", default="docs")
   args = parser.parse_args(argv)
 
   if args.command == "list":
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
   if args.command == "speed":
     suite_speed.measure_speed(pathlib.Path(args.out), repeats=args.repeats, tiny=args.tiny)
+    return 0
+  if args.command == "render-corpus":
+    suite_report.render_corpus(pathlib.Path(args.runs), pathlib.Path(args.out))
     return 0
   if args.command == "render":
     suite_report.render(pathlib.Path(args.runs), pathlib.Path(args.out))

@@ -121,6 +121,34 @@ def _check_render_writes_tables_and_plots(tiny_suite, tmp_path):
   assert (tmp_path / "benchmark_lm_contexts.png").stat().st_size > 1000
   assert (tmp_path / "benchmark_mqar.png").stat().st_size > 1000
   assert set(summary["runs"]) == set(TINY_RUNS)
+  _check_corpus_render_computes_the_targets(tiny_suite, tmp_path / "corpus")
+
+
+def _check_corpus_render_computes_the_targets(tiny_suite, tmp_path):
+  """render-corpus: the LM runs' table, and issue #12's targets from the bits per byte (a
+  window row made from the DCA run's result, 0.01 bpb better at T and worse beyond)."""
+  import json
+  import shutil
+  runs = tmp_path / "runs"
+  shutil.copytree(tiny_suite / "lm_dca", runs / "lm_dca")
+  result = json.loads((runs / "lm_dca" / "result.json").read_text())
+  t = result["config"]["seq_len"]
+  window = json.loads(json.dumps(result))
+  window.update(name="lm_window", label="sliding window")
+  window["config"]["attention"] = "window"
+  for context, metrics in window["evaluation"].items():
+    metrics["bpb"] += -0.01 if int(context) == t else 0.01
+  (runs / "lm_window").mkdir()
+  (runs / "lm_window" / "result.json").write_text(json.dumps(window))
+  summary = suite_report.render_corpus(runs, tmp_path)
+  text = (tmp_path / "corpus_comparison.md").read_text()
+  assert set(summary["runs"]) == {"lm_dca", "lm_window"}
+  assert "| sliding window |" in text
+  assert "| dca (additive) below the sliding window at 1x T |" in text
+  rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in text.splitlines()
+          if "below the sliding window" in line}
+  assert rows["| dca (additive) below the sliding window at 1x T"] == "missed |"
+  assert all(v == "met |" for k, v in rows.items() if not k.endswith("at 1x T"))
 
 
 def _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):

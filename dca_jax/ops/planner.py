@@ -29,7 +29,8 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
   quadratic form for tiny T. Measured on an NVIDIA H200 on 2026-12-04 (docs/gpu.md,
   `python -m experiments.gpu_check`): the pick was within 1.02x of the fastest form at every T
   from 64 to 4096, forward and forward+backward; there the recurrent form's token scan was
-  100-300x slower than the chunked form (a kernel launch per token). TPU: not measured.
+  77-307x slower than the chunked form from T = 1024 (a kernel launch per token). TPU: not
+  measured.
 * The associative form over tokens is never chosen: it materialises every state and was the
   slowest form everywhere on CPU.
 * Single-token steps (decoding) use the recurrent form.
