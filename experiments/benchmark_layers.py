@@ -219,6 +219,39 @@ def _input(config: Config, length: int, salt: int = 0) -> jax.Array:
 # Forward and fwd+bwd grid.
 
 
+def split_layers(config: Config, under_test: list[Layer] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, int]]:
+  """({name: (layer, graphdef, state)}, {name: parameter count}) of `under_test` (default: every
+  layer), each built once for a whole grid."""
+  splits, params = {}, {}
+  for layer in layers(config) if under_test is None else under_test:
+    module = layer.make(config)
+    params[layer.name] = count_params(module)
+    splits[layer.name] = (layer, *nnx.split(module))
+  return splits, params
+
+
+def measure_lengths(runner: benchmark.Runner, config: Config, splits: dict[str, Any],
+                    lengths: tuple[int, ...], *, peers: dict[str, Any] | None = None,
+                    peer: Any = None, deadline: float | None = None
+                    ) -> tuple[list[dict[str, Any]], list[int]]:
+  """`measure_grid` at each T of `lengths` in turn; (records, the T not started because
+  `time.monotonic()` had passed `deadline`). `peer` (a `torch_peer.PeerProcess`, if any) is
+  closed at the end, whatever happens."""
+  records, not_run = [], []
+  try:
+    for length in lengths:
+      if deadline is not None and time.monotonic() > deadline:
+        not_run.append(length)
+        continue
+      log(f"layers T={length}")
+      records += measure_grid(runner, config, splits, length, peers=peers, count=True)
+  finally:
+    if peer is not None:
+      peer.close()
+  return records, not_run
+
+
 def measure_grid(runner: benchmark.Runner, config: Config, splits: dict[str, Any],
                  length: int, peers: dict[str, Any] | None = None,
                  count: bool = False) -> list[dict[str, Any]]:
@@ -765,11 +798,7 @@ def run(config: Config, command: str) -> dict[str, Any]:
   """Runs every section and returns the JSON-serialisable result."""
   session = benchmark.Session(config.matmul_n)
   under_test = layers(config)
-  splits, params = {}, {}
-  for layer in under_test:
-    module = layer.make(config)
-    params[layer.name] = count_params(module)
-    splits[layer.name] = (layer, *nnx.split(module))
+  splits, params = split_layers(config, under_test)
   for name, count in params.items():
     log(f"  {name:24s} {count:,} parameters ({count / params[SOFTMAX]:.4f} x softmax)")
 

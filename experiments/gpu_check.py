@@ -57,7 +57,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dca_jax.nn import count_params
 from experiments import benchmark, benchmark_engine, benchmark_layers, bookkeeping, torch_peer
 from experiments.bookkeeping import log
 
@@ -209,11 +208,7 @@ def section_layers(deadline: float) -> dict[str, Any]:
   config = benchmark_layers.get_config(lengths=LAYER_LENGTHS, repeats=5, big_repeats=5,
                                        min_total_s=0.2, max_timed_s=5.0, time_budget_s=4.0,
                                        memory_budget_gib=60.0)
-  splits, params = {}, {}
-  for layer in benchmark_layers.layers(config):
-    module = layer.make(config)
-    params[layer.name] = count_params(module)
-    splits[layer.name] = (layer, *nnx.split(module))
+  splits, params = benchmark_layers.split_layers(config)
   peers, peer, peer_info = {}, None, {"name": torch_peer.name("cuda")}
   why_not = torch_peer.available()
   if why_not is None:
@@ -230,18 +225,8 @@ def section_layers(deadline: float) -> dict[str, Any]:
     log(f"  torch peer skipped: {why_not}")
   runner = benchmark.Runner(memory_budget_gib=config.memory_budget_gib,
                             time_budget_s=config.time_budget_s, compile_exhausted=False)
-  records, not_run = [], []
-  try:
-    for length in LAYER_LENGTHS:
-      if time.monotonic() > deadline:
-        not_run.append(length)
-        continue
-      log(f"layers T={length}")
-      records += benchmark_layers.measure_grid(runner, config, splits, length, peers=peers,
-                                               count=True)
-  finally:
-    if peer is not None:
-      peer.close()
+  records, not_run = benchmark_layers.measure_lengths(runner, config, splits, LAYER_LENGTHS,
+                                                      peers=peers, peer=peer, deadline=deadline)
   return {"records": records, "params": params, "peer": peer_info, "not_run_T": not_run}
 
 

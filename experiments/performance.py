@@ -45,7 +45,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dca_jax.nn import count_params
 from experiments import benchmark, benchmark_engine, benchmark_layers, bookkeeping, decode_rate
 from experiments import configs as configs_lib
 from experiments import model as model_lib
@@ -96,11 +95,7 @@ def measure_layers(config: Config) -> dict[str, Any]:
       lengths=config.layer_lengths, repeats=config.repeats, big_repeats=config.big_repeats,
       time_budget_s=config.time_budget_s, memory_budget_gib=config.memory_budget_gib)
   under_test = benchmark_layers.layers(layer_config)
-  splits, params = {}, {}
-  for layer in under_test:
-    module = layer.make(layer_config)
-    params[layer.name] = count_params(module)
-    splits[layer.name] = (layer, *nnx.split(module))
+  splits, params = benchmark_layers.split_layers(layer_config, under_test)
   why_not = torch_peer.available()
   peers, peer_info, peer = {}, {"name": torch_peer.NAME, "available": why_not is None,
                                 "reason": why_not}, None
@@ -114,15 +109,8 @@ def measure_layers(config: Config) -> dict[str, Any]:
     log(f"  {torch_peer.NAME}: skipped ({why_not})")
   runner = benchmark.Runner(memory_budget_gib=config.memory_budget_gib,
                             time_budget_s=config.time_budget_s, compile_exhausted=False)
-  records = []
-  try:
-    for length in config.layer_lengths:
-      log(f"layers T={length}")
-      records += benchmark_layers.measure_grid(runner, layer_config, splits, length, peers=peers,
-                                               count=True)
-  finally:
-    if peer is not None:
-      peer.close()
+  records, _ = benchmark_layers.measure_lengths(runner, layer_config, splits,
+                                                config.layer_lengths, peers=peers, peer=peer)
   return {"records": records, "params": params, "peer": peer_info,
           "options": {layer.name: layer.options_text for layer in under_test}}
 
