@@ -85,7 +85,8 @@ def _gpu_name() -> str | None:
 
 def _rates(n: int) -> dict[str, Any]:
   """Dense n x n matmul rates: float32 default and highest precision, bfloat16."""
-  rates = {"float32 default": benchmark.matmul_gflops(n, repeats=20)}
+  with jax.default_matmul_precision("default"):
+    rates = {"float32 default": benchmark.matmul_gflops(n, repeats=20)}
   with jax.default_matmul_precision("highest"):
     rates["float32 highest"] = benchmark.matmul_gflops(n, repeats=20)
   rates["bfloat16"] = benchmark.matmul_gflops(n, repeats=20, dtype=jnp.bfloat16)
@@ -117,8 +118,10 @@ def section_precision() -> dict[str, Any]:
   layer = DCAttention(256, 4, window=64, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (1, 1024, 256), jnp.float32)
-  forward = jax.jit(benchmark_layers.forward_fn(graphdef))
-  y_default = forward(state, x)
+  # Explicit contexts: a JAX_DEFAULT_MATMUL_PRECISION in the environment must not change what
+  # "default" means here.
+  with jax.default_matmul_precision("default"):
+    y_default = jax.jit(benchmark_layers.forward_fn(graphdef))(state, x)
   with jax.default_matmul_precision("highest"):
     y_highest = jax.jit(benchmark_layers.forward_fn(graphdef))(state, x)
   rows["DCAttention T=1024: default vs highest"] = _relative(y_default, y_highest)
