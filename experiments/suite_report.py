@@ -62,11 +62,12 @@ def render(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
 
 # The corpus comparison on today's code (issue #12): DCA with either memory, Gated DeltaNet and
 # the baselines, each from its own result.json in one runs directory.
-CORPUS_GROUPS = ("lm", "delta_lm")
+CORPUS_GROUPS = ("lm", "delta_lm", "seed_lm")
 CORPUS_COMMANDS = (
     "python -m experiments.suite run --suite all --runs runs/corpus --only lm_dca,lm_window,lm_softmax",
     "python -m experiments.suite run --suite delta --runs runs/corpus "
-    "--only lm_dca_delta,lm_gated_deltanet")
+    "--only lm_dca_delta,lm_gated_deltanet",
+    "python -m experiments.suite run --suite seeds --runs runs/corpus")
 
 
 def render_corpus(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def render_corpus(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
            "budget of docs/benchmark_results.md's corpus table: "
            f"{c['num_layers']} layers, d_model {c['d_model']}, {c['num_heads']} heads, trained at "
            f"T = {t} for {results[0]['steps']} steps of {c['batch_size']} x {t} bytes, AdamW peak "
-           f"lr {c['peak_lr']}, seed {c['seed']} (one seed per row). Test-split bits per byte "
+           f"lr {c['peak_lr']}, seed 0 unless the row says otherwise. Test-split bits per byte "
            "(lower is better); rows of T bytes start from an empty context. Machine: "
            f"{_machine_line(results)}.", "",
            "| attention | params | " + " | ".join(f"bpb @ {x}" for x in contexts)
@@ -100,17 +101,19 @@ def render_corpus(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
     cells = [_fmt(_metric(r, x, "bpb")) for x in contexts]
     lines.append(f"| {r['label']} | {r['num_params']:,} | " + " | ".join(cells)
                  + f" | {r['train_wall_s'] / 60:.1f} min |")
+  # Each DCA run is compared with the window (and softmax) run of its own seed.
   by_attention = {}
   for r in results:
     key = r["config"]["attention"]
     if key == "dca":
       key = f"dca ({r['config']['attention_options'].get('memory', 'additive')})"
-    by_attention[key] = r
-  window, soft = by_attention.get("window"), by_attention.get("softmax")
+    by_attention[key, r["config"]["seed"]] = r
   rows = []
-  for name, r in by_attention.items():
-    if not name.startswith("dca"):
+  for (key, seed), r in by_attention.items():
+    if not key.startswith("dca"):
       continue
+    window, soft = by_attention.get(("window", seed)), by_attention.get(("softmax", seed))
+    name = key if seed == 0 else f"{key}, seed {seed}"
     if window is not None:
       for factor in (1, 4, 16):
         mine, theirs = _metric(r, factor * t, "bpb"), _metric(window, factor * t, "bpb")

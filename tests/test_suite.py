@@ -87,6 +87,19 @@ def test_delta_suite_is_opt_in_and_its_configs_are_valid():
   assert suite_plan.find_run("mqar_128_8_d64_dca_delta").config == "mqar_dca"
 
 
+def test_seeds_suite_repeats_seed_zero_runs_with_another_seed():
+  """Suite "seeds": each run is its seed-0 corpus run with only the seed (and name, group, label)
+  changed, so that its row compares with that run's."""
+  seeds = suite_plan.suite_runs("seeds")
+  assert seeds and {r.group for r in seeds} == {"seed_lm"}
+  for run in seeds:
+    base = suite_plan.find_run(run.name.rsplit("_seed", 1)[0])
+    overrides = run.override_dict()
+    assert overrides.pop("seed") == suite_plan.SECOND_SEED
+    assert overrides == base.override_dict() and run.config == base.config
+    assert suite_plan.run_config(run, tiny=True).seed == suite_plan.SECOND_SEED
+
+
 def _check_tiny_runs_write_results(tiny_suite):
   for name in TINY_RUNS:
     result = json.loads((tiny_suite / name / "result.json").read_text())
