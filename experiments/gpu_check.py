@@ -57,6 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dca_jax.nn import DCAttention
+from dca_jax.nn import softmax as softmax_layer
+from dca_jax.ops import gated_linear_attention, planner
+from dca_jax.ops.blocked_softmax import blocked_causal_attention
 from experiments import benchmark, benchmark_engine, benchmark_layers, bookkeeping, torch_peer
 from experiments.bookkeeping import log
 
@@ -112,8 +116,6 @@ def _relative(a: jax.Array, b: jax.Array) -> float:
 
 def section_precision() -> dict[str, Any]:
   """Default (TF32 on recent NVIDIA GPUs) against highest precision: DCA layer and engine."""
-  from dca_jax.nn import DCAttention  # pylint: disable=import-outside-toplevel
-  from dca_jax.ops import gated_linear_attention  # pylint: disable=import-outside-toplevel
   rows = {}
   layer = DCAttention(256, 4, window=64, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(layer)
@@ -150,8 +152,6 @@ def _softmax_xla(q, k, v, g):
 
 
 def _softmax_blocked(q, k, v, g):
-  from dca_jax.ops.blocked_softmax import (  # pylint: disable=import-outside-toplevel
-      blocked_causal_attention)
   del g
   return blocked_causal_attention(q, k, v, scale=q.shape[-1]**-0.5, block=128)
 
@@ -333,8 +333,9 @@ def _reading(result: dict[str, Any]) -> list[str]:
             if row["planner_over_best"] is not None]
   if ratios:
     lengths = sorted({row["T"] for row in engine["planner"]})
-    out.append(f"- The engine planner's GPU rule (the quadratic form up to T = 128, the "
-               f"chunked form with C = 64 above) picks a form within {max(ratios):.2f}x of the best "
+    out.append(f"- The engine planner's GPU rule (the quadratic form up to "
+               f"T = {planner.QUADRATIC_MAX_T}, the chunked form with C = "
+               f"{planner.CHUNK_SIZE['gpu']} above) picks a form within {max(ratios):.2f}x of the best "
                f"measured at every T from {lengths[0]} to {lengths[-1]}, both passes.")
     slow = [r for r in engine["records"] if r["contender"] == "recurrent"
             and r["status"] == "ok" and r["T"] == lengths[-1]]
@@ -356,7 +357,8 @@ def _reading(result: dict[str, Any]) -> list[str]:
     if len(lengths) > 1 and all(soft.values()):
       out.append(f"- `SoftmaxAttention` goes from {_ms(soft[lengths[0]])} at T = {lengths[0]} "
                  f"to {_ms(soft[lengths[-1]])} at T = {lengths[-1]} (fwd+bwd): from the size "
-                 "where its score matrix passes 64 MiB it runs the blocked form, a loop over key "
+                 f"where its score matrix passes {softmax_layer.DENSE_SCORES_BYTES // 2**20} MiB "
+                 "it runs the blocked form, a loop over key "
                  "blocks written for the CPU's memory. On a GPU a fused attention kernel "
                  "(cuDNN through `jax.nn.dot_product_attention`) is the fast route; not "
                  "measured in this lease.")

@@ -14,9 +14,8 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
   fastest up to T = 128; on the Intel Xeon of 2026-12-04 it was 1.32x slower than chunks of 64
   at T = 128 and within 1.06x of the fastest at T = 96, where chunks of 64 were 1.23x slower
   (`python -m experiments.planner_check --lengths 64,96,128,192 --rounds 3`, medians of three
-  rounds, docs/planner_check.json). The chunked form is 12.7x
-  faster than autodiff through the token scan at T = 8192 on 2026-12-04, which stores one
-  K x V state per token).
+  rounds, docs/planner_check.json). The chunked form is 12.7x faster than autodiff through the
+  token scan at T = 8192 on 2026-12-04 (which stores one K x V state per token).
 * Per-channel decay on CPU: the recurrent form forward, and with gradients above
   T = `PER_CHANNEL_SCAN_MAX_T` the chunked form (its intra-chunk scores by recursive halving,
   chunked.py). Measured again on 2026-12-02 with that form (`python -m experiments.performance
