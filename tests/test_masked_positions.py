@@ -17,7 +17,8 @@ from oracles import module_jit
 B, T, H, K, V = 2, 12, 2, 4, 3
 RESET_AT = 7                              # a second document starts here in every row
 BAD_FIRST_DOC, BAD_LAST = 3, T - 1        # where the non-finite values go
-LAYER_OPTIONS = {"dca": {"window": 4}, "window": {"window": 4}}
+LAYER_OPTIONS = {"dca": {"window": 4}, "window": {"window": 4},
+                 "dca_delta": {"window": 4, "memory": "delta"}}
 
 
 def _inputs(seed=0):
@@ -86,11 +87,12 @@ def test_window_and_masked_softmax_ops(value):
 
 
 def _layer_and_input(name, seed, d_model=16):
-  layer = layer_spec(name).build(d_model, 2, LAYER_OPTIONS.get(name), rngs=nnx.Rngs(0))
+  spec = layer_spec("dca" if name == "dca_delta" else name)
+  layer = spec.build(d_model, 2, LAYER_OPTIONS.get(name), rngs=nnx.Rngs(0))
   return layer, jax.random.normal(jax.random.key(seed), (B, T, d_model)), _inputs()[-1]
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("name", sorted(LAYERS) + ["dca_delta"])
 def test_layers(name):
   layer, x, reset = _layer_and_input(name, 1)
   # module_jit: the cheap compile of the other layer tests (same arithmetic, so clean and corrupt
@@ -126,3 +128,56 @@ def test_decode_reset_hides_a_corrupt_document(name):
     outs.append(y)
   ref = module_jit(lambda model, x: model(x))(layer, x[:, RESET_AT:])
   np.testing.assert_allclose(np.stack(outs, 1), ref, rtol=1e-5, atol=1e-5)
+
+
+# The layers confine a non-finite x themselves and call the ops with confine_nonfinite=False; on
+# finite inputs that must be the same function, forward and gradient, on every path it changes.
+@pytest.mark.parametrize("variant", [{}, {"decay": "channel", "combine": "gated"},
+                                     {"memory": "delta"}])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_unconfined_attention_compress_is_the_same_function(variant, with_state):
+  from oracles import D_MODEL, random_params, random_x
+  window, time = 4, 13
+  params = random_params(31, window=window, **variant)
+  x = random_x(32, (B, time, D_MODEL))
+  reset = jnp.zeros((B, time), bool).at[1, 6].set(True)
+
+  def run(params, x, confine):
+    weights = dca_jax.compute_weights(params, x)
+    if not with_state:
+      return dca_jax.attention_compress(weights, window=window, reset=reset,
+                                        confine_nonfinite=confine)
+    first, state = dca_jax.attention_compress(
+        dca_jax.DCAWeights(*(None if w is None else w[:, :5] for w in weights)), window=window,
+        return_state=True, confine_nonfinite=confine)
+    rest = dca_jax.attention_compress(
+        dca_jax.DCAWeights(*(None if w is None else w[:, 5:] for w in weights)), window=window,
+        reset=reset[:, 5:], state=state, confine_nonfinite=confine)
+    return jnp.concatenate([first, rest], axis=1)
+
+  loss = lambda params, x, confine: jnp.sum(jnp.sin(run(params, x, confine)))
+  both = jax.jit(lambda params, x: [(run(params, x, c), jax.grad(loss, (0, 1))(params, x, c))
+                                    for c in (True, False)])
+  (out, grads), (out_u, grads_u) = both(params, x)
+  np.testing.assert_allclose(out_u, out, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["window", "blocked"])
+def test_unconfined_window_and_blocked_softmax_are_the_same_function(op):
+  q, k, v, _, reset = _inputs(3)
+  doc = dca_jax.document_ids(reset)
+
+  def run(q, k, v, confine):
+    if op == "window":
+      return dca_jax.sliding_window_attention(q, k, v, window=5, reset=reset,
+                                              confine_nonfinite=confine)
+    return dca_jax.blocked_causal_attention(q, k, v, scale=0.5, doc=doc, block=4,
+                                            confine_nonfinite=confine)
+
+  loss = lambda q, k, v, confine: jnp.sum(jnp.sin(run(q, k, v, confine)))
+  got = jax.jit(lambda *a: (run(*a, False), jax.grad(loss, (0, 1, 2))(*a, False)))(q, k, v)
+  want = jax.jit(lambda *a: (run(*a, True), jax.grad(loss, (0, 1, 2))(*a, True)))(q, k, v)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

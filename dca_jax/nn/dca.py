@@ -170,9 +170,11 @@ class DCAttention(_layer.AttentionLayer):
       history = sequence_parallel.previous_inputs(x, reset, self.short_conv - 1,
                                                   self.sequence_axis)
     weights = self._weights(self._convolve(x, reset, history, self.sequence_axis))
+    # x is confined by `__call__` (a non-finite token zeroed, the outputs that see it NaN), so
+    # the weights are finite (for finite parameters): the op's own confinement would be wasted.
     o = ops.attention_compress(weights, window=self.window, reset=reset, mode=self.mode,
                                chunk_size=self.chunk_size, rotary_base=self.rotary_base,
-                               axis_name=self.sequence_axis)
+                               axis_name=self.sequence_axis, confine_nonfinite=False)
     return self._project_out(o, x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int):

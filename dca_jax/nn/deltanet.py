@@ -132,7 +132,7 @@ class GatedDeltaNet(_RecurrentAttention):
     return delta_rule_plans(time, mode=self.mode, chunk_size=self.chunk_size)
 
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None, axis_name: Any = None
+               history: jax.Array | None, axis_name: Any = None, guard: bool = True
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """y [B, T, D], the final [B, H, K, V] state and the projected rows [B, T, 2 H K + D]."""
     heads, f32 = self.num_heads, jnp.float32
@@ -154,7 +154,7 @@ class GatedDeltaNet(_RecurrentAttention):
                                       return_final_state=True, axis_name=axis_name)
     else:
       o, final = run_delta_rule(self._plans(x.shape[1]), q, k, v, beta, -jax.nn.softplus(rate),
-                                initial_state=state, reset=reset)
+                                initial_state=state, reset=reset, guard=guard)
     o = _layer.merge_heads(self.norm(o))
     gate = self.out_gate(x)
     o = o.astype(gate.dtype) * jax.nn.silu(gate)

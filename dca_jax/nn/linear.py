@@ -51,24 +51,27 @@ class _RecurrentAttention(_layer.AttentionLayer):
   sequence_axis: Any = None   # set by subclasses that take the option
 
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None, axis_name: Any = None
+               history: jax.Array | None, axis_name: Any = None, guard: bool = True
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     raise NotImplementedError
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:
     # Sharded (inside jax.shard_map, T over `sequence_axis`): the convolution's history comes
     # from the previous shard and the engine carries the state across shards (LASP-2 style).
-    return self._forward(x, None, reset, None, self.sequence_axis)[0]
+    # x is confined by `__call__`, so the engine's own confinement of non-finite inputs is
+    # skipped (`run_engine(guard=False)`).
+    return self._forward(x, None, reset, None, self.sequence_axis, guard=False)[0]
 
   @staticmethod
-  def _engine(q, k, v, log_decay, state, reset, axis_name=None):
+  def _engine(q, k, v, log_decay, state, reset, axis_name=None, guard=True):
     """The engine on the layer's own (checked) projections: planned once, not checked again
-    (with `axis_name`, the sharded engine `gated_linear_attention(axis_name=)`)."""
+    (with `axis_name`, the sharded engine `gated_linear_attention(axis_name=)`); `guard` as
+    `run_engine`'s."""
     if axis_name is not None:
       return gated_linear_attention(q, k, v, log_decay, initial_state=state, reset=reset,
                                     return_final_state=True, axis_name=axis_name)
     plans = engine_plans(q.shape[1], per_channel_decay=log_decay.ndim == 4)
-    return run_engine(plans, q, k, v, log_decay, initial_state=state, reset=reset)
+    return run_engine(plans, q, k, v, log_decay, initial_state=state, reset=reset, guard=guard)
 
   def init_cache(self, batch_size: int, max_length: int) -> RecurrentCache | _layer.ConvCache:
     """A zero float32 state (see `RecurrentCache`; in a `ConvCache` with a short convolution);
@@ -168,7 +171,7 @@ class LinearAttention(_RecurrentAttention):
     self.out_proj = self._linear(d_model, d_model, rngs)
 
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None, axis_name: Any = None
+               history: jax.Array | None, axis_name: Any = None, guard: bool = True
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """y [B, T, D], the final [B, H, K, V + 1] state and the convolution's rows (x)."""
     heads, f32 = self.num_heads, jnp.float32
@@ -182,7 +185,7 @@ class LinearAttention(_RecurrentAttention):
     # No forgetting: a log decay of 0, one per head (the engine's fast scalar-decay path).
     log_decay = jnp.zeros(q.shape[:3], f32)
     # mode "auto" for one decode token too: the planner picks the recurrent form for T = 1.
-    o, final = self._engine(q, k, v, log_decay, state, reset, axis_name)
+    o, final = self._engine(q, k, v, log_decay, state, reset, axis_name, guard)
     o = o[..., :-1] / (o[..., -1:] + self.eps)
     return self._output(o, x.dtype), final, x
 
@@ -276,7 +279,7 @@ class GatedLinearAttention(_RecurrentAttention):
     self.out_proj = self._linear(d_model, d_model, rngs)
 
   def _forward(self, x: jax.Array, state: jax.Array | None, reset: jax.Array | None,
-               history: jax.Array | None, axis_name: Any = None
+               history: jax.Array | None, axis_name: Any = None, guard: bool = True
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """y [B, T, D], the final [B, H, K, V] state and the convolution's rows (x)."""
     heads, f32 = self.num_heads, jnp.float32
@@ -288,7 +291,7 @@ class GatedLinearAttention(_RecurrentAttention):
     v = _layer.split_heads(self.v_proj(u), heads).astype(f32)
     gate = self.gate_up(self.gate_down(x)).astype(f32)
     log_decay = _layer.split_heads(jax.nn.log_sigmoid(gate), heads) / self.gate_temperature
-    o, final = self._engine(q, k, v, log_decay, state, reset, axis_name)
+    o, final = self._engine(q, k, v, log_decay, state, reset, axis_name, guard)
     o = _layer.merge_heads(self.norm(o))
     out_gate = self.out_gate(x)
     o = o.astype(out_gate.dtype) * jax.nn.silu(out_gate)

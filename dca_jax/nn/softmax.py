@@ -177,13 +177,16 @@ class SoftmaxAttention(_layer.AttentionLayer):
     q, k, v = self._project(self._convolve(x, reset), positions)
     doc = None if reset is None else document_ids(reset)            # [B, T]
     scale = 1.0 / math.sqrt(self.head_dim)
+    # x is confined by `__call__` (a non-finite token zeroed, the outputs that see it NaN), so
+    # q, k, v are finite (for finite parameters) and the ops' own confinement is skipped.
     if not _dense_fits(batch, self.num_heads, time, time):
-      o = blocked_causal_attention(q, k, v, scale=scale, doc=doc, block=BLOCK)
+      o = blocked_causal_attention(q, k, v, scale=scale, doc=doc, block=BLOCK,
+                                   confine_nonfinite=False)
       return self._output(o, x.dtype)
     mask = (positions[:, None] >= positions[None, :])[None]       # [1, T, T]
     if doc is not None:
       mask = mask & (doc[:, :, None] == doc[:, None, :])
-    o = masked_attention(q, k, v, mask, scale)
+    o = attend_finite(q, k, v, mask, scale)
     return self._output(o, x.dtype)
 
   def _sharded_sequence(self, x: jax.Array, reset: jax.Array | None, axis_name: Any) -> jax.Array:

@@ -132,7 +132,9 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     if self.sequence_axis is not None:
       return self._sharded_sequence(x, reset, self.sequence_axis)
     q, k, v = self._project(self._convolve(x, reset), jnp.arange(x.shape[1], dtype=jnp.int32))
-    o = sliding_window_attention(q, k, v, window=self.window, reset=reset)
+    # x is confined by `__call__` (a non-finite token is zeroed, the outputs that see it NaN).
+    o = sliding_window_attention(q, k, v, window=self.window, reset=reset,
+                                 confine_nonfinite=False)
     return self._output(o, x.dtype)
 
   def _sharded_sequence(self, x: jax.Array, reset: jax.Array | None, axis_name: Any) -> jax.Array:

@@ -120,7 +120,8 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                              doc: jax.Array | None = None, block: int = 128,
                              q_start: jax.Array | int = 0,
-                             key_doc: jax.Array | None = None) -> jax.Array:
+                             key_doc: jax.Array | None = None,
+                             confine_nonfinite: bool = True) -> jax.Array:
   """softmax(scale q k^T) v over the keys at or before each query (and of its document).
 
   Self-attention (q_start = 0, S = T) is differentiable with the recomputing backward pass;
@@ -136,10 +137,12 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale:
     q_start: absolute position of the first query (int or int32 scalar); 0 for self-attention.
     key_doc: optional int [B, S] non-decreasing document ids of the keys (default: `doc`, for
       self-attention); with q_start > 0 the query at position p must be key p (a prefill).
+    confine_nonfinite: non-finite inputs make NaN exactly the queries that can see them (as
+      `masked_attention`). False skips that work, for callers whose inputs are finite by
+      construction (the softmax layer, which confines a non-finite x itself).
 
   Returns:
-    [B, T, H, V] float32. Non-finite inputs make NaN exactly the queries that can see them (as
-    `masked_attention`).
+    [B, T, H, V] float32.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -152,12 +155,13 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale:
   q_start = 0 if self_attention else jnp.asarray(q_start, jnp.int32)
   if isinstance(scale, (int, float)):   # one compiled program per shape when called eagerly
     return _compiled_blocked(q, k, v, doc, key_doc, q_start, scale=float(scale), block=block,
-                             self_attention=self_attention)
+                             self_attention=self_attention, guard=bool(confine_nonfinite))
   return _blocked(q, k, v, doc, key_doc, q_start, scale=scale, block=block,
-                  self_attention=self_attention)
+                  self_attention=self_attention, guard=bool(confine_nonfinite))
 
 
-def _blocked(q, k, v, doc, key_doc, q_start, *, scale, block: int, self_attention: bool):
+def _blocked(q, k, v, doc, key_doc, q_start, *, scale, block: int, self_attention: bool,
+             guard: bool = True):
   """`blocked_causal_attention` after its keyword logic (see there)."""
   f32 = jnp.float32
   batch, time, _, _ = q.shape
@@ -166,18 +170,20 @@ def _blocked(q, k, v, doc, key_doc, q_start, *, scale, block: int, self_attentio
   qdoc = jnp.zeros((batch, time), jnp.int32) if doc is None else doc.astype(jnp.int32)
   kdoc = qdoc if key_doc is None else key_doc.astype(jnp.int32)
   # Non-finite inputs are zeroed and the queries that see them set to NaN (see masked_attention).
-  bad_q = segments.nonfinite(q)
-  bad_kv = segments.nonfinite(k) | segments.nonfinite(v)
-  q, = segments.zero_where(bad_q, q)
-  k, v = segments.zero_where(bad_kv, k, v)
-  if self_attention:
-    poisoned = segments.sees_nonfinite(bad_kv, qdoc) | bad_q
-  else:
-    # Each query is also the key at its own position (a prefill writes it into the cache before
-    # attending), so what it sees is what that key position sees.
-    seen = segments.sees_nonfinite(bad_kv, kdoc)                          # [B, S, H]
-    q_pos = jnp.clip(q_start + jnp.arange(time), 0, keys - 1)
-    poisoned = jnp.take(seen, q_pos, axis=1) | bad_q
+  poisoned = None
+  if guard:
+    bad_q = segments.nonfinite(q)
+    bad_kv = segments.nonfinite(k) | segments.nonfinite(v)
+    q, = segments.zero_where(bad_q, q)
+    k, v = segments.zero_where(bad_kv, k, v)
+    if self_attention:
+      poisoned = segments.sees_nonfinite(bad_kv, qdoc) | bad_q
+    else:
+      # Each query is also the key at its own position (a prefill writes it into the cache
+      # before attending), so what it sees is what that key position sees.
+      seen = segments.sees_nonfinite(bad_kv, kdoc)                        # [B, S, H]
+      q_pos = jnp.clip(q_start + jnp.arange(time), 0, keys - 1)
+      poisoned = jnp.take(seen, q_pos, axis=1) | bad_q
 
   n_q, n_k = -(-time // block), -(-keys // block)
   pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n * block - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
@@ -189,7 +195,8 @@ def _blocked(q, k, v, doc, key_doc, q_start, *, scale, block: int, self_attentio
   else:
     o = _forward(qb, kb, vb, qd, kd, jnp.asarray(q_start, jnp.int32), keys, scale, block)[0]
   o = o.transpose(1, 0, 3, 2, 4).reshape(batch, n_q * block, q.shape[2], -1)[:, :time]
-  return jnp.where(poisoned[..., None], jnp.nan, o)
+  return o if poisoned is None else jnp.where(poisoned[..., None], jnp.nan, o)
 
 
-_compiled_blocked = jax.jit(_blocked, static_argnames=("scale", "block", "self_attention"))
+_compiled_blocked = jax.jit(_blocked, static_argnames=("scale", "block", "self_attention",
+                                                       "guard"))

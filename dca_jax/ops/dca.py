@@ -48,7 +48,8 @@ from dca_jax.ops.segments import document_ids
 def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | None = None,
                        state: DCAState | None = None, mode: Mode | str = "auto",
                        chunk_size: int | None = None, rotary_base: float | None = 10000.0,
-                       return_state: bool = False, axis_name=None):
+                       return_state: bool = False, axis_name=None,
+                       confine_nonfinite: bool = True):
   """DCA over a whole sequence: exact softmax over the last W tokens + compressed memory of the rest.
 
   Implements the module-level equations for t = 1..T, continuing from `state` when given (so
@@ -79,6 +80,12 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       shard's halo, its memory the state entering it). With `return_state` every shard returns
       the state after the whole sequence (the last shard's buffers and document start, the
       carried memory), replicated: a sharded prefill for decoding on one device.
+    confine_nonfinite: a NaN or infinity in the weights makes NaN exactly the outputs that see
+      its token (its query; its key, value or features through the window or the memory, within
+      its document), and no other. False skips that work (about 10% of a DCA layer's training
+      step at T = 1024 on CPU, `python -m experiments.performance`) for callers whose weights are
+      finite by construction, such as `DCAttention`, which confines a non-finite input x itself;
+      non-finite weights then give NaN outputs beyond the ones that see them.
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
@@ -104,7 +111,8 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
     return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
                                     chunk_size=chunk_size, rotary_base=rotary_base,
-                                    return_state=return_state, axis_name=axis_name)
+                                    return_state=return_state, axis_name=axis_name,
+                                    confine_nonfinite=confine_nonfinite)
   check_weights(weights, step=False)
   batch, time, heads, key_dim = weights.q.shape
   _checks.check_reset(reset, batch, time)
@@ -130,13 +138,13 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     plan = dataclasses.replace(plan, engine_grad=plan.engine)
   return _compiled_compress(weights, reset, state, plan=plan, window=window,
                             rotary_base=rotary_base, return_state=return_state,
-                            axis_name=axis_name)
+                            axis_name=axis_name, guard=bool(confine_nonfinite))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "window", "rotary_base", "return_state",
-                                             "axis_name"))
+                                             "axis_name", "guard"))
 def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, rotary_base,
-                       return_state: bool, axis_name):
+                       return_state: bool, axis_name, guard: bool = True):
   """`attention_compress` on checked inputs with its plan made, as one compiled program (called
   eagerly, its ops would otherwise compile one by one: ~29 s for the README's first example on
   the 2-core CPU against ~4 s; inlined inside a caller's jit)."""
@@ -148,7 +156,8 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   doc = jnp.zeros((batch, time), jnp.int32) if reset is None else document_ids(reset)
 
   if plan.kind is PlanKind.SOFTMAX:
-    return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
+    return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base,
+                               guard=guard)
 
   buffered = None
   if axis_name is not None:
@@ -164,7 +173,7 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
                      memory=memory, position=start)
   (num, den, top), (k_in, v_in, kf_in), same_doc, tails = window_and_stream(
       weights.q, (weights.k, weights.v, weights.k_features), doc, reset, state, window=window,
-      scale=scale, rotary_base=rotary_base, buffered=buffered)
+      scale=scale, rotary_base=rotary_base, buffered=buffered, guard=guard)
 
   # Memory: step t folds in the token at t - W, if it belongs to t's document (otherwise it
   # left with the reset that started t's document).
@@ -175,7 +184,7 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   memory_out, memory = run_engine(
       (plan.engine, plan.engine_grad), weights.q_features.astype(f32), inserted_features,
       inserted_values, weights.log_decay,
-      initial_state=None if state is None else state.memory, reset=reset)
+      initial_state=None if state is None else state.memory, reset=reset, guard=guard)
   if axis_name is not None:
     memory_out, memory = sequence_parallel.combine_shards(
         memory_out, memory, weights.q_features.astype(f32),

@@ -129,7 +129,7 @@ def _read_out(num, den, memory_out, gate):
 def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, state=None,
                              mode: Mode | str = "auto", chunk_size: int | None = None,
                              rotary_base: float | None = 10000.0, return_state: bool = False,
-                             axis_name=None):
+                             axis_name=None, confine_nonfinite: bool = True):
   """DCA with the delta memory over a whole sequence (the module equations, t = 1..T).
 
   `attention_compress` calls this for weights of the delta memory (`weights.beta` given); the
@@ -172,13 +172,13 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
     plan = dataclasses.replace(plan, engine_grad=plan.engine)
   return _compiled_compress_delta(weights, reset, state, plan=plan, window=window,
                                   rotary_base=rotary_base, return_state=return_state,
-                                  axis_name=axis_name)
+                                  axis_name=axis_name, guard=bool(confine_nonfinite))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "window", "rotary_base", "return_state",
-                                             "axis_name"))
+                                             "axis_name", "guard"))
 def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window: int, rotary_base,
-                             return_state: bool, axis_name=None):
+                             return_state: bool, axis_name=None, guard: bool = True):
   """`attention_compress_delta` on checked inputs with its plan made, one compiled program (see
   `dca._compiled_compress`)."""
   batch, time, heads, key_dim = weights.q.shape
@@ -188,7 +188,8 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   doc = jnp.zeros((batch, time), jnp.int32) if reset is None else document_ids(reset)
 
   if plan.kind is PlanKind.SOFTMAX:
-    return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base)
+    return softmax_over_window(weights, doc, window=window, rotary_base=rotary_base,
+                               guard=guard)
 
   new = (weights.k, weights.v, weights.beta)
   buffered = None
@@ -201,7 +202,7 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
                           memory=None if incoming is None else incoming.memory, position=start)
   (num, den, _), (k_in, v_in, beta_in), same_doc, tails = window_and_stream(
       weights.q, new, doc, reset, state, window=window, scale=scale, rotary_base=rotary_base,
-      buffered=buffered)
+      buffered=buffered, guard=guard)
 
   # Step t writes the token at t - W if it belongs to t's document (else nothing: k = 0, beta = 0).
   same_doc = same_doc[:, :, None]                                                    # [B, T, 1]
@@ -217,7 +218,8 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   else:
     initial = None if state is None else state.memory
   memory_out, memory = run_delta_rule(plans, q_unit, keys_in, values_in, betas_in,
-                                      weights.log_decay, initial_state=initial, reset=reset)
+                                      weights.log_decay, initial_state=initial, reset=reset,
+                                      guard=guard)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(out_dtype)
   if not return_state:
     return o

@@ -160,12 +160,14 @@ def buffer_doc(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Ar
   return jnp.where(current, 0, -1).astype(jnp.int32)
 
 
-def softmax_over_window(weights: DCAWeights, doc: jax.Array, *, window: int, rotary_base):
+def softmax_over_window(weights: DCAWeights, doc: jax.Array, *, window: int, rotary_base,
+                        guard: bool = True):
   """The whole-sequence forms' shortcut with no memory to read (T <= W and no state): exact
-  causal softmax over the window, [B, T, H, V] in v's dtype."""
+  causal softmax over the window, [B, T, H, V] in v's dtype (`guard` as
+  `window_softmax_parts`)."""
   num, den, _ = window_softmax_parts(weights.q, weights.k, weights.v, window=window,
                                      scale=1.0 / math.sqrt(weights.q.shape[-1]), doc=doc,
-                                     rotary_base=rotary_base)
+                                     rotary_base=rotary_base, guard=guard)
   return (num / den[..., None]).astype(weights.v.dtype)
 
 
@@ -192,18 +194,19 @@ def extend_with_buffer(position: jax.Array, doc_start: jax.Array, old, new, doc:
   return extended, jnp.concatenate([buffer_doc(position, doc_start, window), doc], axis=1)
 
 
-def window_after_buffer(q, ext_k, ext_v, ext_doc, *, window: int, scale, rotary_base):
+def window_after_buffer(q, ext_k, ext_v, ext_doc, *, window: int, scale, rotary_base,
+                        guard: bool = True):
   """The window's softmax parts (N, Z, m) of the new queries q [B, T, H, K] over the extended
-  keys and values (`extend_with_buffer`): each [B, T, ...]."""
+  keys and values (`extend_with_buffer`): each [B, T, ...] (`guard` as `window_softmax_parts`)."""
   ext_q = jnp.concatenate([jnp.zeros(q.shape[:1] + (window,) + q.shape[2:], jnp.float32),
                            q.astype(jnp.float32)], axis=1)
   num, den, top = window_softmax_parts(ext_q, ext_k, ext_v, window=window, scale=scale,
-                                       doc=ext_doc, rotary_base=rotary_base)
+                                       doc=ext_doc, rotary_base=rotary_base, guard=guard)
   return num[:, window:], den[:, window:], top[:, window:]
 
 
 def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scale, rotary_base,
-                      buffered=None):
+                      buffered=None, guard: bool = True):
   """The window's parts for the new queries and the stream the memory reads, for both memories.
 
   Step t folds in the token at t - W (the one leaving the window) if it belongs to t's document.
@@ -218,7 +221,7 @@ def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scal
     doc: [B, T] int32 document ids (`segments.document_ids`; zeros without resets).
     reset: the call's reset or None.
     state: a `DCAState` / `DCADeltaState`, or None.
-    window, scale, rotary_base: as `window_softmax_parts`.
+    window, scale, rotary_base, guard: as `window_softmax_parts`.
     buffered: the W tokens before the new ones, in place of the state's buffers (a shard's halo
       under sequence parallelism, `shard_entry`); the state gives position and doc_start.
 
@@ -232,7 +235,8 @@ def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scal
   f32 = jnp.float32
   if state is None:
     parts = window_softmax_parts(q, *new[:2], window=window, scale=scale,
-                                 doc=None if reset is None else doc, rotary_base=rotary_base)
+                                 doc=None if reset is None else doc, rotary_base=rotary_base,
+                                 guard=guard)
 
     def padded(x):   # W zeros in front
       return jnp.pad(x.astype(f32), ((0, 0), (window, 0)) + ((0, 0),) * (x.ndim - 2))
@@ -244,7 +248,7 @@ def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scal
       buffered = window_buffers(state, rotary_base)
     extended, ext_doc = extend_with_buffer(state.position, state.doc_start, buffered, new, doc)
     parts = window_after_buffer(q, extended[0], extended[1], ext_doc, window=window,
-                                scale=scale, rotary_base=rotary_base)
+                                scale=scale, rotary_base=rotary_base, guard=guard)
     doc_before = ext_doc[:, :time]
   return (parts, [x[:, :time] for x in extended], doc_before == doc,
           [x[:, -window:] for x in extended])

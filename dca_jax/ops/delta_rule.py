@@ -247,12 +247,12 @@ def entering_state(plans, q, k, v, beta, log_decay, initial_state, reset, axis_n
 
 
 def run_delta_rule(plans: tuple[EnginePlan, EnginePlan], q, k, v, beta, log_decay, *,
-                   initial_state=None, reset=None):
+                   initial_state=None, reset=None, guard: bool = True):
   """The delta rule on checked inputs with plans already made (`delta_rule_plans`).
 
   Casts to float32, zeroes non-finite tokens (and marks as NaN the outputs that can see them, as
-  `gla.run_engine` does), folds resets into the decays and evaluates `plans[0]`, differentiating
-  through `plans[1]` when they differ.
+  `gla.run_engine` does; `guard=False` skips that, as there), folds resets into the decays and
+  evaluates `plans[0]`, differentiating through `plans[1]` when they differ.
 
   Returns:
     (o [B, T, H, V], S_T [B, H, K, V]), both float32.
@@ -266,14 +266,15 @@ def run_delta_rule(plans: tuple[EnginePlan, EnginePlan], q, k, v, beta, log_deca
     s0 = initial_state.astype(f32)
   # A corrupt token must not leak into the past or into another document through 0 x NaN: zero
   # it (a select) and poison the outputs that can see it afterwards. g = -inf is valid.
-  bad_q = segments.nonfinite(q)                                                  # [B, T, H]
-  bad_kv = (segments.nonfinite(k) | segments.nonfinite(v) | segments.nonfinite(beta[..., None])
-            | segments.nonfinite(g[..., None], allow_neg_inf=True))
-  bad_state = jnp.any(~jnp.isfinite(s0), axis=(-2, -1))                         # [B, H]
-  q, = segments.zero_where(bad_q, q)
-  k, v = segments.zero_where(bad_kv, k, v)
-  beta, g = (jnp.where(bad_kv, 0.0, x) for x in (beta, g))
-  s0 = jnp.where(bad_state[..., None, None], 0.0, s0)
+  if guard:
+    bad_q = segments.nonfinite(q)                                                # [B, T, H]
+    bad_kv = (segments.nonfinite(k) | segments.nonfinite(v) | segments.nonfinite(beta[..., None])
+              | segments.nonfinite(g[..., None], allow_neg_inf=True))
+    bad_state = jnp.any(~jnp.isfinite(s0), axis=(-2, -1))                       # [B, H]
+    q, = segments.zero_where(bad_q, q)
+    k, v = segments.zero_where(bad_kv, k, v)
+    beta, g = (jnp.where(bad_kv, 0.0, x) for x in (beta, g))
+    s0 = jnp.where(bad_state[..., None, None], 0.0, s0)
   if reset is not None:
     g = jnp.where(reset[:, :, None], -jnp.inf, g)
   forward, grad = plans
@@ -281,6 +282,8 @@ def run_delta_rule(plans: tuple[EnginePlan, EnginePlan], q, k, v, beta, log_deca
     o, final = _run(forward, q, k, v, beta, g, s0)
   else:
     o, final = _auto(forward, grad, q, k, v, beta, g, s0)
+  if not guard:
+    return o, final
   doc = None if reset is None else segments.document_ids(reset)
   poisoned = segments.sees_nonfinite(bad_kv, doc, carried=bad_state) | bad_q
   o = jnp.where(poisoned[..., None], jnp.nan, o)
