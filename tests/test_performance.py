@@ -117,3 +117,14 @@ def test_gpu_check_counts_a_pytest_log():
   assert counts["totals"] == {"passed": 2, "failed": 1}
   assert not counts["finished"]
   assert gpu_check.parse_pytest_log(log + "==== 2 passed, 1 failed in 3.20s ====\n")["finished"]
+
+
+@pytest.mark.parametrize("layer", ["window", "gla"])
+def test_confine_check_compares_two_different_programs(layer):
+  """The check forces the op's confinement back on: the second program has the guard's extra
+  instructions (a wrapper that did not reach the traced op would time one program twice)."""
+  from experiments import confine_check
+  result = confine_check.check(layer, 64, repeats=1)
+  unconfined, confined = result["instructions"].values()
+  assert confined > unconfined
+  assert all(ms > 0 for ms in result["ms"].values())
