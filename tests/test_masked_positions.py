@@ -181,3 +181,16 @@ def test_unconfined_window_and_blocked_softmax_are_the_same_function(op):
   want = jax.jit(lambda *a: (run(*a, True), jax.grad(loss, (0, 1, 2))(*a, True)))(q, k, v)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1, "yes", None, jnp.array(True)])
+def test_confine_nonfinite_must_be_a_python_bool(value):
+  q, k, v, _, _ = _inputs()
+  weights = dca_jax.compute_weights(
+      dca_jax.init_params(jax.random.key(0), 8, 2, window=4), jnp.zeros((B, T, 8)))
+  calls = [lambda: dca_jax.sliding_window_attention(q, k, v, window=3, confine_nonfinite=value),
+           lambda: dca_jax.blocked_causal_attention(q, k, v, scale=0.5, confine_nonfinite=value),
+           lambda: dca_jax.attention_compress(weights, window=4, confine_nonfinite=value)]
+  for call in calls:
+    with pytest.raises(TypeError, match="confine_nonfinite must be a Python bool"):
+      call()

@@ -94,6 +94,15 @@ def check_unit_interval(name: str, x: Any) -> None:
                      f"to {float(values.max())}.")
 
 
+def check_flag(name: str, value: Any) -> bool:
+  """`value` as a bool if it is a Python or NumPy bool; else a TypeError naming `name` (a traced
+  or array value cannot choose which program is built)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a Python bool (True or False), got {value!r} of type "
+                    f"{type(value).__name__}.")
+  return bool(value)
+
+
 def parse_choice(choices: type, value: Any, name: str):
   """`choices(value)` for a str-valued Enum, or a ValueError naming `name` and the valid values."""
   try:

@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dca_jax.ops import segments
+from dca_jax.ops import _checks, segments
 
 
 def _blocks(x, n, size):
@@ -144,20 +144,25 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale:
   Returns:
     [B, T, H, V] float32.
 
+  Raises:
+    TypeError: `confine_nonfinite` is not a Python bool (the other arguments are the caller's to
+      check: this op is the softmax layer's building block).
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 300, 2, 8))
     >>> blocked_causal_attention(q, k, v, scale=8 ** -0.5, block=64).shape
     (1, 300, 2, 8)
   """
+  guard = _checks.check_flag("confine_nonfinite", confine_nonfinite)
   self_attention = (key_doc is None and k.shape[1] == q.shape[1] and isinstance(q_start, int)
                     and q_start == 0)
   q_start = 0 if self_attention else jnp.asarray(q_start, jnp.int32)
   if isinstance(scale, (int, float)):   # one compiled program per shape when called eagerly
     return _compiled_blocked(q, k, v, doc, key_doc, q_start, scale=float(scale), block=block,
-                             self_attention=self_attention, guard=bool(confine_nonfinite))
+                             self_attention=self_attention, guard=guard)
   return _blocked(q, k, v, doc, key_doc, q_start, scale=scale, block=block,
-                  self_attention=self_attention, guard=bool(confine_nonfinite))
+                  self_attention=self_attention, guard=guard)
 
 
 def _blocked(q, k, v, doc, key_doc, q_start, *, scale, block: int, self_attention: bool,

@@ -92,7 +92,8 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
 
   Raises:
-    ValueError / TypeError: malformed weights, window < 1, reset or state of the wrong shape.
+    ValueError / TypeError: malformed weights, window < 1, reset or state of the wrong shape,
+      confine_nonfinite not a Python bool.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -109,11 +110,12 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
   """
   if axis_name is not None:
     sequence_parallel.check_axis_name(axis_name)
+  guard = _checks.check_flag("confine_nonfinite", confine_nonfinite)
   if weights.beta is not None:     # the delta memory (memory="delta"), see `dca_delta`
     return attention_compress_delta(weights, window=window, reset=reset, state=state, mode=mode,
                                     chunk_size=chunk_size, rotary_base=rotary_base,
                                     return_state=return_state, axis_name=axis_name,
-                                    confine_nonfinite=confine_nonfinite)
+                                    confine_nonfinite=guard)
   check_weights(weights, step=False)
   batch, time, heads, key_dim = weights.q.shape
   _checks.check_reset(reset, batch, time)
@@ -139,7 +141,7 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     plan = dataclasses.replace(plan, engine_grad=plan.engine)
   return _compiled_compress(weights, reset, state, plan=plan, window=window,
                             rotary_base=rotary_base, return_state=return_state,
-                            axis_name=axis_name, guard=bool(confine_nonfinite))
+                            axis_name=axis_name, guard=guard)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "window", "rotary_base", "return_state",

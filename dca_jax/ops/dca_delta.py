@@ -172,7 +172,8 @@ def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, st
     plan = dataclasses.replace(plan, engine_grad=plan.engine)
   return _compiled_compress_delta(weights, reset, state, plan=plan, window=window,
                                   rotary_base=rotary_base, return_state=return_state,
-                                  axis_name=axis_name, guard=bool(confine_nonfinite))
+                                  axis_name=axis_name,
+                                  guard=_checks.check_flag("confine_nonfinite", confine_nonfinite))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "window", "rotary_base", "return_state",

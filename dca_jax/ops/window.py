@@ -82,7 +82,8 @@ def sliding_window_attention(
     [B, T, H, V] in q's dtype.
 
   Raises:
-    TypeError: an argument is not an array, q/k/v are not floating or `reset` is not bool.
+    TypeError: an argument is not an array, q/k/v are not floating, `reset` is not bool or
+      `confine_nonfinite` is not a Python bool.
     ValueError: wrong ranks, mismatched B, T, H or K between q, k and v, `window` not an
       integer >= 1, or `reset` not of shape [B, T].
 
@@ -114,7 +115,7 @@ def sliding_window_attention(
     scale = 1.0 / math.sqrt(key_dim)
   if time == 0:
     return jnp.zeros((batch, 0, heads, v.shape[-1]), q.dtype)
-  guard = bool(confine_nonfinite)
+  guard = _checks.check_flag("confine_nonfinite", confine_nonfinite)
   if isinstance(scale, (int, float)):
     return _compiled_window(q, k, v, reset, window=window, scale=float(scale), guard=guard)
   return _window(q, k, v, reset, window=window, scale=scale, guard=guard)
