@@ -201,6 +201,22 @@ def matmul_gflops(n: int = 2048, *, repeats: int = 10, dtype: Any = jnp.float32)
           "gflops": flops / timing.median_s / 1e9, "times_s": list(timing.times_s)}
 
 
+def batched_matmul_gflops(batch: int = 64, n: int = 64, *, repeats: int = 50,
+                          dtype: Any = jnp.float32) -> dict[str, Any]:
+  """The rate of many small products: a [batch, n, n] by [batch, n, n] batched matmul, median
+  over `repeats` (the shape of the window's and the chunked engine's blocks: 4 heads x 16
+  blocks of 64 tokens at T = 1024, K = 64). Returns the dict `matmul_gflops` returns, with
+  `batch`."""
+  a = jax.random.normal(jax.random.key(0), (batch, n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (batch, n, n), dtype)
+  compiled = compile_fn(jnp.matmul, a, b)
+  timing = time_interleaved({"matmul": lambda: compiled(a, b)}, repeats=repeats)["matmul"]
+  flops = 2 * batch * n**3
+  return {"batch": batch, "n": n, "dtype": jnp.dtype(dtype).name, "flops": flops,
+          "median_s": timing.median_s, "gflops": flops / timing.median_s / 1e9,
+          "times_s": list(timing.times_s)}
+
+
 # ----------------------------------------------------------------------------------------------
 # The runner.
 
