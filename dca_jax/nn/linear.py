@@ -40,9 +40,11 @@ class _RecurrentAttention(_layer.AttentionLayer):
   with a short convolution, the rows it reads: a `ConvCache`).
 
   Subclasses set up their parameters and implement `_state_shape(batch_size)` and
-  `_forward(x, state, reset, history) -> (y, final_state, conv_rows)`, where `history` is the
-  convolution's cached rows (None: none yet, or no convolution) and `conv_rows` [B, T, C] the
-  rows of x's tokens it reads (cached for the next call).
+  `_forward(x, state, reset, history, axis_name=None, guard=True) -> (y, final_state,
+  conv_rows)`, where `history` is the convolution's cached rows (None: none yet, or no
+  convolution), `conv_rows` [B, T, C] the rows of x's tokens it reads (cached for the next call)
+  and `guard` is the engine's confinement of non-finite inputs (off when `__call__` has confined
+  x already).
   """
 
   def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:
