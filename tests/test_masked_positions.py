@@ -194,3 +194,27 @@ def test_confine_nonfinite_must_be_a_python_bool(value):
   for call in calls:
     with pytest.raises(TypeError, match="confine_nonfinite must be a Python bool"):
       call()
+
+
+def test_unconfined_dca_layer_is_the_same_function_at_user_size():
+  """The layers' unconfined path at the size of the benchmarks (H = 4, K = 64, W = 64, T = 200,
+  per-head memory chunks): the DCA layer's output and gradients equal those of the same layer
+  with its op's confinement forced back on (experiments.confine_check's wrapper)."""
+  from experiments import confine_check
+  layer = layer_spec("dca").build(256, 4, {"window": 64}, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(5), (2, 200, 256))
+  reset = jnp.zeros((2, 200), bool).at[1, 130].set(True)
+
+  def step():
+    def loss(state, x):
+      y = nnx.merge(graphdef, state)(x, reset=reset)
+      return jnp.sum(jnp.sin(y)), y
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+
+  got = step()
+  with confine_check.confined("dca"):
+    jax.clear_caches()
+    want = step()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
