@@ -192,13 +192,7 @@ def matmul_gflops(n: int = 2048, *, repeats: int = 10, dtype: Any = jnp.float32)
   Returns:
     A dict with `n`, `dtype`, `flops` (per product), `median_s` and `gflops` (2 n^3 / median).
   """
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  compiled = compile_fn(jnp.matmul, a, b)
-  timing = time_interleaved({"matmul": lambda: compiled(a, b)}, repeats=repeats)["matmul"]
-  flops = 2 * n**3
-  return {"n": n, "dtype": jnp.dtype(dtype).name, "flops": flops, "median_s": timing.median_s,
-          "gflops": flops / timing.median_s / 1e9, "times_s": list(timing.times_s)}
+  return {"n": n, **_product_rate((n, n), repeats, dtype)}
 
 
 def batched_matmul_gflops(batch: int = 64, n: int = 64, *, repeats: int = 50,
@@ -207,14 +201,18 @@ def batched_matmul_gflops(batch: int = 64, n: int = 64, *, repeats: int = 50,
   over `repeats` (the shape of the window's and the chunked engine's blocks: 4 heads x 16
   blocks of 64 tokens at T = 1024, K = 64). Returns the dict `matmul_gflops` returns, with
   `batch`."""
-  a = jax.random.normal(jax.random.key(0), (batch, n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (batch, n, n), dtype)
+  return {"batch": batch, "n": n, **_product_rate((batch, n, n), repeats, dtype)}
+
+
+def _product_rate(shape: tuple[int, ...], repeats: int, dtype: Any) -> dict[str, Any]:
+  """`jnp.matmul` of two random arrays of `shape` (square in the last two dims), timed."""
+  a = jax.random.normal(jax.random.key(0), shape, dtype)
+  b = jax.random.normal(jax.random.key(1), shape, dtype)
   compiled = compile_fn(jnp.matmul, a, b)
   timing = time_interleaved({"matmul": lambda: compiled(a, b)}, repeats=repeats)["matmul"]
-  flops = 2 * batch * n**3
-  return {"batch": batch, "n": n, "dtype": jnp.dtype(dtype).name, "flops": flops,
-          "median_s": timing.median_s, "gflops": flops / timing.median_s / 1e9,
-          "times_s": list(timing.times_s)}
+  flops = 2 * math.prod(shape) * shape[-1]
+  return {"dtype": jnp.dtype(dtype).name, "flops": flops, "median_s": timing.median_s,
+          "gflops": flops / timing.median_s / 1e9, "times_s": list(timing.times_s)}
 
 
 # ----------------------------------------------------------------------------------------------
