@@ -7,6 +7,8 @@ Usage:
   python -m experiments.suite run --suite mqar_long --runs runs/suite   # the budget study
   python -m experiments.suite run --suite delta --runs runs/suite   # opt-in: Gated DeltaNet, DCA memory="delta"
   python -m experiments.suite run --suite recall --runs runs/recall  # opt-in: issue #12's MQAR study
+  python -m experiments.suite run --suite seeds --runs runs/corpus  # opt-in: second seeds, corpus
+  python -m experiments.suite run --suite long --runs runs/corpus   # opt-in: the same pair at T = 1024
   python -m experiments.suite speed --out runs/suite/speed.json   # tokens/s, side by side
   python -m experiments.suite render --runs runs/suite            # docs/benchmark_results.*
   python -m experiments.suite render-corpus --runs runs/corpus    # docs/corpus_comparison.*

@@ -103,7 +103,7 @@ DELTA_VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("dca_delta", "dca", {"memory": "delta"}, "DCA, delta memory"),
 )
 
-SUITES = ("lm", "ablations", "mqar", "mqar_long", "all", "delta", "recall", "seeds")
+SUITES = ("lm", "ablations", "mqar", "mqar_long", "all", "delta", "recall", "seeds", "long")
 # Suite "seeds": second seeds of the corpus comparison's decisive pair (issue #12: DCA's delta
 # memory against the sliding window, whose seed-0 margins were under 0.1 %).
 SEED_RUNS = (next(v for v in DELTA_VARIANTS if v[0] == "dca_delta"),
@@ -116,6 +116,21 @@ def _seed_runs() -> list[Run]:
                f"{label} (seed {SECOND_SEED})", attention=attention,
                attention_options={**attention_options(attention, "lm"), **extra},
                seed=SECOND_SEED, **LM_BUDGET)
+          for slug, attention, extra, label in SEED_RUNS]
+
+
+# Suite "long": the decisive pair trained at T = 1024 instead of 256 (issue #12: at T = 256 with
+# W = 64 the memory is trained on at most 192 tokens beyond the window, and is then asked to
+# serve 4x and 16x that length). The same tokens per step (4 x 1024 = 16 x 256) and steps.
+LONG_T = 1024
+
+
+def _long_runs() -> list[Run]:
+  budget = {**LM_BUDGET, "seq_len": LONG_T,
+            "batch_size": LM_BUDGET["batch_size"] * LM_BUDGET["seq_len"] // LONG_T}
+  return [_run(f"lm_{slug}_t{LONG_T}", "long_lm", "lm_dca", f"{label} (trained at T = {LONG_T})",
+               attention=attention,
+               attention_options={**attention_options(attention, "lm"), **extra}, **budget)
           for slug, attention, extra, label in SEED_RUNS]
 
 
@@ -151,6 +166,8 @@ def suite_runs(suite: str) -> list[Run]:
     return _delta_runs()
   if suite == "seeds":
     return _seed_runs()
+  if suite == "long":
+    return _long_runs()
   if suite == "recall":
     from experiments import recall_study
     return recall_study.recall_runs()
@@ -269,7 +286,7 @@ def find_run(name: str) -> Run:
     ValueError: no run has that name.
   """
   for run in (suite_runs("all") + suite_runs("delta") + suite_runs("recall")
-              + suite_runs("seeds")):
+              + suite_runs("seeds") + suite_runs("long")):
     if run.name == name:
       return run
   raise ValueError(f"unknown run {name!r}; see `python -m experiments.suite list`.")

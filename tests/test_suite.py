@@ -100,6 +100,20 @@ def test_seeds_suite_repeats_seed_zero_runs_with_another_seed():
     assert suite_plan.run_config(run, tiny=True).seed == suite_plan.SECOND_SEED
 
 
+def test_long_suite_trains_the_seed_pair_longer_with_the_same_bytes_per_step():
+  """Suite "long": each run is its T = 256 corpus run with T = 1024 and the batch cut so that a
+  step sees the same bytes; nothing else changes."""
+  runs = suite_plan.suite_runs("long")
+  assert runs and {r.group for r in runs} == {"long_lm"}
+  for run in runs:
+    base = suite_plan.find_run(run.name.rsplit("_t", 1)[0])
+    overrides, base_overrides = run.override_dict(), base.override_dict()
+    assert overrides.pop("seq_len") == suite_plan.LONG_T
+    assert (overrides.pop("batch_size") * suite_plan.LONG_T
+            == base_overrides.pop("batch_size") * base_overrides.pop("seq_len"))
+    assert overrides == base_overrides and run.config == base.config
+
+
 def _check_tiny_runs_write_results(tiny_suite):
   for name in TINY_RUNS:
     result = json.loads((tiny_suite / name / "result.json").read_text())
@@ -162,6 +176,19 @@ def _check_corpus_render_computes_the_targets(tiny_suite, tmp_path):
           if "below the sliding window" in line}
   assert rows["| dca (additive) below the sliding window at 1x T"] == "missed |"
   assert all(v == "met |" for k, v in rows.items() if not k.endswith("at 1x T"))
+  # Runs trained at another length (suite "long") get their own table and targets.
+  for name, base in (("lm_dca_t2", result), ("lm_window_t2", window)):
+    longer = json.loads(json.dumps(base))
+    longer.update(name=name, group="long_lm", label=base["label"] + " at 2T")
+    longer["config"]["seq_len"] = 2 * t
+    longer["evaluation"] = {str(2 * int(c)): m for c, m in base["evaluation"].items()}
+    (runs / name).mkdir()
+    (runs / name / "result.json").write_text(json.dumps(longer))
+  suite_report.render_corpus(runs, tmp_path)
+  text = (tmp_path / "corpus_comparison.md").read_text()
+  assert f"## Trained at T = {t}" in text and f"## Trained at T = {2 * t}" in text
+  assert text.count("below the sliding window at 1x T |") == 2
+  assert f"| sliding window at 2T | {result['num_params']:,} |" in text
 
 
 def _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):
