@@ -190,7 +190,9 @@ def test_confine_nonfinite_must_be_a_python_bool(value):
       dca_jax.init_params(jax.random.key(0), 8, 2, window=4), jnp.zeros((B, T, 8)))
   calls = [lambda: dca_jax.sliding_window_attention(q, k, v, window=3, confine_nonfinite=value),
            lambda: dca_jax.blocked_causal_attention(q, k, v, scale=0.5, confine_nonfinite=value),
-           lambda: dca_jax.attention_compress(weights, window=4, confine_nonfinite=value)]
+           lambda: dca_jax.attention_compress(weights, window=4, confine_nonfinite=value),
+           lambda: dca_jax.sliding_window_attention(q[:, :0], k[:, :0], v[:, :0], window=3,
+                                                    confine_nonfinite=value)]   # T = 0 too
   for call in calls:
     with pytest.raises(TypeError, match="confine_nonfinite must be a Python bool"):
       call()

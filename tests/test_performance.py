@@ -119,7 +119,7 @@ def test_gpu_check_counts_a_pytest_log():
   assert gpu_check.parse_pytest_log(log + "==== 2 passed, 1 failed in 3.20s ====\n")["finished"]
 
 
-@pytest.mark.parametrize("layer", ["window", "gla"])
+@pytest.mark.parametrize("layer", ["window", "gla", "dca", "softmax", "gated_deltanet", "linear"])
 def test_confine_check_compares_two_different_programs(layer):
   """The check forces the op's confinement back on: the second program has the guard's extra
   instructions (a wrapper that did not reach the traced op would time one program twice)."""

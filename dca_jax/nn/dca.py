@@ -171,7 +171,9 @@ class DCAttention(_layer.AttentionLayer):
                                                   self.sequence_axis)
     weights = self._weights(self._convolve(x, reset, history, self.sequence_axis))
     # x is confined by `__call__` (a non-finite token zeroed, the outputs that see it NaN), so
-    # the weights are finite (for finite parameters): the op's own confinement would be wasted.
+    # the weights are finite for finite parameters, barring overflow (a huge x, or float16 past
+    # 65504): the op's own confinement would be wasted. An overflow gives NaN outputs that may
+    # reach beyond the tokens that see it, where the op's confinement would have kept them in.
     o = ops.attention_compress(weights, window=self.window, reset=reset, mode=self.mode,
                                chunk_size=self.chunk_size, rotary_base=self.rotary_base,
                                axis_name=self.sequence_axis, confine_nonfinite=False)

@@ -44,7 +44,7 @@ class _RecurrentAttention(_layer.AttentionLayer):
   conv_rows)`, where `history` is the convolution's cached rows (None: none yet, or no
   convolution), `conv_rows` [B, T, C] the rows of x's tokens it reads (cached for the next call)
   and `guard` is the engine's confinement of non-finite inputs (off when `__call__` has confined
-  x already).
+  x already; the sharded engine, with `axis_name`, confines whatever `guard` says).
   """
 
   def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:

@@ -178,7 +178,8 @@ class SoftmaxAttention(_layer.AttentionLayer):
     doc = None if reset is None else document_ids(reset)            # [B, T]
     scale = 1.0 / math.sqrt(self.head_dim)
     # x is confined by `__call__` (a non-finite token zeroed, the outputs that see it NaN), so
-    # q, k, v are finite (for finite parameters) and the ops' own confinement is skipped.
+    # q, k, v are finite for finite parameters, barring overflow, and the ops' own confinement
+    # is skipped (see `DCAttention._sequence`).
     if not _dense_fits(batch, self.num_heads, time, time):
       o = blocked_causal_attention(q, k, v, scale=scale, doc=doc, block=BLOCK,
                                    confine_nonfinite=False)

@@ -111,11 +111,11 @@ def sliding_window_attention(
   _checks.check_dim("k", k, 3, key_dim, "key dim K (from q)")
   _checks.check_positive_int("window", window)
   _checks.check_reset(reset, batch, time)
+  guard = _checks.check_flag("confine_nonfinite", confine_nonfinite)
   if scale is None:
     scale = 1.0 / math.sqrt(key_dim)
   if time == 0:
     return jnp.zeros((batch, 0, heads, v.shape[-1]), q.dtype)
-  guard = _checks.check_flag("confine_nonfinite", confine_nonfinite)
   if isinstance(scale, (int, float)):
     return _compiled_window(q, k, v, reset, window=window, scale=float(scale), guard=guard)
   return _window(q, k, v, reset, window=window, scale=scale, guard=guard)
