@@ -27,16 +27,13 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 import dca_jax.nn.dca as nn_dca
 import dca_jax.nn.deltanet as nn_deltanet
 import dca_jax.nn.linear as nn_linear
 import dca_jax.nn.softmax as nn_softmax
 import dca_jax.nn.window as nn_window
-from dca_jax.nn import layer_spec
-from experiments import benchmark, benchmark_layers
+from experiments import benchmark, benchmark_layers, profile_ops
 from experiments.bookkeeping import machine_info, machine_line
 
 # layer -> (module, the name of the op it calls, the keyword that turns the op's confinement on).
@@ -81,11 +78,7 @@ def _instructions(compiled: Any) -> int:
 
 def check(layer: str, length: int, repeats: int) -> dict[str, Any]:
   """Times one layer's fwd+bwd at one T as it runs and with its op's confinement back on."""
-  spec = layer_spec(layer)
-  options = {"window": 64} if hasattr(spec.parse_options(), "window") else {}
-  module = spec.build(256, 4, options, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(module)
-  x = jax.random.normal(jax.random.key(1), (1, length, 256), jnp.float32)
+  spec, graphdef, state, x = profile_ops.layer_step_inputs(layer, length)
   # A fresh function for each program: jax.jit caches the trace of a function it has seen.
   compile_step = lambda: jax.jit(benchmark_layers.fwd_bwd_fn(graphdef)).lower(state, x).compile()
   programs = {"as the layer runs (op unconfined)": compile_step()}

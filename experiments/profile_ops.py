@@ -112,14 +112,23 @@ def trace_events(log_dir: pathlib.Path) -> list[dict[str, Any]]:
     return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
+def layer_step_inputs(layer_name: str, length: int, *, d_model: int = 256, heads: int = 4,
+                      window: int = 64) -> tuple[Any, Any, Any, jax.Array]:
+  """(spec, graphdef, state, x [1, T, d_model]) of a registered layer with its defaults (W =
+  `window` for the windowed ones), parameters from seed 0: the step this module profiles and
+  `experiments.confine_check` times."""
+  spec = layer_spec(layer_name)
+  options = {"window": window} if hasattr(spec.parse_options(), "window") else {}
+  graphdef, state = nnx.split(spec.build(d_model, heads, options, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(1), (1, length, d_model), jnp.float32)
+  return spec, graphdef, state, x
+
+
 def profile_step(layer_name: str, length: int, *, repeats: int = 10, d_model: int = 256,
                  heads: int = 4, window: int = 64, top: int = 12) -> dict[str, Any]:
   """Profiles one layer's forward+backward at one length (see the module docstring)."""
-  spec = layer_spec(layer_name)
-  options = {"window": window} if hasattr(spec.parse_options(), "window") else {}
-  layer = spec.build(d_model, heads, options, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(layer)
-  x = jax.random.normal(jax.random.key(1), (1, length, d_model), jnp.float32)
+  spec, graphdef, state, x = layer_step_inputs(layer_name, length, d_model=d_model, heads=heads,
+                                               window=window)
   step = benchmark_layers.fwd_bwd_fn(graphdef)
   compiled = jax.jit(step).lower(state, x).compile()
   hlo = parse_hlo(compiled.as_text())
