@@ -54,7 +54,8 @@ FWD = "fwd"
 FWD_BWD = "fwd+bwd"
 PASSES = (FWD, FWD_BWD)
 # (contender, pass) pairs timed on their own from T = ISOLATE_FROM_T (see `run`).
-ISOLATED = {("recurrent", FWD_BWD), ("recurrent (per-channel decay)", FWD_BWD)}
+ISOLATED = {("recurrent", FWD_BWD), ("recurrent (per-channel decay)", FWD_BWD),
+            ("delta rule, recurrent", FWD_BWD)}
 ISOLATE_FROM_T = 8192
 
 
@@ -203,10 +204,8 @@ def main_contenders(config: Config) -> list[Contender]:
       Contender("recurrent", _gla("recurrent"), "head", core=True),
       Contender("chunked (per-channel decay)", _gla("chunked"), "channel"),
       Contender("recurrent (per-channel decay)", _gla("recurrent"), "channel"),
-      # The delta rule's forms to T = 256 for now: its chunked fwd+bwd took minutes per call at
-      # T = 1024 on the 2-core CPU (2026-12-02; batched small triangular solves).
-      Contender("delta rule, chunked", _delta("chunked"), "head", max_t=256),
-      Contender("delta rule, recurrent", _delta("recurrent"), "head", max_t=256),
+      Contender("delta rule, chunked", _delta("chunked"), "head", core=True),
+      Contender("delta rule, recurrent", _delta("recurrent"), "head", core=True),
       Contender("associative", _gla("associative"), "head", max_t=config.associative_max_t),
       Contender("quadratic", _gla("quadratic"), "head", exponent=2, max_t=config.quadratic_max_t),
       Contender(f"sliding window (W={config.window})", _window(config.window), None, core=True),

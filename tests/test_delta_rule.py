@@ -328,6 +328,21 @@ def test_unit_lower_solve_equals_a_float64_solve_forward_and_gradients(size, blo
       np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10)
 
 
+def test_unit_lower_solve_is_exact_float32_for_a_key_written_64_times():
+  """L all ones below the diagonal (one unit key written with beta = 1 and no decay, 64 times):
+  (I + L)^-1 = I - (the subdiagonal shift), while the powers of L reach C(63, 31) ~ 1e18; the
+  substitution (not a power series) gets it in float32, forward and through the custom JVP."""
+  size = 64
+  lower = jnp.tril(jnp.ones((size, size), jnp.float32), -1)
+  rhs = jnp.asarray(np.random.default_rng(0).normal(size=(size, 5)), jnp.float32)
+  expected = np.asarray(rhs) - np.concatenate([np.zeros((1, 5)), np.asarray(rhs)[:-1]])
+  np.testing.assert_allclose(delta_rule_module.unit_lower_solve(lower, rhs), expected, atol=1e-5)
+  grad = jax.grad(lambda r: jnp.sum(delta_rule_module.unit_lower_solve(lower, r)))(rhs)
+  # d/dR of sum((I + L)^-1 R) = (I + L)^-T 1: 1 - 1 = 0 in every row but the last.
+  np.testing.assert_allclose(grad[:-1], 0.0, atol=1e-5)
+  np.testing.assert_allclose(grad[-1], 1.0, atol=1e-5)
+
+
 def test_combine_affine_maps_is_associative_and_applies_in_sequence():
   rng = np.random.default_rng(0)
   x, y, z = ((rng.normal(size=(2, 4, 4)), rng.normal(size=(2, 4, 3))) for _ in range(3))
