@@ -126,12 +126,19 @@ LONG_T = 1024
 
 
 def _long_runs() -> list[Run]:
+  """The pair at seed 0, then at `SECOND_SEED` (the decisive cells' second seed)."""
   budget = {**LM_BUDGET, "seq_len": LONG_T,
             "batch_size": LM_BUDGET["batch_size"] * LM_BUDGET["seq_len"] // LONG_T}
-  return [_run(f"lm_{slug}_t{LONG_T}", "long_lm", "lm_dca", f"{label} (trained at T = {LONG_T})",
-               attention=attention,
-               attention_options={**attention_options(attention, "lm"), **extra}, **budget)
-          for slug, attention, extra, label in SEED_RUNS]
+  runs = []
+  for seed in (0, SECOND_SEED):
+    suffix, seed_label = ("", "") if seed == 0 else (f"_seed{seed}", f", seed {seed}")
+    seeded = {} if seed == 0 else {"seed": seed}
+    runs += [_run(f"lm_{slug}_t{LONG_T}{suffix}", "long_lm", "lm_dca",
+                  f"{label} (trained at T = {LONG_T}{seed_label})", attention=attention,
+                  attention_options={**attention_options(attention, "lm"), **extra},
+                  **seeded, **budget)
+             for slug, attention, extra, label in SEED_RUNS]
+  return runs
 
 
 def _delta_runs() -> list[Run]:

@@ -101,12 +101,13 @@ def test_seeds_suite_repeats_seed_zero_runs_with_another_seed():
 
 
 def test_long_suite_trains_the_seed_pair_longer_with_the_same_bytes_per_step():
-  """Suite "long": each run is its T = 256 corpus run with T = 1024 and the batch cut so that a
-  step sees the same bytes; nothing else changes."""
+  """Suite "long": each run is its T = 256 corpus run (of the same seed) with T = 1024 and the
+  batch cut so that a step sees the same bytes; nothing else changes. Both seeds of the pair."""
   runs = suite_plan.suite_runs("long")
   assert runs and {r.group for r in runs} == {"long_lm"}
+  assert {r.override_dict().get("seed", 0) for r in runs} == {0, suite_plan.SECOND_SEED}
   for run in runs:
-    base = suite_plan.find_run(run.name.rsplit("_t", 1)[0])
+    base = suite_plan.find_run(run.name.replace(f"_t{suite_plan.LONG_T}", ""))
     overrides, base_overrides = run.override_dict(), base.override_dict()
     assert overrides.pop("seq_len") == suite_plan.LONG_T
     assert (overrides.pop("batch_size") * suite_plan.LONG_T
