@@ -309,7 +309,8 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
   for row in result["targets"]:
     value = row["value"]
     shown = "-" if value is None else (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
-    lines.append(f"| {row['target']} | {shown} {row['detail']} | {row['goal']} | {row['status']} |")
+    measured = f"{shown} {row['detail']}".strip()
+    lines.append(f"| {row['target']} | {measured} | {row['goal']} | {row['status']} |")
   lines += ["", "Where the time of a missed target goes, op by op (matmuls, data movement, "
             "elementwise; by part of the layer): docs/profile_ops.md, "
             "`python -m experiments.profile_ops`."]
