@@ -34,6 +34,7 @@ from dca_jax.ops.dca_memory import (shard_entry, softmax_over_window, state_afte
                                     window_and_stream, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import entering_state, l2_normalize, run_delta_rule
+from dca_jax.ops.rowwise import scale_rows
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
 from dca_jax.ops.rotary import rotary_phase, rotate_pairs
 from dca_jax.ops.segments import document_ids
@@ -122,8 +123,11 @@ def _check_state(state: DCADeltaState, batch: int, weights: DCAWeights) -> None:
 
 
 def _read_out(num, den, memory_out, gate):
-  """o = N / Z + sigmoid(g) S^T q^ (the window's softmax plus the gated memory read-out)."""
-  return num / den[..., None] + jax.nn.sigmoid(gate)[..., None] * memory_out
+  """o = N / Z + sigmoid(g) S^T q^ (the window's softmax plus the gated memory read-out).
+
+  Both per-row factors through `rowwise.scale_rows`: the gradients of Z and g are then einsums,
+  not reduce-of-multiply ops, which XLA:CPU runs in YNNPACK's slow reduction (`rowwise`)."""
+  return scale_rows(num, 1.0 / den) + scale_rows(memory_out, jax.nn.sigmoid(gate))
 
 
 def attention_compress_delta(weights: DCAWeights, *, window: int, reset=None, state=None,
