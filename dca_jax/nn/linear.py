@@ -19,6 +19,7 @@ from dca_jax.nn import _layer
 from dca_jax.ops.feature_maps import elu_features
 from dca_jax.ops.gla import gated_linear_attention, run_engine
 from dca_jax.ops.planner import engine_plans
+from dca_jax.ops.rowwise import scale_rows
 
 
 class RecurrentCache(NamedTuple):
@@ -188,7 +189,8 @@ class LinearAttention(_RecurrentAttention):
     log_decay = jnp.zeros(q.shape[:3], f32)
     # mode "auto" for one decode token too: the planner picks the recurrent form for T = 1.
     o, final = self._engine(q, k, v, log_decay, state, reset, axis_name, guard)
-    o = o[..., :-1] / (o[..., -1:] + self.eps)
+    # 1 / (z + eps) through rowwise.scale_rows: its gradient is an einsum, not a slow reduction.
+    o = scale_rows(o[..., :-1], 1.0 / (o[..., -1] + self.eps))
     return self._output(o, x.dtype), final, x
 
   def _state_shape(self, batch_size: Any) -> tuple[Any, ...]:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.rotary import rotary_phase, rotate_pairs
+from dca_jax.ops.rowwise import scale_rows
 from dca_jax.ops.window import window_softmax_parts
 
 
@@ -168,7 +169,7 @@ def softmax_over_window(weights: DCAWeights, doc: jax.Array, *, window: int, rot
   num, den, _ = window_softmax_parts(weights.q, weights.k, weights.v, window=window,
                                      scale=1.0 / math.sqrt(weights.q.shape[-1]), doc=doc,
                                      rotary_base=rotary_base, guard=guard)
-  return (num / den[..., None]).astype(weights.v.dtype)
+  return scale_rows(num, 1.0 / den).astype(weights.v.dtype)   # the gradient of 1 / Z: an einsum
 
 
 def extend_with_buffer(position: jax.Array, doc_start: jax.Array, old, new, doc: jax.Array):
@@ -382,9 +383,10 @@ def combine_memories(window_num, window_den, window_max, memory_out, value_dim, 
   has_memory = ~(mem_den <= 0)
   safe_den = jnp.where(has_memory, mem_den, 1.0)
   if gate is not None:
-    g = jax.nn.sigmoid(gate)[..., None]
-    mem_mean = jnp.where(has_memory[..., None], mem_num / safe_den[..., None], 0.0)
-    return g * window_num / window_den[..., None] + (1.0 - g) * mem_mean
+    # Per-row factors through scale_rows: their gradients are einsums (rowwise).
+    g = jax.nn.sigmoid(gate)
+    mem_mean = jnp.where(has_memory[..., None], scale_rows(mem_num, 1.0 / safe_den), 0.0)
+    return scale_rows(window_num, g / window_den) + scale_rows(mem_mean, 1.0 - g)
   return _unified(window_num, window_den, jax.lax.stop_gradient(window_max), mem_num, mem_den)
 
 
