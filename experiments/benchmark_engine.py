@@ -159,7 +159,9 @@ class Contender:
     decay: "head" ([B, T, H] log decays), "channel" ([B, T, H, K]) or None (no decay input).
     exponent: how its time grows with T (1 linear, 2 quadratic), to predict the next T.
     max_t: largest T it is run at (None: no limit but the budgets).
-    core: needed by the targets (run at every T even when `Config.full_grid_max_t` is set).
+    core: needed by the targets (run at every T even when `Config.full_grid_max_t` is set, and
+      exempt from the time budget up to `Config.ratio_t`).
+    every_t: run at every T like `core`, but under the time budget (no target needs it).
   """
 
   name: str
@@ -168,6 +170,7 @@ class Contender:
   exponent: int = 1
   max_t: int | None = None
   core: bool = False
+  every_t: bool = False
 
 
 def _gla(mode: str, chunk_size: int | None = None):
@@ -204,8 +207,8 @@ def main_contenders(config: Config) -> list[Contender]:
       Contender("recurrent", _gla("recurrent"), "head", core=True),
       Contender("chunked (per-channel decay)", _gla("chunked"), "channel"),
       Contender("recurrent (per-channel decay)", _gla("recurrent"), "channel"),
-      Contender("delta rule, chunked", _delta("chunked"), "head", core=True),
-      Contender("delta rule, recurrent", _delta("recurrent"), "head", core=True),
+      Contender("delta rule, chunked", _delta("chunked"), "head", every_t=True),
+      Contender("delta rule, recurrent", _delta("recurrent"), "head", every_t=True),
       Contender("associative", _gla("associative"), "head", max_t=config.associative_max_t),
       Contender("quadratic", _gla("quadratic"), "head", exponent=2, max_t=config.quadratic_max_t),
       Contender(f"sliding window (W={config.window})", _window(config.window), None, core=True),
@@ -478,7 +481,7 @@ def write_markdown(path: str, result: dict[str, Any]) -> None:
       f"warm-up ({config['big_repeats']} from T={config['big_t']}, 1 at T>={config['huge_t']}; "
       f"fast calls are repeated until they add up to {config['min_total_s']} s); the contenders "
       "of one T run interleaved, round-robin (from T=" + str(ISOLATE_FROM_T) + " the token "
-      "scan's fwd+bwd, 1-4 GiB of temp memory, runs after the others, alone, so that its "
+      "scan's fwd+bwd, 1-6.3 GiB of temp memory, runs after the others, alone, so that its "
       "allocations cannot touch their timings). The machine may have been shared with other jobs: "
       "trust ratios within one T more than absolute times. fwd+bwd is the loss <o, dO> and its "
       "gradients with respect to every input. Memory is XLA's temporary buffers "
@@ -594,11 +597,11 @@ def run(config: Config, command: str) -> dict[str, Any]:
   for length in config.lengths:
     log(f"T={length}")
     full = config.full_grid_max_t is None or length <= config.full_grid_max_t
-    jobs = [(c, PASSES) for c in contenders if full or c.core]
+    jobs = [(c, PASSES) for c in contenders if full or c.core or c.every_t]
     if length < ISOLATE_FROM_T:
       records += measure(runner, config, jobs, length, section="grid")
       continue
-    # Autodiff through the token scan stores one K x V state per token (1-4 GiB of XLA temp
+    # Autodiff through the token scan stores one K x V state per token (1-6.3 GiB of XLA temp
     # memory from T = 8192). It runs after the other forms, alone. In the full runs of
     # 2026-12-04 13:30 and 15:19 UTC, with it interleaved, the chunked forward at T = 32768
     # measured 276 and 280 ms; at 16:20 UTC, with it apart, 145 ms. The side-by-side check

@@ -343,8 +343,8 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
   if engine:
     lines += ["", "## Engine (`gated_linear_attention`, B = 1, H = 4, K = V = 64)", "",
               "From T = 8192 the recurrent form's fwd+bwd (autodiff through the token scan, "
-              "1-4 GiB of XLA temp memory) is timed after the other forms of its T, alone "
-              "(`benchmark_engine.ISOLATED`).", ""]
+              "1-6.3 GiB of XLA temp memory, the delta rule's the most) is timed after the "
+              "other forms of its T, alone (`benchmark_engine.ISOLATED`).", ""]
     contenders = []
     for rec in engine["records"]:
       if rec["section"] in ("grid", "long") and rec["contender"] not in contenders:

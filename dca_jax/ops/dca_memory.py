@@ -385,7 +385,10 @@ def combine_memories(window_num, window_den, window_max, memory_out, value_dim, 
   if gate is not None:
     # Per-row factors through scale_rows: their gradients are einsums (rowwise).
     g = jax.nn.sigmoid(gate)
-    mem_mean = jnp.where(has_memory[..., None], scale_rows(mem_num, 1.0 / safe_den), 0.0)
+    # 1 / M_den stays finite: a subnormal normaliser (a memory decayed by ~e^-88) is read as the
+    # smallest normal one rather than overflowing (CPUs flush it to zero anyway).
+    inverse = 1.0 / jnp.maximum(safe_den, jnp.finfo(safe_den.dtype).tiny)
+    mem_mean = jnp.where(has_memory[..., None], scale_rows(mem_num, inverse), 0.0)
     return scale_rows(window_num, g / window_den) + scale_rows(mem_mean, 1.0 - g)
   return _unified(window_num, window_den, jax.lax.stop_gradient(window_max), mem_num, mem_den)
 
