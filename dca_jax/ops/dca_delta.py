@@ -34,9 +34,9 @@ from dca_jax.ops.dca_memory import (shard_entry, softmax_over_window, state_afte
                                     window_and_stream, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import entering_state, l2_normalize, run_delta_rule
-from dca_jax.ops.rowwise import scale_rows
 from dca_jax.ops.planner import Mode, PlanKind, adaptive_scale
 from dca_jax.ops.rotary import rotary_phase, rotate_pairs
+from dca_jax.ops.rowwise import scale_rows
 from dca_jax.ops.segments import document_ids
 from dca_jax.ops.window import window_step_parts
 

@@ -374,6 +374,12 @@ def associative(q, k, v, beta, g, s0):
 SOLVE_BLOCK = 16
 
 
+def _strict_lower(x: jax.Array) -> jax.Array:
+  """x [..., C, C] with zeros on and above the diagonal."""
+  index = jnp.arange(x.shape[-1])
+  return jnp.where(index[:, None] > index[None, :], x, 0.0)
+
+
 def unit_lower_inverse(lower: jax.Array, *, block: int = SOLVE_BLOCK) -> jax.Array:
   """(I + L)^-1 for L strictly lower triangular (only that triangle of `lower` is read).
 
@@ -403,8 +409,7 @@ def unit_lower_inverse(lower: jax.Array, *, block: int = SOLVE_BLOCK) -> jax.Arr
   block = max(1, min(block, size))
   n_blocks = -(-size // block)
   pad = n_blocks * block - size
-  index = jnp.arange(size)
-  lower = jnp.where(index[:, None] > index[None, :], lower, 0.0)
+  lower = _strict_lower(lower)
   if pad:
     lower = jnp.pad(lower, [(0, 0)] * (lower.ndim - 2) + [(0, pad), (0, pad)])
   lead = lower.shape[:-2]
@@ -442,19 +447,17 @@ def _solve_jvp(block, primals, tangents):
   d_lower, d_rhs = tangents
   inverse = unit_lower_inverse(lower, block=block)
   x = inverse @ rhs
-  index = jnp.arange(lower.shape[-1])
-  d_lower = jnp.where(index[:, None] > index[None, :], d_lower, 0.0)
-  return x, inverse @ (d_rhs - d_lower @ x)
+  return x, inverse @ (d_rhs - _strict_lower(d_lower) @ x)
 
 
 def unit_lower_solve(lower: jax.Array, rhs: jax.Array, *, block: int = SOLVE_BLOCK) -> jax.Array:
   """X with (I + L) X = R, for L strictly lower triangular (only that triangle is read).
 
   X = T R with T = (I + L)^-1 from `unit_lower_inverse`, under a `custom_jvp` whose tangent
-  T (dR - dL X) is built of matmuls: autodiff of the substitution itself (a chain of small
-  sequential steps, transposed again in the backward pass) made the chunked form's fwd+bwd at
-  T = 1024, H = 4, K = V = 64 take 31 ms against 19 ms this way (2-core Intel Xeon,
-  2026-12-04; the engine section of `python -m experiments.performance` times the form).
+  T (dR - dL X) is built of matmuls, so the substitution is run once and never differentiated
+  (autodiff of it, a chain of small sequential steps transposed again in the backward pass, was
+  most of the chunked form's training time; the engine section of `python -m
+  experiments.performance` times the form).
 
   Args:
     lower: [..., C, C].
