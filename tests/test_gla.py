@@ -715,3 +715,41 @@ def test_segmented_chunked_pass_equals_float64_scan_forward_and_gradients(time, 
   _assert_close(final, final64, F32_TOL, "final state")
   for name, grad, ref in zip(("q", "k", "v", "log_decay", "initial_state"), grads, grads64):
     _assert_close(grad, ref, F32_GRAD_TOL, f"d loss / d {name}")
+
+
+@pytest.mark.parametrize("time,chunk,per_channel", [(37, 8, False), (64, 16, True),
+                                                    (130, 16, False)])
+def test_chunked_pass_gauge_rule_equals_plain_autodiff_in_float64(time, chunk, per_channel):
+  """The chunked pass's JVP rule (the log decays' tangent moved onto q and k, `chunked.
+  _gauge_jvp`) against plain autodiff of the same pass, both in float64: gradients of all five
+  inputs and a JVP with every tangent, with 0, -1e4 and -inf log decays mixed in (where the
+  identity's two sides are 0 exactly, and the rule's rounding residue must stay at float64's)."""
+  from dca_jax.ops import chunked as chunked_form  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(time)
+  heads, dim = 3, 4
+  with jax.enable_x64(True):
+    q, k, v = (jnp.asarray(rng.normal(size=(2, time, heads, dim))) for _ in range(3))
+    g = -rng.exponential(0.4, size=(2, time, heads, dim if per_channel else 1))
+    g.flat[rng.choice(g.size, 3, replace=False)] = [0.0, -1e4, -np.inf]
+    g = jnp.asarray(g)
+    s0 = jnp.asarray(rng.normal(size=(2, heads, dim, dim)))
+    w_o, w_s = jnp.asarray(rng.normal(size=q.shape)), jnp.asarray(rng.normal(size=s0.shape))
+    args = (q, k, v, g, s0)
+    forms = {"rule": chunked_form._chunked_pass, "plain": chunked_form._plain_pass}  # pylint: disable=protected-access
+
+    def loss(name):
+      def value(*a):
+        o, final = forms[name](*a, chunk_size=chunk)
+        return jnp.sum(o * w_o) + jnp.sum(final * w_s)
+      return value
+
+    grads = {n: fast_jit(jax.grad(loss(n), argnums=(0, 1, 2, 3, 4)))(*args) for n in forms}
+    tangents = tuple(jnp.asarray(rng.normal(size=x.shape)) for x in args)
+    tangents = tangents[:3] + (jnp.where(jnp.isfinite(g), tangents[3], 0.0),) + tangents[4:]
+    jvps = {n: fast_jit(lambda a, t, n=n: jax.jvp(
+        lambda *b: forms[n](*b, chunk_size=chunk), a, t)[1])(args, tangents) for n in forms}
+    for name, ours, plain in zip(("q", "k", "v", "log_decay", "initial_state"), grads["rule"],
+                                 grads["plain"]):
+      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"d / d {name}")
+    for name, ours, plain in zip(("o", "final state"), jvps["rule"], jvps["plain"]):
+      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"jvp of {name}")

@@ -53,8 +53,11 @@ References:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from dca_jax.ops.quadratic import head_decay_weights, prefix_sum, reverse_exclusive_cumsum
 from dca_jax.ops.rowwise import row_dot, scale_rows
@@ -165,7 +168,68 @@ def chunked(q, k, v, g, s0, *, chunk_size: int, segment_size: int | None = None)
 
 
 def _chunked_pass(q, k, v, g, s0, *, chunk_size: int):
-  """One chunked pass over the whole of its inputs (`chunked` without segments)."""
+  """One chunked pass over the whole of its inputs (`chunked` without segments), differentiated
+  through `_gauge_jvp`."""
+  return _gauged_pass(q, k, v, g, s0, chunk_size)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _gauged_pass(q, k, v, g, s0, chunk_size):
+  return _plain_pass(q, k, v, g, s0, chunk_size=chunk_size)
+
+
+def _gauge_jvp(chunk_size, primals, tangents):
+  """The pass's JVP with the log decays' tangent moved onto the queries and keys (a gauge).
+
+  Shifting g_t (one head, or one key channel) by e multiplies exactly the products that cross t,
+  decay(j -> i) for j < t <= i, by e^e, and so does scaling the queries at i >= t by e^e, the
+  keys at j >= t by e^-e and the final state by e^e (every term of the state before t crosses
+  t; the rest keeps the keys' e^-e): the function changes the same way. So with G the tangent of
+  the prefix sum of g (inclusive), the tangent is that of the pass at fixed g along
+
+      dq + q G,   dk - k G,   dv,   ds0,     plus G_T S_T on the final state.
+
+  Reverse mode transposes this into the usual identity dg_t = sum_{i >= t} (q_i . dq_i - k_i .
+  dk_i) + <dS_T, S_T> (as the chunked GLA kernels of flash-linear-attention compute it): two
+  row dots and a reversed cumulative sum per token, instead of differentiating the decay
+  matrices, the exponentials of the chunk offsets and the scan's decays. Exact in exact
+  arithmetic (at g_t = -inf too, where both sides are 0; in float32 the identity's sum leaves a
+  rounding residue there, as it does everywhere).
+  """
+  q, k, v, g, s0 = primals
+  dq, dk, dv, dg, ds0 = tangents
+  zero = lambda t: isinstance(t, SymbolicZero)
+  if not zero(dg):
+    gauge = prefix_sum(dg, axis=1)                          # [B, T, H, D], D = 1 or K
+    dq = q * gauge if zero(dq) else dq + q * gauge
+    dk = -k * gauge if zero(dk) else dk - k * gauge
+  # jax.jvp over the inputs with a nonzero tangent only, g held fixed.
+  args, tans, where = [q, k, v, s0], [dq, dk, dv, ds0], []
+  for i, t in enumerate(tans):
+    if not zero(t):
+      where.append(i)
+
+  def at_fixed_g(*active):
+    full = list(args)
+    for i, a in zip(where, active):
+      full[i] = a
+    return _plain_pass(full[0], full[1], full[2], g, full[3], chunk_size=chunk_size)
+
+  if not where:   # only g had a tangent, and it was zero
+    out = _plain_pass(q, k, v, g, s0, chunk_size=chunk_size)
+    return out, tuple(SymbolicZero(jax.typeof(x).to_tangent_aval()) for x in out)
+  out, (do, dfinal) = jax.jvp(at_fixed_g, tuple(args[i] for i in where),
+                              tuple(tans[i] for i in where))
+  if not zero(dg):
+    dfinal = dfinal + gauge[:, -1, :, :, None] * out[1]      # G_T [B, H, D, 1] times S_T
+  return out, (do, dfinal)
+
+
+_gauged_pass.defjvp(lambda *args: _gauge_jvp(*args), symbolic_zeros=True)
+
+
+def _plain_pass(q, k, v, g, s0, *, chunk_size: int):
+  """One chunked pass, differentiated by plain autodiff (`_chunked_pass` with its rule)."""
   batch, time, heads, _ = q.shape
   per_channel = g.shape[-1] > 1
   chunk = effective_chunk_size(chunk_size, per_channel)
@@ -199,7 +263,10 @@ def _chunked_pass(q, k, v, g, s0, *, chunk_size: int):
   summaries = jnp.einsum("bhnck,bhncv->bhnkv", scaled(k, after), v)         # [B, H, N, K, V]
   cum_decay, cum_update = jax.lax.associative_scan(
       combine_decayed_states, (chunk_decay, summaries), axis=2)
-  states = cum_decay * s0[:, :, None] + cum_update                          # after each chunk
+  if per_channel:
+    states = cum_decay * s0[:, :, None] + cum_update                        # after each chunk
+  else:   # as an einsum: its gradient for s0 is a dot (a multiply-reduce ran 100x slower on CPU)
+    states = jnp.einsum("bhn,bhkv->bhnkv", cum_decay[..., 0, 0], s0) + cum_update
   entering = jnp.concatenate([s0[:, :, None], states[:, :, :-1]], axis=2)
   o = jnp.einsum("bhnck,bhnkv->bhncv", scaled(q, into), entering)
   o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, v)
