@@ -619,3 +619,42 @@ def test_good_inputs_pass_the_checks(monkeypatch):
   o = delta_rule_attention(*args.values(), mode="recurrent", initial_state=_arr(2, 3, 4, 6),
                            reset=np.zeros((2, 5), bool))
   assert o.shape == (2, 5, 3, 6) and len(calls) == 1
+
+
+@pytest.mark.parametrize("time,chunk", [(37, 8), (130, 16)])
+def test_chunked_gauge_rule_equals_plain_autodiff_in_float64(time, chunk):
+  """The chunked form's JVP rule (the log decays' tangent moved onto q and v, `delta_rule.
+  _gauge_jvp`) against plain autodiff of the same form, both in float64: gradients of all six
+  inputs and a JVP with every tangent, with 0, -1e4 and -inf log decays and beta in {0, 1}."""
+  rng = np.random.default_rng(time)
+  heads, dim = 3, 4
+  with jax.enable_x64(True):
+    q, v = (jnp.asarray(rng.normal(size=(2, time, heads, dim))) for _ in range(2))
+    k = delta_rule_module.l2_normalize(jnp.asarray(rng.normal(size=(2, time, heads, dim))))
+    beta = rng.uniform(size=(2, time, heads))
+    beta.flat[:2] = [0.0, 1.0]
+    g = -rng.exponential(0.4, size=(2, time, heads))
+    g.flat[rng.choice(g.size, 3, replace=False)] = [0.0, -1e4, -np.inf]
+    beta, g = jnp.asarray(beta), jnp.asarray(g)
+    s0 = jnp.asarray(rng.normal(size=(2, heads, dim, dim)))
+    w_o, w_s = jnp.asarray(rng.normal(size=v.shape)), jnp.asarray(rng.normal(size=s0.shape))
+    args = (q, k, v, beta, g, s0)
+    forms = {"rule": delta_rule_module.chunked,
+             "plain": delta_rule_module._plain_chunked}  # pylint: disable=protected-access
+
+    def loss(name):
+      def value(*a):
+        o, final = forms[name](*a, chunk_size=chunk)
+        return jnp.sum(o * w_o) + jnp.sum(final * w_s)
+      return value
+
+    grads = {n: fast_jit(jax.grad(loss(n), argnums=tuple(range(6))))(*args) for n in forms}
+    tangents = tuple(jnp.asarray(rng.normal(size=x.shape)) for x in args)
+    tangents = tangents[:4] + (jnp.where(jnp.isfinite(g), tangents[4], 0.0),) + tangents[5:]
+    jvps = {n: fast_jit(lambda a, t, n=n: jax.jvp(
+        lambda *b: forms[n](*b, chunk_size=chunk), a, t)[1])(args, tangents) for n in forms}
+    for name, ours, plain in zip(("q", "k", "v", "beta", "log_decay", "initial_state"),
+                                 grads["rule"], grads["plain"]):
+      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"d / d {name}")
+    for name, ours, plain in zip(("o", "final state"), jvps["rule"], jvps["plain"]):
+      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"jvp of {name}")

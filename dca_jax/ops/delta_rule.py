@@ -71,6 +71,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from dca_jax.ops import _checks, segments, sequence_parallel
 from dca_jax.ops.planner import EnginePlan, Mode, delta_rule_plans
@@ -471,7 +472,64 @@ def unit_lower_solve(lower: jax.Array, rhs: jax.Array, *, block: int = SOLVE_BLO
 
 
 def chunked(q, k, v, beta, g, s0, *, chunk_size: int):
-  """Chunked form (WY/UT representation per chunk, module doc). Internal contract as above."""
+  """Chunked form (WY/UT representation per chunk, module doc). Internal contract as above.
+  Differentiated through `_gauge_jvp`."""
+  return _gauged_chunked(q, k, v, beta, g, s0, chunk_size)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _gauged_chunked(q, k, v, beta, g, s0, chunk_size):
+  return _plain_chunked(q, k, v, beta, g, s0, chunk_size=chunk_size)
+
+
+def _gauge_jvp(chunk_size, primals, tangents):
+  """The chunked form's JVP with the log decays' tangent moved onto the queries and values.
+
+  The state is linear in the values and the initial state, and a_t = exp(g_t) multiplies the
+  whole transition at t, so shifting g_t by e multiplies exactly the contributions that cross t
+  (of v_j, j < t, and of S_0 to S_i, i >= t) by e^e; so does scaling the queries at i >= t by
+  e^e, the values at j >= t by e^-e and the final state by e^e. With G the tangent of the prefix
+  sum of g, the tangent is that of the form at fixed g along dq + q G, dv - v G (k, beta, S_0
+  as given), plus G_T S_T on the final state; reverse mode gets dg_t = sum_{i >= t} (q_i . dq_i
+  - v_i . dv_i) + <dS_T, S_T> (as `chunked._gauge_jvp` for gated linear attention, with the
+  values in the keys' place), instead of differentiating the decays through the solve.
+  """
+  q, k, v, beta, g, s0 = primals
+  dq, dk, dv, dbeta, dg, ds0 = tangents
+  zero = lambda t: isinstance(t, SymbolicZero)
+  if not zero(dg):
+    gauge = prefix_sum(dg, axis=1)                                              # [B, T, H]
+    # As an einsum, so that the gauge's cotangent (a row dot) is a dot_general (`rowwise`).
+    by_gauge = lambda x: jnp.einsum("...k,...->...k", x, gauge,
+                                    precision=jax.lax.Precision.HIGHEST)
+    dq = by_gauge(q) if zero(dq) else dq + by_gauge(q)
+    dv = -by_gauge(v) if zero(dv) else dv - by_gauge(v)
+  args, tans = [q, k, v, beta, s0], [dq, dk, dv, dbeta, ds0]
+  where = [i for i, t in enumerate(tans) if not zero(t)]
+  if not where:   # only g had a tangent, and it was zero
+    out = _plain_chunked(q, k, v, beta, g, s0, chunk_size=chunk_size)
+    return out, tuple(SymbolicZero(jax.typeof(x).to_tangent_aval()) for x in out)
+
+  def at_fixed_g(*active):
+    full = list(args)
+    for i, a in zip(where, active):
+      full[i] = a
+    q_, k_, v_, beta_, s0_ = full
+    return _plain_chunked(q_, k_, v_, beta_, g, s0_, chunk_size=chunk_size)
+
+  out, (do, dfinal) = jax.jvp(at_fixed_g, tuple(args[i] for i in where),
+                              tuple(tans[i] for i in where))
+  if not zero(dg):
+    dfinal = dfinal + jnp.einsum("bh,bhkv->bhkv", gauge[:, -1], out[1],
+                                 precision=jax.lax.Precision.HIGHEST)            # G_T S_T
+  return out, (do, dfinal)
+
+
+_gauged_chunked.defjvp(lambda *args: _gauge_jvp(*args), symbolic_zeros=True)
+
+
+def _plain_chunked(q, k, v, beta, g, s0, *, chunk_size: int):
+  """The chunked form, differentiated by plain autodiff (`chunked` with its rule)."""
   batch, time, heads, key_dim = q.shape
   chunk = chunk_size
   n_chunks = -(-time // chunk)
