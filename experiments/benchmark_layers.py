@@ -181,15 +181,22 @@ class Layer:
     return ", ".join(f"{k}={v}" for k, v in self.options)
 
 
+DCA_DELTA = "DCAttention (memory=delta)"
+
+
 def layers(config: Config) -> list[Layer]:
-  """Every registered layer, in the registry's order; the windowed ones with `config.window`."""
+  """Every registered layer, in the registry's order; the windowed ones with `config.window`.
+  DCA twice: with its default memory and with memory="delta" (row `DCA_DELTA`), whose cost is
+  the price of the delta rule's memory."""
   out = []
   for spec in LAYERS.values():
     windowed = "window" in {f.name for f in dataclasses.fields(spec.options)}
-    out.append(Layer(spec.layer.__name__, spec,
-                     options=(("window", config.window),) if windowed else (),
+    options = (("window", config.window),) if windowed else ()
+    out.append(Layer(spec.layer.__name__, spec, options=options,
                      # Softmax attention is the one quadratic layer.
                      exponent=2 if spec.name == "softmax" else 1))
+    if spec.name == "dca":
+      out.append(Layer(DCA_DELTA, spec, options=options + (("memory", "delta"),)))
   return out
 
 
