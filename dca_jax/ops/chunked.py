@@ -45,6 +45,13 @@ into and after. Cost per chunk: sum_h (C / 2h) h^2 K = C (C - 1) K / 2 multiply-
 lower triangle of the per-head matmul, plus log2(C) exponentials per token and channel (each
 level scales half of the queries and half of the keys).
 
+Gradients: a pass's JVP (`_gauge_jvp`) holds the log decays fixed and moves their tangent onto
+the queries and keys: shifting g_t scales exactly the products that cross t, as scaling the
+queries after t up and the keys after t down does. Reverse mode then gets the log decays'
+gradient as a reversed cumulative sum of q . dq - k . dk plus <dS_T, S_T>, and never
+differentiates the decay matrices, the halving's exponentials or the scan's decays
+(flash-linear-attention's chunked GLA backward uses the same identity).
+
 References:
   Yang et al. 2023, "Gated Linear Attention Transformers with Hardware-Efficient Training",
   sec. 4 (chunkwise form, secondary chunking); Dao & Gu 2024, "Transformers are SSMs" (Mamba-2),

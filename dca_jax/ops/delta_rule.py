@@ -49,7 +49,9 @@ a direct sum of log decays (`quadratic.head_decay_weights`, `prefix_sum`,
 `reverse_exclusive_cumsum`), never a difference of prefix sums, so exp is only ever taken of a
 sum of non-positive terms: nothing overflows and a reset (g = -inf) gives exact zeros, not NaN.
 With |k| = 1 and beta in [0, 1] every factor (I - beta k k^T) has norm <= 1 and the entries of L
-are bounded by 1.
+are bounded by 1. The chunked form's JVP (`_gauge_jvp`) holds the log decays fixed and moves
+their tangent onto the queries and values (the state is linear in the values), so reverse mode
+never differentiates the decays through the solve.
 
 Internal contract of the forms (the public wrapper `delta_rule_attention` checks the inputs and
 establishes it): q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H], g [B, T, H], all float32,
