@@ -717,13 +717,17 @@ def test_segmented_chunked_pass_equals_float64_scan_forward_and_gradients(time, 
     _assert_close(grad, ref, F32_GRAD_TOL, f"d loss / d {name}")
 
 
-@pytest.mark.parametrize("time,chunk,per_channel", [(37, 8, False), (64, 16, True),
-                                                    (130, 16, False)])
-def test_chunked_pass_gauge_rule_equals_plain_autodiff_in_float64(time, chunk, per_channel):
+@pytest.mark.parametrize("time,chunk,per_channel,argnums", [
+    (37, 8, False, (0, 1, 2, 3, 4)), (45, 16, True, (0, 1, 2, 3, 4)), (130, 16, False, (3,)),
+    (45, 16, True, (2, 4)), (37, 8, False, (0, 3))])
+def test_chunked_pass_gauge_rule_equals_plain_autodiff_in_float64(time, chunk, per_channel,
+                                                                  argnums):
   """The chunked pass's JVP rule (the log decays' tangent moved onto q and k, `chunked.
   _gauge_jvp`) against plain autodiff of the same pass, both in float64: gradients of all five
   inputs and a JVP with every tangent, with 0, -1e4 and -inf log decays mixed in (where the
-  identity's two sides are 0 exactly, and the rule's rounding residue must stay at float64's)."""
+  identity's two sides are 0 exactly, and the rule's rounding residue must stay at float64's).
+  Subsets of the inputs differentiated (`argnums`) reach the rule with symbolic-zero tangents;
+  T not a multiple of the chunk pads inside the pass."""
   from dca_jax.ops import chunked as chunked_form  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(time)
   heads, dim = 3, 4
@@ -743,13 +747,40 @@ def test_chunked_pass_gauge_rule_equals_plain_autodiff_in_float64(time, chunk, p
         return jnp.sum(o * w_o) + jnp.sum(final * w_s)
       return value
 
-    grads = {n: fast_jit(jax.grad(loss(n), argnums=(0, 1, 2, 3, 4)))(*args) for n in forms}
+    grads = {n: fast_jit(jax.grad(loss(n), argnums=argnums))(*args) for n in forms}
     tangents = tuple(jnp.asarray(rng.normal(size=x.shape)) for x in args)
     tangents = tangents[:3] + (jnp.where(jnp.isfinite(g), tangents[3], 0.0),) + tangents[4:]
-    jvps = {n: fast_jit(lambda a, t, n=n: jax.jvp(
-        lambda *b: forms[n](*b, chunk_size=chunk), a, t)[1])(args, tangents) for n in forms}
-    for name, ours, plain in zip(("q", "k", "v", "log_decay", "initial_state"), grads["rule"],
-                                 grads["plain"]):
-      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"d / d {name}")
+    # The JVP along the differentiated inputs only (the others' tangents are symbolic zeros).
+    jvps = {n: fast_jit(lambda t, n=n: jax.jvp(
+        lambda *b: forms[n](*[b[argnums.index(i)] if i in argnums else args[i]
+                              for i in range(5)], chunk_size=chunk),
+        tuple(args[i] for i in argnums), t)[1])(tuple(tangents[i] for i in argnums))
+            for n in forms}
+    names = ("q", "k", "v", "log_decay", "initial_state")
+    for i, ours, plain in zip(argnums, grads["rule"], grads["plain"]):
+      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"d / d {names[i]}")
     for name, ours, plain in zip(("o", "final state"), jvps["rule"], jvps["plain"]):
       np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"jvp of {name}")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_chunked_pass_gauge_rule_float32_log_decay_gradient_at_t4096(per_channel):
+  """The rule's log-decay gradient sums q . dq - k . dk over the whole pass, so its float32
+  rounding grows with the pass's length: at T = 4096 (one pass, the longest the CPU planner runs
+  below its segments' 8192) and strong decays (about e^-1 per token), against the float64
+  gradient, within 1e-4 of the largest entry (`sum(o^2)`: the terms do not cancel by sign)."""
+  from dca_jax.ops import chunked as chunked_form  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(4)
+  time, heads, dim = 4096, 2, 8
+  q, k, v = (rng.normal(size=(1, time, heads, dim)) for _ in range(3))
+  g = -1.0 - rng.exponential(0.05, size=(1, time, heads, dim if per_channel else 1))
+
+  def grad_of_log_decay(*arrays):
+    zeros = jnp.zeros((1, heads, dim, dim), arrays[0].dtype)
+    return jax.grad(lambda *a: jnp.sum(chunked_form._chunked_pass(  # pylint: disable=protected-access
+        *a, zeros, chunk_size=64)[0] ** 2), argnums=3)(*arrays)
+
+  ours = fast_jit(grad_of_log_decay)(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, g)))
+  with jax.enable_x64(True):
+    ref = np.asarray(fast_jit(grad_of_log_decay)(*(jnp.asarray(x) for x in (q, k, v, g))))
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.max(np.abs(ref)))

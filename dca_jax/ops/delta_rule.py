@@ -508,7 +508,7 @@ def _gauge_jvp(chunk_size, primals, tangents):
     dv = -by_gauge(v) if zero(dv) else dv - by_gauge(v)
   args, tans = [q, k, v, beta, s0], [dq, dk, dv, dbeta, ds0]
   where = [i for i, t in enumerate(tans) if not zero(t)]
-  if not where:   # only g had a tangent, and it was zero
+  if not where:   # every tangent a symbolic zero (defensive; JAX does not call it so)
     out = _plain_chunked(q, k, v, beta, g, s0, chunk_size=chunk_size)
     return out, tuple(SymbolicZero(jax.typeof(x).to_tangent_aval()) for x in out)
 
