@@ -715,3 +715,40 @@ def ci_cases(params, keep) -> list:
       values = p if isinstance(p, tuple) else (p,)
       out.append(pytest.param(*values, marks=pytest.mark.slow))
   return out
+
+
+def assert_jvp_rule_matches_plain(rule, plain, args, names, argnums, chunk, rng, log_decay_index):
+  """A chunked form with a hand-written JVP rule (`rule`) against plain autodiff of the same
+  form (`plain`), both called as f(*args, chunk_size=chunk) -> (o, final) on float64 `args`
+  (run inside `jax.enable_x64`): gradients of a random linear loss of o and the final state with
+  respect to the inputs `argnums`, and a JVP along those inputs only (the others' tangents
+  symbolic zeros), to 1e-10. The tangent of the log decays (`log_decay_index`) is 0 where the
+  decay is -inf (a constant there)."""
+  w_o, w_s = (jnp.asarray(rng.normal(size=x.shape))
+              for x in jax.eval_shape(lambda: rule(*args, chunk_size=chunk)))
+  forms = {"rule": rule, "plain": plain}
+
+  def loss(name):
+    def value(*a):
+      o, final = forms[name](*a, chunk_size=chunk)
+      return jnp.sum(o * w_o) + jnp.sum(final * w_s)
+    return value
+
+  grads = {n: fast_jit(jax.grad(loss(n), argnums=argnums))(*args) for n in forms}
+  tangents = [jnp.asarray(rng.normal(size=x.shape)) for x in args]
+  g = args[log_decay_index]
+  tangents[log_decay_index] = jnp.where(jnp.isfinite(g), tangents[log_decay_index], 0.0)
+
+  def along(form):
+    def tangent_out(t):
+      def f(*b):
+        full = [b[argnums.index(i)] if i in argnums else a for i, a in enumerate(args)]
+        return form(*full, chunk_size=chunk)
+      return jax.jvp(f, tuple(args[i] for i in argnums), t)[1]
+    return fast_jit(tangent_out)(tuple(tangents[i] for i in argnums))
+
+  jvps = {n: along(f) for n, f in forms.items()}
+  for i, ours, theirs in zip(argnums, grads["rule"], grads["plain"]):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-10, err_msg=f"d / d {names[i]}")
+  for name, ours, theirs in zip(("o", "final state"), jvps["rule"], jvps["plain"]):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-10, err_msg=f"jvp of {name}")

@@ -640,27 +640,8 @@ def test_chunked_gauge_rule_equals_plain_autodiff_in_float64(time, chunk, argnum
     g.flat[rng.choice(g.size, 3, replace=False)] = [0.0, -1e4, -np.inf]
     beta, g = jnp.asarray(beta), jnp.asarray(g)
     s0 = jnp.asarray(rng.normal(size=(2, heads, dim, dim)))
-    w_o, w_s = jnp.asarray(rng.normal(size=v.shape)), jnp.asarray(rng.normal(size=s0.shape))
-    args = (q, k, v, beta, g, s0)
-    forms = {"rule": delta_rule_module.chunked,
-             "plain": delta_rule_module._plain_chunked}  # pylint: disable=protected-access
-
-    def loss(name):
-      def value(*a):
-        o, final = forms[name](*a, chunk_size=chunk)
-        return jnp.sum(o * w_o) + jnp.sum(final * w_s)
-      return value
-
-    grads = {n: fast_jit(jax.grad(loss(n), argnums=argnums))(*args) for n in forms}
-    tangents = tuple(jnp.asarray(rng.normal(size=x.shape)) for x in args)
-    tangents = tangents[:4] + (jnp.where(jnp.isfinite(g), tangents[4], 0.0),) + tangents[5:]
-    jvps = {n: fast_jit(lambda t, n=n: jax.jvp(
-        lambda *b: forms[n](*[b[argnums.index(i)] if i in argnums else args[i]
-                              for i in range(6)], chunk_size=chunk),
-        tuple(args[i] for i in argnums), t)[1])(tuple(tangents[i] for i in argnums))
-            for n in forms}
-    names = ("q", "k", "v", "beta", "log_decay", "initial_state")
-    for i, ours, plain in zip(argnums, grads["rule"], grads["plain"]):
-      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"d / d {names[i]}")
-    for name, ours, plain in zip(("o", "final state"), jvps["rule"], jvps["plain"]):
-      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"jvp of {name}")
+    oracles.assert_jvp_rule_matches_plain(
+        delta_rule_module.chunked,
+        delta_rule_module._plain_chunked,  # pylint: disable=protected-access
+        (q, k, v, beta, g, s0), ("q", "k", "v", "beta", "log_decay", "initial_state"), argnums,
+        chunk, rng, log_decay_index=4)

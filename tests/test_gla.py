@@ -737,30 +737,10 @@ def test_chunked_pass_gauge_rule_equals_plain_autodiff_in_float64(time, chunk, p
     g.flat[rng.choice(g.size, 3, replace=False)] = [0.0, -1e4, -np.inf]
     g = jnp.asarray(g)
     s0 = jnp.asarray(rng.normal(size=(2, heads, dim, dim)))
-    w_o, w_s = jnp.asarray(rng.normal(size=q.shape)), jnp.asarray(rng.normal(size=s0.shape))
-    args = (q, k, v, g, s0)
-    forms = {"rule": chunked_form._chunked_pass, "plain": chunked_form._plain_pass}  # pylint: disable=protected-access
-
-    def loss(name):
-      def value(*a):
-        o, final = forms[name](*a, chunk_size=chunk)
-        return jnp.sum(o * w_o) + jnp.sum(final * w_s)
-      return value
-
-    grads = {n: fast_jit(jax.grad(loss(n), argnums=argnums))(*args) for n in forms}
-    tangents = tuple(jnp.asarray(rng.normal(size=x.shape)) for x in args)
-    tangents = tangents[:3] + (jnp.where(jnp.isfinite(g), tangents[3], 0.0),) + tangents[4:]
-    # The JVP along the differentiated inputs only (the others' tangents are symbolic zeros).
-    jvps = {n: fast_jit(lambda t, n=n: jax.jvp(
-        lambda *b: forms[n](*[b[argnums.index(i)] if i in argnums else args[i]
-                              for i in range(5)], chunk_size=chunk),
-        tuple(args[i] for i in argnums), t)[1])(tuple(tangents[i] for i in argnums))
-            for n in forms}
-    names = ("q", "k", "v", "log_decay", "initial_state")
-    for i, ours, plain in zip(argnums, grads["rule"], grads["plain"]):
-      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"d / d {names[i]}")
-    for name, ours, plain in zip(("o", "final state"), jvps["rule"], jvps["plain"]):
-      np.testing.assert_allclose(ours, plain, rtol=1e-10, atol=1e-10, err_msg=f"jvp of {name}")
+    oracles.assert_jvp_rule_matches_plain(
+        chunked_form._chunked_pass, chunked_form._plain_pass,  # pylint: disable=protected-access
+        (q, k, v, g, s0), ("q", "k", "v", "log_decay", "initial_state"), argnums, chunk, rng,
+        log_decay_index=3)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
