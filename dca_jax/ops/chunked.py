@@ -220,29 +220,30 @@ def _gauge_jvp(chunk_size, primals, tangents):
       by_gauge = lambda x: x * gauge
     dq = by_gauge(q) if zero(dq) else dq + by_gauge(q)
     dk = -by_gauge(k) if zero(dk) else dk - by_gauge(k)
-  # jax.jvp over the inputs with a nonzero tangent only, g held fixed.
-  args, tans, where = [q, k, v, s0], [dq, dk, dv, ds0], []
-  for i, t in enumerate(tans):
-    if not zero(t):
-      where.append(i)
-
-  def at_fixed_g(*active):
-    full = list(args)
-    for i, a in zip(where, active):
-      full[i] = a
-    return _plain_pass(full[0], full[1], full[2], g, full[3], chunk_size=chunk_size)
-
-  if not where:   # every tangent a symbolic zero (defensive; JAX does not call it so)
-    out = _plain_pass(q, k, v, g, s0, chunk_size=chunk_size)
-    return out, tuple(SymbolicZero(jax.typeof(x).to_tangent_aval()) for x in out)
-  out, (do, dfinal) = jax.jvp(at_fixed_g, tuple(args[i] for i in where),
-                              tuple(tans[i] for i in where))
+  at_fixed_g = lambda q, k, v, s0: _plain_pass(q, k, v, g, s0, chunk_size=chunk_size)
+  out, (do, dfinal) = jvp_of_nonzero(at_fixed_g, (q, k, v, s0), (dq, dk, dv, ds0))
   if not zero(dg):
     dfinal = dfinal + gauge[:, -1, :, :, None] * out[1]      # G_T [B, H, D, 1] times S_T
   return out, (do, dfinal)
 
 
 _gauged_pass.defjvp(lambda *args: _gauge_jvp(*args), symbolic_zeros=True)
+
+
+def jvp_of_nonzero(fn, primals, tangents):
+  """`jax.jvp(fn, primals, tangents)` where some tangents may be `SymbolicZero`s (a custom_jvp
+  rule with symbolic_zeros=True): those inputs are held fixed rather than given zero tangents,
+  so no tangent work is traced for them. Returns (fn(*primals), its tangent)."""
+  active = [i for i, t in enumerate(tangents) if not isinstance(t, SymbolicZero)]
+
+  def of_active(*values):
+    full = list(primals)
+    for i, value in zip(active, values):
+      full[i] = value
+    return fn(*full)
+
+  return jax.jvp(of_active, tuple(primals[i] for i in active),
+                 tuple(tangents[i] for i in active))
 
 
 def _plain_pass(q, k, v, g, s0, *, chunk_size: int):

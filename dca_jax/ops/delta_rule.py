@@ -76,6 +76,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from dca_jax.ops import _checks, segments, sequence_parallel
+from dca_jax.ops.chunked import jvp_of_nonzero
 from dca_jax.ops.planner import EnginePlan, Mode, delta_rule_plans
 from dca_jax.ops.quadratic import head_decay_weights, prefix_sum, reverse_exclusive_cumsum
 from dca_jax.ops.rowwise import row_dot, scale_rows
@@ -506,21 +507,9 @@ def _gauge_jvp(chunk_size, primals, tangents):
                                     precision=jax.lax.Precision.HIGHEST)
     dq = by_gauge(q) if zero(dq) else dq + by_gauge(q)
     dv = -by_gauge(v) if zero(dv) else dv - by_gauge(v)
-  args, tans = [q, k, v, beta, s0], [dq, dk, dv, dbeta, ds0]
-  where = [i for i, t in enumerate(tans) if not zero(t)]
-  if not where:   # every tangent a symbolic zero (defensive; JAX does not call it so)
-    out = _plain_chunked(q, k, v, beta, g, s0, chunk_size=chunk_size)
-    return out, tuple(SymbolicZero(jax.typeof(x).to_tangent_aval()) for x in out)
-
-  def at_fixed_g(*active):
-    full = list(args)
-    for i, a in zip(where, active):
-      full[i] = a
-    q_, k_, v_, beta_, s0_ = full
-    return _plain_chunked(q_, k_, v_, beta_, g, s0_, chunk_size=chunk_size)
-
-  out, (do, dfinal) = jax.jvp(at_fixed_g, tuple(args[i] for i in where),
-                              tuple(tans[i] for i in where))
+  at_fixed_g = lambda q, k, v, beta, s0: _plain_chunked(q, k, v, beta, g, s0,
+                                                       chunk_size=chunk_size)
+  out, (do, dfinal) = jvp_of_nonzero(at_fixed_g, (q, k, v, beta, s0), (dq, dk, dv, dbeta, ds0))
   if not zero(dg):
     dfinal = dfinal + jnp.einsum("bh,bhkv->bhkv", gauge[:, -1], out[1],
                                  precision=jax.lax.Precision.HIGHEST)            # G_T S_T
