@@ -12,7 +12,10 @@ the state entering chunk n is S_{n-1}, and
     S_n     = exp(g_{chunk}) * S_{n-1} + sum_j (k_j * exp(after_j)) v_j^T          (chunk summary)
 
 The chunk summaries (exp(g_chunk), U_n) are combined with `jax.lax.associative_scan` using
-`combine_decayed_states`, so the state of every chunk is known after O(log(T/C)) steps.
+`combine_decayed_states`, so the state of every chunk is known after O(log(T/C)) steps. With one
+decay per head and a pass of at most `MAX_CHUNK_MATRIX` chunks, the states are instead one
+matmul S_n = sum_{m <= n} exp(g_{chunks m+1..n}) U_m + exp(g_{chunks 1..n}) S_0 with the causal
+decay matrix of the chunk totals (the same function as the intra-chunk decays).
 
 With one decay per head (D = 1) the decay factors out of the channel sum of the intra-chunk
 scores A_ij = sum_c q_ic k_jc exp(g_{j+1..i, c}), so the [C, C] block is one matmul times the
@@ -69,6 +72,14 @@ from jax.custom_derivatives import SymbolicZero
 from dca_jax.ops.quadratic import head_decay_weights, prefix_sum, reverse_exclusive_cumsum
 from dca_jax.ops.rowwise import row_dot, scale_rows
 from dca_jax.ops.scan import combine_decayed_states
+
+
+# With one decay per head, the chunk states of a pass of at most this many chunks come from one
+# [N, N] decay-matrix matmul with the chunk summaries rather than an associative scan (O(N^2 K V)
+# multiply-adds instead of O(N K V), but one dense matmul instead of log2(N) rounds of slices and
+# small products: faster on the 2-core CPU for the N = 16 of a 1024-token pass,
+# `python -m experiments.performance` measures the engine); longer passes keep the scan.
+MAX_CHUNK_MATRIX = 64
 
 
 def effective_chunk_size(chunk_size: int, per_channel: bool) -> int:
@@ -272,19 +283,30 @@ def _plain_pass(q, k, v, g, s0, *, chunk_size: int):
     into = prefix_sum(g, axis=-2)
     after = reverse_exclusive_cumsum(g, axis=-2)
 
-  # Inter-chunk part: chunk summaries, then a parallel prefix over chunks.
-  chunk_decay = jnp.exp(jnp.sum(g, axis=-2))[..., None]                     # [B, H, N, D, 1]
+  # Inter-chunk part: chunk summaries, then every chunk's state from them.
   if per_channel:
     scaled = lambda x, log_scale: x * jnp.exp(log_scale)
   else:   # one factor per row (rowwise.scale_rows: its gradient is a dot, not a slow reduction)
     scaled = lambda x, log_scale: scale_rows(x, jnp.exp(log_scale[..., 0]))
   summaries = jnp.einsum("bhnck,bhncv->bhnkv", scaled(k, after), v)         # [B, H, N, K, V]
-  cum_decay, cum_update = jax.lax.associative_scan(
-      combine_decayed_states, (chunk_decay, summaries), axis=2)
+  if per_channel or n_chunks > MAX_CHUNK_MATRIX:
+    # A parallel prefix over chunks (log-depth).
+    chunk_decay = jnp.exp(jnp.sum(g, axis=-2))[..., None]                   # [B, H, N, D, 1]
+    cum_decay, cum_update = jax.lax.associative_scan(
+        combine_decayed_states, (chunk_decay, summaries), axis=2)
+    if not per_channel:
+      cum_decay = cum_decay[..., 0, 0]                                      # [B, H, N]
+  else:
+    # One decay per head: the states are one matmul of the chunks' causal decay matrix (the
+    # intra-chunk one, `head_decay_weights`, over chunk totals) with the summaries.
+    totals = jnp.sum(g[..., 0], axis=-1)                                    # [B, H, N]
+    cum_update = jnp.einsum("bhnm,bhmkv->bhnkv", head_decay_weights(totals), summaries,
+                            precision=jax.lax.Precision.HIGHEST)
+    cum_decay = jnp.exp(prefix_sum(totals, axis=-1))                        # [B, H, N]
   if per_channel:
     states = cum_decay * s0[:, :, None] + cum_update                        # after each chunk
   else:   # as an einsum: its gradient for s0 is a dot, not a slow multiply-reduce (`rowwise`)
-    states = jnp.einsum("bhn,bhkv->bhnkv", cum_decay[..., 0, 0], s0,
+    states = jnp.einsum("bhn,bhkv->bhnkv", cum_decay, s0,
                         precision=jax.lax.Precision.HIGHEST) + cum_update
   entering = jnp.concatenate([s0[:, :, None], states[:, :, :-1]], axis=2)
   o = jnp.einsum("bhnck,bhnkv->bhncv", scaled(q, into), entering)
