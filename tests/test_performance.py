@@ -128,3 +128,16 @@ def test_confine_check_compares_two_different_programs(layer):
   unconfined, confined = result["instructions"].values()
   assert confined > unconfined
   assert all(ms > 0 for ms in result["ms"].values())
+
+
+@pytest.mark.parametrize("batch, time, window", [(2, 150, 16), (1, 64, 16)])
+def test_fused_pass_study_times_the_same_function(batch, time, window):
+  """The one-block-pass prototype that `experiments.fused_pass_study` times against
+  `attention_compress` computes the same outputs and weight gradients (T not a multiple of W and
+  a multiple, several blocks)."""
+  from experiments import fused_pass_study
+  weights, cotangent = fused_pass_study.problem(batch, time, d_model=64, heads=2, window=window)
+  differences = fused_pass_study.max_differences(weights, cotangent, window)
+  assert set(differences) >= {"output", "grad q", "grad k", "grad v", "grad q_features",
+                              "grad k_features", "grad log_decay"}
+  assert max(differences.values()) < 2e-5, differences
