@@ -15,9 +15,9 @@ chunked pass body and gauge rule (`dca_jax.ops.chunked`) on block-layout inputs.
 The study checks that `one_pass` equals `attention_compress(mode="chunked")` (outputs and the
 gradients of every weight) and times the gradient of both, interleaved, median of `--rounds`
 after warm-up, at each batch x length. It prints a Markdown table. The library does not use
-`one_pass` yet: it covers only the case above, while `attention_compress` also continues states,
-returns them, resets at document starts, runs sharded and evaluates forward-only calls with the
-token scan (README, "Measured so far", has the figures and the decision).
+`one_pass`: wired into `attention_compress` for the case it covers, it gave the DCA layer's
+forward+backward no measurable gain (README, "Measured so far", has the figures and the
+decision).
 """
 
 from __future__ import annotations
