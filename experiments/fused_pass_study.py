@@ -9,8 +9,9 @@ n - 1 exactly (the window), and the memory's stream, delayed by W tokens, is blo
 (`previous` below), so one transpose of each input to [B, H, N, W, .] serves both, the stream
 needs no shifted copy in time order, and both read-outs combine in the block layout before one
 transpose back. `one_pass` is that form for the library's default case (additive memory, one
-decay per head, no state, no reset, rotary positions, finite inputs); it reuses the engine's
-chunked pass body and gauge rule (`dca_jax.ops.chunked`) on block-layout inputs.
+decay per head, no state, no reset, rotary positions, finite inputs); it runs the engine's
+chunked pass body (`chunked._plain_pass`) on block-layout inputs, with the gauge identity of
+`chunked._gauge_jvp` restated for that layout as its JVP rule.
 
 The study checks that `one_pass` equals `attention_compress(mode="chunked")` (outputs and the
 gradients of every weight) and times the gradient of both, interleaved, median of `--rounds`
