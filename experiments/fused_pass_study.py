@@ -6,18 +6,19 @@ Issue #11 asks for the window and the compressed memory "in as few passes over t
 the maths allows (for example one chunked pass with chunk = W ...); decide by measurement". With
 chunk C = W the two share one block layout: a query block n sees its own key block and block
 n - 1 exactly (the window), and the memory's stream, delayed by W tokens, is block n - 1 again
-(`previous` below), so one transpose of each input to [B, H, N, W, .] serves both, the stream
+(`previous` below), so one block layout [B, H, N, W, .] of each input serves both, the stream
 needs no shifted copy in time order, and both read-outs combine in the block layout before one
-transpose back. `one_pass` is that form for the library's default case (additive memory, one
-decay per head, no state, no reset, rotary positions, finite inputs); it runs the engine's
-chunked pass body (`chunked._plain_pass`) on block-layout inputs, with the gauge identity of
-`chunked._gauge_jvp` restated for that layout as its JVP rule.
+transpose back. `one_pass` is that form for the library's default case (additive memory, unified
+combination (no gate), one decay per head, no state, no reset, rotary positions, finite inputs);
+it runs the engine's chunked pass body (`chunked._plain_pass`) on block-layout inputs, with the
+gauge identity of `chunked._gauge_jvp` restated for that layout as its JVP rule.
 
 The study checks that `one_pass` equals `attention_compress(mode="chunked")` (outputs and the
 gradients of every weight) and times the gradient of both, interleaved, median of `--rounds`
 after warm-up, at each batch x length. It prints a Markdown table. The library does not use
 `one_pass`: wired into `attention_compress` for the case it covers, it gave the DCA layer's
-forward+backward no measurable gain (README, "Measured so far", has the figures and the
+forward+backward no gain beyond the noise at 256 and 1024 tokens and a small one at 4096 (the
+A/Bs are in issue #11's notes; the wiring was not committed; README, "Measured so far", has the
 decision).
 """
 
@@ -81,7 +82,20 @@ _gauged_blocks.defjvp(_gauged_blocks_jvp, symbolic_zeros=True)
 
 def one_pass(weights, window: int, rotary_base: float = 10000.0):
   """DCA (additive memory, per-head decay, no state or reset, finite weights) in one block pass
-  with chunk = W: equal to `attention_compress(weights, window=window)` ([B, T, H, V])."""
+  with chunk = W: equal to `attention_compress(weights, window=window)` ([B, T, H, V]).
+
+  Raises:
+    ValueError: for weights outside that case (a gate, a delta memory's beta, per-channel decay).
+  """
+  if weights.gate is not None:
+    raise ValueError("one_pass: weights.gate must be None (combine='unified'), got an array of "
+                     f"shape {weights.gate.shape}")
+  if weights.beta is not None:
+    raise ValueError("one_pass: weights.beta must be None (memory='additive'), got an array of "
+                     f"shape {weights.beta.shape}")
+  if weights.log_decay.ndim != 3:
+    raise ValueError("one_pass: weights.log_decay must be [B, T, H] (one decay per head), got "
+                     f"shape {weights.log_decay.shape}")
   q, k, v = weights.q, weights.k, weights.v
   batch, time, heads, key_dim = q.shape
   value_dim, block = v.shape[-1], window

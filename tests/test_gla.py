@@ -764,3 +764,45 @@ def test_chunked_pass_gauge_rule_float32_log_decay_gradient_at_t4096(per_channel
   with jax.enable_x64(True):
     ref = np.asarray(fast_jit(grad_of_log_decay)(*(jnp.asarray(x) for x in (q, k, v, g))))
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("time,chunk", [(37, 4), (130, 8), (64, 16)])
+def test_chunk_state_decay_matrix_route_equals_the_scan_route(time, chunk, monkeypatch):
+  """With one decay per head, a pass of at most `chunked.MAX_CHUNK_MATRIX` chunks takes its
+  chunk states from a decay-matrix matmul; with the bound at 0 every pass takes the associative
+  scan. Both routes, float32, with an initial state, padding (T not a multiple of the chunk) and
+  0, -1e4 and -inf log decays mixed in: equal outputs, final states and gradients of all five
+  inputs, and equal to the float64 token scan."""
+  from dca_jax.ops import chunked as chunked_form  # pylint: disable=import-outside-toplevel
+  from dca_jax.ops import scan  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(time * chunk)
+  heads, dim = 2, 4
+  q, k, v = (rng.normal(size=(2, time, heads, dim)) for _ in range(3))
+  g = -rng.exponential(0.4, size=(2, time, heads, 1))
+  g.flat[rng.choice(g.size, 3, replace=False)] = [0.0, -1e4, -np.inf]
+  s0 = rng.normal(size=(2, heads, dim, dim))
+  w_o, w_s = rng.normal(size=(2, time, heads, dim)), rng.normal(size=s0.shape)
+
+  def run(form, args):
+    def value(*a):
+      o, final = form(*a)
+      return jnp.sum(o * w_o) + jnp.sum(final * w_s), (o, final)
+    (_, (o, final)), grads = jax.value_and_grad(value, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+        *args)
+    return jax.tree.map(np.asarray, (o, final, grads))
+
+  args32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, s0)]
+  assert -(-time // chunk) <= chunked_form.MAX_CHUNK_MATRIX
+  # A fresh closure per route, so that neither reuses the other's trace.
+  matrix = run(jax.jit(lambda *a: chunked_form.chunked(*a, chunk_size=chunk)), args32)
+  monkeypatch.setattr(chunked_form, "MAX_CHUNK_MATRIX", 0)
+  scanned = run(jax.jit(lambda *a: chunked_form.chunked(*a, chunk_size=chunk)), args32)
+  with jax.enable_x64(True):
+    reference = run(scan.recurrent, [jnp.asarray(x) for x in (q, k, v, g, s0)])
+  names = ("o", "final state") + tuple(
+      f"d loss / d {n}" for n in ("q", "k", "v", "log_decay", "initial_state"))
+  for name, a, b, ref in zip(names, jax.tree.leaves(matrix), jax.tree.leaves(scanned),
+                             jax.tree.leaves(reference)):
+    assert np.all(np.isfinite(a)), name
+    _assert_close(a, b, F32_GRAD_TOL, f"{name}: matrix vs scan route")
+    _assert_close(a, ref, F32_GRAD_TOL, f"{name}: matrix route vs float64")

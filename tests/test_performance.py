@@ -1,7 +1,8 @@
 """The performance benchmark's bookkeeping (experiments/performance.py) and its torch peer.
 
 Speed is never asserted here: these tests check that the targets are computed from the right
-records and that the external peer computes the function it stands in for.
+records, that the external peer computes the function it stands in for, and that the performance
+studies' prototypes and checks compute what they claim to time.
 """
 
 from __future__ import annotations

@@ -77,8 +77,9 @@ from dca_jax.ops.scan import combine_decayed_states
 # With one decay per head, the chunk states of a pass of at most this many chunks come from one
 # [N, N] decay-matrix matmul with the chunk summaries rather than an associative scan (O(N^2 K V)
 # multiply-adds instead of O(N K V), but one dense matmul instead of log2(N) rounds of slices and
-# small products: faster on the 2-core CPU for the N = 16 of a 1024-token pass,
-# `python -m experiments.performance` measures the engine); longer passes keep the scan.
+# small products). On the 2-core CPU it made the DCA layer's fwd+bwd faster at N = 4 and 16
+# (256- and 1024-token passes) in separate-process A/Bs (issue #11's notes); the bound of 64 is a
+# judgement (N^2 grows), not a measured crossover. Longer passes keep the scan.
 MAX_CHUNK_MATRIX = 64
 
 

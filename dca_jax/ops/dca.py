@@ -87,7 +87,8 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       --lengths 1024 8192`) for callers
       whose weights are finite by construction, such as `DCAttention`, which confines a
       non-finite input x itself; non-finite weights then give NaN outputs beyond the ones that
-      see them.
+      see them, earlier tokens included (with one decay per head, the engine's chunk states of a
+      pass of up to `chunked.MAX_CHUNK_MATRIX` chunks are one matmul, where 0 * NaN is NaN).
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
