@@ -143,6 +143,19 @@ def _corpus_table(results: Sequence[Mapping[str, Any]], t: int, heading: bool) -
     lines += ["", f"{'###' if heading else '##'} Issue #12's corpus targets"
               + (f" (T = {t})" if heading else ""), "", "| target | measured | status |",
               "|---|---|---|"] + [f"| {a} | {b} | {c_} |" for a, b, c_ in rows]
+  # The ablation behind the window targets: softmax sees every earlier token, so if it is not
+  # below the window at T, the tokens beyond the window carry little this model can use.
+  for seed in sorted({s_ for (_, s_) in by_attention}):
+    window, soft = by_attention.get(("window", seed)), by_attention.get(("softmax", seed))
+    mine = None if soft is None else _metric(soft, t, "bpb")
+    theirs = None if window is None else _metric(window, t, "bpb")
+    if mine is not None and theirs is not None:
+      lines += ["", f"Reference (seed {seed}): full causal softmax, which sees every earlier token, "
+                f"against the sliding window at T = {t}: {mine:.4f} vs {theirs:.4f} bits per byte "
+                + ("(softmax not below the window: at this model size and budget the tokens beyond "
+                   "the window add little that a memory of them could give)." if mine >= theirs
+                   else "(softmax below the window: the tokens beyond it carry usable "
+                   "information).")]
   return lines
 
 

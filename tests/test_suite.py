@@ -168,9 +168,19 @@ def _check_corpus_render_computes_the_targets(tiny_suite, tmp_path):
     metrics["bpb"] += -0.01 if int(context) == t else 0.01
   (runs / "lm_window").mkdir()
   (runs / "lm_window" / "result.json").write_text(json.dumps(window))
+  # A softmax row 0.01 bpb worse than the window at T: the reference line says so.
+  softmax = json.loads(json.dumps(window))
+  softmax.update(name="lm_softmax", label="softmax")
+  softmax["config"]["attention"] = "softmax"
+  softmax["evaluation"][str(t)]["bpb"] += 0.01
+  (runs / "lm_softmax").mkdir()
+  (runs / "lm_softmax" / "result.json").write_text(json.dumps(softmax))
   summary = suite_report.render_corpus(runs, tmp_path)
   text = (tmp_path / "corpus_comparison.md").read_text()
-  assert set(summary["runs"]) == {"lm_dca", "lm_window"}
+  assert set(summary["runs"]) == {"lm_dca", "lm_window", "lm_softmax"}
+  soft_bpb, window_bpb = (x["evaluation"][str(t)]["bpb"] for x in (softmax, window))
+  assert (f"against the sliding window at T = {t}: {soft_bpb:.4f} vs {window_bpb:.4f} bits per "
+          "byte (softmax not below the window") in text
   assert "| sliding window |" in text
   assert "| dca (additive) below the sliding window at 1x T |" in text
   rows = {line.split(" | ")[0]: line.split(" | ")[-1] for line in text.splitlines()
