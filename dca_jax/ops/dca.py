@@ -4,7 +4,8 @@ Per head, DCA keeps the last W tokens exactly (working memory, exact softmax) an
 token that leaves the window into a fixed-size matrix state (compressed memory) whose forgetting
 rate is computed from the input (dynamic compression), with heads initialised at geometrically
 spread half-lives (hierarchical compression). With s_tj = q_t . k_j / sqrt(K) (rotary positions,
-relative offsets < W only) and phi a positive feature map with phi(q) . phi(k) ~ exp(s):
+relative offsets < W only) and phi a positive feature map of learned projections of q and k
+(`feature_maps`; exp-like near 0, not an approximation of exp(s) everywhere):
 
     window:  N_t = sum_{j in (t-W, t]} e^{s_tj - m_t} v_j,   Z_t = sum_{j in (t-W, t]} e^{s_tj - m_t}
     memory:  M_t = a_t M_{t-1} + phi(k_{t-W}) [v_{t-W}, 1]^T        (a_t = exp(log_decay_t))

@@ -1,8 +1,11 @@
-"""Positive feature maps phi with phi(q) . phi(k) ~ a softmax kernel, for the compressed memory.
+"""Positive feature maps phi for the compressed memory.
 
 The compressed memory of DCA scores a query against a summary of old keys through a kernel
-phi(q) . phi(k) that stands in for exp(q . k / sqrt(d)). It must be positive (it enters the same
-normaliser as the exact softmax scores of the window) and cheap.
+phi(p) . phi(p'), where p, p' are learned projections of the query and key (no positions). The
+Taylor map gives 1 + s + s^2 / 2 with s = p . p' / sqrt(P): exp-like near s = 0 but not monotone
+(5.0 at s = -4, where exp gives 0.018), so it is a kernel of its own, not an approximation of the
+window's softmax. It must be positive (it enters the same normaliser as the exact softmax scores
+of the window) and cheap (docs/theory.md, section 5).
 """
 
 from __future__ import annotations
