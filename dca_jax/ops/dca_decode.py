@@ -1,6 +1,6 @@
 """One decoding step of DCA on a constant-size state: `memory_state_update`.
 
-The step costs O(W K + F V) whatever the position: the new token enters the window's ring buffer
+The step costs O(W (K + V) + F V) whatever the position: the new token enters the window's ring buffer
 (one slot written in place), the token leaving the window is folded into the compressed memory,
 and the output reads both memories under one normaliser (`dca_memory.combine_memories`). Step by step it equals the
 whole-sequence form `attention_compress`.
@@ -23,7 +23,7 @@ from dca_jax.ops.window import window_step_parts
 
 def memory_state_update(state: DCAState, weights: DCAWeights, *, rotary_base: float | None = 10000.0,
                         reset: jax.Array | None = None):
-  """One decoding step of DCA with a constant-size state: O(W K + F V) work, independent of t.
+  """One decoding step of DCA with a constant-size state: O(W (K + V) + F V) work, independent of t.
 
   The oldest buffered token leaves the window and is folded into the compressed memory
   (M <- a_t M + phi(k_{t-W}) [v_{t-W}, 1]^T), the new token enters the window, and the output
