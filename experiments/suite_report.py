@@ -147,13 +147,15 @@ def _corpus_table(results: Sequence[Mapping[str, Any]], t: int, heading: bool) -
   # below the window at T, the tokens beyond the window carry little this model can use.
   for seed in sorted({s_ for (_, s_) in by_attention}):
     window, soft = by_attention.get(("window", seed)), by_attention.get(("softmax", seed))
-    mine = None if soft is None else _metric(soft, t, "bpb")
-    theirs = None if window is None else _metric(window, t, "bpb")
-    if mine is not None and theirs is not None:
+    soft_bpb = None if soft is None else _metric(soft, t, "bpb")
+    window_bpb = None if window is None else _metric(window, t, "bpb")
+    if soft_bpb is not None and window_bpb is not None:
       lines += ["", f"Reference (seed {seed}): full causal softmax, which sees every earlier token, "
-                f"against the sliding window at T = {t}: {mine:.4f} vs {theirs:.4f} bits per byte "
+                f"against the sliding window at T = {t}: {soft_bpb:.4f} vs {window_bpb:.4f} bits "
+                "per byte "
                 + ("(softmax not below the window: at this model size and budget the tokens beyond "
-                   "the window add little that a memory of them could give)." if mine >= theirs
+                   "the window add little that a memory of them could give)."
+                   if soft_bpb >= window_bpb
                    else "(softmax below the window: the tokens beyond it carry usable "
                    "information).")]
   return lines
