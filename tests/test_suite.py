@@ -242,6 +242,36 @@ def _check_lm_dca_run_trains_resumes_and_evaluates(tiny_suite, tmp_path):
   train_checks.check_lm_dca_run(workdir, summary, tmp_path)
 
 
+def test_recall_second_seeds_repeat_their_seed_zero_runs_and_render_apart():
+  """The recall suite's second seeds are their seed-0 runs on (256, 16) with only the seed (and
+  name) changed; the report keeps them out of the seed-0 tables and puts both seeds side by side."""
+  runs = {r.name: r for r in suite_plan.suite_runs("recall")}
+  seeded = [r for r in runs.values() if "seed" in r.override_dict()]
+  assert {r.name.rsplit("_seed", 1)[0].split("d128_")[1] for r in seeded} == set(
+      recall_study.SEED_SLUGS)
+  for run in seeded:
+    base = runs[run.name.rsplit("_seed", 1)[0]]
+    overrides = run.override_dict()
+    assert overrides.pop("seed") == recall_study.SECOND_SEED
+    assert overrides == base.override_dict() and run.label == base.label
+  rows = []
+  for run in runs.values():
+    o = run.override_dict()
+    seed = o.get("seed", 0)
+    rows.append({"name": run.name, "label": run.label, "seq_len": o["seq_len"],
+                 "pairs": o["mqar_pairs"], "lr": o["peak_lr"], "seed": seed, "status": "done",
+                 "accuracy": 0.5 + 0.25 * seed, "steps": 100, "stopped_early": False,
+                 "date": "2026-12-05T00:00:00", "machine": {
+                     "cpu_model": "cpu", "usable_cores": 2, "backend": "cpu", "jax": "0",
+                     "python": "3"}})
+  text = "\n".join(recall_study.markdown(rows))
+  main_table = text.split("## Answer accuracy")[1].split("## Learning-rate")[0]
+  assert "0.750" not in main_table and "0.500" in main_table
+  seed_table = text.split("## Second seed")[1].split("\n## ")[0]
+  assert seed_table.count("| 0.500 (100 steps, budget spent) | 0.750 (100 steps, budget spent) "
+                          "| 0.625 |") == len(recall_study.SEED_SLUGS)
+
+
 def test_recall_study_distances_match_the_layout():
   """query_distances finds, for every query, the distance back to its key's value (2i + 1)."""
   batch = mqar.mqar_batch(np.random.default_rng(3), batch_size=4, seq_len=64, num_pairs=5,
