@@ -17,7 +17,7 @@ import numpy as np
 
 from experiments import checkpoints as checkpoints_lib
 from experiments import suite_plan
-from experiments.bookkeeping import cpu_model, machine_line, now, write_json
+from experiments.bookkeeping import machine_line, now, write_json
 from experiments import energy as energy_lib
 from experiments.energy import E_DRAM_PJ_PER_BYTE, E_FLOP_PJ, ENERGY_SOURCE
 from experiments.report import format_bytes, pyplot
@@ -39,11 +39,33 @@ def _fmt(x, digits=3):
   return f"{x:.{digits}f}"
 
 
+def _recorded_results(record: pathlib.Path) -> list[dict[str, Any]]:
+  """The runs of an earlier render (out/benchmark_results.json), in the form `_load_results`
+  gives (compacted: see `_compact`). Renders older than the seed field trained at seed 0."""
+  if not record.exists():
+    return []
+  runs = json.loads(record.read_text()).get("runs", {})
+  return [dict(r, name=name, config={"seed": 0, **r["config"]}) for name, r in runs.items()]
+
+
 def render(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
-  """Writes out/benchmark_results.{json,md} and out/benchmark_*.png from a runs directory."""
+  """Writes out/benchmark_results.{json,md} and out/benchmark_*.png from a runs directory.
+
+  runs/ is not committed. Where the runs directory holds no result.json (a fresh checkout that
+  ran only `suite speed`), the runs come from the committed out/benchmark_results.json, each with
+  its own date and machine, and so does the speed record if runs/speed.json is absent: a new
+  speed.json can be rendered without training the suite again."""
   results = _load_results(runs)
+  record = out / "benchmark_results.json"
+  if not results:
+    results = _recorded_results(record)
   speed_path = runs / "speed.json"
-  speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
+  if speed_path.exists():
+    speed = json.loads(speed_path.read_text())
+  elif record.exists():
+    speed = json.loads(record.read_text()).get("speed")
+  else:
+    speed = None
   by_group: dict[str, list[dict[str, Any]]] = {}
   for r in results:
     by_group.setdefault(r["group"], []).append(r)
@@ -168,7 +190,7 @@ def _compact(r: Mapping[str, Any]) -> dict[str, Any]:
   config = r["config"]
   out["config"] = {k: config[k] for k in ("attention", "attention_options", "d_model", "num_layers",
                                           "num_heads", "seq_len", "batch_size", "steps", "peak_lr",
-                                          "mqar_pairs", "vocab_size", "task")}
+                                          "mqar_pairs", "vocab_size", "task", "seed")}
   out["machine"] = {k: r["machine"].get(k) for k in ("cpu_model", "processor", "cpu_count", "jax",
                                                       "backend")}
   return out
@@ -178,8 +200,12 @@ def _machine_line(results: Sequence[Mapping[str, Any]]) -> str:
   if not results:
     return ""
   m = results[0]["machine"]
+  # The CPU the runs trained on, never the renderer's (a run records None where /proc/cpuinfo
+  # named no model).
+  cpu = next((r["machine"]["cpu_model"] for r in results if r["machine"].get("cpu_model")),
+             "CPU not recorded")
   dates = sorted(r["date"][:10] for r in results)
-  return (f"{m.get('cpu_model') or cpu_model()} x {m.get('cpu_count')} cores, "
+  return (f"{cpu} x {m.get('cpu_count')} cores, "
           f"JAX {m.get('jax')} ({m.get('backend')}), trained {dates[0]}"
           + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
 

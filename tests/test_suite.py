@@ -8,6 +8,8 @@ and the report, and the demo runs end to end with two training steps per model.
 from __future__ import annotations
 
 import json
+import pathlib
+import shutil
 
 import pytest
 
@@ -385,3 +387,17 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
   assert result["layers"][0]["T"] == 64
   assert result["sample"]["cache_bytes"]["1024"]["dca"] == result["sample"]["cache_bytes"][
       "1048576"]["dca"]
+
+
+def test_render_from_the_committed_record_reproduces_the_committed_report(tmp_path):
+  """Without any result.json (runs/ is not committed), `render` takes the runs and the speed
+  record from docs/benchmark_results.json and writes the committed Markdown again, so a new
+  speed.json can be rendered on a fresh checkout."""
+  docs = pathlib.Path(__file__).resolve().parents[1] / "docs"
+  out = tmp_path / "docs"
+  out.mkdir()
+  shutil.copy(docs / "benchmark_results.json", out / "benchmark_results.json")
+  (tmp_path / "runs").mkdir()
+  suite_report.render(tmp_path / "runs", out)
+  assert ((out / "benchmark_results.md").read_text()
+          == (docs / "benchmark_results.md").read_text())
