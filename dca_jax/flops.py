@@ -42,6 +42,8 @@ counted once, i.e. per shard.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -56,6 +58,26 @@ from jax.extend import core as jex_core
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["FlopCount", "count_flops", "count_jaxpr"]
+
+# True while `count_flops` traces. A form whose loops have data-dependent trip counts (the
+# blocked softmax skips the key blocks above the diagonal) reads it at trace time and unrolls
+# those loops in Python instead, so that every trip count is static and can be counted. The
+# unrolled trace does the same arithmetic per block; only the loop structure differs.
+_COUNTING = contextvars.ContextVar("dca_jax_flops_counting", default=False)
+
+
+def counting() -> bool:
+  """Whether `count_flops` is tracing the caller (see `_COUNTING`)."""
+  return _COUNTING.get()
+
+
+@contextlib.contextmanager
+def _counting_mode():
+  token = _COUNTING.set(True)
+  try:
+    yield
+  finally:
+    _COUNTING.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +197,9 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FlopCount:
     1024
   """
   traced = functools.partial(fn, **kwargs) if kwargs else fn
-  return count_jaxpr(jax.make_jaxpr(traced)(*args))
+  with _counting_mode():
+    jaxpr = jax.make_jaxpr(traced)(*args)
+  return count_jaxpr(jaxpr)
 
 
 def count_jaxpr(jaxpr: jex_core.ClosedJaxpr | jex_core.Jaxpr) -> FlopCount:

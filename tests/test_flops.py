@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from jax import lax
 from jax.extend.core import Primitive
 
+from dca_jax import flops
 from dca_jax.flops import FlopCount, count_flops, count_jaxpr
 
 F32 = jnp.float32
@@ -411,3 +412,30 @@ def test_complexity_in_sequence_length(form, lo, hi):
 
   for t in (64, 128, 256):
     assert lo <= flops(2 * t) / flops(t) <= hi
+
+
+def test_blocked_softmax_is_counted_block_by_block_and_the_counted_trace_computes_the_same():
+  """The blocked softmax's loops have data-dependent trip counts (key blocks above the diagonal
+  are skipped); while counting it unrolls them, so its FLOPs come out exactly (n (n + 1) / 2
+  block pairs of QK^T and PV forward, five matmuls per pair backward) and the unrolled trace
+  evaluates to the same outputs and gradients as the loop form, even after an eager call has
+  cached the loop form's compiled program."""
+  from dca_jax.ops.blocked_softmax import blocked_causal_attention
+  b, t, h, k_dim, v_dim, block = 2, 300, 3, 8, 5, 64
+  q, k = (jax.random.normal(jax.random.key(i), (b, t, h, k_dim)) for i in range(2))
+  v = jax.random.normal(jax.random.key(2), (b, t, h, v_dim))
+  f = lambda q, k, v: blocked_causal_attention(q, k, v, scale=k_dim ** -0.5, block=block)
+  g = jax.grad(lambda q, k, v: (f(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
+  expected_out, expected_grads = f(q, k, v), g(q, k, v)
+  pairs = 5 * 6 // 2                                             # 5 blocks of 64 cover 300
+  per_pair = 2 * b * h * block * block
+  assert flops.count_flops(f, q, k, v).matmul_flops == pairs * per_pair * (k_dim + v_dim)
+  assert flops.count_flops(g, q, k, v).matmul_flops == pairs * per_pair * (
+      (k_dim + v_dim) + (3 * k_dim + 2 * v_dim))
+  for fn, expected in ((f, [expected_out]), (g, expected_grads)):
+    with flops._counting_mode():
+      closed = jax.make_jaxpr(fn)(q, k, v)
+    got = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, q, k, v)
+    for a, e in zip(got, expected):
+      np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+  assert not flops.counting()

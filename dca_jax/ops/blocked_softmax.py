@@ -24,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dca_jax import flops
 from dca_jax.ops import _checks, segments
 
 
@@ -51,7 +52,7 @@ def _forward(q, k, v, qdoc, kdoc, q_start, keys, scale, block):
   """Online-softmax forward over blocked inputs: (o [N, B, H, P, V], lse [N, B, H, P])."""
   n_q, n_k = q.shape[0], k.shape[0]
 
-  def query_block(i):
+  def query_block(i, seen=None):
     qi = q[i] * scale
 
     def key_block(j, carry):
@@ -68,11 +69,20 @@ def _forward(q, k, v, qdoc, kdoc, q_start, keys, scale, block):
     b, h = qi.shape[:2]
     init = (jnp.full((b, h, block), -jnp.inf), jnp.zeros((b, h, block)),
             jnp.zeros((b, h, block, v.shape[-1])))
-    m, l, acc = jax.lax.fori_loop(0, _key_blocks_seen(i, block, q_start, n_k), key_block, init)
+    if seen is None:
+      seen = _key_blocks_seen(i, block, q_start, n_k)
+    m, l, acc = jax.lax.fori_loop(0, seen, key_block, init)
     # Padded queries may see nothing (l = 0): give them a harmless 1, they are sliced off.
     l = jnp.where(l > 0, l, 1.0)
     return acc / l[..., None], m + jnp.log(l)
 
+  if flops.counting():
+    # count_flops needs static trip counts: unroll the query blocks with each one's count. A
+    # traced start (a decode step or prefill after a cache) is counted as the cache's end: every
+    # key block seen, the cost of a step with a full cache.
+    outs = [query_block(i, min((q_start + (i + 1) * block - 1) // block + 1, n_k)
+                        if isinstance(q_start, int) else n_k) for i in range(n_q)]
+    return tuple(jnp.stack(parts) for parts in zip(*outs))
   return jax.lax.map(query_block, jnp.arange(n_q))
 
 
@@ -110,6 +120,14 @@ def _attend_bwd(keys, scale, block, res, do):
                                    (jnp.zeros_like(kj), jnp.zeros_like(vj), dq))
     return dq, (dk, dv)
 
+  if flops.counting():
+    # Static trip counts for count_flops (see _forward): the key blocks unrolled in Python.
+    dq, parts = jnp.zeros_like(q), []
+    for j in range(k.shape[0]):
+      dq, part = key_block(dq, j)
+      parts.append(part)
+    dk, dv = (jnp.stack(x) for x in zip(*parts))
+    return dq, dk, dv, None, None
   dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros_like(q), jnp.arange(k.shape[0]))
   return dq, dk, dv, None, None
 
@@ -158,7 +176,9 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale:
   self_attention = (key_doc is None and k.shape[1] == q.shape[1] and isinstance(q_start, int)
                     and q_start == 0)
   q_start = 0 if self_attention else jnp.asarray(q_start, jnp.int32)
-  if isinstance(scale, (int, float)):   # one compiled program per shape when called eagerly
+  # One compiled program per shape when called eagerly; not while count_flops traces (a cached
+  # trace of the loop form would be reused, and its trip counts cannot be counted).
+  if isinstance(scale, (int, float)) and not flops.counting():
     return _compiled_blocked(q, k, v, doc, key_doc, q_start, scale=float(scale), block=block,
                              self_attention=self_attention, guard=guard)
   return _blocked(q, k, v, doc, key_doc, q_start, scale=scale, block=block,
