@@ -448,8 +448,12 @@ def _speed_section(speed) -> list[str]:
   lines += ["", "Energy per token relative to the softmax transformer (an estimate: "
             f"{E_FLOP_PJ} pJ per FLOP and {E_DRAM_PJ_PER_BYTE:.0f} pJ per DRAM byte from "
             f"{ENERGY_SOURCE}). Forward (training, prefill): exact FLOPs per token from "
-            "`dca_jax.flops.count_flops`. Decoding: FLOPs of one step plus reading every "
-            "parameter and the whole cache from DRAM.", "",
+            "`dca_jax.flops.count_flops` of the form each layer runs (softmax: the whole "
+            "masked score matrix while it fits `DENSE_SCORES_BYTES`, at batch 1 and 4 heads up "
+            "to T = 1448; beyond, the blocked form, which skips the key blocks above the "
+            "diagonal, so softmax's count per token roughly halves its attention term there). "
+            "Decoding: FLOPs of one step plus reading every parameter and the whole cache from "
+            "DRAM.", "",
             "| attention | " + " | ".join(f"forward @ {n}" for n in flens) + " | "
             + " | ".join(f"decode @ {n}" for n in lengths) + " |",
             "|---|" + "---:|" * (len(flens) + len(lengths))]
