@@ -401,3 +401,29 @@ def test_render_from_the_committed_record_reproduces_the_committed_report(tmp_pa
   suite_report.render(tmp_path / "runs", out)
   assert ((out / "benchmark_results.md").read_text()
           == (docs / "benchmark_results.md").read_text())
+
+
+def test_score_study_recomputes_dca_exactly_with_resets():
+  """The score study's float64 weights (window logits with rotary, memory kernels, decays,
+  document masks) give the layer's own attention_compress outputs, so its measurements describe
+  the mechanism that runs; a share is a fraction and the agreement a correlation."""
+  import jax
+  from flax import nnx
+  from dca_jax.nn import TransformerConfig, TransformerLM
+  from experiments import score_study
+  model = TransformerLM(TransformerConfig(d_model=32, num_layers=2, num_heads=2, attention="dca",
+                                          attention_options={"window": 8, "feature_dim": 4},
+                                          vocab_size=64), rngs=nnx.Rngs(3))
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 40), 0, 64))
+  reset = np.zeros((2, 40), bool)
+  reset[1, 17] = True
+  with score_study.recording() as records:
+    model(tokens, reset=reset)
+  assert len(records) == 2
+  for record in records:
+    report = score_study.layer_report(record, projection_dim=4)
+    assert report["max_abs_output_difference"] < 1e-4
+    assert report["share_buckets"] == ["[8, 16)", "[16, 32)", "[32, 40)"]
+    for head in report["heads"]:
+      assert all(0 <= x < 1 for x in head["memory_share"])
+      assert -1 <= head["spearman_s_log_kappa"] <= 1 and 0 <= head["falling_branch_pairs"] <= 1
