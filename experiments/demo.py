@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--lengths", default="1024,4096,8192",
                       help="sequence lengths of the layer table")
   parser.add_argument("--sample", type=int, default=200, help="bytes to generate")
+  parser.add_argument("--record", default=None,
+                      help="also write demo.json here (docs/demo.json: the run the README quotes)")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
   result = {"summaries": summaries, "sample": sample, "layers": rows, "total_s": total,
             "machine": bookkeeping.machine_info(), "corpus": {"name": corpus.name, **info}}
   bookkeeping.write_json(out / "demo.json", result)
+  if args.record:
+    bookkeeping.write_json(pathlib.Path(args.record), result)
   return 0
 
 

@@ -43,3 +43,16 @@ def test_readme_python_blocks_run():
   assert blocks, "the README should show runnable Python"
   for block in blocks:
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_quotes_the_recorded_demo_run():
+  """The README's demo figures (validation bits per byte of both models, and the run's time)
+  are those of docs/demo.json, written by `python -m experiments.demo --record docs/demo.json`."""
+  import json
+  record = json.loads((ROOT / "docs" / "demo.json").read_text())
+  opening = (ROOT / "README.md").read_text().split("Run the tests")[0]
+  for name, label in (("lm_dca", "DCA"), ("lm_softmax", "softmax")):
+    bpb = record["summaries"][name]["validation"]["val_bpb"]
+    assert f"{bpb:.4f} ({label})" in opening
+  assert f"{record['total_s'] / 60:.1f} min" in opening
+  assert record["machine"]["date"][:10] in opening

@@ -379,11 +379,12 @@ def test_speed_and_energy_tiny(tmp_path):
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
   assert demo.main(["--out", str(tmp_path), "--steps", "2", "--lengths", "64", "--sample",
-                    "8"]) == 0
+                    "8", "--record", str(tmp_path / "record.json")]) == 0
   out = capsys.readouterr().out
   assert "validation bits per byte" in out and "lm_dca" in out and "lm_softmax" in out
   assert "decode cache" in out and "speed-up" in out
   result = json.loads((tmp_path / "demo.json").read_text())
+  assert json.loads((tmp_path / "record.json").read_text()) == result
   assert result["layers"][0]["T"] == 64
   assert result["sample"]["cache_bytes"]["1024"]["dca"] == result["sample"]["cache_bytes"][
       "1048576"]["dca"]
