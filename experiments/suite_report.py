@@ -434,7 +434,11 @@ def _speed_section(speed) -> list[str]:
            f"{machine_line(speed['machine'])}): every model timed round-robin in one "
            "process after warm-up, median of the repeats. Training: one optimiser step of "
            "the LM comparison's batch. Decoding: one token at batch 1 with a cache of the given "
-           "length (softmax's KV cache grows with it; the others are constant).", "",
+           "length (softmax's KV cache grows with it; the others are constant), each token one "
+           "call of the jitted `decode_step` from Python: the per-call dispatch dominates a "
+           "step of the constant-state layers, and `generate`'s compiled loop decodes the same "
+           "models several times faster (docs/performance.md, docs/edge.md). The watts below "
+           "follow these rates.", "",
            "| attention | params | train tokens/s | " + " | ".join(
                f"decode tokens/s @ {n}" for n in lengths) + " | " + " | ".join(
                    f"cache @ {n}" for n in lengths) + " |",

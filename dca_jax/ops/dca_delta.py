@@ -236,7 +236,7 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
 
 def delta_memory_state_update(state: DCADeltaState, weights: DCAWeights, *,
                               rotary_base: float | None = 10000.0, reset=None):
-  """One decoding step of DCA with the delta memory: O(W K + K V) work, independent of t.
+  """One decoding step of DCA with the delta memory: O(W (K + V) + K V) work, independent of t.
 
   The oldest buffered token leaves the window and is written into S by one delta rule step
   (S <- a_t (S - beta k^ (S^T k^)^T) + beta k^ v^T, the recurrent form's update), the new token

@@ -316,7 +316,7 @@ def adaptive_scale(sequence_length: int, *, window: int, has_state: bool = False
                    value_dim: int | None = None) -> DCAPlan:
   """Chooses how much machinery a call needs: the computation adapts to the input's length.
 
-  * decoding (one token continuing a state): `memory_state_update`, O(W K + F V) per token;
+  * decoding (one token continuing a state): `memory_state_update`, O(W (K + V) + F V) per token;
   * T <= W with no carried state: no token has left the window, so the memory is empty and DCA
     is exact causal softmax over T tokens (no engine call at all);
   * otherwise: window + compressed memory, the engine's form and chunk size chosen by its
