@@ -3,24 +3,25 @@
 Usage:
   python -m experiments.score_study --workdir runs/corpus/lm_dca --out docs   # docs/score_study.*
 
-DCA scores a key inside the window with the softmax logit s_tj = (R_t q_t) . (R_j k_j) / sqrt(K)
+DCA scores a key inside the window with the softmax logit l_tj = (R_t q_t) . (R_j k_j) / sqrt(K)
 (rotary R at the tokens' positions), and a key that has left the window with the memory's kernel
-kappa_tj = phi(q_t) . phi(k_j) = 1 + u + u^2 / 2, where u = p_t . p_j / sqrt(P) compares learned
+kappa_tj = phi(q_t) . phi(k_j) = 1 + s + s^2 / 2, where s = p_t . p_j / sqrt(P) compares learned
 projections p of the same queries and keys to P dims, without positions, decayed by the product
 of the decays since the key entered the memory. Both answer to one normaliser (dca_jax/ops/dca.py):
 
-    o_t = (sum_window e^{s_tj} v_j + sum_memory w_tj v_j) / (sum_window e^{s_tj} + sum_memory w_tj),
-    w_tj = exp(sum_{u = j+W+1..t} log a_u) kappa_tj.
+    o_t = (sum_window e^{l_tj} v_j + sum_memory w_tj v_j) / (sum_window e^{l_tj} + sum_memory w_tj),
+    w_tj = exp(sum_{i = j+W+1..t} log a_i) kappa_tj.
 
-The kernel is not a monotone function of u (it falls to 1/2 at u = -1 and rises again below), so
+The kernel is not a monotone function of s (it falls to 1/2 at s = -1 and rises again below), so
 it does not approximate exp(s). This study measures, per layer and head, on test text of the run's
 corpus at a context longer than the window:
 
 * how the two scores agree where both are defined (keys inside the window): Spearman's rank
-  correlation of s_tj and log kappa_tj, and Pearson's correlation of s_tj and u_tj;
+  correlation of l_tj and log kappa_tj, and Pearson's correlation of l_tj and s_tj (the letters
+  of docs/theory.md, section 5);
 * how much of the attention mass the memory holds, by the query's distance from the start of the
   row (units of W);
-* how often a memory pair sits on the falling branch u < -1, and the share of memory mass there.
+* how often a memory pair sits on the falling branch s < -1, and the share of memory mass there.
 
 The weights are recomputed here in float64 from the layer's own `compute_weights` output, and the
 outputs they give are checked against the layer's `attention_compress` (the largest difference is
@@ -82,10 +83,10 @@ def head_scores(q, k, v, q_features, k_features, log_decay, doc, *, window: int,
 
   Args (numpy, one batch row and head): q, k [T, K] (before rotary), v [T, V], q_features,
   k_features [T, F] (Taylor features of the projections), log_decay [T], doc [T] document ids;
-  projection_dim: P, whose linear features phi[1:P+1] = p / P^(1/4) give u = p . p' / sqrt(P).
+  projection_dim: P, whose linear features phi[1:P+1] = p / P^(1/4) give s = p . p' / sqrt(P).
 
   Returns:
-    dict of [T, T] arrays s (window logits), kappa, u, weight (memory weights, 0 outside the
+    dict of [T, T] arrays l (window logits), kappa, s (projection similarity), weight (memory weights, 0 outside the
     memory), in_window and in_memory masks, and [T, V] output.
   """
   from dca_jax.ops.rotary import frequencies_numpy
@@ -101,11 +102,11 @@ def head_scores(q, k, v, q_features, k_features, log_decay, doc, *, window: int,
       a, b = x[:, :half], x[:, half:]
       return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
     q, k = rotate(q), rotate(k)
-  s = q @ k.T / math.sqrt(key_dim)
+  logits = q @ k.T / math.sqrt(key_dim)
   phi_q, phi_k = np.asarray(q_features, np.float64), np.asarray(k_features, np.float64)
   kappa = phi_q @ phi_k.T
   lin = slice(1, 1 + projection_dim)
-  u = phi_q[:, lin] @ phi_k[:, lin].T          # p . p' / sqrt(P): each side carries P^(-1/4)
+  sim = phi_q[:, lin] @ phi_k[:, lin].T          # p . p' / sqrt(P): each side carries P^(-1/4)
   t = np.arange(t_len)
   same = np.asarray(doc)[:, None] == np.asarray(doc)[None, :]
   in_window = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window) & same
@@ -115,11 +116,11 @@ def head_scores(q, k, v, q_features, k_features, log_decay, doc, *, window: int,
   entry = np.minimum(t + window, t_len - 1)
   fade = np.where(in_memory, cum[:, None] - cum[entry][None, :], -np.inf)
   weight = np.where(in_memory, np.exp(fade) * kappa, 0.0)
-  m = np.where(in_window, s, -np.inf).max(axis=1, keepdims=True)
-  e = np.where(in_window, np.exp(s - m), 0.0)
+  m = np.where(in_window, logits, -np.inf).max(axis=1, keepdims=True)
+  e = np.where(in_window, np.exp(logits - m), 0.0)
   num = e @ v + np.exp(-m) * (weight @ v)
   den = e.sum(1, keepdims=True) + np.exp(-m) * weight.sum(1, keepdims=True)
-  return {"s": s, "kappa": kappa, "u": u, "weight": weight, "window_mass": e * np.exp(m),
+  return {"l": logits, "kappa": kappa, "s": sim, "weight": weight, "window_mass": e * np.exp(m),
           "in_window": in_window, "in_memory": in_memory, "output": num / den}
 
 
@@ -147,20 +148,20 @@ def layer_report(record: dict[str, Any], projection_dim: int) -> dict[str, Any]:
                       rotary_base=record["rotary_base"], projection_dim=projection_dim)
       worst = max(worst, float(np.abs(r["output"] - output[b, :, h]).max()))
       iw, im = r["in_window"], r["in_memory"]
-      spearman.append(_corr(_rank(r["s"][iw]), _rank(np.log(r["kappa"][iw]))))
-      pearson.append(_corr(r["s"][iw], r["u"][iw]))
+      spearman.append(_corr(_rank(r["l"][iw]), _rank(np.log(r["kappa"][iw]))))
+      pearson.append(_corr(r["l"][iw], r["s"][iw]))
       if im.any():
-        falling.append(float((r["u"][im] < -1).mean()))
+        falling.append(float((r["s"][im] < -1).mean()))
         mem_mass = r["weight"].sum()
-        falling_mass.append(float(r["weight"][im & (r["u"] < -1)].sum() / mem_mass)
+        falling_mass.append(float(r["weight"][im & (r["s"] < -1)].sum() / mem_mass)
                             if mem_mass > 0 else 0.0)
       memory = r["weight"].sum(1)
       share = memory / (memory + r["window_mass"].sum(1))
       shares.append([float(share[lo:hi].mean()) if hi > lo else float("nan")
                      for lo, hi in zip(edges, edges[1:])])
     heads_out.append({
-        "head": h, "spearman_s_log_kappa": float(np.mean(spearman)),
-        "pearson_s_u": float(np.mean(pearson)),
+        "head": h, "spearman_l_log_kappa": float(np.mean(spearman)),
+        "pearson_l_s": float(np.mean(pearson)),
         "falling_branch_pairs": float(np.mean(falling)) if falling else None,
         "falling_branch_memory_mass": float(np.mean(falling_mass)) if falling_mass else None,
         "memory_share": [float(x) for x in np.nanmean(np.array(shares), axis=0)]})
@@ -217,15 +218,15 @@ def markdown(result: dict[str, Any]) -> list[str]:
            + ", ".join(f"{l['max_abs_output_difference']:.1e}" for l in result["layers"])
            + " (largest absolute difference per layer).", "",
            "## Do the two scores agree where both are defined (keys inside the window)?", "",
-           "Spearman: rank correlation of the window logit s and the memory kernel log kappa "
-           "over the same (query, key) pairs; Pearson: correlation of s and the projections' "
-           "similarity u. 1 would mean the memory ranks keys as the window does.", "",
-           "| layer | head | Spearman(s, log kappa) | Pearson(s, u) | memory pairs with u < -1 "
+           "Spearman: rank correlation of the window logit l and the memory kernel log kappa "
+           "over the same (query, key) pairs; Pearson: correlation of l and the projections' "
+           "similarity s (the letters of docs/theory.md, section 5). 1 would mean the memory ranks keys as the window does.", "",
+           "| layer | head | Spearman(l, log kappa) | Pearson(l, s) | memory pairs with s < -1 "
            "| memory mass there |", "|---:|---:|---:|---:|---:|---:|"]
   for i, layer in enumerate(result["layers"]):
     for h in layer["heads"]:
-      lines.append(f"| {i} | {h['head']} | {fmt(h['spearman_s_log_kappa'])} | "
-                   f"{fmt(h['pearson_s_u'])} | {fmt(h['falling_branch_pairs'])} | "
+      lines.append(f"| {i} | {h['head']} | {fmt(h['spearman_l_log_kappa'])} | "
+                   f"{fmt(h['pearson_l_s'])} | {fmt(h['falling_branch_pairs'])} | "
                    f"{fmt(h['falling_branch_memory_mass'])} |")
   buckets = result["layers"][0]["share_buckets"]
   lines += ["", "## How much of the attention mass the memory holds", "",

@@ -427,4 +427,4 @@ def test_score_study_recomputes_dca_exactly_with_resets():
     assert report["share_buckets"] == ["[8, 16)", "[16, 32)", "[32, 40)"]
     for head in report["heads"]:
       assert all(0 <= x < 1 for x in head["memory_share"])
-      assert -1 <= head["spearman_s_log_kappa"] <= 1 and 0 <= head["falling_branch_pairs"] <= 1
+      assert -1 <= head["spearman_l_log_kappa"] <= 1 and 0 <= head["falling_branch_pairs"] <= 1
