@@ -30,6 +30,9 @@ Counting rules (per equation; "elements" are those of the output unless said oth
   otherwise `ValueError`. `fori_loop` with Python-int bounds lowers to `scan`; with concrete
   array bounds (closed over, or given to `count_flops` as keyword arguments) to a `while` with
   literal bounds; bounds passed positionally to `count_flops` are traced, hence unknown.
+  The blocked softmax (`dca_jax.ops.blocked_softmax`) skips key blocks with such loops; it
+  unrolls them while `count_flops` traces (`counting()`), unless the caller's own `jax.jit`
+  cached a trace of it earlier (then the count can raise the `ValueError` below).
   `cond`: the branch with the most FLOPs.
 * Any other primitive holding jaxprs in its params is counted through them; one without costs
   1 per output element, so an unknown primitive never makes counting fail (linear-algebra

@@ -86,8 +86,9 @@ def head_scores(q, k, v, q_features, k_features, log_decay, doc, *, window: int,
   projection_dim: P, whose linear features phi[1:P+1] = p / P^(1/4) give s = p . p' / sqrt(P).
 
   Returns:
-    dict of [T, T] arrays l (window logits), kappa, s (projection similarity), weight (memory weights, 0 outside the
-    memory), in_window and in_memory masks, and [T, V] output.
+    dict of [T, T] arrays l (window logits), kappa, s (projection similarity), weight (memory
+    weights, 0 outside the memory), window_mass, the in_window and in_memory masks, and the
+    [T, V] output.
   """
   from dca_jax.ops.rotary import frequencies_numpy
   t_len, key_dim = q.shape
@@ -220,7 +221,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
            "## Do the two scores agree where both are defined (keys inside the window)?", "",
            "Spearman: rank correlation of the window logit l and the memory kernel log kappa "
            "over the same (query, key) pairs; Pearson: correlation of l and the projections' "
-           "similarity s (the letters of docs/theory.md, section 5). 1 would mean the memory ranks keys as the window does.", "",
+           "similarity s (the letters of docs/theory.md, section 5). 1 would mean the memory "
+           "ranks keys as the window does.", "",
            "| layer | head | Spearman(l, log kappa) | Pearson(l, s) | memory pairs with s < -1 "
            "| memory mass there |", "|---:|---:|---:|---:|---:|---:|"]
   for i, layer in enumerate(result["layers"]):

@@ -221,7 +221,7 @@ class DCAttention(_layer.AttentionLayer):
     return self._project_out(o, x.dtype), self._join_cache(state, inputs, x)
 
   def decode_step(self, x_t, cache, reset=None):
-    """One token: x_t [B, D] -> (y_t [B, D], new cache), O(W (K + V) + F V) work whatever the context.
+    """One token: x_t [B, D] -> (y_t [B, D], new cache), O(W (K + V) + F V) work, any context.
 
     `reset` (optional bool [B]) starts a new document at this token in the rows where true."""
     _layer.check_token(x_t, self.d_model)
