@@ -15,7 +15,8 @@ gauge identity of `chunked._gauge_jvp` restated for that layout as its JVP rule.
 
 The study checks that `one_pass` equals `attention_compress(mode="chunked")` (outputs and the
 gradients of every weight) and times the gradient of both, interleaved, median of `--rounds`
-after warm-up, at each batch x length. It prints a Markdown table. The library does not use
+after warm-up, at each batch x length. It prints a Markdown table (and with --out writes a JSON
+record: docs/fused_pass_study.json is the run the README quotes). The library does not use
 `one_pass`: wired into `attention_compress` for the case it covers, it gave the DCA layer's
 forward+backward no gain beyond the noise at 256 and 1024 tokens and a small one at 4096 (the
 A/Bs are in issue #11's notes; the wiring was not committed; README, "Measured so far", has the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 
 import jax
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       help="batch x length pairs")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--window", type=int, default=64)
+  parser.add_argument("--out", default=None,
+                      help="also write the rows, machine and date to this JSON file "
+                           "(docs/fused_pass_study.json: the run the README quotes)")
   args = parser.parse_args(argv)
   rows = []
   for shape in args.shapes:
@@ -215,6 +220,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a, b = (row["ms"][n] for n in names)
     print(f"| {row['batch']} x {row['length']} | {a:.2f} ms | {b:.2f} ms | {b / a:.3f} | "
           f"{row['max_difference']:.1e} |")
+  if args.out:
+    bookkeeping.write_json(args.out, {
+        "command": "python -m experiments.fused_pass_study " + " ".join(argv or sys.argv[1:]),
+        "rounds": args.rounds, "window": args.window, "forms": names, "rows": rows,
+        "machine": bookkeeping.machine_info(), "date": bookkeeping.now()})
   return rows
 
 
