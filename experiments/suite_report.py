@@ -39,13 +39,11 @@ def _fmt(x, digits=3):
   return f"{x:.{digits}f}"
 
 
-def _recorded_results(record: pathlib.Path) -> list[dict[str, Any]]:
+def _recorded_results(recorded: Mapping[str, Any]) -> list[dict[str, Any]]:
   """The runs of an earlier render (out/benchmark_results.json), in the form `_load_results`
   gives (compacted: see `_compact`). Renders older than the seed field trained at seed 0."""
-  if not record.exists():
-    return []
-  runs = json.loads(record.read_text()).get("runs", {})
-  return [dict(r, name=name, config={"seed": 0, **r["config"]}) for name, r in runs.items()]
+  return [dict(r, name=name, config={"seed": 0, **r["config"]})
+          for name, r in recorded.get("runs", {}).items()]
 
 
 def render(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
@@ -55,17 +53,12 @@ def render(runs: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
   ran only `suite speed`), the runs come from the committed out/benchmark_results.json, each with
   its own date and machine, and so does the speed record if runs/speed.json is absent: a new
   speed.json can be rendered without training the suite again."""
-  results = _load_results(runs)
   record = out / "benchmark_results.json"
-  if not results:
-    results = _recorded_results(record)
+  recorded = json.loads(record.read_text()) if record.exists() else {}
+  results = _load_results(runs) or _recorded_results(recorded)
   speed_path = runs / "speed.json"
-  if speed_path.exists():
-    speed = json.loads(speed_path.read_text())
-  elif record.exists():
-    speed = json.loads(record.read_text()).get("speed")
-  else:
-    speed = None
+  speed = (json.loads(speed_path.read_text()) if speed_path.exists()
+           else recorded.get("speed"))
   by_group: dict[str, list[dict[str, Any]]] = {}
   for r in results:
     by_group.setdefault(r["group"], []).append(r)
@@ -426,6 +419,12 @@ def _answers(mq) -> str:
   return f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,} to {counts[-1]:,}"
 
 
+def _dense_softmax_limit(heads: int) -> int:
+  """The longest T whose whole score matrices the softmax layer forms at batch 1."""
+  from dca_jax.nn import softmax as softmax_layer
+  return math.isqrt(softmax_layer.DENSE_SCORES_BYTES // (2 * 4 * heads))
+
+
 def _speed_section(speed) -> list[str]:
   m = speed["models"]
   lengths = speed["decode_lengths"]
@@ -454,7 +453,7 @@ def _speed_section(speed) -> list[str]:
             f"{ENERGY_SOURCE}). Forward (training, prefill): exact FLOPs per token from "
             "`dca_jax.flops.count_flops` of the form each layer runs (softmax: the whole "
             "masked score matrix while it fits `DENSE_SCORES_BYTES`, at batch 1 and 4 heads up "
-            "to T = 1448; beyond, the blocked form, which skips the key blocks above the "
+            f"to T = {_dense_softmax_limit(4)}; beyond, the blocked form, which skips the key blocks above the "
             "diagonal, so softmax's count per token roughly halves its attention term there). "
             "Decoding: FLOPs of one step plus reading every parameter and the whole cache from "
             "DRAM.", "",

@@ -44,8 +44,10 @@ def _mask(i, j, block, q_start, keys, qdoc, kdoc):
 
 
 def _key_blocks_seen(i, block, q_start, n_key_blocks):
-  """How many key blocks query block i sees: those starting at or before its last query."""
-  return jnp.minimum((q_start + (i + 1) * block - 1) // block + 1, n_key_blocks)
+  """How many key blocks query block i sees: those starting at or before its last query (a
+  Python int when i and q_start are, as `count_flops` needs for a static trip count)."""
+  minimum = min if isinstance(i, int) and isinstance(q_start, int) else jnp.minimum
+  return minimum((q_start + (i + 1) * block - 1) // block + 1, n_key_blocks)
 
 
 def _forward(q, k, v, qdoc, kdoc, q_start, keys, scale, block):
@@ -69,9 +71,8 @@ def _forward(q, k, v, qdoc, kdoc, q_start, keys, scale, block):
     b, h = qi.shape[:2]
     init = (jnp.full((b, h, block), -jnp.inf), jnp.zeros((b, h, block)),
             jnp.zeros((b, h, block, v.shape[-1])))
-    if seen is None:
-      seen = _key_blocks_seen(i, block, q_start, n_k)
-    m, l, acc = jax.lax.fori_loop(0, seen, key_block, init)
+    m, l, acc = jax.lax.fori_loop(
+        0, _key_blocks_seen(i, block, q_start, n_k) if seen is None else seen, key_block, init)
     # Padded queries may see nothing (l = 0): give them a harmless 1, they are sliced off.
     l = jnp.where(l > 0, l, 1.0)
     return acc / l[..., None], m + jnp.log(l)
@@ -80,7 +81,7 @@ def _forward(q, k, v, qdoc, kdoc, q_start, keys, scale, block):
     # count_flops needs static trip counts: unroll the query blocks with each one's count. A
     # traced start (a decode step or prefill after a cache) is counted as the cache's end: every
     # key block seen, the cost of a step with a full cache.
-    outs = [query_block(i, min((q_start + (i + 1) * block - 1) // block + 1, n_k)
+    outs = [query_block(i, _key_blocks_seen(i, block, q_start, n_k)
                         if isinstance(q_start, int) else n_k) for i in range(n_q)]
     return tuple(jnp.stack(parts) for parts in zip(*outs))
   return jax.lax.map(query_block, jnp.arange(n_q))

@@ -1,7 +1,7 @@
 """One decoding step of DCA on a constant-size state: `memory_state_update`.
 
-The step costs O(W (K + V) + F V) whatever the position: the new token enters the window's ring buffer
-(one slot written in place), the token leaving the window is folded into the compressed memory,
+The step costs O(W (K + V) + F V) whatever the position: the new token enters the window's ring
+buffer (one slot written in place), the token leaving the window is folded into the compressed memory,
 and the output reads both memories under one normaliser (`dca_memory.combine_memories`). Step by step it equals the
 whole-sequence form `attention_compress`.
 """
