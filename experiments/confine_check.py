@@ -15,7 +15,9 @@ forward+backward (`benchmark_layers.fwd_bwd_fn`: B = 1, d_model 256, 4 heads, fl
 layer's defaults, W = 64) twice in one process: as the layer runs it, and with the op's
 confinement forced back on (by wrapping the op the layer module calls, for this measurement
 only). Both programs run round-robin (`benchmark.time_interleaved`, a fresh order each round);
-it prints the median of each, their ratio, and the count of HLO instructions of each program.
+it prints the median of each, their ratio, and the count of HLO instructions of each program;
+`--out FILE` also writes them as JSON with the command, machine and date (docs/confine_check.json
+is the run the README quotes).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import time
+import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -34,7 +36,7 @@ import dca_jax.nn.linear as nn_linear
 import dca_jax.nn.softmax as nn_softmax
 import dca_jax.nn.window as nn_window
 from experiments import benchmark, benchmark_layers, profile_ops
-from experiments.bookkeeping import machine_info, machine_line
+from experiments.bookkeeping import machine_info, machine_line, now, write_json
 
 # layer -> (module, the name of the op it calls, the keyword that turns the op's confinement on).
 CALLS = {
@@ -93,22 +95,30 @@ def check(layer: str, length: int, repeats: int) -> dict[str, Any]:
           "ratio": timings[names[0]].median_s / timings[names[1]].median_s}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", nargs="+", default=["dca", "window"], choices=sorted(CALLS))
   parser.add_argument("--lengths", nargs="+", type=int, default=[1024])
   parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--out", default=None, help="also write the results as JSON here")
   args = parser.parse_args(argv)
-  print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
-        f"{machine_line(machine_info())}", flush=True)
+  if min(args.lengths) < 1 or args.repeats < 1:
+    parser.error(f"--lengths and --repeats must be >= 1, got {args.lengths} and {args.repeats}")
+  result = {"command": "python -m experiments.confine_check "
+                       + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": now(), "machine": machine_info(), "repeats": args.repeats, "rows": []}
+  print(f"{result['date']}, {machine_line(result['machine'])}", flush=True)
   for length in args.lengths:
     for layer in args.layers:
       r = check(layer, length, args.repeats)
+      result["rows"].append(r)
       cells = ", ".join(f"{n} {ms:.2f} ms ({r['instructions'][n]} HLO instructions)"
                         for n, ms in r["ms"].items())
       print(f"{r['layer']} T={length}: {cells}; ratio {r['ratio']:.3f}", flush=True)
-  return 0
+  if args.out:
+    write_json(args.out, result)
+  return result
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  main()

@@ -11,12 +11,14 @@ once each, then timed round-robin (`--repeats` rounds after one warm-up call); p
 milliseconds, side by side in one process. With `--engine`: the same for the engine's chunked
 form alone, with XLA's temporary memory of each setting. The figures quoted in
 dca_jax/ops/planner.py come from this script (2026-12-04); ratios only compare within one run.
+`--out FILE` also writes the rows as JSON with the command, machine and date.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import jax
@@ -25,6 +27,7 @@ from flax import nnx
 
 from dca_jax.nn import registry
 from dca_jax.ops import chunked, scan
+from experiments import bookkeeping
 
 
 def measure_engine(length: int, segments, repeats: int) -> dict:
@@ -101,29 +104,41 @@ def main(argv=None) -> int:
   parser.add_argument("--engine", action="store_true",
                       help="the engine's chunked form instead of layers (lengths default "
                            "4096,8192,32768,65536, segments none,512,1024,2048)")
+  parser.add_argument("--out", default=None, help="also write the rows as JSON here")
   args = parser.parse_args(argv)
   if args.engine and args.lengths == parser.get_default("lengths"):
     args.lengths = "4096,8192,32768,65536"
   if args.engine and args.segments == parser.get_default("segments"):
     args.segments = "none,512,1024,2048"
   segments = [None if s == "none" else int(s) for s in args.segments.split(",")]
-  print(f"backend {jax.default_backend()}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+  names = ["one pass" if s is None else f"S={s}" for s in segments]
+  record = {"command": "python -m experiments.segment_study "
+                       + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": bookkeeping.now(), "machine": bookkeeping.machine_info(),
+            "repeats": args.repeats, "rows": []}
+  print(f"backend {jax.default_backend()}, {record['date']}")
   if args.engine:
-    print("| chunked form, T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
+    print("| chunked form, T | " + " | ".join(names)
           + " | recurrent fwd |  (fwd ms, fwd+bwd ms, fwd+bwd XLA temp MiB; medians)")
     for length in (int(t) for t in args.lengths.split(",")):
       result = measure_engine(length, segments, args.repeats)
       print(f"| {length} | " + " | ".join(
           f"{result[s][0] * 1e3:.1f}, {result[s][1] * 1e3:.0f} ms, {result[s][2] / 2**20:.0f} MiB"
           for s in segments) + f" | {result['recurrent'][0] * 1e3:.1f} ms |", flush=True)
-    return 0
-  print("| layer | T | " + " | ".join("one pass" if s is None else f"S={s}" for s in segments)
-        + " |")
-  for name in args.layers.split(","):
-    for length in (int(t) for t in args.lengths.split(",")):
-      result = measure(name, length, segments, args.repeats)
-      print(f"| {name} | {length} | "
-            + " | ".join(f"{result[s] * 1e3:.0f} ms" for s in segments) + " |", flush=True)
+      record["rows"].append({"T": length, "recurrent_fwd_s": result["recurrent"][0], **{
+          name: {"fwd_s": result[s][0], "fwd_bwd_s": result[s][1], "temp_bytes": result[s][2]}
+          for name, s in zip(names, segments)}})
+  else:
+    print("| layer | T | " + " | ".join(names) + " |")
+    for name in args.layers.split(","):
+      for length in (int(t) for t in args.lengths.split(",")):
+        result = measure(name, length, segments, args.repeats)
+        print(f"| {name} | {length} | "
+              + " | ".join(f"{result[s] * 1e3:.0f} ms" for s in segments) + " |", flush=True)
+        record["rows"].append({"layer": name, "T": length, **{
+            label: {"fwd_bwd_s": result[s]} for label, s in zip(names, segments)}})
+  if args.out:
+    bookkeeping.write_json(args.out, record)
   return 0
 
 

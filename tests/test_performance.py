@@ -7,6 +7,7 @@ studies' prototypes and checks compute what they claim to time.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -121,17 +122,33 @@ def test_gpu_check_counts_a_pytest_log():
 
 
 @pytest.mark.parametrize("layer", ["window", "gla", "dca", "softmax", "gated_deltanet", "linear"])
-def test_confine_check_compares_two_different_programs(layer):
+def test_confine_check_compares_two_different_programs(layer, tmp_path):
   """The check forces the op's confinement back on: the second program has the guard's extra
-  instructions (a wrapper that did not reach the traced op would time one program twice)."""
+  instructions (a wrapper that did not reach the traced op would time one program twice); its
+  record (`--out`) holds what it printed."""
   from experiments import confine_check
-  result = confine_check.check(layer, 64, repeats=1)
-  unconfined, confined = result["instructions"].values()
+  out = tmp_path / "confine.json"
+  result = confine_check.main(["--layers", layer, "--lengths", "64", "--repeats", "1",
+                               "--out", str(out)])
+  row, = result["rows"]
+  unconfined, confined = row["instructions"].values()
   assert confined > unconfined
-  assert all(ms > 0 for ms in result["ms"].values())
+  assert all(ms > 0 for ms in row["ms"].values())
+  assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+  assert result["command"].endswith(f"--layers {layer} --lengths 64 --repeats 1 --out {out}")
 
 
-@pytest.mark.parametrize("batch, time, window", [(2, 150, 16), (1, 64, 16)])
+def test_rowwise_study_records_every_form(tmp_path):
+  """`python -m experiments.rowwise_study --out` (the figures README quotes) at toy size."""
+  from experiments import rowwise_study
+  out = tmp_path / "rowwise.json"
+  rows = rowwise_study.main(["--shape", "2", "8", "--repeats", "1", "--out", str(out)])
+  record = json.loads(out.read_text())
+  assert record["shape"] == [2, 8] and len(record["us"]) == len(rows) == 6
+  assert all(us > 0 for us in record["us"].values())
+
+
+@pytest.mark.parametrize("batch, time, window", [(2, 70, 16), (1, 64, 16)])
 def test_fused_pass_study_times_the_same_function(batch, time, window):
   """The one-block-pass prototype that `experiments.fused_pass_study` times against
   `attention_compress` computes the same outputs and weight gradients (T not a multiple of W and

@@ -3,6 +3,8 @@ engine's form), with `Mode`."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dca_jax import EnginePlan, Mode, PlanKind, adaptive_scale, plan_engine
@@ -208,14 +210,19 @@ def test_adaptive_scale_plans_the_delta_memory_with_its_own_rule():
   assert adaptive_scale(8, window=8, delta_memory=True).kind is PlanKind.SOFTMAX
 
 
-def test_segment_study_prints_one_row_per_layer_and_length(capsys):
-  """`python -m experiments.segment_study` (the measurement behind `segment_length`) at toy size."""
+def test_segment_study_prints_one_row_per_layer_and_length(capsys, tmp_path):
+  """`python -m experiments.segment_study` (the measurement behind `segment_length`) at toy size,
+  and its `--out` record."""
   from experiments import segment_study  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "segments.json"
   assert segment_study.main(["--layers", "linear", "--lengths", "64", "--segments", "none,32",
-                             "--repeats", "1"]) == 0
+                             "--repeats", "1", "--out", str(out)]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[1] == "| layer | T | one pass | S=32 |"
   assert lines[2].startswith("| linear | 64 | ") and lines[2].count(" ms") == 2
+  row, = json.loads(out.read_text())["rows"]
+  assert row["layer"] == "linear" and row["T"] == 64
+  assert row["one pass"]["fwd_bwd_s"] > 0 and row["S=32"]["fwd_bwd_s"] > 0
 
 
 def test_engine_segment_rejects_bad_arguments_naming_them():
