@@ -56,3 +56,22 @@ def test_readme_quotes_the_recorded_demo_run():
     assert f"{bpb:.4f} ({label})" in opening
   assert f"{record['total_s'] / 60:.1f} min" in opening
   assert record["machine"]["date"][:10] in opening
+
+
+def test_readme_quotes_the_recorded_rowwise_and_confinement_runs():
+  """The README's reduce-of-multiply timings and confinement savings are those of
+  docs/rowwise_study.json and docs/confine_check.json (the scripts' `--out` records)."""
+  import json
+  readme = " ".join((ROOT / "README.md").read_text().split())
+  rowwise = json.loads((ROOT / "docs" / "rowwise_study.json").read_text())["us"]
+  reduce, dot = rowwise["sum(x * y, -1)"], rowwise["einsum('...k,...k->...')"]
+  assert f"{reduce:.0f} us for a sum that takes {dot:.0f} us as an einsum" in readme
+  rows = json.loads((ROOT / "docs" / "confine_check.json").read_text())["rows"]
+  saved = {(r["layer"], r["T"]): 100 * (1 - r["ratio"]) for r in rows}
+  assert (f"{saved['DCAttention', 1024]:.0f} % of DCA's training step at T = 1024 and "
+          f"{saved['DCAttention', 8192]:.0f} % at 8192") in readme
+  for length, text in ((1024, "0.5-10 %"), (8192, "0.7-5 %")):
+    others = [v for (layer, t), v in saved.items() if t == length and layer != "DCAttention"]
+    low, high = text.split(" ")[0].split("-")
+    assert f"{min(others):.1f}" == low and f"{max(others):.0f}" == high, (length, others)
+    assert text in readme

@@ -84,8 +84,8 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
     confine_nonfinite: a NaN or infinity in the weights makes NaN exactly the outputs that see
       its token (its query; its key, value or features through the window or the memory, within
       its document), and no other. False skips that work (4-9 % of a DCA layer's training step
-      at T = 1024-8192 on the 2-core CPU, `python -m experiments.confine_check --layers dca
-      --lengths 1024 8192`) for callers
+      at T = 1024-8192 on the 2-core CPU, docs/confine_check.json, `python -m
+      experiments.confine_check --layers dca --lengths 1024 8192`) for callers
       whose weights are finite by construction, such as `DCAttention`, which confines a
       non-finite input x itself; non-finite weights then give NaN outputs beyond the ones that
       see them, earlier tokens included (with one decay per head, the engine's chunk states of a

@@ -3,8 +3,9 @@
 Reverse-mode autodiff of a broadcasting product, x * s[..., None], gives the gradient with
 respect to s as a reduce-of-multiply over the last axis, and so does sum(x * y, -1). XLA:CPU
 (jax 0.10.2) hands those reductions to YNNPACK's reduction, which is slow for many short rows:
-826 us to sum [1, 1024, 4, 64] -> [1, 1024, 4] against 146 us for the same sum as an einsum
-(`python -m experiments.rowwise_study`, 2-core Intel Xeon, 2026-12-04). In DCA's
+845 us to sum [1, 1024, 4, 64] -> [1, 1024, 4] against 107 us for the same sum as an einsum
+(`python -m experiments.rowwise_study --out docs/rowwise_study.json`, 2-core Intel Xeon,
+2026-12-05, the recorded run). In DCA's
 forward+backward at T = 1024 such reductions (the memory's decays into and out of each chunk, the
 feature map's products, the read-out's normaliser) were about a third of the time
 (`python -m experiments.profile_ops --layers dca --lengths 1024`: 30.5 ms at commit 2765e58,
