@@ -75,3 +75,18 @@ def test_readme_quotes_the_recorded_rowwise_and_confinement_runs():
     low, high = text.split(" ")[0].split("-")
     assert f"{min(others):.1f}" == low and f"{max(others):.0f}" == high, (length, others)
     assert text in readme
+
+
+def test_readme_headline_and_targets_are_the_performance_report_s():
+  """The README's headline table (torch peer row included) and targets table are copied digit
+  for digit from docs/performance.md, which `python -m experiments.performance` writes."""
+  readme = (ROOT / "README.md").read_text()
+  report = (ROOT / "docs" / "performance.md").read_text()
+  tables = 0
+  for line in report.splitlines():
+    if line.startswith("| DCAttention | ") and "ms" in line and "GF/s" not in line:
+      tables += line in readme
+    if line.startswith(("| **torch / DCA**", "| DCA layer fwd+bwd vs torch", "| LM training",
+                        "| DCA demo model decodes", "| engine: ")):
+      assert line in readme, line
+  assert tables >= 1
