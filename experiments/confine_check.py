@@ -9,7 +9,7 @@ Every layer confines a non-finite input x once (`AttentionLayer.__call__`: the t
 the outputs that can see it become NaN) and, on its whole-sequence path (one device, no
 segments: `_sequence`), calls its attention op with the op's own confinement off
 (`confine_nonfinite=False`, `guard=False`); `prefill`, `decode_step`, the segmented path (which
-runs `prefill`; on CPU from T = 16384 with `segment_length="auto"`) and the sequence-sharded
+runs `prefill`; with a `segment_length` set) and the sequence-sharded
 ops keep it on. This script compiles each layer's
 forward+backward (`benchmark_layers.fwd_bwd_fn`: B = 1, d_model 256, 4 heads, float32, the
 layer's defaults, W = 64) twice in one process: as the layer runs it, and with the op's

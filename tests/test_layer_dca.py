@@ -110,15 +110,21 @@ def test_segmented_call_equals_one_pass(options, time, segment):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_segment_length_auto_follows_the_planner():
+def test_segment_length_auto_follows_the_planner(monkeypatch):
+  """"auto" asks the planner, whose table is empty today (one pass on every backend); with an
+  entry, a backend segments from SEGMENT_MIN_T on, never in segments shorter than the window."""
+  from dca_jax.ops import planner  # pylint: disable=import-outside-toplevel
+  for backend in ("cpu", "gpu", "tpu"):
+    assert ops_segment_length(65536, window=64, backend=backend) is None
+  monkeypatch.setitem(planner.SEGMENT_LENGTH, "cpu", 1024)
   layer = nnx.eval_shape(lambda: DCAttention(32, 4, window=8, rngs=nnx.Rngs(0)))
   for time in (16, 8192, 16384, 32768):
     expected = ops_segment_length(time, window=8)
     assert layer._segment(time) == (expected if expected and time > expected else None)
-  assert ops_segment_length(32768, window=64, backend="cpu") == 1024
+  assert ops_segment_length(planner.SEGMENT_MIN_T, window=64, backend="cpu") == 1024
+  assert ops_segment_length(planner.SEGMENT_MIN_T, window=2048, backend="cpu") == 2048
+  assert ops_segment_length(planner.SEGMENT_MIN_T - 1, window=64, backend="cpu") is None
   assert ops_segment_length(32768, window=64, backend="gpu") is None
-  assert ops_segment_length(32768, window=2048, backend="cpu") == 2048
-  assert ops_segment_length(8192, window=64, backend="cpu") is None
   with pytest.raises(ValueError, match="backend"):
     ops_segment_length(32768, window=64, backend="npu")
   with pytest.raises(ValueError, match="sequence_length"):

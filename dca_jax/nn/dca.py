@@ -81,8 +81,9 @@ class DCAttention(_layer.AttentionLayer):
       tokens then runs as a `jax.lax.scan` over segments of S tokens, each continuing the
       previous one's cache as `prefill` does (the same function: outputs and gradients agree
       with one pass), so that one segment's intermediates are live at a time; "auto" asks
-      `dca_jax.ops.segment_length` (on CPU S = 1024 from T = 16384 on, where it measured faster;
-      elsewhere one pass); None: always one pass. Not with `sequence_axis`.
+      `dca_jax.ops.segment_length` (one pass on every backend today: on the 2-core CPU one pass
+      measured faster up to T = 65536); None: always one pass; an integer bounds the memory of
+      a long call. Not with `sequence_axis`.
     dtype: compute dtype (default: the input's).
     param_dtype: parameter dtype (default float32).
 

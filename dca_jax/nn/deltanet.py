@@ -57,8 +57,9 @@ class GatedDeltaNet(_RecurrentAttention):
       the last S - 1 projected rows).
     segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
       over more than S tokens runs as a scan over segments continuing the cache
-      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, S = 1024 from T = 16384
-      on CPU, one pass elsewhere; None: always one pass).
+      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, one pass on every
+      backend today, where it measured faster; None: always one pass; an integer bounds the
+      memory of a long call).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       projected rows come from the previous shard by `ppermute`, the state as in

@@ -134,8 +134,9 @@ class LinearAttention(_RecurrentAttention):
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
     segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
       over more than S tokens runs as a scan over segments continuing the cache
-      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, S = 1024 from T = 16384
-      on CPU, one pass elsewhere; None: always one pass).
+      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, one pass on every
+      backend today, where it measured faster; None: always one pass; an integer bounds the
+      memory of a long call).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       inputs come from the previous shard by `ppermute`, the state as in
@@ -229,8 +230,9 @@ class GatedLinearAttention(_RecurrentAttention):
       input itself); 0 (default): none.
     segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
       over more than S tokens runs as a scan over segments continuing the cache
-      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, S = 1024 from T = 16384
-      on CPU, one pass elsewhere; None: always one pass).
+      (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, one pass on every
+      backend today, where it measured faster; None: always one pass; an integer bounds the
+      memory of a long call).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
       inputs come from the previous shard by `ppermute`, the state as in

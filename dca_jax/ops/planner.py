@@ -95,16 +95,21 @@ def _from_length(table: dict[str, int], min_length: int, sequence_length: int,
   return None if value is None or sequence_length < min_length else value
 
 
-# Long sequences through a layer in segments (`segment_length`), keyed by backend. Forward+
-# backward of one layer (B = 1, d_model 256, 4 heads) as one call against a scan of 1024-token
-# segments continuing the constant-size cache, medians of interleaved repeats on the 2-core EPYC
-# (2026-12-04; `python -m experiments.segment_study` repeats the measurement): DCA 233 / 242 ms
-# at T = 4096, 463 / 462 ms at 8192, 978 / 907 ms at 16384 and
-# 2457 / 1847 ms at 32768; at 32768 GLA 2115 / 1855, the sliding window 1437 / 1168, Gated
-# DeltaNet 2647 / 2373, linear attention 1526 / 1246 ms. Segments of 2048 were slower than of
-# 1024 at every T measured. One segment's arrays stay in the caches that a whole-sequence pass
-# spills; GPUs and TPUs want the parallel whole-sequence pass (not segmented by default).
-SEGMENT_LENGTH = {"cpu": 1024}
+# Long sequences through a layer in segments (`segment_length`), keyed by backend: the segment
+# length and the T from which "auto" uses it. No backend has an entry today: "auto" keeps one
+# pass everywhere, and `segment_length=S` remains the choice that bounds a long call's memory.
+# Forward+backward of one layer (B = 1, d_model 256, 4 heads) as one call against a scan of
+# 1024-token segments continuing the cache, medians of interleaved repeats on the 2-core Xeon
+# (`python -m experiments.segment_study --lengths 8192,16384,32768 --segments none,1024 --out
+# docs/segment_study.json`, 2026-12-05 15:23 UTC, and `--layers dca,window,gla --lengths 65536
+# --repeats 3`, docs/segment_study_65536.json): one pass was faster at every T for every layer,
+# DCA 211 / 249 ms at 8192, 432 / 506 at 16384, 986 / 998 at 32768 and 1930 / 2050 at 65536;
+# at 32768 GLA 737 / 837, the sliding window 596 / 666, Gated DeltaNet 1043 / 1147, linear
+# attention 554 / 641 ms. On the 2-core AMD EPYC of 2026-12-04 segments had been faster from
+# T = 16384 (DCA 978 / 907 ms at 16384, 2457 / 1847 at 32768), before the engine's chunked form
+# ran long passes in checkpointed segments of its own (`engine_segment`); that this is why layer
+# segments no longer pay is likely but not isolated (the machines differ too).
+SEGMENT_LENGTH: dict[str, int] = {}
 SEGMENT_MIN_T = 16384
 
 
@@ -116,8 +121,9 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
   Such a layer over T tokens can run as a `jax.lax.scan` over segments of S tokens, each
   continuing the previous one's cache (its `prefill`; `AttentionLayer._segmented`): the same
   function (the tests check outputs, and DCA's gradients), with one segment's intermediates live
-  at a time. On CPU this is faster from T = `SEGMENT_MIN_T` = 16384 (measurements above);
-  elsewhere None.
+  at a time. A backend listed in `SEGMENT_LENGTH` segments from T = `SEGMENT_MIN_T`; none is
+  listed today: one pass measured faster on CPU up to T = 65536 (the measurements above), and
+  GPUs and TPUs want the parallel whole-sequence pass.
 
   Args:
     sequence_length: T.
@@ -131,9 +137,7 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
     ValueError: sequence_length or window not an integer >= 1, or an unknown backend.
 
   Example:
-    >>> segment_length(32768, window=64, backend="cpu")
-    1024
-    >>> segment_length(8192, window=64, backend="cpu") is None
+    >>> segment_length(32768, window=64, backend="cpu") is None
     True
   """
   _checks.check_positive_int("sequence_length", sequence_length)
@@ -164,15 +168,15 @@ class EnginePlan:
 # alone (`chunked.chunked`, per-head decay, B = 1, H = 4, K = V = 64, C = 64): one pass against
 # segments of 1024 tokens, forward / forward+backward / XLA temp memory of forward+backward,
 # medians of 5 interleaved repeats on the 2-core Xeon (`python -m experiments.segment_study
-# --engine --segments none,1024`, 2026-12-04 15:15 UTC):
-#   T = 4096:  13.1 / 48 ms / 56 MiB     against 12.5 / 49 ms / 29 MiB
-#   T = 8192:  33.4 / 95 ms / 112 MiB    against 25.0 / 101 ms / 42 MiB
-#   T = 32768: 176 / 445 ms / 448 MiB    against 114 / 398 ms / 115 MiB
-#   T = 65536: 356 / 1407 ms / 898 MiB   against 239 / 799 ms / 214 MiB
-# (the recurrent form's forward: 10.9, 21.5, 105, 200 ms). An earlier run (15:06 UTC) found
-# segments of 512 and 2048 slower than of 1024 at 32768 and 65536. Segments from T = 8192, where
-# the forward gains a quarter; elsewhere the parallel whole-sequence pass (GPUs and TPUs want
-# the parallelism).
+# --engine --segments none,1024 --out docs/segment_study_engine.json`, 2026-12-05 15:22 UTC):
+#   T = 4096:  8.8 / 25 ms / 24 MiB      against 9.4 / 26 ms / 25 MiB
+#   T = 8192:  25.9 / 62 ms / 72 MiB     against 23.7 / 61 ms / 37 MiB
+#   T = 32768: 164 / 339 ms / 283 MiB    against 113 / 255 ms / 111 MiB
+#   T = 65536: 330 / 699 ms / 569 MiB    against 230 / 517 ms / 209 MiB
+# (the recurrent form's forward: 8.6, 19.2, 96.2, 197 ms). A run of 2026-12-04 15:06 UTC
+# (printed, not recorded) found segments of 512 and 2048 slower than of 1024 at 32768 and 65536.
+# Segments from T = 8192, where the forward gains from a tenth (8192) to a third (32768);
+# elsewhere the parallel whole-sequence pass (GPUs and TPUs want the parallelism).
 ENGINE_SEGMENT = {"cpu": 1024}
 ENGINE_SEGMENT_MIN_T = 8192
 
