@@ -75,9 +75,9 @@ def sliding_window_attention(
     confine_nonfinite: a NaN or infinity in q, k or v makes NaN exactly the outputs whose
       window and document hold it, and no other. False skips that work (1-2 % of the
       sliding-window layer's training step at T = 1024 and 8192 on the 2-core CPU,
-      docs/confine_check.json, `python -m experiments.confine_check`) for callers whose inputs are finite by construction, such as
-      the layers, which confine a non-finite input x themselves; a non-finite q, k or v then
-      gives NaN outputs beyond the ones that see it.
+      docs/confine_check.json, `python -m experiments.confine_check`) for callers whose inputs
+      are finite by construction, such as the layers, which confine a non-finite input x
+      themselves; a non-finite q, k or v then gives NaN outputs beyond the ones that see it.
 
   Returns:
     [B, T, H, V] in q's dtype.
