@@ -51,11 +51,15 @@ def test_short_sequence_is_causal_softmax():
   assert isinstance(state, DCADeltaState) and not np.asarray(state.memory).any()
 
 
-def test_prefill_then_steps_equal_one_call():
+@pytest.mark.parametrize("rows", [(0, 2), (0, 1), (1, 2)], ids=["batch2", "row0", "row1"])
+def test_prefill_then_steps_equal_one_call(rows):
   """A call over 6 tokens, then steps with resets (a document starts at a step in row 0, at the
-  first step in row 1), equal one call; chained layer prefills are in the layer contract."""
+  first step in row 1), equal one call; chained layer prefills are in the layer contract. Each
+  row alone too: at batch 1 a step reads its buffers before writing (`read_before_write`)."""
   weights = delta_weights(33, 14)
   reset = oracles.document_reset(14, ((0, 9), (0, 6)))
+  weights = jax.tree.map(lambda x: x[rows[0]:rows[1]], weights)
+  reset = reset[rows[0]:rows[1]]
   full, full_state = jit_compress(weights, window=WINDOW, reset=reset, return_state=True)
   first, state = jit_compress(slice_time(weights, 0, 6), window=WINDOW, reset=reset[:, :6],
                               return_state=True)

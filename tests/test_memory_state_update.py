@@ -7,6 +7,7 @@ after a prefill, in every variant of the mechanism, and the step's own argument 
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,6 +64,25 @@ def test_decode_after_prefill_equals_whole_sequence():
     o_t, state = jit_step(state, step_weights(weights, t), rotary_base=ROTARY)
     outs.append(o_t)
   chex.assert_trees_all_close(jnp.stack(outs, 1), full[:, WINDOW:], **F32_TOL)
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_batch_one_steps_with_resets_equal_one_call(row):
+  """At batch 1 a step reads its ring buffers before writing the new token and orders the write
+  after the reads (`dca_memory.read_before_write`); larger batches write first. The same
+  function: one row of a prefill of 6 tokens, then steps with resets (a document starts at a
+  step, or at the first step), equals one call, outputs and state."""
+  weights = jax.tree.map(lambda x: x[row:row + 1], random_weights(29, time=14))
+  reset = oracles.document_reset(14, ((0, 9), (0, 6)))[row:row + 1]
+  full, full_state = jit_compress(weights, window=WINDOW, reset=reset, return_state=True)
+  _, state = jit_compress(slice_time(weights, 0, 6), window=WINDOW, reset=reset[:, :6],
+                          return_state=True)
+  steps = []
+  for t in range(6, 14):
+    o_t, state = jit_step(state, step_weights(weights, t), reset=reset[:, t])
+    steps.append(o_t)
+  np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full[:, 6:]), **F32_TOL)
+  assert_states_close(state, full_state, **F32_TOL)
 
 
 def test_memory_state_update_rejects_bad_arguments():

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_delta import DCADeltaState, delta_memory_state_update
-from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, step_slots,
-                                    write_step)
+from dca_jax.ops.dca_memory import (DCAState, buffered_slots, check_state, combine_memories,
+                                    read_before_write, step_slots, write_step)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.window import window_step_parts
 
@@ -76,24 +76,32 @@ def _compiled_step(state: DCAState, weights: DCAWeights, reset, *, rotary_base):
   window, value_dim = state.window, weights.v.shape[-1]
 
   t = state.position
-  q, keys, vals, key_features, memory, doc_start = write_step(
-      state, weights, weights.k_features, rotary_base, reset)
+  step = write_step(state, weights, weights.k_features, rotary_base, reset)
+  first = read_before_write(batch)
+  if first:   # the buffers before the write, the new token apart (`write_step`)
+    keys, vals, key_features = step.old_keys, step.old_values, step.old_third
+    seen, new = buffered_slots(t, step.doc_start, window), (step.k, step.v)
+  else:
+    keys, vals, key_features = step.write()
+    seen, new = step_slots(t, step.doc_start, window), None
 
   # The token at t - W leaves the window for the memory if it exists and belongs to the current
-  # document (else it adds nothing). It sits in the next slot, (t + 1) mod (W + 1), read after
-  # the write above (a different slot), which is what lets XLA update the buffers in place.
+  # document (else it adds nothing). It sits in slot (t + 1) mod (W + 1), which this step does
+  # not write.
   out = (t + 1) % (window + 1)
-  leaving = ((t - window >= 0) & (t - window >= doc_start))[:, None, None]          # [B, 1, 1]
+  leaving = ((t - window >= 0) & (t - window >= step.doc_start))[:, None, None]     # [B, 1, 1]
   features = jnp.where(leaving, jax.lax.dynamic_index_in_dim(key_features, out, 2, False), 0.0)
   values = jnp.concatenate([jax.lax.dynamic_index_in_dim(vals, out, 2, False),
                             jnp.ones((batch, weights.v.shape[-2], 1), f32)], -1)
   values = jnp.where(leaving, values, 0.0)                                          # [B, H, V+1]
   decay = jnp.exp(weights.log_decay.astype(f32))
   decay = decay[..., None] if decay.ndim == 3 else decay[..., None, None]   # per channel / head
-  memory = decay * memory + features[..., :, None] * values[..., None, :]
+  memory = decay * step.memory + features[..., :, None] * values[..., None, :]
 
-  num, den, top = window_step_parts(q, keys, vals, step_slots(t, doc_start, window))
+  num, den, top = window_step_parts(step.q, keys, vals, seen, new=new)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
-  return o, DCAState(keys=keys, values=vals, key_features=key_features, doc_start=doc_start,
-                     memory=memory, position=t + 1)
+  if first:
+    keys, vals, key_features = step.write(o)   # after every read: o needs them all
+  return o, DCAState(keys=keys, values=vals, key_features=key_features,
+                     doc_start=step.doc_start, memory=memory, position=t + 1)

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (shard_entry, softmax_over_window, state_after, step_slots,
+from dca_jax.ops.dca_memory import (buffered_slots, read_before_write, shard_entry,
+                                    softmax_over_window, state_after, step_slots,
                                     window_and_stream, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import entering_state, l2_normalize, run_delta_rule
@@ -259,13 +260,20 @@ def _compiled_delta_step(state: DCADeltaState, weights: DCAWeights, reset, *, ro
   """`delta_memory_state_update` on checked inputs, one compiled program (see `dca_decode`)."""
   f32 = jnp.float32
   window, t = state.window, state.position
-  q, keys, vals, betas, memory, doc_start = write_step(state, weights, weights.beta, rotary_base,
-                                                       reset)
+  step = write_step(state, weights, weights.beta, rotary_base, reset)
+  first = read_before_write(weights.q.shape[0])
+  if first:   # the buffers before the write, the new token apart (`write_step`)
+    keys, vals, betas = step.old_keys, step.old_values, step.old_third
+    seen, new = buffered_slots(t, step.doc_start, window), (step.k, step.v)
+  else:
+    keys, vals, betas = step.write()
+    seen, new = step_slots(t, step.doc_start, window), None
 
-  # The token at t - W, in the next slot, leaves the window and is written into S by one delta
-  # rule step; its key is rotated back from its position t - W first.
+  # The token at t - W, in slot (t + 1) mod (W + 1) (not written by this step), leaves the
+  # window and is written into S by one delta rule step; its key is rotated back from its
+  # position t - W first.
   out = (t + 1) % (window + 1)
-  leaving = ((t - window >= 0) & (t - window >= doc_start))[:, None]                 # [B, 1]
+  leaving = ((t - window >= 0) & (t - window >= step.doc_start))[:, None]            # [B, 1]
   k_out = jax.lax.dynamic_index_in_dim(keys, out, 2, False)                          # [B, H, K]
   if rotary_base is not None:
     cos, sin = rotary_phase(window - t, k_out.shape[-1], rotary_base)
@@ -275,12 +283,15 @@ def _compiled_delta_step(state: DCADeltaState, weights: DCAWeights, reset, *, ro
   beta = jnp.where(leaving, jax.lax.dynamic_index_in_dim(betas, out, 2, False), 0.0)
   beta = beta[..., None, None]                                                       # [B, H, 1, 1]
   decay = jnp.exp(weights.log_decay.astype(f32))[..., None, None]
+  memory = step.memory
   read = jnp.einsum("bhk,bhkv->bhv", k_out, memory)
   memory = decay * (memory - beta * k_out[..., :, None] * read[..., None, :])
   memory = memory + beta * k_out[..., :, None] * v_out[..., None, :]
 
-  num, den, _ = window_step_parts(q, keys, vals, step_slots(t, doc_start, window))
+  num, den, _ = window_step_parts(step.q, keys, vals, seen, new=new)
   memory_out = jnp.einsum("bhk,bhkv->bhv", l2_normalize(weights.q.astype(f32)), memory)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(weights.v.dtype)
-  return o, DCADeltaState(keys=keys, values=vals, betas=betas, doc_start=doc_start,
+  if first:
+    keys, vals, betas = step.write(o)   # after every read: o needs them all
+  return o, DCADeltaState(keys=keys, values=vals, betas=betas, doc_start=step.doc_start,
                           memory=memory, position=t + 1)

@@ -9,7 +9,7 @@ Notation: B batch, W window, H heads, K key dim, V value dim, F features.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -321,15 +321,40 @@ def doc_start_after(doc_start: jax.Array, reset: jax.Array | None, start: jax.Ar
   return jnp.where(last >= 0, start + last, doc_start).astype(jnp.int32)
 
 
+class StepWrite(NamedTuple):
+  """What `write_step` returns: the token's rotated query, key and value, the buffers before the
+  write (what the step reads), `write` (the new state's buffers), memory and doc_start."""
+
+  q: jax.Array           # [B, H, K] float32, rotated at t
+  k: jax.Array           # [B, H, K] float32, rotated at t
+  v: jax.Array           # [B, H, V] float32
+  old_keys: jax.Array    # [B, H, W + 1, K], the buffers before the write (values zeroed in a
+  old_values: jax.Array  # reset row)
+  old_third: jax.Array
+  write: Any             # write(*reads) -> (keys, values, third) after the write
+  memory: jax.Array      # zero in a reset row
+  doc_start: jax.Array
+
+
 def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float | None,
-               reset: jax.Array | None):
+               reset: jax.Array | None) -> StepWrite:
   """The first half of a decoding step, the same for both memories: a reset, then the new token
-  written into slot t mod (W + 1) of every buffer (in place; nothing shifts).
+  to be written into slot t mod (W + 1) of every buffer (in place; nothing shifts).
 
   With a reset in a row, everything buffered belongs to an earlier document and the memory
   starts empty: both are selected away (not multiplied by 0, so a non-finite old state cannot
   leak), and the old values are zeroed because the read-out multiplies them by their weight 0.
   The new key and the query are rotated at t once (the buffered keys were rotated at theirs).
+
+  Two orders, the same function (`read_before_write`): at batch 1 the step reads the buffers as
+  they were before the write (`StepWrite.old_*`; the slot written held the token at t - W - 1,
+  which no query at t sees), takes the new token from `k` and `v`, and then calls
+  `write(*reads)`, whose rows are selected on a condition that never holds (t < 0) against the
+  reads, so that XLA orders the write after every read and updates the buffers in place. At
+  larger batches it calls `write()` first and reads the written buffers. On XLA:CPU (jax 0.10.2)
+  a read after the write at batch 1 had each write duplicated into two fusions on their own
+  copies of the buffer (16 buffer copies per step of the demo model), and a read before an
+  unordered write copied every buffer at any batch.
 
   Args:
     state: a `DCAState` or `DCADeltaState`; its third buffer (key features or betas) receives
@@ -339,7 +364,7 @@ def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float 
     rotary_base, reset: as `memory_state_update`.
 
   Returns:
-    (q rotated [B, H, K] float32, keys, values, third buffer, memory, doc_start) after the write.
+    a `StepWrite`.
   """
   f32 = jnp.float32
   t, window = state.position, state.window
@@ -352,17 +377,47 @@ def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float 
   if rotary_base is not None:
     cos, sin = rotary_phase(t, q.shape[-1], rotary_base)
     q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+  v = weights.v.astype(f32)
   slot = t % (window + 1)
-  keys = jax.lax.dynamic_update_index_in_dim(state.keys, k, slot, 2)
-  values = jax.lax.dynamic_update_index_in_dim(values, weights.v.astype(f32), slot, 2)
-  third = jax.lax.dynamic_update_index_in_dim(state[2], third.astype(f32), slot, 2)
-  return q, keys, values, third, memory, doc_start
+  buffers = (state.keys, values, state[2])
+  rows = (k, v, third.astype(f32))
+
+  def write(*reads):
+    if reads:   # ordered after them: selected on t < 0, which never holds
+      after = sum(jnp.sum(r.astype(f32)) for r in reads)
+      written = tuple(jnp.where(t < 0, after, row) for row in rows)
+    else:
+      written = rows
+    return tuple(jax.lax.dynamic_update_index_in_dim(b, row, slot, 2)
+                 for b, row in zip(buffers, written))
+
+  return StepWrite(q=q, k=k, v=v, old_keys=buffers[0], old_values=buffers[1],
+                   old_third=buffers[2], write=write, memory=memory, doc_start=doc_start)
+
+
+def read_before_write(batch: int) -> bool:
+  """Whether a decoding step at this batch size reads its ring buffers before writing the new
+  token (`write_step`). Batch 1 only: on the 2-core Xeon (2026-12-05, `generate` on the demo
+  model after a 1,024-token prompt, separate-process A/Bs, the median of 5 pairs each) it took
+  the step at batch 1 from 87.6 to 64.9 us (additive memory; 87-95 to 67-73 us in two earlier
+  rounds) and from 108.8 to 79.1 us (delta memory). At batch 32, where a read after the write
+  makes no copies, the write-first order stays: reading first there measured 788 against 812-856
+  us (additive)."""
+  return batch == 1
 
 
 def step_slots(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
   """seen [B, W + 1] bool: the ring slots the query at `position` attends to, its own token
   already written: positions position - W + 1 .. position of the row's current document."""
   held = slot_positions(position + 1, window)
+  return (held[None, :] > position - window) & (held[None, :] >= doc_start[:, None])
+
+
+def buffered_slots(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
+  """seen [B, W + 1] bool: the ring slots of the buffers before this step's write that the query
+  at `position` attends to: positions position - W + 1 .. position - 1 of the row's current
+  document (its own token comes apart, `StepWrite.k` and `.v`)."""
+  held = slot_positions(position, window)
   return (held[None, :] > position - window) & (held[None, :] >= doc_start[:, None])
 
 

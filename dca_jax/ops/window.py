@@ -261,7 +261,7 @@ def _block_rotary_tables(block: int, key_dim: int, base: float) -> tuple[np.ndar
           np.sin(angles).astype(np.float32)[:, None, :])
 
 
-def window_step_parts(q, keys, values, seen):
+def window_step_parts(q, keys, values, seen, new=None):
   """The window's softmax parts for one query over a decoding state's ring buffer.
 
   Scores and read-out are two batched matrix-vector products over the buffer's own heads-first
@@ -273,17 +273,27 @@ def window_step_parts(q, keys, values, seen):
     keys: [B, H, S, K] float32, the buffered keys (rotated at theirs), in any slot order.
     values: [B, H, S, V] float32. A slot that is not seen holds a finite value (zero, or a token
       of the current document that has left the window): its weight is exactly 0.
-    seen: bool [B, S], the slots the query attends to (its own slot always is).
+    seen: bool [B, S], the slots the query attends to (its own slot always is, unless `new`).
+    new: None, or the query's own token (k [B, H, K] rotated at its position, v [B, H, V]),
+      always seen, when the buffers do not hold it yet (`dca_memory.StepWrite`).
 
   Returns:
     (N [B, H, V], Z [B, H], m [B, H]) float32 as `window_softmax_parts` gives for that query.
   """
-  key_dim = q.shape[-1]
-  scores = jnp.einsum("bhk,bhsk->bhs", q.astype(jnp.float32), keys) / math.sqrt(key_dim)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  q = q.astype(jnp.float32)
+  scores = jnp.einsum("bhk,bhsk->bhs", q, keys) * scale
   # A non-finite score of an unseen slot is selected away here.
   scores = jnp.where(seen[:, None, :], scores, -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.max(scores, axis=-1))   # [B, H]; the query's own slot is seen
+  top = jnp.max(scores, axis=-1)                                    # [B, H]
+  if new is not None:
+    own = jnp.einsum("bhk,bhk->bh", q, new[0]) * scale
+    top = jnp.maximum(top, own)
+  top = jax.lax.stop_gradient(top)   # finite: the query's own token is always seen
   probs = jnp.exp(scores - top[..., None])
   num = jnp.einsum("bhs,bhsv->bhv", probs, values)                                  # [B, H, V]
   den = jnp.sum(probs, axis=-1)
+  if new is not None:
+    weight = jnp.exp(own - top)
+    num, den = num + weight[..., None] * new[1], den + weight
   return num, den, top
