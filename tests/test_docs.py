@@ -68,7 +68,7 @@ def test_readme_quotes_the_recorded_rowwise_and_confinement_runs():
   assert f"{reduce:.0f} us for a sum that takes {dot:.0f} us as an einsum" in readme
   rows = json.loads((ROOT / "docs" / "confine_check.json").read_text())["rows"]
   saved = {(r["layer"], r["T"]): 100 * (1 - r["ratio"]) for r in rows}
-  assert (f"{saved['DCAttention', 1024]:.0f} % of DCA's training step at T = 1024 and "
+  assert (f"{saved['DCAttention', 1024]:.0f} % of DCA's layer forward+backward at T = 1024 and "
           f"{saved['DCAttention', 8192]:.0f} % at 8192") in readme
   for length, text in ((1024, "0.5-10 %"), (8192, "0.7-5 %")):
     others = [v for (layer, t), v in saved.items() if t == length and layer != "DCAttention"]

@@ -353,8 +353,8 @@ def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float 
   reads, so that XLA orders the write after every read and updates the buffers in place. At
   larger batches it calls `write()` first and reads the written buffers. On XLA:CPU (jax 0.10.2)
   a read after the write at batch 1 had each write duplicated into two fusions on their own
-  copies of the buffer (16 buffer copies per step of the demo model), and a read before an
-  unordered write copied every buffer at any batch.
+  copies of the buffer, and a read before an unordered write copied every buffer at any batch
+  (the optimised HLO of `generate`'s loop, `XLA_FLAGS=--xla_dump_to=DIR`, shows the copies).
 
   Args:
     state: a `DCAState` or `DCADeltaState`; its third buffer (key features or betas) receives
@@ -397,12 +397,12 @@ def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float 
 
 def read_before_write(batch: int) -> bool:
   """Whether a decoding step at this batch size reads its ring buffers before writing the new
-  token (`write_step`). Batch 1 only: on the 2-core Xeon (2026-12-05, `generate` on the demo
-  model after a 1,024-token prompt, separate-process A/Bs, the median of 5 pairs each) it took
-  the step at batch 1 from 87.6 to 64.9 us (additive memory; 87-95 to 67-73 us in two earlier
-  rounds) and from 108.8 to 79.1 us (delta memory). At batch 32, where a read after the write
-  makes no copies, the write-first order stays: reading first there measured 788 against 812-856
-  us (additive)."""
+  token (`write_step`). Batch 1 only: on the 2-core Xeon the demo model's `generate` went from
+  9,496 to 15,659 tokens/s at batch 1 after a 4,096-token prompt (docs/performance.json at
+  commit 4360c81 and at 6fe7c7d, `python -m experiments.performance`), and in separate-process
+  A/Bs after a 1,024-token prompt (2026-12-05, printed, not recorded) the delta memory's step
+  went from 108.8 to 79.1 us. At batch 32, where a read after the write makes no copies, the
+  write-first order stays: reading first there measured 3-5 % slower in the same A/Bs."""
   return batch == 1
 
 

@@ -35,8 +35,8 @@ The rule is the outcome of `experiments/benchmark_engine.py` on this project's r
 * Single-token steps (decoding) use the recurrent form.
 * On CPU from T = 8192 the chunked form runs as a checkpointed scan over segments of 1024
   tokens (`engine_segment`; measurements at `ENGINE_SEGMENT`): XLA's temporary memory of
-  forward+backward falls by 2.7-4.2x; the forward's time falls by a quarter to a third, the
-  forward+backward's stays within the noise (8192) or falls (32768, 65536).
+  forward+backward falls by 1.9-2.7x; the forward's time falls by 8 % (8192) to a third (32768,
+  65536), the forward+backward's stays within the noise (8192) or falls (32768, 65536).
 
 `adaptive_scale` plans a whole DCA call on top of it (exact softmax, compressed, or one step);
 `delta_rule_plans` is the same choice for the delta rule (the delta memory's engine). A DCA call
@@ -171,11 +171,11 @@ class EnginePlan:
 # --engine --segments none,1024 --out docs/segment_study_engine.json`, 2026-12-05 15:22 UTC):
 #   T = 4096:  8.8 / 25 ms / 24 MiB      against 9.4 / 26 ms / 25 MiB
 #   T = 8192:  25.9 / 62 ms / 72 MiB     against 23.7 / 61 ms / 37 MiB
-#   T = 32768: 164 / 339 ms / 283 MiB    against 113 / 255 ms / 111 MiB
+#   T = 32768: 164 / 339 ms / 283 MiB    against 112 / 255 ms / 111 MiB
 #   T = 65536: 330 / 699 ms / 569 MiB    against 230 / 517 ms / 209 MiB
 # (the recurrent form's forward: 8.6, 19.2, 96.2, 197 ms). A run of 2026-12-04 15:06 UTC
 # (printed, not recorded) found segments of 512 and 2048 slower than of 1024 at 32768 and 65536.
-# Segments from T = 8192, where the forward gains from a tenth (8192) to a third (32768);
+# Segments from T = 8192, where the forward gains from 8 % (8192) to a third (32768);
 # elsewhere the parallel whole-sequence pass (GPUs and TPUs want the parallelism).
 ENGINE_SEGMENT = {"cpu": 1024}
 ENGINE_SEGMENT_MIN_T = 8192
