@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks
 from dca_jax.ops.dca_delta import DCADeltaState, delta_memory_state_update
-from dca_jax.ops.dca_memory import (DCAState, buffered_slots, check_state, combine_memories,
-                                    read_before_write, step_slots, write_step)
+from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, step_reads,
+                                    write_step)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.window import window_step_parts
 
@@ -77,13 +77,7 @@ def _compiled_step(state: DCAState, weights: DCAWeights, reset, *, rotary_base):
 
   t = state.position
   step = write_step(state, weights, weights.k_features, rotary_base, reset)
-  first = read_before_write(batch)
-  if first:   # the buffers before the write, the new token apart (`write_step`)
-    keys, vals, key_features = step.old_keys, step.old_values, step.old_third
-    seen, new = buffered_slots(t, step.doc_start, window), (step.k, step.v)
-  else:
-    keys, vals, key_features = step.write()
-    seen, new = step_slots(t, step.doc_start, window), None
+  (keys, vals, key_features), seen, new, write_due = step_reads(step, t, window, batch)
 
   # The token at t - W leaves the window for the memory if it exists and belongs to the current
   # document (else it adds nothing). It sits in slot (t + 1) mod (W + 1), which this step does
@@ -101,7 +95,7 @@ def _compiled_step(state: DCAState, weights: DCAWeights, reset, *, rotary_base):
   num, den, top = window_step_parts(step.q, keys, vals, seen, new=new)
   memory_out = jnp.einsum("bhf,bhfv->bhv", weights.q_features.astype(f32), memory)
   o = combine_memories(num, den, top, memory_out, value_dim, weights.gate).astype(weights.v.dtype)
-  if first:
+  if write_due:
     keys, vals, key_features = step.write(o)   # after every read: o needs them all
   return o, DCAState(keys=keys, values=vals, key_features=key_features,
                      doc_start=step.doc_start, memory=memory, position=t + 1)

@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (buffered_slots, read_before_write, shard_entry,
-                                    softmax_over_window, state_after, step_slots,
+from dca_jax.ops.dca_memory import (shard_entry, softmax_over_window, state_after, step_reads,
                                     window_and_stream, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import entering_state, l2_normalize, run_delta_rule
@@ -261,13 +260,7 @@ def _compiled_delta_step(state: DCADeltaState, weights: DCAWeights, reset, *, ro
   f32 = jnp.float32
   window, t = state.window, state.position
   step = write_step(state, weights, weights.beta, rotary_base, reset)
-  first = read_before_write(weights.q.shape[0])
-  if first:   # the buffers before the write, the new token apart (`write_step`)
-    keys, vals, betas = step.old_keys, step.old_values, step.old_third
-    seen, new = buffered_slots(t, step.doc_start, window), (step.k, step.v)
-  else:
-    keys, vals, betas = step.write()
-    seen, new = step_slots(t, step.doc_start, window), None
+  (keys, vals, betas), seen, new, write_due = step_reads(step, t, window, weights.q.shape[0])
 
   # The token at t - W, in slot (t + 1) mod (W + 1) (not written by this step), leaves the
   # window and is written into S by one delta rule step; its key is rotated back from its
@@ -291,7 +284,7 @@ def _compiled_delta_step(state: DCADeltaState, weights: DCAWeights, reset, *, ro
   num, den, _ = window_step_parts(step.q, keys, vals, seen, new=new)
   memory_out = jnp.einsum("bhk,bhkv->bhv", l2_normalize(weights.q.astype(f32)), memory)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(weights.v.dtype)
-  if first:
+  if write_due:
     keys, vals, betas = step.write(o)   # after every read: o needs them all
   return o, DCADeltaState(keys=keys, values=vals, betas=betas, doc_start=step.doc_start,
                           memory=memory, position=t + 1)

@@ -406,6 +406,20 @@ def read_before_write(batch: int) -> bool:
   return batch == 1
 
 
+def step_reads(step: StepWrite, position: jax.Array, window: int, batch: int):
+  """What a decoding step reads, in the order `read_before_write` picks for the batch size.
+
+  Returns:
+    ((keys, values, third buffer), seen [B, W + 1] bool, the new token (k, v) apart or None,
+    write_due): with write_due the buffers are the ones before the write, and the step calls
+    `step.write(o)` with its output once every read is done; otherwise they are written already.
+  """
+  if read_before_write(batch):
+    return ((step.old_keys, step.old_values, step.old_third),
+            buffered_slots(position, step.doc_start, window), (step.k, step.v), True)
+  return step.write(), step_slots(position, step.doc_start, window), None, False
+
+
 def step_slots(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
   """seen [B, W + 1] bool: the ring slots the query at `position` attends to, its own token
   already written: positions position - W + 1 .. position of the row's current document."""
