@@ -20,7 +20,9 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import subprocess
+import sys
 from typing import Any, Mapping
 
 import flax
@@ -42,6 +44,13 @@ def log(message: str) -> None:
 def now() -> str:
   """The current UTC time, ISO 8601 to the second (e.g. '2026-11-28T09:14:03+00:00')."""
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+  """The command that ran `module`'s main with `argv` (None: this process's own arguments), as a
+  record states it: "python -m experiments.x --flag value"."""
+  args = sys.argv[1:] if argv is None else argv
+  return " ".join(["python -m", module] + [shlex.quote(a) for a in args])
 
 
 def json_default(x: Any) -> Any:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -36,7 +35,7 @@ import dca_jax.nn.linear as nn_linear
 import dca_jax.nn.softmax as nn_softmax
 import dca_jax.nn.window as nn_window
 from experiments import benchmark, benchmark_layers, profile_ops
-from experiments.bookkeeping import machine_info, machine_line, now, write_json
+from experiments.bookkeeping import command_line, machine_info, machine_line, now, write_json
 
 # layer -> (module, the name of the op it calls, the keyword that turns the op's confinement on).
 CALLS = {
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   if min(args.lengths) < 1 or args.repeats < 1:
     parser.error(f"--lengths and --repeats must be >= 1, got {args.lengths} and {args.repeats}")
-  result = {"command": "python -m experiments.confine_check "
-                       + " ".join(sys.argv[1:] if argv is None else argv),
+  result = {"command": command_line("experiments.confine_check", argv),
             "date": now(), "machine": machine_info(), "repeats": args.repeats, "rows": []}
   print(f"{result['date']}, {machine_line(result['machine'])}", flush=True)
   for length in args.lengths:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 
 import jax
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{row['max_difference']:.1e} |")
   if args.out:
     bookkeeping.write_json(args.out, {
-        "command": "python -m experiments.fused_pass_study " + " ".join(argv or sys.argv[1:]),
+        "command": bookkeeping.command_line("experiments.fused_pass_study", argv),
         "rounds": args.rounds, "window": args.window, "forms": names, "rows": rows,
         "machine": bookkeeping.machine_info(), "date": bookkeeping.now()})
   return rows

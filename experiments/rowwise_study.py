@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -68,8 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"| {name} | {1e6 * seconds:.1f} |")
   if args.out:
     bookkeeping.write_json(args.out, {
-        "command": "python -m experiments.rowwise_study "
-                   + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": bookkeeping.command_line("experiments.rowwise_study", argv),
         "date": date, "machine": machine, "shape": list(shape), "repeats": args.repeats,
         "us": {name: 1e6 * seconds for name, seconds in rows.items()}})
   return rows

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import jax
@@ -112,8 +111,7 @@ def main(argv=None) -> int:
     args.segments = "none,512,1024,2048"
   segments = [None if s == "none" else int(s) for s in args.segments.split(",")]
   names = ["one pass" if s is None else f"S={s}" for s in segments]
-  record = {"command": "python -m experiments.segment_study "
-                       + " ".join(sys.argv[1:] if argv is None else argv),
+  record = {"command": bookkeeping.command_line("experiments.segment_study", argv),
             "date": bookkeeping.now(), "machine": bookkeeping.machine_info(),
             "repeats": args.repeats, "rows": []}
   print(f"backend {jax.default_backend()}, {record['date']}")

@@ -331,7 +331,7 @@ class StepWrite(NamedTuple):
   old_keys: jax.Array    # [B, H, W + 1, K], the buffers before the write (values zeroed in a
   old_values: jax.Array  # reset row)
   old_third: jax.Array
-  write: Any             # write(*reads) -> (keys, values, third) after the write
+  write: Any             # write(after=None) -> (keys, values, third) after the write
   memory: jax.Array      # zero in a reset row
   doc_start: jax.Array
 
@@ -349,8 +349,8 @@ def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float 
   Two orders, the same function (`read_before_write`): at batch 1 the step reads the buffers as
   they were before the write (`StepWrite.old_*`; the slot written held the token at t - W - 1,
   which no query at t sees), takes the new token from `k` and `v`, and then calls
-  `write(*reads)`, whose rows are selected on a condition that never holds (t < 0) against the
-  reads, so that XLA orders the write after every read and updates the buffers in place. At
+  `write(o)` with its output, whose rows are selected on a condition that never holds (t < 0)
+  against it, so that XLA orders the write after every read and updates the buffers in place. At
   larger batches it calls `write()` first and reads the written buffers. On XLA:CPU (jax 0.10.2)
   a read after the write at batch 1 had each write duplicated into two fusions on their own
   copies of the buffer, and a read before an unordered write copied every buffer at any batch
@@ -382,12 +382,11 @@ def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float 
   buffers = (state.keys, values, state[2])
   rows = (k, v, third.astype(f32))
 
-  def write(*reads):
-    if reads:   # ordered after them: selected on t < 0, which never holds
-      after = sum(jnp.sum(r.astype(f32)) for r in reads)
+  def write(after=None):
+    written = rows
+    if after is not None:   # ordered after `after`: selected on t < 0, which never holds
+      after = jnp.sum(after.astype(f32))
       written = tuple(jnp.where(t < 0, after, row) for row in rows)
-    else:
-      written = rows
     return tuple(jax.lax.dynamic_update_index_in_dim(b, row, slot, 2)
                  for b, row in zip(buffers, written))
 
@@ -399,10 +398,9 @@ def read_before_write(batch: int) -> bool:
   """Whether a decoding step at this batch size reads its ring buffers before writing the new
   token (`write_step`). Batch 1 only: on the 2-core Xeon the demo model's `generate` went from
   9,496 to 15,659 tokens/s at batch 1 after a 4,096-token prompt (docs/performance.json at
-  commit 4360c81 and at 6fe7c7d, `python -m experiments.performance`), and in separate-process
-  A/Bs after a 1,024-token prompt (2026-12-05, printed, not recorded) the delta memory's step
-  went from 108.8 to 79.1 us. At batch 32, where a read after the write makes no copies, the
-  write-first order stays: reading first there measured 3-5 % slower in the same A/Bs."""
+  commit 4360c81 and at 6fe7c7d, `python -m experiments.performance`). At batch 32, where a read
+  after the write makes no copies, the write-first order stays (reading first measured slower
+  there in the A/Bs of issue #11's notes)."""
   return batch == 1
 
 
@@ -416,22 +414,17 @@ def step_reads(step: StepWrite, position: jax.Array, window: int, batch: int):
   """
   if read_before_write(batch):
     return ((step.old_keys, step.old_values, step.old_third),
-            buffered_slots(position, step.doc_start, window), (step.k, step.v), True)
+            step_slots(position, step.doc_start, window, written=False), (step.k, step.v), True)
   return step.write(), step_slots(position, step.doc_start, window), None, False
 
 
-def step_slots(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
-  """seen [B, W + 1] bool: the ring slots the query at `position` attends to, its own token
-  already written: positions position - W + 1 .. position of the row's current document."""
-  held = slot_positions(position + 1, window)
-  return (held[None, :] > position - window) & (held[None, :] >= doc_start[:, None])
-
-
-def buffered_slots(position: jax.Array, doc_start: jax.Array, window: int) -> jax.Array:
-  """seen [B, W + 1] bool: the ring slots of the buffers before this step's write that the query
-  at `position` attends to: positions position - W + 1 .. position - 1 of the row's current
-  document (its own token comes apart, `StepWrite.k` and `.v`)."""
-  held = slot_positions(position, window)
+def step_slots(position: jax.Array, doc_start: jax.Array, window: int, *,
+               written: bool = True) -> jax.Array:
+  """seen [B, W + 1] bool: the ring slots the query at `position` attends to, positions
+  position - W + 1 .. position of the row's current document, in the buffers after this step's
+  write (`written`) or before it (then its own token, not buffered yet, comes apart:
+  `StepWrite.k` and `.v`)."""
+  held = slot_positions(position + 1 if written else position, window)
   return (held[None, :] > position - window) & (held[None, :] >= doc_start[:, None])
 
 
