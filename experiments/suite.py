@@ -9,6 +9,7 @@ Usage:
   python -m experiments.suite run --suite recall --runs runs/recall  # opt-in: issue #12's MQAR study
   python -m experiments.suite run --suite seeds --runs runs/corpus  # opt-in: second seeds, corpus
   python -m experiments.suite run --suite long --runs runs/corpus   # opt-in: the same pair at T = 1024
+  python -m experiments.suite run --suite budget --runs runs/corpus # opt-in: T = 256, 3x the steps
   python -m experiments.suite speed --out runs/suite/speed.json   # tokens/s, side by side
   python -m experiments.suite render --runs runs/suite            # docs/benchmark_results.*
   python -m experiments.suite render-corpus --runs runs/corpus    # docs/corpus_comparison.*
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="docs/corpus_comparison.{json,md} from the corpus runs of --runs")
   p_corpus.add_argument("--runs", default="runs/corpus")
   p_corpus.add_argument("--out", default="docs")
+  p_corpus.add_argument("--carry", default=None,
+                        help="an earlier corpus_comparison.json: its runs that --runs lacks are "
+                             "rendered too, marked as carried over")
   args = parser.parse_args(argv)
 
   if args.command == "list":
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     suite_speed.measure_speed(pathlib.Path(args.out), repeats=args.repeats, tiny=args.tiny)
     return 0
   if args.command == "render-corpus":
-    suite_report.render_corpus(pathlib.Path(args.runs), pathlib.Path(args.out))
+    suite_report.render_corpus(pathlib.Path(args.runs), pathlib.Path(args.out),
+                               carry=None if args.carry is None else pathlib.Path(args.carry))
     return 0
   if args.command == "render":
     suite_report.render(pathlib.Path(args.runs), pathlib.Path(args.out))

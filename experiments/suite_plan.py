@@ -103,7 +103,8 @@ DELTA_VARIANTS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("dca_delta", "dca", {"memory": "delta"}, "DCA, delta memory"),
 )
 
-SUITES = ("lm", "ablations", "mqar", "mqar_long", "all", "delta", "recall", "seeds", "long")
+SUITES = ("lm", "ablations", "mqar", "mqar_long", "all", "delta", "recall", "seeds", "long",
+          "budget")
 # Suite "seeds": second seeds of the corpus comparison's decisive pair (issue #12: DCA's delta
 # memory against the sliding window, whose seed-0 margins were under 0.1 %).
 SEED_RUNS = (next(v for v in DELTA_VARIANTS if v[0] == "dca_delta"),
@@ -141,6 +142,26 @@ def _long_runs() -> list[Run]:
   return runs
 
 
+# Suite "budget": the corpus comparison at T = 256 with `BUDGET_FACTOR` times the steps (issue
+# #12: at 1000 steps full causal softmax is not below the sliding window at T = 256, so the
+# tokens beyond the window carried nothing the models had learned to use; this asks whether a
+# longer training makes them useful, to softmax and to either DCA memory). One seed.
+BUDGET_FACTOR = 3
+BUDGET_RUNS = (("window", "window", {}, LABELS["window"]),
+               ("softmax", "softmax", {}, LABELS["softmax"]),
+               next(v for v in DELTA_VARIANTS if v[0] == "dca_delta"),
+               ("dca", "dca", {}, LABELS["dca"]))
+
+
+def _budget_runs() -> list[Run]:
+  budget = {**LM_BUDGET, **{k: BUDGET_FACTOR * LM_BUDGET[k]
+                            for k in ("steps", "warmup_steps", "eval_every")}}
+  return [_run(f"lm_{slug}_x{BUDGET_FACTOR}", "budget_lm", "lm_dca",
+               f"{label} ({budget['steps']} steps)", attention=attention,
+               attention_options={**attention_options(attention, "lm"), **extra}, **budget)
+          for slug, attention, extra, label in BUDGET_RUNS]
+
+
 def _delta_runs() -> list[Run]:
   """Suite "delta": each of `DELTA_VARIANTS` at the LM comparison's config (group "delta_lm"),
   the MQAR ablations' config (group "delta_mqar") and then the rest of the MQAR grid, with the
@@ -175,6 +196,8 @@ def suite_runs(suite: str) -> list[Run]:
     return _seed_runs()
   if suite == "long":
     return _long_runs()
+  if suite == "budget":
+    return _budget_runs()
   if suite == "recall":
     from experiments import recall_study
     return recall_study.recall_runs()
@@ -293,7 +316,7 @@ def find_run(name: str) -> Run:
     ValueError: no run has that name.
   """
   for run in (suite_runs("all") + suite_runs("delta") + suite_runs("recall")
-              + suite_runs("seeds") + suite_runs("long")):
+              + suite_runs("seeds") + suite_runs("long") + suite_runs("budget")):
     if run.name == name:
       return run
   raise ValueError(f"unknown run {name!r}; see `python -m experiments.suite list`.")

@@ -202,6 +202,27 @@ def _check_corpus_render_computes_the_targets(tiny_suite, tmp_path):
   assert f"## Trained at T = {t}" in text and f"## Trained at T = {2 * t}" in text
   assert text.count("below the sliding window at 1x T |") == 2
   assert f"| sliding window at 2T | {result['num_params']:,} |" in text
+  # Runs with more steps (suite "budget") get their own table too.
+  for name, base in (("lm_dca_x3", result), ("lm_window_x3", window)):
+    more = json.loads(json.dumps(base))
+    more.update(name=name, group="budget_lm", label=base["label"] + " x3", steps=3 * base["steps"])
+    (runs / name).mkdir()
+    (runs / name / "result.json").write_text(json.dumps(more))
+  suite_report.render_corpus(runs, tmp_path)
+  text = (tmp_path / "corpus_comparison.md").read_text()
+  assert f"## Trained at T = {t}, {3 * result['steps']} steps" in text
+  assert f"## Trained at T = {t}\n" in text
+  assert text.count("below the sliding window at 1x T |") == 3
+  # --carry: runs missing from the runs directory come from an earlier render, marked.
+  earlier = tmp_path / "earlier.json"
+  shutil.copy(tmp_path / "corpus_comparison.json", earlier)
+  shutil.rmtree(runs / "lm_window_x3")
+  summary = suite_report.render_corpus(runs, tmp_path, carry=earlier)
+  text = (tmp_path / "corpus_comparison.md").read_text()
+  assert f"Rows carried over from {earlier}" in text and "lm_window_x3." in text
+  assert text.count("below the sliding window at 1x T |") == 3
+  assert summary["runs"]["lm_window_x3"]["carried"] == str(earlier)
+  assert "carried" not in summary["runs"]["lm_dca"]
 
 
 def _check_render_shows_an_unfinished_run_as_such(tiny_suite, tmp_path):
