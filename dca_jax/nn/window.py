@@ -19,7 +19,7 @@ from dca_jax.nn import _layer
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.rotary import apply_rotary
 from dca_jax.ops.softmax import masked_attention
-from dca_jax.ops.window import sliding_window_attention
+from dca_jax.ops.window import rotary_window_attention, sliding_window_attention
 
 
 class WindowCache(NamedTuple):
@@ -114,13 +114,16 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     self.v_proj = self._linear(d_model, d_model, rngs)
     self.out_proj = self._linear(d_model, d_model, rngs)
 
-  def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rotated queries and keys and the values, each [B, T, H, K] float32."""
+  def _project(self, x: jax.Array,
+               positions: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries and keys rotated at `positions` (None: not rotated) and the values, each
+    [B, T, H, K] float32."""
     heads, f32 = self.num_heads, jnp.float32
-    q = apply_rotary(_layer.split_heads(self.q_proj(x), heads).astype(f32), positions,
-                     base=self.rotary_base)
-    k = apply_rotary(_layer.split_heads(self.k_proj(x), heads).astype(f32), positions,
-                     base=self.rotary_base)
+    q = _layer.split_heads(self.q_proj(x), heads).astype(f32)
+    k = _layer.split_heads(self.k_proj(x), heads).astype(f32)
+    if positions is not None:
+      q = apply_rotary(q, positions, base=self.rotary_base)
+      k = apply_rotary(k, positions, base=self.rotary_base)
     v = _layer.split_heads(self.v_proj(x), heads).astype(f32)
     return q, k, v
 
@@ -132,10 +135,11 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     """Sliding-window attention over x (see `AttentionLayer.__call__`)."""
     if self.sequence_axis is not None:
       return self._sharded_sequence(x, reset, self.sequence_axis)
-    q, k, v = self._project(self._convolve(x, reset), jnp.arange(x.shape[1], dtype=jnp.int32))
+    # Rotated inside the window op, by in-block offsets (see `rotary_window_attention`).
+    q, k, v = self._project(self._convolve(x, reset), None)
     # x is confined by `__call__` (a non-finite token is zeroed, the outputs that see it NaN).
-    o = sliding_window_attention(q, k, v, window=self.window, reset=reset,
-                                 confine_nonfinite=False)
+    o = rotary_window_attention(q, k, v, window=self.window, rotary_base=self.rotary_base,
+                                reset=reset)
     return self._output(o, x.dtype)
 
   def _sharded_sequence(self, x: jax.Array, reset: jax.Array | None, axis_name: Any) -> jax.Array:
