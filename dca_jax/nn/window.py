@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.nn import _layer
-from dca_jax.ops import _checks, sequence_parallel
+from dca_jax.ops import _checks, segments, sequence_parallel
 from dca_jax.ops.rotary import apply_rotary
-from dca_jax.ops.softmax import masked_attention
+from dca_jax.ops.softmax import attend_finite
 from dca_jax.ops.window import rotary_window_attention, sliding_window_attention
 
 
@@ -26,7 +26,9 @@ class WindowCache(NamedTuple):
   """Decode cache of `SlidingWindowAttention`: a ring buffer of the last W keys and values.
 
   The token at absolute position p lives in slot p mod W. Its size does not depend on
-  max_length.
+  max_length. Only finite keys and values are stored: a token whose key or value is not finite
+  in a head is stored there as zeros and its position kept in `bad_at`, so that a decoding
+  step reads no buffered value it must guard (0 x NaN would be NaN) and scans none.
 
   Attributes:
     k: [B, W, H, K] float32 keys, rotated at their absolute positions.
@@ -35,12 +37,16 @@ class WindowCache(NamedTuple):
       positions < 0 (before the first W tokens) hold zeros and are masked.
     doc_start: int32 [B], the absolute position where each row's current document began; slots
       of earlier positions are masked (see `prefill`'s reset).
+    bad_at: int32 [B, H], the absolute position of the last token whose key or value was not
+      finite in that head (-1: none). A query at t is NaN in a head where
+      bad_at >= max(t - W + 1, doc_start): that token is in its window and document.
   """
 
   k: jax.Array
   v: jax.Array
   position: jax.Array
   doc_start: jax.Array
+  bad_at: jax.Array
 
 
 class SlidingWindowAttention(_layer.AttentionLayer):
@@ -174,7 +180,8 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     shape = (batch_size, self.window, self.num_heads, self.head_dim)
     cache = WindowCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
                         position=jnp.zeros((), jnp.int32),
-                        doc_start=jnp.zeros((batch_size,), jnp.int32))
+                        doc_start=jnp.zeros((batch_size,), jnp.int32),
+                        bad_at=jnp.full((batch_size, self.num_heads), -1, jnp.int32))
     return self._with_conv_cache(cache, batch_size)
 
   def decode_step(self, x_t: jax.Array, cache: WindowCache | _layer.ConvCache,
@@ -200,11 +207,19 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     head_shape = (None, window, self.num_heads, self.head_dim)
     cache, inputs = self._split_conv_cache(cache, x_t.shape[0])
     _layer.check_cache(cache, WindowCache, x_t.shape[0],
-                       {"k": head_shape, "v": head_shape})
+                       {"k": head_shape, "v": head_shape,
+                        "bad_at": (None, self.num_heads)})
     _checks.check_step_reset(reset, x_t.shape[0])
     t = cache.position
     x_c = self._convolve(x_t[:, None], None if reset is None else reset[:, None], inputs)
     q, k, v = self._project(x_c, t[None])                                 # [B, 1, H, K]
+    # The buffers hold finite values only (see `WindowCache`): a non-finite key or value is
+    # stored as zeros and its position kept; the outputs that see it are set to NaN below.
+    bad_q = segments.nonfinite(q)[:, 0]                                   # [B, H]
+    bad_kv = segments.nonfinite(k)[:, 0] | segments.nonfinite(v)[:, 0]
+    q, = segments.zero_where(bad_q[:, None], q)
+    k, v = segments.zero_where(bad_kv[:, None], k, v)
+    bad_at = jnp.where(bad_kv, t, cache.bad_at)
     slot = t % window
     keys = cache.k.at[:, slot].set(k[:, 0])
     values = cache.v.at[:, slot].set(v[:, 0])
@@ -212,8 +227,11 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     # Slot s holds position t - ((t - s) mod W); it is seen if that is in the current document.
     held = t - (t - jnp.arange(window, dtype=jnp.int32)) % window          # [W]
     seen = (held[None, :] >= jnp.maximum(doc_start, 0)[:, None])[:, None]  # [B, 1, W]
-    o = masked_attention(q, keys, values, seen, 1.0 / math.sqrt(self.head_dim))
-    new_cache = WindowCache(k=keys, v=values, position=t + 1, doc_start=doc_start)
+    o = attend_finite(q, keys, values, seen, 1.0 / math.sqrt(self.head_dim))
+    sees_bad = bad_at >= jnp.maximum(t - window + 1, doc_start)[:, None]   # [B, H]
+    o = jnp.where((bad_q | sees_bad)[:, None, :, None], jnp.nan, o)
+    new_cache = WindowCache(k=keys, v=values, position=t + 1, doc_start=doc_start,
+                            bad_at=bad_at)
     return (self._output(o, x_t.dtype)[:, 0],
             self._join_conv_cache(new_cache, inputs, x_t[:, None]))
 
@@ -239,7 +257,8 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     """
     window = self.window
     head_shape = (None, window, self.num_heads, self.head_dim)
-    cache, inputs = self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape})
+    cache, inputs = self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape,
+                                                                "bad_at": (None, self.num_heads)})
     self._check_prefill_args(x, reset)
     batch, time = x.shape[:2]
     start = cache.position
@@ -257,13 +276,26 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     resets = jnp.arange(window + time)[None, :] == first[:, None]
     if reset is not None:
       resets = resets | jnp.pad(reset, ((0, 0), (window, 0)))
+    # The op confines the new tokens' non-finite values; the cached ones are stored as zeros
+    # (`WindowCache`), and the queries whose window and document hold one are set to NaN here.
     o = sliding_window_attention(q_all, k_all, v_all, window=window, reset=resets)[:, window:]
+    positions = start + jnp.arange(time, dtype=jnp.int32)
+    doc_from = cache.doc_start[:, None]                                              # [B, 1]
+    if reset is not None:   # where each query's document starts
+      doc_from = jnp.maximum(doc_from, jax.lax.cummax(jnp.where(reset, positions, -1), axis=1))
+    sees_bad = (cache.bad_at[:, None, :]
+                >= jnp.maximum(positions - window + 1, doc_from)[..., None])         # [B, T, H]
+    o = jnp.where(sees_bad[..., None], jnp.nan, o)
 
     # Only the last min(T, W) tokens survive; their slots are distinct, so the scatter is exact.
     keep = min(time, window)
     slots = (start + time - keep + jnp.arange(keep, dtype=jnp.int32)) % window
+    bad_kv = segments.nonfinite(k) | segments.nonfinite(v)                           # [B, T, H]
+    k, v = segments.zero_where(bad_kv, k, v)
+    last_bad = jnp.max(jnp.where(bad_kv, positions[None, :, None], -1), axis=1)       # [B, H]
     new_cache = WindowCache(k=cache.k.at[:, slots].set(k[:, time - keep:]),
                             v=cache.v.at[:, slots].set(v[:, time - keep:]),
                             position=start + time,
-                            doc_start=_layer.next_doc_start(cache.doc_start, start, reset))
+                            doc_start=_layer.next_doc_start(cache.doc_start, start, reset),
+                            bad_at=jnp.maximum(cache.bad_at, last_bad))
     return self._output(o, x.dtype), self._join_conv_cache(new_cache, inputs, x)

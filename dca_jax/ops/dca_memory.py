@@ -308,6 +308,11 @@ def state_after(tails, state, reset, memory, *, time: int, rotary_base, axis_nam
   doc_start, end = doc_start_after(doc_start, reset, start), start + time
   if axis_name is not None:
     *tails, doc_start, memory, end = from_last_shard([*tails, doc_start, memory, end], axis_name)
+  # Tokens of an earlier document are never read again, but a decoding step multiplies their
+  # values by a weight of 0: they are zeroed, so that a non-finite one cannot leak (0 x NaN).
+  current = buffer_doc(end, doc_start, tails[0].shape[1]) == 0                      # [B, W]
+  tails = [jnp.where(current.reshape(current.shape + (1,) * (x.ndim - 2)), x, 0.0)
+           for x in tails]
   return ring_buffers(tails, end, rotary_base), doc_start, end, memory
 
 
