@@ -94,3 +94,23 @@ def test_rotary_phase_matches_the_angles_and_stays_exact_far_out():
   c, s = rotary_phase(far, dim, base)
   cb, sb = rotary_phase(-far, dim, base)
   np.testing.assert_allclose(rotate_pairs(rotate_pairs(q, c, s), cb, sb), q, atol=1e-5)
+
+
+def test_numpy_positions_make_constant_tables_with_the_same_rotation():
+  """Positions known when tracing (NumPy) give cos and sin as constants of the program (no
+  cosine left to fuse and recompute per element) and the same rotation, forward and gradient,
+  up to the float32 rounding of cos and sin; beyond STATIC_TABLE_MAX the program computes them."""
+  from dca_jax.ops import rotary as rotary_lib
+  x = normal((2, 37, 3, 8))
+  positions = np.arange(100, 137, dtype=np.int32)
+  loss = lambda x, p: jnp.sum(jnp.sin(apply_rotary(x, p, base=500.0)))
+  for a, b in zip((apply_rotary(x, positions, base=500.0), jax.grad(loss)(x, positions)),
+                  (apply_rotary(x, jnp.asarray(positions), base=500.0),
+                   jax.grad(loss)(x, jnp.asarray(positions)))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  hlo = jax.jit(lambda x: apply_rotary(x, positions)).lower(x).as_text()
+  assert "cosine" not in hlo
+  assert "cosine" in jax.jit(lambda x, p: apply_rotary(x, p)).lower(x, positions).as_text()
+  big = np.arange(2 * rotary_lib.STATIC_TABLE_MAX // 4 + 1, dtype=np.int32)   # K/2 = 4 per row
+  assert "cosine" in jax.jit(lambda x: apply_rotary(x, big)).lower(
+      jax.ShapeDtypeStruct((1, big.size, 1, 8), jnp.float32)).as_text()

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dca_jax.nn import _layer
@@ -173,7 +174,8 @@ class SoftmaxAttention(_layer.AttentionLayer):
     if self.sequence_axis is not None:
       return self._sharded_sequence(x, reset, self.sequence_axis)
     batch, time = x.shape[:2]
-    positions = jnp.arange(time, dtype=jnp.int32)
+    # NumPy positions: the rotary tables are constants of the program (`apply_rotary`).
+    positions = np.arange(time, dtype=np.int32)
     q, k, v = self._project(self._convolve(x, reset), positions)
     doc = None if reset is None else document_ids(reset)            # [B, T]
     scale = 1.0 / math.sqrt(self.head_dim)
@@ -184,7 +186,8 @@ class SoftmaxAttention(_layer.AttentionLayer):
       o = blocked_causal_attention(q, k, v, scale=scale, doc=doc, block=BLOCK,
                                    confine_nonfinite=False)
       return self._output(o, x.dtype)
-    mask = (positions[:, None] >= positions[None, :])[None]       # [1, T, T]
+    steps = jnp.arange(time, dtype=jnp.int32)   # in the program: no [T, T] constant
+    mask = (steps[:, None] >= steps[None, :])[None]               # [1, T, T]
     if doc is not None:
       mask = mask & (doc[:, :, None] == doc[:, None, :])
     o = attend_finite(q, k, v, mask, scale)

@@ -72,7 +72,9 @@ def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -
 
   Args:
     x: [..., T, H, K] floating, K even.
-    positions: [..., T] integer or floating positions.
+    positions: [..., T] integer or floating positions. A NumPy array (positions known when
+      tracing, e.g. `np.arange(T)`) makes cos and sin constants of the compiled program, up to
+      `STATIC_TABLE_MAX` entries.
     base: rotary base (see `rotary_frequencies`).
 
   Returns:
@@ -121,9 +123,28 @@ def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -
         f"positions' leading dims {tuple(positions.shape[:-1])} must broadcast to x's leading dims "
         f"{tuple(lead)} (x shape {tuple(x.shape)}).")
 
+  if isinstance(positions, np.ndarray) and positions.size * key_dim // 2 <= STATIC_TABLE_MAX:
+    # Positions known when tracing: cos and sin are constants of the program. Computed inside
+    # it, XLA:CPU fuses them into the rotation and recomputes them for every head and both
+    # halves of each pair.
+    cos, sin = _static_tables(positions, key_dim, base)
+    return rotate_pairs(x, jnp.asarray(cos), jnp.asarray(sin)).astype(x.dtype)
   freqs = rotary_frequencies(key_dim, base)                        # [K/2]
   angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [..., T, 1, K/2]
   return rotate_pairs(x, jnp.cos(angles), jnp.sin(angles)).astype(x.dtype)
+
+
+# The largest static cos (and sin) table `apply_rotary` builds, in entries (4 MiB of float32
+# each): beyond it the angles are computed in the program.
+STATIC_TABLE_MAX = 1 << 20
+
+
+def _static_tables(positions: np.ndarray, key_dim: int, base: float):
+  """cos and sin [..., T, 1, K/2] float32 of NumPy positions: the float32 angle p * f_i that
+  `apply_rotary` forms in the program, its cos and sin taken in float64 and rounded once."""
+  angles = positions.astype(np.float32)[..., None, None] * frequencies_numpy(key_dim, base)
+  angles = angles.astype(np.float64)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def rotary_phase(positions: jax.Array, dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
