@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
       row = [f"{rate[(r, batch, context)]:,.0f} ({rate[(r, batch, context)] / jax_rate:.2f}x)"
              for r in runtimes]
       print(f"| {batch} | {context} | " + " | ".join(row) + " |")
-  result = {"command": "python -m experiments.onnx_speed " + " ".join(argv or sys.argv[1:]),
+  result = {"command": bookkeeping.command_line("experiments.onnx_speed", argv),
             "date": bookkeeping.now(), "threads": args.threads, "exports": exports,
             "cells": cells}
   if args.out:
@@ -211,7 +210,7 @@ def breakdown(rounds: int, out: str | None, argv) -> dict:
         "weights):\n\n| program | us per call |\n|---|---:|")
   for name, seconds in rows.items():
     print(f"| {name} | {1e6 * seconds:.1f} |")
-  result = {"command": "python -m experiments.onnx_speed " + " ".join(argv or sys.argv[1:]),
+  result = {"command": bookkeeping.command_line("experiments.onnx_speed", argv),
             "date": bookkeeping.now(), "machine": bookkeeping.machine_info(),
             "nodes": len(step.graph.node), "matmul_weight_bytes": weight_bytes,
             "us_per_call": {name: 1e6 * s for name, s in rows.items()},
