@@ -40,7 +40,7 @@ from experiments.bookkeeping import command_line, machine_info, machine_line, no
 # layer -> (module, the name of the op it calls, the keyword that turns the op's confinement on).
 CALLS = {
     "dca": [(nn_dca.ops, "attention_compress", "confine_nonfinite")],
-    "window": [(nn_window, "sliding_window_attention", "confine_nonfinite")],
+    "window": [(nn_window, "rotary_window_attention", "confine_nonfinite")],
     "softmax": [(nn_softmax, "blocked_causal_attention", "confine_nonfinite"),
                 (nn_softmax, "attend_finite", None)],
     "linear": [(nn_linear, "run_engine", "guard")],

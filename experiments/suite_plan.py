@@ -154,12 +154,18 @@ BUDGET_RUNS = (("window", "window", {}, LABELS["window"]),
 
 
 def _budget_runs() -> list[Run]:
+  """`BUDGET_RUNS` at seed 0, then the decisive pair (`SEED_RUNS`) at `SECOND_SEED`."""
   budget = {**LM_BUDGET, **{k: BUDGET_FACTOR * LM_BUDGET[k]
                             for k in ("steps", "warmup_steps", "eval_every")}}
-  return [_run(f"lm_{slug}_x{BUDGET_FACTOR}", "budget_lm", "lm_dca",
-               f"{label} ({budget['steps']} steps)", attention=attention,
-               attention_options={**attention_options(attention, "lm"), **extra}, **budget)
-          for slug, attention, extra, label in BUDGET_RUNS]
+  runs = []
+  for seed, variants in ((0, BUDGET_RUNS), (SECOND_SEED, SEED_RUNS)):
+    suffix, seed_label = ("", "") if seed == 0 else (f"_seed{seed}", f", seed {seed}")
+    runs += [_run(f"lm_{slug}_x{BUDGET_FACTOR}{suffix}", "budget_lm", "lm_dca",
+                  f"{label} ({budget['steps']} steps{seed_label})", attention=attention,
+                  attention_options={**attention_options(attention, "lm"), **extra},
+                  **({} if seed == 0 else {"seed": seed}), **budget)
+             for slug, attention, extra, label in variants]
+  return runs
 
 
 def _delta_runs() -> list[Run]:

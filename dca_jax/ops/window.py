@@ -133,18 +133,19 @@ def _window(q, k, v, reset, *, window: int, scale, guard: bool = True,
 
 
 def rotary_window_attention(q, k, v, *, window: int, rotary_base: float,
-                            reset: jax.Array | None = None) -> jax.Array:
+                            reset: jax.Array | None = None,
+                            confine_nonfinite: bool = False) -> jax.Array:
   """`sliding_window_attention(rot(q), rot(k), v)` with rotary embeddings at absolute positions
-  0 .. T - 1 (`rotary.apply_rotary`), for finite inputs (internal: the layers, which confine a
-  non-finite x themselves; no checks, no confinement).
+  0 .. T - 1 (`rotary.apply_rotary`), for the layers (internal: no checks; the layers confine a
+  non-finite x themselves, so the op's own confinement is off unless `confine_nonfinite`).
 
   Scores depend on positions only through their differences, so q and k are rotated inside the
   blocks by in-block offsets (`window_softmax_parts`' rotary_base) from constant tables: equal
   to rotating by absolute positions up to float32 rounding, while cos and sin of a [T, K/2]
   angle array in the compiled program were fused by XLA:CPU into each consumer and recomputed
   for every element of q and k (`python -m experiments.performance` measures the layer)."""
-  return _window(q, k, v, reset, window=window, scale=1.0 / math.sqrt(q.shape[-1]), guard=False,
-                 rotary_base=rotary_base)
+  return _window(q, k, v, reset, window=window, scale=1.0 / math.sqrt(q.shape[-1]),
+                 guard=confine_nonfinite, rotary_base=rotary_base)
 
 
 # One compiled program per shape when called eagerly (a Python scale is static; an array scale
