@@ -157,8 +157,9 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     sequence_parallel.check_axis_name(axis_name)
     index = jax.lax.axis_index(axis_name).astype(jnp.int32)
     history = self._shard_history(x, reset, axis_name)
-    positions = index * time + jnp.arange(time, dtype=jnp.int32)
-    q, k, v = self._project(self._convolve(x, reset, history, axis_name), positions)
+    # Rotated inside the window op by in-block offsets (`rotary_window_attention`): scores
+    # depend on positions only through their differences, so the shard's offset drops out.
+    q, k, v = self._project(self._convolve(x, reset, history, axis_name), None)
     flags = jnp.zeros((batch, time), bool) if reset is None else reset
     halo_k, halo_v, halo_reset = sequence_parallel.previous_tail((k, v, flags), window, axis_name)
     # The first real token starts a document on the first shard (its halo is empty).
@@ -166,7 +167,9 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     ext_reset = jnp.concatenate([halo_reset, first, flags[:, 1:]], axis=1)
     ext = [jnp.concatenate([h, a], axis=1) for h, a in ((halo_k, k), (halo_v, v))]
     ext_q = jnp.concatenate([jnp.zeros_like(q[:, :window]), q], axis=1)
-    o = sliding_window_attention(ext_q, ext[0], ext[1], window=window, reset=ext_reset)
+    o = rotary_window_attention(ext_q, ext[0], ext[1], window=window,
+                                rotary_base=self.rotary_base, reset=ext_reset,
+                                confine_nonfinite=True)
     return self._output(o[:, window:], x.dtype)
 
   def init_cache(self, batch_size: int, max_length: int) -> WindowCache | _layer.ConvCache:
