@@ -130,26 +130,34 @@ def test_decode_reset_hides_a_corrupt_document(name):
   np.testing.assert_allclose(np.stack(outs, 1), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, B])   # batch 1: the steps read before they write
 @pytest.mark.parametrize("name", sorted(LAYERS) + ["dca_delta"])
-def test_decoding_poisons_what_the_forward_poisons(name):
+def test_decoding_poisons_what_the_forward_poisons(name, rows):
   """Prefill, steps, a prefill across the reset, steps: the outputs that see a non-finite token
   are NaN exactly where the whole-sequence call's are, the others equal it (the caches carry
   what they have seen of bad tokens; the window's stores them as zeros, `WindowCache.bad_at`)."""
   layer, x, reset = _layer_and_input(name, 3)
+  x, reset = x[:rows], reset[:rows]
   bad = _corrupt(_corrupt(x, BAD_FIRST_DOC, np.nan), BAD_LAST, np.inf)
-  ref = np.asarray(module_jit(lambda model, x: model(x, reset=reset))(layer, bad))
+  forward = module_jit(lambda model, x: model(x, reset=reset))
   prefill = module_jit(lambda model, x, cache, reset: model.prefill(x, cache, reset=reset))
   step = module_jit(lambda model, x_t, cache, reset: model.decode_step(x_t, cache, reset=reset))
-  cache, outs = layer.init_cache(B, T), []
-  for start, stop in ((0, 2), (2, 6), (6, 9), (9, T)):
-    if start in (0, 6):   # prefills; the one at 6 holds the reset at 7
-      y, cache = prefill(layer, bad[:, start:stop], cache, reset[:, start:stop])
-      outs += list(np.moveaxis(np.asarray(y), 1, 0))
-    else:
-      for t in range(start, stop):
-        y, cache = step(layer, bad[:, t], cache, reset[:, t])
-        outs.append(np.asarray(y))
-  got = np.stack(outs, 1)
+
+  def decode(x):
+    cache, outs = layer.init_cache(rows, T), []
+    for start, stop in ((0, 2), (2, 6), (6, 9), (9, T)):
+      if start in (0, 6):   # prefills; the one at 6 holds the reset at 7
+        y, cache = prefill(layer, x[:, start:stop], cache, reset[:, start:stop])
+        outs += list(np.moveaxis(np.asarray(y), 1, 0))
+      else:
+        for t in range(start, stop):
+          y, cache = step(layer, x[:, t], cache, reset[:, t])
+          outs.append(np.asarray(y))
+    return np.stack(outs, 1)
+
+  # Clean input first: every output equals the call's (steps with a full window included).
+  np.testing.assert_allclose(decode(x), forward(layer, x), rtol=1e-4, atol=1e-5)
+  ref, got = np.asarray(forward(layer, bad)), decode(bad)
   np.testing.assert_array_equal(np.isnan(got).any(-1), np.isnan(ref).any(-1))
   assert np.isnan(ref[:, BAD_FIRST_DOC]).all() and np.isnan(ref[:, BAD_LAST]).all()
   clean = ~np.isnan(ref).any(-1)

@@ -8,7 +8,6 @@ DCA's compressed memory fills.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -16,10 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dca_jax.nn import _layer
-from dca_jax.ops import _checks, segments, sequence_parallel
+from dca_jax.ops import _checks, dca_memory, segments, sequence_parallel
 from dca_jax.ops.rotary import apply_rotary
-from dca_jax.ops.softmax import attend_finite
-from dca_jax.ops.window import rotary_window_attention, sliding_window_attention
+from dca_jax.ops.window import (rotary_window_attention, sliding_window_attention,
+                                window_step_parts)
 
 
 class WindowCache(NamedTuple):
@@ -31,8 +30,9 @@ class WindowCache(NamedTuple):
   step reads no buffered value it must guard (0 x NaN would be NaN) and scans none.
 
   Attributes:
-    k: [B, W, H, K] float32 keys, rotated at their absolute positions.
-    v: [B, W, H, V] float32 values.
+    k: [B, H, W, K] float32 keys, rotated at their absolute positions (heads first: a decoding
+      step's products then have their batch dims leading, with no transpose of the buffers).
+    v: [B, H, W, V] float32 values.
     position: int32 scalar, the number of tokens seen (the position of the next one). Slots of
       positions < 0 (before the first W tokens) hold zeros and are masked.
     doc_start: int32 [B], the absolute position where each row's current document began; slots
@@ -97,7 +97,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     >>> cache = layer.init_cache(2, max_length=1_000_000)  # 8 slots, not a million
     >>> y, cache = layer.prefill(x, cache)
     >>> cache.k.shape, y.shape
-    ((2, 8, 4, 8), (2, 20, 32))
+    ((2, 4, 8, 8), (2, 20, 32))
 
   References:
     Beltagy et al. 2020, "Longformer", sec. 3.1; Su et al. 2021, "RoFormer".
@@ -180,7 +180,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
       ValueError: batch_size or max_length not an integer >= 1.
     """
     _layer.check_cache_size(batch_size, max_length)
-    shape = (batch_size, self.window, self.num_heads, self.head_dim)
+    shape = (batch_size, self.num_heads, self.window, self.head_dim)
     cache = WindowCache(k=jnp.zeros(shape, jnp.float32), v=jnp.zeros(shape, jnp.float32),
                         position=jnp.zeros((), jnp.int32),
                         doc_start=jnp.zeros((batch_size,), jnp.int32),
@@ -207,7 +207,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     """
     window = self.window
     _layer.check_token(x_t, self.d_model)
-    head_shape = (None, window, self.num_heads, self.head_dim)
+    head_shape = (None, self.num_heads, window, self.head_dim)
     cache, inputs = self._split_conv_cache(cache, x_t.shape[0])
     _layer.check_cache(cache, WindowCache, x_t.shape[0],
                        {"k": head_shape, "v": head_shape,
@@ -224,15 +224,29 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     k, v = segments.zero_where(bad_kv[:, None], k, v)
     bad_at = jnp.where(bad_kv, t, cache.bad_at)
     slot = t % window
-    keys = cache.k.at[:, slot].set(k[:, 0])
-    values = cache.v.at[:, slot].set(v[:, 0])
     doc_start = cache.doc_start if reset is None else jnp.where(reset, t, cache.doc_start)
-    # Slot s holds position t - ((t - s) mod W); it is seen if that is in the current document.
-    held = t - (t - jnp.arange(window, dtype=jnp.int32)) % window          # [W]
-    seen = (held[None, :] >= jnp.maximum(doc_start, 0)[:, None])[:, None]  # [B, 1, W]
-    o = attend_finite(q, keys, values, seen, 1.0 / math.sqrt(self.head_dim))
+    first = jnp.maximum(doc_start, 0)[:, None]
+    # The two orders of `dca_memory.read_before_write`: at batch 1 the buffers are read before
+    # the new token is written into them (the token comes apart) and the write is ordered after
+    # the read, which spares XLA:CPU its copies of the buffers; at larger batches the write comes
+    # first. Before the write, slot s holds position t - W + ((s - t) mod W): the slot about to
+    # be written holds t - W, which has left the window.
+    if dca_memory.read_before_write(x_t.shape[0]):
+      ahead = (jnp.arange(window, dtype=jnp.int32) - t) % window           # [W]
+      seen = (ahead[None, :] >= 1) & ((t - window + ahead)[None, :] >= first)
+      num, den, _ = window_step_parts(q[:, 0], cache.k, cache.v, seen, new=(k[:, 0], v[:, 0]))
+      after = jnp.sum(num)   # selected on t < 0, which never holds: the write waits for the read
+      k_row, v_row = (jnp.where(t < 0, after, x[:, 0]) for x in (k, v))
+      keys = cache.k.at[:, :, slot].set(k_row)                              # [B, H, W, K]
+      values = cache.v.at[:, :, slot].set(v_row)
+    else:
+      keys = cache.k.at[:, :, slot].set(k[:, 0])
+      values = cache.v.at[:, :, slot].set(v[:, 0])
+      # Slot s holds position t - ((t - s) mod W); it is seen if that is in the document.
+      held = t - (t - jnp.arange(window, dtype=jnp.int32)) % window        # [W]
+      num, den, _ = window_step_parts(q[:, 0], keys, values, held[None, :] >= first)
     sees_bad = bad_at >= jnp.maximum(t - window + 1, doc_start)[:, None]   # [B, H]
-    o = jnp.where((bad_q | sees_bad)[:, None, :, None], jnp.nan, o)
+    o = jnp.where((bad_q | sees_bad)[..., None], jnp.nan, num / den[..., None])[:, None]
     new_cache = WindowCache(k=keys, v=values, position=t + 1, doc_start=doc_start,
                             bad_at=bad_at)
     return (self._output(o, x_t.dtype)[:, 0],
@@ -259,7 +273,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
       TypeError, ValueError: bad x, or a cache of another batch size or configuration.
     """
     window = self.window
-    head_shape = (None, window, self.num_heads, self.head_dim)
+    head_shape = (None, self.num_heads, window, self.head_dim)
     cache, inputs = self._check_prefill(x, cache, WindowCache, {"k": head_shape, "v": head_shape,
                                                                 "bad_at": (None, self.num_heads)})
     self._check_prefill_args(x, reset)
@@ -270,8 +284,9 @@ class SlidingWindowAttention(_layer.AttentionLayer):
 
     # Past slot c (0..W-1) holds position start - W + c, found at ring index (start + c) mod W.
     order = (start + jnp.arange(window, dtype=jnp.int32)) % window
-    k_all = jnp.concatenate([jnp.take(cache.k, order, axis=1), k], axis=1)  # [B, W + T, H, K]
-    v_all = jnp.concatenate([jnp.take(cache.v, order, axis=1), v], axis=1)
+    k_all = jnp.concatenate([jnp.swapaxes(jnp.take(cache.k, order, axis=2), 1, 2), k],
+                            axis=1)                                          # [B, W + T, H, K]
+    v_all = jnp.concatenate([jnp.swapaxes(jnp.take(cache.v, order, axis=2), 1, 2), v], axis=1)
     q_all = jnp.concatenate([jnp.zeros_like(k_all[:, :window]), q], axis=1)
     # Slots c < W - (start - doc_start) hold no token of the current document (or none at all):
     # start a document at the first one that does, and at every reset of x.
@@ -296,8 +311,9 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     bad_kv = segments.nonfinite(k) | segments.nonfinite(v)                           # [B, T, H]
     k, v = segments.zero_where(bad_kv, k, v)
     last_bad = jnp.max(jnp.where(bad_kv, positions[None, :, None], -1), axis=1)       # [B, H]
-    new_cache = WindowCache(k=cache.k.at[:, slots].set(k[:, time - keep:]),
-                            v=cache.v.at[:, slots].set(v[:, time - keep:]),
+    kept_k, kept_v = (jnp.swapaxes(x[:, time - keep:], 1, 2) for x in (k, v))     # [B, H, keep, .]
+    new_cache = WindowCache(k=cache.k.at[:, :, slots].set(kept_k),
+                            v=cache.v.at[:, :, slots].set(kept_v),
                             position=start + time,
                             doc_start=_layer.next_doc_start(cache.doc_start, start, reset),
                             bad_at=jnp.maximum(cache.bad_at, last_bad))
