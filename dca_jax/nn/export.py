@@ -31,7 +31,7 @@ Example:
   ...                                         attention="window",
   ...                                         attention_options={"window": 8}), rngs=nnx.Rngs(0))
   >>> [(e.name, e.shape) for e in cache_layout(model, max_length=64)][:2]
-  [('layer0.k', ('B', 8, 2, 16)), ('layer0.v', ('B', 8, 2, 16))]
+  [('layer0.k', ('B', 2, 8, 16)), ('layer0.v', ('B', 2, 8, 16))]
   >>> step = decode_step_function(model, max_length=64)
   >>> cache = init_cache_arrays(cache_layout(model, 64), batch_size=2)
   >>> logits, *cache = step(jnp.array([1, 2], jnp.int32), *cache)
