@@ -132,8 +132,7 @@ def _long_runs() -> list[Run]:
             "batch_size": LM_BUDGET["batch_size"] * LM_BUDGET["seq_len"] // LONG_T}
   runs = []
   for seed in (0, SECOND_SEED):
-    suffix, seed_label = ("", "") if seed == 0 else (f"_seed{seed}", f", seed {seed}")
-    seeded = {} if seed == 0 else {"seed": seed}
+    suffix, seed_label, seeded = _seeded(seed)
     runs += [_run(f"lm_{slug}_t{LONG_T}{suffix}", "long_lm", "lm_dca",
                   f"{label} (trained at T = {LONG_T}{seed_label})", attention=attention,
                   attention_options={**attention_options(attention, "lm"), **extra},
@@ -142,10 +141,18 @@ def _long_runs() -> list[Run]:
   return runs
 
 
+def _seeded(seed: int) -> tuple[str, str, dict[str, int]]:
+  """(name suffix, label suffix, overrides) of a run at `seed` (nothing for seed 0)."""
+  if seed == 0:
+    return "", "", {}
+  return f"_seed{seed}", f", seed {seed}", {"seed": seed}
+
+
 # Suite "budget": the corpus comparison at T = 256 with `BUDGET_FACTOR` times the steps (issue
 # #12: at 1000 steps full causal softmax is not below the sliding window at T = 256, so the
 # tokens beyond the window carried nothing the models had learned to use; this asks whether a
-# longer training makes them useful, to softmax and to either DCA memory). One seed.
+# longer training makes them useful, to softmax and to either DCA memory). Seed 0, and the
+# decisive pair (`SEED_RUNS`) again at `SECOND_SEED`.
 BUDGET_FACTOR = 3
 BUDGET_RUNS = (("window", "window", {}, LABELS["window"]),
                ("softmax", "softmax", {}, LABELS["softmax"]),
@@ -159,11 +166,11 @@ def _budget_runs() -> list[Run]:
                             for k in ("steps", "warmup_steps", "eval_every")}}
   runs = []
   for seed, variants in ((0, BUDGET_RUNS), (SECOND_SEED, SEED_RUNS)):
-    suffix, seed_label = ("", "") if seed == 0 else (f"_seed{seed}", f", seed {seed}")
+    suffix, seed_label, seeded = _seeded(seed)
     runs += [_run(f"lm_{slug}_x{BUDGET_FACTOR}{suffix}", "budget_lm", "lm_dca",
                   f"{label} ({budget['steps']} steps{seed_label})", attention=attention,
                   attention_options={**attention_options(attention, "lm"), **extra},
-                  **({} if seed == 0 else {"seed": seed}), **budget)
+                  **seeded, **budget)
              for slug, attention, extra, label in variants]
   return runs
 

@@ -235,8 +235,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
       ahead = (jnp.arange(window, dtype=jnp.int32) - t) % window           # [W]
       seen = (ahead[None, :] >= 1) & ((t - window + ahead)[None, :] >= first)
       num, den, _ = window_step_parts(q[:, 0], cache.k, cache.v, seen, new=(k[:, 0], v[:, 0]))
-      after = jnp.sum(num)   # selected on t < 0, which never holds: the write waits for the read
-      k_row, v_row = (jnp.where(t < 0, after, x[:, 0]) for x in (k, v))
+      k_row, v_row = dca_memory.ordered_after((k[:, 0], v[:, 0]), num, t)   # after the read
       keys = cache.k.at[:, :, slot].set(k_row)                              # [B, H, W, K]
       values = cache.v.at[:, :, slot].set(v_row)
     else:

@@ -388,15 +388,20 @@ def write_step(state, weights: DCAWeights, third: jax.Array, rotary_base: float 
   rows = (k, v, third.astype(f32))
 
   def write(after=None):
-    written = rows
-    if after is not None:   # ordered after `after`: selected on t < 0, which never holds
-      after = jnp.sum(after.astype(f32))
-      written = tuple(jnp.where(t < 0, after, row) for row in rows)
+    written = rows if after is None else ordered_after(rows, after, t)
     return tuple(jax.lax.dynamic_update_index_in_dim(b, row, slot, 2)
                  for b, row in zip(buffers, written))
 
   return StepWrite(q=q, k=k, v=v, old_keys=buffers[0], old_values=buffers[1],
                    old_third=buffers[2], write=write, memory=memory, doc_start=doc_start)
+
+
+def ordered_after(rows, after: jax.Array, position: jax.Array) -> tuple[jax.Array, ...]:
+  """`rows` unchanged, but data-dependent on `after` (each selected against it on position < 0,
+  which never holds), so that XLA writes them into a buffer only after `after` (what read the
+  buffer) is computed: the in-place write of `read_before_write`."""
+  after = jnp.sum(after.astype(jnp.float32))
+  return tuple(jnp.where(position < 0, after, row) for row in rows)
 
 
 def read_before_write(batch: int) -> bool:

@@ -127,7 +127,7 @@ def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -
     # Positions known when tracing: cos and sin are constants of the program. Computed inside
     # it, XLA:CPU fuses them into the rotation and recomputes them for every head and both
     # halves of each pair.
-    cos, sin = _static_tables(positions, key_dim, base)
+    cos, sin = static_tables(positions, key_dim, base)
     return rotate_pairs(x, jnp.asarray(cos), jnp.asarray(sin)).astype(x.dtype)
   freqs = rotary_frequencies(key_dim, base)                        # [K/2]
   angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [..., T, 1, K/2]
@@ -139,9 +139,10 @@ def apply_rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -
 STATIC_TABLE_MAX = 1 << 20
 
 
-def _static_tables(positions: np.ndarray, key_dim: int, base: float):
+def static_tables(positions: np.ndarray, key_dim: int, base: float):
   """cos and sin [..., T, 1, K/2] float32 of NumPy positions: the float32 angle p * f_i that
-  `apply_rotary` forms in the program, its cos and sin taken in float64 and rounded once."""
+  `apply_rotary` forms in the program, its cos and sin taken in float64 and rounded once
+  (constants of a program; also the window op's in-block tables)."""
   angles = positions.astype(np.float32)[..., None, None] * frequencies_numpy(key_dim, base)
   angles = angles.astype(np.float64)
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)

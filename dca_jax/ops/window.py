@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dca_jax.ops import _checks
-from dca_jax.ops.rotary import frequencies_numpy, rotate_pairs
+from dca_jax.ops.rotary import rotate_pairs, static_tables
 from dca_jax.ops.rowwise import scale_rows
 from dca_jax.ops import segments
 from dca_jax.ops.segments import document_ids
@@ -273,10 +273,7 @@ def _block_rotary_tables(block: int, key_dim: int, base: float) -> tuple[np.ndar
   instead of cos and sin of a [T, K/2] angle array in the compiled program, which XLA:CPU fused
   into every consumer and recomputed per element (`python -m experiments.performance` measures
   the layers that use this)."""
-  freqs = frequencies_numpy(key_dim, base)
-  angles = (np.arange(2 * block, dtype=np.float32)[:, None] * freqs[None, :]).astype(np.float64)
-  return (np.cos(angles).astype(np.float32)[:, None, :],
-          np.sin(angles).astype(np.float32)[:, None, :])
+  return static_tables(np.arange(2 * block, dtype=np.int32), key_dim, base)
 
 
 def window_step_parts(q, keys, values, seen, new=None):
