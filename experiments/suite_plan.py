@@ -130,14 +130,21 @@ def _long_runs() -> list[Run]:
   """The pair at seed 0, then at `SECOND_SEED` (the decisive cells' second seed)."""
   budget = {**LM_BUDGET, "seq_len": LONG_T,
             "batch_size": LM_BUDGET["batch_size"] * LM_BUDGET["seq_len"] // LONG_T}
+  return _lm_runs(((0, SEED_RUNS), (SECOND_SEED, SEED_RUNS)), f"_t{LONG_T}", "long_lm",
+                  f"trained at T = {LONG_T}", budget)
+
+
+def _lm_runs(plan, tag: str, group: str, note: str, budget: Mapping[str, Any]) -> list[Run]:
+  """Corpus runs of the corpus comparison's variants: for each (seed, variants) of `plan`, run
+  "lm_<slug><tag>[_seed<n>]" of `group`, labelled "<label> (<note>[, seed <n>])"."""
   runs = []
-  for seed in (0, SECOND_SEED):
+  for seed, variants in plan:
     suffix, seed_label, seeded = _seeded(seed)
-    runs += [_run(f"lm_{slug}_t{LONG_T}{suffix}", "long_lm", "lm_dca",
-                  f"{label} (trained at T = {LONG_T}{seed_label})", attention=attention,
+    runs += [_run(f"lm_{slug}{tag}{suffix}", group, "lm_dca", f"{label} ({note}{seed_label})",
+                  attention=attention,
                   attention_options={**attention_options(attention, "lm"), **extra},
                   **seeded, **budget)
-             for slug, attention, extra, label in SEED_RUNS]
+             for slug, attention, extra, label in variants]
   return runs
 
 
@@ -164,15 +171,8 @@ def _budget_runs() -> list[Run]:
   """`BUDGET_RUNS` at seed 0, then the decisive pair (`SEED_RUNS`) at `SECOND_SEED`."""
   budget = {**LM_BUDGET, **{k: BUDGET_FACTOR * LM_BUDGET[k]
                             for k in ("steps", "warmup_steps", "eval_every")}}
-  runs = []
-  for seed, variants in ((0, BUDGET_RUNS), (SECOND_SEED, SEED_RUNS)):
-    suffix, seed_label, seeded = _seeded(seed)
-    runs += [_run(f"lm_{slug}_x{BUDGET_FACTOR}{suffix}", "budget_lm", "lm_dca",
-                  f"{label} ({budget['steps']} steps{seed_label})", attention=attention,
-                  attention_options={**attention_options(attention, "lm"), **extra},
-                  **seeded, **budget)
-             for slug, attention, extra, label in variants]
-  return runs
+  return _lm_runs(((0, BUDGET_RUNS), (SECOND_SEED, SEED_RUNS)), f"_x{BUDGET_FACTOR}",
+                  "budget_lm", f"{budget['steps']} steps", budget)
 
 
 def _delta_runs() -> list[Run]:
