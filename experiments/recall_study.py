@@ -25,7 +25,8 @@ stops recalling.
 Runs are ordered by priority (what a 2-core CPU can afford in a session): the target cell
 (256, 16) for every layer first, then a learning-rate sweep there, then (512, 64) and (128, 8).
 Every cell is a single seed (seed 0) unless its row says otherwise; last come second seeds
-(seed 1) on (256, 16) of the layers whose seed-0 accuracies there are within 0.01 of each other.
+(seed 1): on (256, 16) of the layers whose seed-0 accuracies there are within 0.01 of each other,
+on (512, 64) of DCA's delta memory and Gated DeltaNet (`SECOND_SEED_SLUGS`).
 """
 
 from __future__ import annotations
@@ -60,10 +61,14 @@ RECALL_BUDGET = dict(steps=3000, batch_size=32, warmup_steps=100, peak_lr=3e-3, 
 DISTANCE_EDGES = (0, 1, 2, 4, 8)
 
 
-# Second seeds on the target cell, lr 3e-3: the layers whose seed-0 accuracies there lie within
-# 0.01 of each other (0.983-0.990), too close for one seed to rank them. The seed sets both the
-# initialisation and the data streams (experiments.tasks), so the test sequences differ too.
-SEED_SLUGS = ("dca_delta", "dca", "gated_deltanet", "gla_conv")
+# Second seeds, lr 3e-3, per cell. On the target cell (256, 16): the layers whose seed-0
+# accuracies there lie within 0.01 of each other (0.983-0.990), too close for one seed to rank
+# them. On (512, 64), the decisive cell, where DCA's delta memory alone of the sub-quadratic
+# layers recalled (0.982 against Gated DeltaNet's 0.015): those two, so that neither the success
+# nor the failure rests on one seed. The seed sets both the initialisation and the data streams
+# (experiments.tasks), so the test sequences differ too.
+SECOND_SEED_SLUGS = {(256, 16): ("dca_delta", "dca", "gated_deltanet", "gla_conv"),
+                     (512, 64): ("dca_delta", "gated_deltanet")}
 SECOND_SEED = 1
 
 
@@ -91,8 +96,8 @@ def recall_runs() -> list:
   runs = [make(*target, *layer) for layer in RECALL_LAYERS]
   runs += [make(*target, *layer, lr=lr) for layer in RECALL_LAYERS for lr in SWEEP_LRS]
   runs += [make(*cell, *layer) for cell in rest for layer in RECALL_LAYERS]
-  runs += [make(*target, *layer, seed=SECOND_SEED) for layer in RECALL_LAYERS
-           if layer[0] in SEED_SLUGS]
+  runs += [make(*cell, *layer, seed=SECOND_SEED) for cell, slugs in SECOND_SEED_SLUGS.items()
+           for layer in RECALL_LAYERS if layer[0] in slugs]
   return runs
 
 
@@ -278,23 +283,27 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     lines.append(f"| {label} | " + " | ".join(_cell_text(by_lr[lr]) for lr in lrs)
                  + f" | {'-' if best is None else f'{accs[best]:.3f} (lr {best:g})'} |")
   lines.append("")
-  # Second seeds on the target cell.
-  lines += [f"## Second seed on {target}, lr 3e-3", "",
-            "The layers whose seed-0 accuracies on this cell lie within 0.01 of each other, "
-            f"trained again with seed {SECOND_SEED} (a different initialisation and different "
-            "training and test sequences).", "",
-            f"| layer | seed 0 | seed {SECOND_SEED} | mean |", "|---|---:|---:|---:|"]
-  for slug, _, _, label in RECALL_LAYERS:
-    if slug not in SEED_SLUGS:
-      continue
-    by_seed = {r.get("seed", 0): r for r in rows if r["label"] == label
-               and (r["seq_len"], r["pairs"]) == target
-               and r["lr"] == RECALL_BUDGET["peak_lr"]}
-    accs = [by_seed[s]["accuracy"] for s in (0, SECOND_SEED) if by_seed[s]["status"] == "done"]
-    mean = _fmt(float(np.mean(accs))) if len(accs) == 2 else "-"
-    lines.append(f"| {label} | {_cell_text(by_seed[0])} | {_cell_text(by_seed[SECOND_SEED])} "
-                 f"| {mean} |")
-  lines.append("")
+  # Second seeds (SECOND_SEED_SLUGS says why these cells and layers).
+  why = {(256, 16): "The layers whose seed-0 accuracies on this cell lie within 0.01 of each "
+                    "other",
+         (512, 64): "The decisive cell, where one sub-quadratic layer alone recalled at seed 0: "
+                    "it and Gated DeltaNet"}
+  for cell, slugs in SECOND_SEED_SLUGS.items():
+    lines += [f"## Second seed on {cell}, lr 3e-3", "",
+              f"{why[cell]}, trained again with seed {SECOND_SEED} (a different initialisation "
+              "and different training and test sequences).", "",
+              f"| layer | seed 0 | seed {SECOND_SEED} | mean |", "|---|---:|---:|---:|"]
+    for slug, _, _, label in RECALL_LAYERS:
+      if slug not in slugs:
+        continue
+      by_seed = {r.get("seed", 0): r for r in rows if r["label"] == label
+                 and (r["seq_len"], r["pairs"]) == cell
+                 and r["lr"] == RECALL_BUDGET["peak_lr"]}
+      accs = [by_seed[s]["accuracy"] for s in (0, SECOND_SEED) if by_seed[s]["status"] == "done"]
+      mean = _fmt(float(np.mean(accs))) if len(accs) == 2 else "-"
+      lines.append(f"| {label} | {_cell_text(by_seed[0])} | {_cell_text(by_seed[SECOND_SEED])} "
+                   f"| {mean} |")
+    lines.append("")
   # Distance buckets of every finished run.
   with_dist = [r for r in done if r.get("distance")]
   if with_dist:

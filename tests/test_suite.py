@@ -266,12 +266,14 @@ def _check_lm_dca_run_trains_resumes_and_evaluates(tiny_suite, tmp_path):
 
 
 def test_recall_second_seeds_repeat_their_seed_zero_runs_and_render_apart():
-  """The recall suite's second seeds are their seed-0 runs on (256, 16) with only the seed (and
-  name) changed; the report keeps them out of the seed-0 tables and puts both seeds side by side."""
+  """The recall suite's second seeds are their seed-0 runs (on the cells and layers of
+  SECOND_SEED_SLUGS) with only the seed (and name) changed; the report keeps them out of the
+  seed-0 tables and puts both seeds side by side, a table per cell."""
   runs = {r.name: r for r in suite_plan.suite_runs("recall")}
   seeded = [r for r in runs.values() if "seed" in r.override_dict()]
-  assert {r.name.rsplit("_seed", 1)[0].split("d128_")[1] for r in seeded} == set(
-      recall_study.SEED_SLUGS)
+  expected = {f"recall_{t}_{p}_d128_{slug}"
+              for (t, p), slugs in recall_study.SECOND_SEED_SLUGS.items() for slug in slugs}
+  assert {r.name.rsplit("_seed", 1)[0] for r in seeded} == expected
   for run in seeded:
     base = runs[run.name.rsplit("_seed", 1)[0]]
     overrides = run.override_dict()
@@ -290,9 +292,11 @@ def test_recall_second_seeds_repeat_their_seed_zero_runs_and_render_apart():
   text = "\n".join(recall_study.markdown(rows))
   main_table = text.split("## Answer accuracy")[1].split("## Learning-rate")[0]
   assert "0.750" not in main_table and "0.500" in main_table
-  seed_table = text.split("## Second seed")[1].split("\n## ")[0]
-  assert seed_table.count("| 0.500 (100 steps, budget spent) | 0.750 (100 steps, budget spent) "
-                          "| 0.625 |") == len(recall_study.SEED_SLUGS)
+  seed_tables = text.split("## Second seed")[1:]
+  assert len(seed_tables) == len(recall_study.SECOND_SEED_SLUGS)
+  for table, slugs in zip(seed_tables, recall_study.SECOND_SEED_SLUGS.values()):
+    assert table.split("\n## ")[0].count(
+        "| 0.500 (100 steps, budget spent) | 0.750 (100 steps, budget spent) | 0.625 |") == len(slugs)
 
 
 def test_recall_study_distances_match_the_layout():
