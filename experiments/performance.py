@@ -483,12 +483,17 @@ def run(config: Config, command: str, partial: pathlib.Path | None = None,
     if partial is not None:
       partial.write_text(json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
   session.finish()
-  # The matmul rates of earlier runs stay only beside sections those runs measured.
-  if all(p.get("run") == result["date"] for p in provenance.values()):
-    probes = []
-  result["matmul"] = {"probes": probes + session.probes}
+  # Each probe records the run that made it; the matmul rates of earlier runs stay only beside
+  # sections those runs measured (an untagged probe predates the tags: kept while a section
+  # without a run tag is). The partial file is rewritten with the final result, so a later
+  # resumed or partial run starts from these probes, not from ones its sections no longer hold.
+  runs_held = {p.get("run") for p in provenance.values()}
+  probes = [p for p in probes if p.get("run") in runs_held]
+  result["matmul"] = {"probes": probes + [dict(p, run=result["date"]) for p in session.probes]}
   result["runtime_s"] = result.get("runtime_s", 0.0) + time.perf_counter() - started
   result["targets"] = targets(result)
+  if partial is not None:
+    partial.write_text(json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
   return result
 
 

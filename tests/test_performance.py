@@ -159,3 +159,35 @@ def test_fused_pass_study_times_the_same_function(batch, time, window):
   assert set(differences) >= {"output", "grad q", "grad k", "grad v", "grad q_features",
                               "grad k_features", "grad log_decay"}
   assert max(differences.values()) < 2e-5, differences
+
+
+def test_a_partial_rerun_keeps_the_matmul_rates_of_the_runs_its_sections_come_from(
+    tmp_path, monkeypatch):
+  """The report's dense-matmul probes are those of the runs that measured its sections: after a
+  full run and a rerun of one section, the first run's two probes and the rerun's two, never
+  the probes of a run whose sections are all gone (they once survived in the partial file)."""
+  rates = iter([100.0, 101.0, 200.0, 201.0, 300.0, 301.0])
+
+  class FakeSession:
+    def __init__(self, matmul_n):
+      self.machine, self.probes = {"cpu_model": "cpu"}, [{"gflops": next(rates)}]
+
+    def finish(self):
+      self.probes.append({"gflops": next(rates)})
+
+  monkeypatch.setattr(performance.benchmark, "Session", FakeSession)
+  for name in performance.SECTIONS:
+    monkeypatch.setattr(performance, f"measure_{name}", lambda config, name=name: [name])
+  monkeypatch.setattr(performance, "targets", lambda result: [])
+  dates = iter(f"2026-12-05T{i:02d}:00:00+00:00" for i in range(24))
+  monkeypatch.setattr(performance.bookkeeping, "now", lambda: next(dates))
+  config, partial, final = performance.get_config(True), tmp_path / "p.json", tmp_path / "f.json"
+
+  def run(**kw):
+    result = performance.run(config, "cmd", partial=partial, previous=final, **kw)
+    final.write_text(json.dumps(result))
+    return [p["gflops"] for p in result["matmul"]["probes"]]
+
+  assert run() == [100.0, 101.0]
+  assert run(remeasure=performance.SECTIONS) == [200.0, 201.0]     # the first run's sections gone
+  assert run(sections=("decoding",), remeasure=("decoding",)) == [200.0, 201.0, 300.0, 301.0]
