@@ -3,25 +3,25 @@
 Usage:
   python -m experiments.score_study --workdir runs/corpus/lm_dca --out docs   # docs/score_study.*
 
-DCA scores a key inside the window with the softmax logit l_tj = (R_t q_t) . (R_j k_j) / sqrt(K)
+DCA scores a key inside the window with the softmax logit s_tj = (R_t q_t) . (R_j k_j) / sqrt(K)
 (rotary R at the tokens' positions), and a key that has left the window with the memory's kernel
-kappa_tj = phi(q_t) . phi(k_j) = 1 + s + s^2 / 2, where s = p_t . p_j / sqrt(P) compares learned
+kappa_tj = phi(q_t) . phi(k_j) = 1 + u + u^2 / 2, where u = p_t . p_j / sqrt(P) compares learned
 projections p of the same queries and keys to P dims, without positions, decayed by the product
 of the decays since the key entered the memory. Both answer to one normaliser (dca_jax/ops/dca.py):
 
-    o_t = (sum_window e^{l_tj} v_j + sum_memory w_tj v_j) / (sum_window e^{l_tj} + sum_memory w_tj),
+    o_t = (sum_window e^{s_tj} v_j + sum_memory w_tj v_j) / (sum_window e^{s_tj} + sum_memory w_tj),
     w_tj = exp(sum_{i = j+W+1..t} log a_i) kappa_tj.
 
-The kernel is not a monotone function of s (it falls to 1/2 at s = -1 and rises again below), so
-it does not approximate exp(s). This study measures, per layer and head, on test text of the run's
+The kernel is not a monotone function of u (it falls to 1/2 at u = -1 and rises again below), so
+it does not approximate exp(u). This study measures, per layer and head, on test text of the run's
 corpus at a context longer than the window:
 
 * how the two scores agree where both are defined (keys inside the window): Spearman's rank
-  correlation of l_tj and log kappa_tj, and Pearson's correlation of l_tj and s_tj (the letters
-  of docs/theory.md, section 5);
+  correlation of s_tj and log kappa_tj, and Pearson's correlation of s_tj and u_tj (the letters
+  of docs/theory.md, sections 1 and 5);
 * how much of the attention mass the memory holds, by the query's distance from the start of the
   row (units of W);
-* how often a memory pair sits on the falling branch s < -1, and the share of memory mass there.
+* how often a memory pair sits on the falling branch u < -1, and the share of memory mass there.
 
 The weights are recomputed here in float64 from the layer's own `compute_weights` output, and the
 outputs they give are checked against the layer's `attention_compress` (the largest difference is
@@ -31,6 +31,7 @@ reported): the study measures the mechanism that runs, not a model of it.
 from __future__ import annotations
 
 import argparse
+import json
 import contextlib
 import math
 import pathlib
@@ -86,7 +87,7 @@ def head_scores(q, k, v, q_features, k_features, log_decay, doc, *, window: int,
   projection_dim: P, whose linear features phi[1:P+1] = p / P^(1/4) give s = p . p' / sqrt(P).
 
   Returns:
-    dict of [T, T] arrays l (window logits), kappa, s (projection similarity), weight (memory
+    dict of [T, T] arrays s (window logits), kappa, u (projection similarity), weight (memory
     weights, 0 outside the memory), window_mass, the in_window and in_memory masks, and the
     [T, V] output.
   """
@@ -121,7 +122,7 @@ def head_scores(q, k, v, q_features, k_features, log_decay, doc, *, window: int,
   e = np.where(in_window, np.exp(logits - m), 0.0)
   num = e @ v + np.exp(-m) * (weight @ v)
   den = e.sum(1, keepdims=True) + np.exp(-m) * weight.sum(1, keepdims=True)
-  return {"l": logits, "kappa": kappa, "s": sim, "weight": weight, "window_mass": e * np.exp(m),
+  return {"s": logits, "kappa": kappa, "u": sim, "weight": weight, "window_mass": e * np.exp(m),
           "in_window": in_window, "in_memory": in_memory, "output": num / den}
 
 
@@ -149,12 +150,12 @@ def layer_report(record: dict[str, Any], projection_dim: int) -> dict[str, Any]:
                       rotary_base=record["rotary_base"], projection_dim=projection_dim)
       worst = max(worst, float(np.abs(r["output"] - output[b, :, h]).max()))
       iw, im = r["in_window"], r["in_memory"]
-      spearman.append(_corr(_rank(r["l"][iw]), _rank(np.log(r["kappa"][iw]))))
-      pearson.append(_corr(r["l"][iw], r["s"][iw]))
+      spearman.append(_corr(_rank(r["s"][iw]), _rank(np.log(r["kappa"][iw]))))
+      pearson.append(_corr(r["s"][iw], r["u"][iw]))
       if im.any():
-        falling.append(float((r["s"][im] < -1).mean()))
+        falling.append(float((r["u"][im] < -1).mean()))
         mem_mass = r["weight"].sum()
-        falling_mass.append(float(r["weight"][im & (r["s"] < -1)].sum() / mem_mass)
+        falling_mass.append(float(r["weight"][im & (r["u"] < -1)].sum() / mem_mass)
                             if mem_mass > 0 else 0.0)
       memory = r["weight"].sum(1)
       share = memory / (memory + r["window_mass"].sum(1))
@@ -219,11 +220,11 @@ def markdown(result: dict[str, Any]) -> list[str]:
            + ", ".join(f"{l['max_abs_output_difference']:.1e}" for l in result["layers"])
            + " (largest absolute difference per layer).", "",
            "## Do the two scores agree where both are defined (keys inside the window)?", "",
-           "Spearman: rank correlation of the window logit l and the memory kernel log kappa "
-           "over the same (query, key) pairs; Pearson: correlation of l and the projections' "
-           "similarity s (the letters of docs/theory.md, section 5). 1 would mean the memory "
-           "ranks keys as the window does.", "",
-           "| layer | head | Spearman(l, log kappa) | Pearson(l, s) | memory pairs with s < -1 "
+           "Spearman: rank correlation of the window logit s and the memory kernel log kappa "
+           "over the same (query, key) pairs; Pearson: correlation of s and the projections' "
+           "similarity u (the letters of docs/theory.md, sections 1 and 5). 1 would mean the "
+           "memory ranks keys as the window does.", "",
+           "| layer | head | Spearman(s, log kappa) | Pearson(s, u) | memory pairs with u < -1 "
            "| memory mass there |", "|---:|---:|---:|---:|---:|---:|"]
   for i, layer in enumerate(result["layers"]):
     for h in layer["heads"]:
@@ -250,12 +251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seq-len", type=int, default=1024)
   parser.add_argument("--batch-size", type=int, default=4)
   parser.add_argument("--out", default="docs")
+  parser.add_argument("--render-only", action="store_true",
+                      help="measure nothing: rewrite the .md from the .json in --out")
   args = parser.parse_args(argv)
   from experiments.bookkeeping import write_json
-  result = measure(args.workdir, seq_len=args.seq_len, batch_size=args.batch_size)
   out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  write_json(out / "score_study.json", result)
+  if args.render_only:
+    result = json.loads((out / "score_study.json").read_text())
+  else:
+    result = measure(args.workdir, seq_len=args.seq_len, batch_size=args.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "score_study.json", result)
   (out / "score_study.md").write_text("\n".join(markdown(result)) + "\n")
   print("\n".join(markdown(result)))
   return 0
