@@ -40,14 +40,14 @@ from dca_jax.ops.conv import causal_short_conv
 
 
 class ConvCache(NamedTuple):
-  """Decode cache of a baseline layer with a short convolution (`short_conv` = S > 0).
+  """Decode cache of a baseline layer with a short convolution (`short_conv` > 0).
 
   Attributes:
     state: the layer's cache without the convolution (a `KVCache`, `WindowCache` or
       `RecurrentCache`).
-    inputs: [B, S - 1, C] float32, the last S - 1 rows the convolution reads (the layer inputs,
-      C = D, or for `GatedDeltaNet` the projected q, k, v), oldest first; zeros before the first
-      token.
+    inputs: [B, short_conv - 1, channels] float32, the last short_conv - 1 rows the convolution
+      reads (the layer inputs, channels = D, or for `GatedDeltaNet` the projected q, k, v),
+      oldest first; zeros before the first token.
   """
 
   state: Any
@@ -254,7 +254,7 @@ class AttentionLayer(nnx.Module):
     self._segment_window = int(window)
 
   def _segment(self, time: int) -> int | None:
-    """The segment length S of a call over `time` tokens (None: one pass, see `__call__`)."""
+    """The segment length L_seg of a call over `time` tokens (None: one pass, see `__call__`)."""
     if self.sequence_axis is not None or self.segment_length is None:
       return None
     if self.segment_length == "auto":
@@ -270,7 +270,7 @@ class AttentionLayer(nnx.Module):
     batch, time, d_model = x.shape
     whole = time - time % segment
 
-    def to_segments(a):   # [B, whole, ...] -> [N, B, S, ...]
+    def to_segments(a):   # [B, whole, ...] -> [N, B, L_seg, ...]
       return jnp.swapaxes(a[:, :whole].reshape((batch, whole // segment, segment) + a.shape[2:]),
                           0, 1)
 
@@ -288,11 +288,11 @@ class AttentionLayer(nnx.Module):
     return jnp.concatenate([y, rest], axis=1)
 
   def _init_short_conv(self, short_conv: Any, channels: int) -> None:
-    """Sets up the optional short causal convolution over `channels` rows (`short_conv` = S).
+    """Sets up the optional short causal convolution over `channels` rows (width `short_conv`).
 
-    The kernel [S, C] starts as the identity (all weight on the current token), so a layer with
-    the convolution computes at initialisation what it computes without it. Raises ValueError
-    naming `short_conv` when it is not an integer >= 0.
+    The kernel [short_conv, channels] starts as the identity (all weight on the current token),
+    so a layer with the convolution computes at initialisation what it computes without it.
+    Raises ValueError naming `short_conv` when it is not an integer >= 0.
     """
     check_short_conv(short_conv)
     self.short_conv = int(short_conv)
@@ -302,7 +302,7 @@ class AttentionLayer(nnx.Module):
 
   def _convolve(self, u: jax.Array, reset: jax.Array | None = None,
                 history: jax.Array | None = None, axis_name: Any = None) -> jax.Array:
-    """u [B, T, C] through the short convolution (`causal_short_conv`), or u without one.
+    """u [B, T, channels] through the short convolution (`causal_short_conv`), or u without one.
 
     Inside `jax.shard_map` (T sharded over `axis_name`, or the batch over another axis) the
     replicated kernel enters the convolution's custom_vjp as a per-device value, so its
@@ -320,8 +320,8 @@ class AttentionLayer(nnx.Module):
   def _shard_history(self, rows: jax.Array, reset: jax.Array | None,
                      axis_name: Any) -> jax.Array | None:
     """The convolution's history at a shard boundary when T is sharded over `axis_name`: the
-    previous shard's last S - 1 rows (`sequence_parallel.previous_inputs`); None unsharded or
-    without a convolution of width > 1."""
+    previous shard's last short_conv - 1 rows (`sequence_parallel.previous_inputs`); None
+    unsharded or without a convolution of width > 1."""
     if axis_name is None or self.short_conv <= 1:
       return None
     return sequence_parallel.previous_inputs(rows, reset, self.short_conv - 1, axis_name)
@@ -346,7 +346,8 @@ class AttentionLayer(nnx.Module):
     return cache.state, cache.inputs
 
   def _join_conv_cache(self, state: Any, inputs: jax.Array | None, u: jax.Array) -> Any:
-    """The new cache: `state` and, with a convolution, the last S - 1 rows of [inputs, u]."""
+    """The new cache: `state` and, with a convolution, the last short_conv - 1 rows of
+    [inputs, u]."""
     if not self.short_conv:
       return state
     tail = jnp.concatenate([inputs, u.astype(jnp.float32)], axis=1)

@@ -57,33 +57,34 @@ class DCAttention(_layer.AttentionLayer):
     decay_rank: rank of the per-channel rate projection.
     memory: "additive" (default: M <- a M + phi(k) [v, 1]^T, read under the window's normaliser)
       or "delta": the memory is updated by the gated delta rule on L2-normalised keys with a
-      writing strength beta = sigmoid(x W_b) per head and token, and its read-out S^T q^ is
-      added to the window's softmax through a per-head gate sigmoid(x W_g + b_g), b_g = -2 at
-      initialisation (`dca_jax.ops.dca_delta`). Still exactly causal softmax when T <= W. Needs
-      combine="unified" and decay="head"; feature_map and feature_dim are unused. The cache is
-      then a `DCADeltaState` (memory [B, H, K, V]).
-    short_conv: S, the width of a depthwise causal convolution over the layer input before the
+      writing strength beta = sigmoid(x W_b) per head and token, and its read-out S^T q^ (S the
+      memory, q^ the L2-normalised query) is added to the window's softmax through a per-head
+      gate sigmoid(x W_g + b_g), b_g = -2 at initialisation (`dca_jax.ops.dca_delta`). Still
+      exactly causal softmax when T <= W. Needs combine="unified" and decay="head"; feature_map
+      and feature_dim are unused. The cache is then a `DCADeltaState` (memory [B, H, K, V]).
+    short_conv: the width of a depthwise causal convolution over the layer input before the
       projections (default 4, initialised as the identity; 0: none). It hands each token its
-      neighbours, which recall needs (the ablations in docs/benchmark_results.md). With S > 0
-      the decode cache is a `DCAConvCache`: the `DCAState` plus the last S - 1 inputs.
+      neighbours, which recall needs (the ablations in docs/benchmark_results.md). With
+      short_conv > 0 the decode cache is a `DCAConvCache`: the `DCAState` plus the last
+      short_conv - 1 inputs.
     max_half_life_ratio: heads are initialised with half-lives spread from W to this times W.
     rotary_base: rotary base for the window (None: no positions).
     mode: engine form for the compressed memory ("auto" follows `adaptive_scale`).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
-      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
-      inputs and the window's last W tokens come from the previous shard by `ppermute`, the
-      memory's state as in `attention_compress(..., axis_name=)`, for either memory. Calls only
-      (`prefill` inside shard_map over this axis raises; `attention_compress(...,
-      axis_name=..., return_state=True)` is the sharded prefill). A non-finite input poisons
-      outputs of its own shard only.
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last
+      short_conv - 1 inputs and the window's last W tokens come from the previous shard by
+      `ppermute`, the memory's state as in `attention_compress(..., axis_name=)`, for either
+      memory. Calls only (`prefill` inside shard_map over this axis raises;
+      `attention_compress(..., axis_name=..., return_state=True)` is the sharded prefill). A
+      non-finite input poisons outputs of its own shard only.
     chunk_size: engine chunk size (None: the planner's).
-    segment_length: "auto" (default), an integer S >= `window`, or None. A call over more than S
-      tokens then runs as a `jax.lax.scan` over segments of S tokens, each continuing the
-      previous one's cache as `prefill` does (the same function: outputs and gradients agree
-      with one pass), so that one segment's intermediates are live at a time; "auto" asks
-      `dca_jax.ops.segment_length` (one pass on every backend today: on the 2-core CPU one pass
-      measured faster up to T = 65536); None: always one pass; an integer bounds the memory of
-      a long call. Not with `sequence_axis`.
+    segment_length: "auto" (default), an integer L_seg >= `window`, or None. A call over more
+      than L_seg tokens then runs as a `jax.lax.scan` over segments of L_seg tokens, each
+      continuing the previous one's cache as `prefill` does (the same function: outputs and
+      gradients agree with one pass), so that one segment's intermediates are live at a time;
+      "auto" asks `dca_jax.ops.segment_length` (one pass on every backend today: on the 2-core
+      CPU one pass measured faster up to T = 65536); None: always one pass; an integer bounds
+      the memory of a long call. Not with `sequence_axis`.
     dtype: compute dtype (default: the input's).
     param_dtype: parameter dtype (default float32).
 

@@ -29,7 +29,7 @@ class GatedDeltaNet(_RecurrentAttention):
 
   Per head, with K = expand_k D / H and V = D / H:
 
-      [q_t, k_t, v_t] = silu(conv([x_t W_q, x_t W_k, x_t W_v]))    (causal, depthwise, width S)
+      [q_t, k_t, v_t] = silu(conv([x_t W_q, x_t W_k, x_t W_v]))  (causal depthwise, short_conv taps)
       q^_t = q_t / |q_t| / sqrt(K),   k^_t = k_t / |k_t|             (L2 per head)
       beta_t = sigmoid(x_t W_b),      log a_t = -softplus(x_t W_a + b_a)   (one per head)
       S_t = a_t (I - beta_t k^_t k^_t^T) S_{t-1} + beta_t k^_t v_t^T,      o_t = S_t^T q^_t
@@ -42,7 +42,7 @@ class GatedDeltaNet(_RecurrentAttention):
   convolution kernel starts as the identity. RMSNorm is per head over V with one scale vector
   shared by the heads; W_b, W_a are D x H, W_g is D x D. With expand_k = 0.5 (default) keys are
   half as wide as values (Gated DeltaNet's 1 : 2) and the parameter count is
-  4 D^2 + 2 D H + H + V + 2 S D, about softmax attention's 4 D^2.
+  4 D^2 + 2 D H + H + V + 2 D short_conv, about softmax attention's 4 D^2.
 
   Everything after the projections runs in float32; the state S is float32 [B, H, K, V] and
   constant in size. A `reset` drops the state and the convolution's view of the past. Decoding
@@ -52,17 +52,17 @@ class GatedDeltaNet(_RecurrentAttention):
 
   Args:
     expand_k: total key width as a fraction of D; D * expand_k must be a multiple of H.
-    short_conv: S, the width of the causal depthwise convolution over the projected q, k, v
+    short_conv: the width of the causal depthwise convolution over the projected q, k, v
       (default 4; 0: none, then the cache is a `RecurrentCache`, else a `ConvCache` of one and
-      the last S - 1 projected rows).
-    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
-      over more than S tokens runs as a scan over segments continuing the cache
+      the last short_conv - 1 projected rows).
+    segment_length: "auto" (default), an integer L_seg (>= the window, if any), or None: a call
+      over more than L_seg tokens runs as a scan over segments continuing the cache
       (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, one pass on every
       backend today, where it measured faster; None: always one pass; an integer bounds the
       memory of a long call).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
-      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
-      projected rows come from the previous shard by `ppermute`, the state as in
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last
+      short_conv - 1 projected rows come from the previous shard by `ppermute`, the state as in
       `delta_rule_attention(..., axis_name=)`. Calls only (prefill and decoding are not
       sharded).
     min_half_life: the shortest initial half-life of a head, in tokens (> 0).

@@ -130,16 +130,16 @@ class LinearAttention(_RecurrentAttention):
 
   Args:
     eps: added to the normaliser (which is > 0 since phi > 0).
-    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+    short_conv: the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
-    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
-      over more than S tokens runs as a scan over segments continuing the cache
+    segment_length: "auto" (default), an integer L_seg (>= the window, if any), or None: a call
+      over more than L_seg tokens runs as a scan over segments continuing the cache
       (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, one pass on every
       backend today, where it measured faster; None: always one pass; an integer bounds the
       memory of a long call).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
-      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
-      inputs come from the previous shard by `ppermute`, the state as in
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last
+      short_conv - 1 inputs come from the previous shard by `ppermute`, the state as in
       `gated_linear_attention(..., axis_name=)`. Calls only (prefill and decoding are not
       sharded).
 
@@ -225,17 +225,17 @@ class GatedLinearAttention(_RecurrentAttention):
     gate_rank: r, the rank of the forget gate's projection.
     gate_temperature: tau >= 1 divides the log gate, pushing decays towards 1 (slow forgetting).
     norm_eps: epsilon of the output RMSNorm.
-    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+    short_conv: the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity; the gates read the
       input itself); 0 (default): none.
-    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
-      over more than S tokens runs as a scan over segments continuing the cache
+    segment_length: "auto" (default), an integer L_seg (>= the window, if any), or None: a call
+      over more than L_seg tokens runs as a scan over segments continuing the cache
       (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, one pass on every
       backend today, where it measured faster; None: always one pass; an integer bounds the
       memory of a long call).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
-      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last S - 1
-      inputs come from the previous shard by `ppermute`, the state as in
+      `jax.shard_map` (x and reset are then this shard's slice): the convolution's last
+      short_conv - 1 inputs come from the previous shard by `ppermute`, the state as in
       `gated_linear_attention(..., axis_name=)`. Calls only (prefill and decoding are not
       sharded).
 

@@ -13,7 +13,7 @@ The program has the inputs, outputs and cache layout of `export.export_onnx`'s j
     decode_step(token [B] int32, *past cache) -> (logits [B, V] float32, *present cache)
 
 Per block, from the residual x [B, D] (H heads, K = V head dims, P feature inputs, F features,
-W window, S = W + 1 ring slots, t the layer's cache position; the maths of
+W window, W + 1 ring slots (`slots`), t the layer's cache position; the maths of
 `dca_jax.ops.memory_state_update`):
 
   h = RMSNorm(x); c = sum_i kernel_i * [inputs, h]_i              (the short convolution)
@@ -28,10 +28,10 @@ W window, S = W + 1 ring slots, t the layer's cache position; the maths of
   Taylor features: with a = [1, x], each feature is a_i a_j w for fixed i, j, w (1, x_i and
       x_i x_j): two Gathers and two Muls;
   decay a_t = exp(-softplus(z));
-  the new token written into slot t mod S (ScatterND); the token in slot
-      (t + 1) mod S leaves the window when t - W >= max(doc_start, 0):
+  the new token written into slot t mod (W + 1) (ScatterND); the token in slot
+      (t + 1) mod (W + 1) leaves the window when t - W >= max(doc_start, 0):
       M <- a_t M + [phi(k_out) v_out^T, phi(k_out)];
-  the window's scores q . keys over the slots whose offset r_s = (s - (t + 1)) mod S satisfies
+  the window's scores q . keys over the slots whose offset r_s = (s - (t + 1)) mod (W + 1) satisfies
       r_s >= max(1, doc_start - (t - W)) (`step_slots`), and the memory's read-out
       [N, Z] = phi(q)^T M: one softmax over [scores, log Z] against [values; N / Z] is the
       unified combination of `combine_memories` (an empty memory, Z <= 0, weighs 0);
@@ -285,10 +285,10 @@ def _dca_block(g: _Graph, x: str, block: Any, past: dict[str, str], present: dic
   decay = g.op("Reshape", [g.op("Exp", [log_decay], f"{hint}_decay_flat"),
                            g.ints("shape", [-1, heads, 1, 1])], f"{hint}_decay")
 
-  # The ring: slot t mod S receives the token, slot (t + 1) mod S holds the one leaving. The
-  # write is a ScatterND (a copy and one [K]-row per head): ONNX Runtime's broadcasting Where
-  # against a one-hot slot column costs ~3 ns an element, and a ScatterElements takes one index
-  # per element where ScatterND copies whole rows.
+  # The ring: slot t mod (W + 1) receives the token, slot (t + 1) mod (W + 1) holds the one
+  # leaving. The write is a ScatterND (a copy and one [K]-row per head): ONNX Runtime's
+  # broadcasting Where against a one-hot slot column costs ~3 ns an element, and a
+  # ScatterElements takes one index per element where ScatterND copies whole rows.
   doc_start = past["doc_start"]
   g.op("Add", [position, g.const("one_i", np.int32(1))], f"{hint}_next",
        outputs=[present["position"]])
@@ -333,13 +333,13 @@ def _dca_block(g: _Graph, x: str, block: Any, past: dict[str, str], present: dic
   # The slots the query sees (`step_slots`): offset r_s >= max(1, doc_start - (t - W)).
   offset = g.op("Gather", [g.const("ring_offsets", (np.arange(slots)[None, :]
                                                     - np.arange(slots)[:, None]) % slots,
-                                   np.int32), leaving_slot], f"{hint}_offsets", axis=0)  # [S]
+                                   np.int32), leaving_slot], f"{hint}_offsets", axis=0)  # [slots]
   least = g.op("Max", [g.op("Sub", [doc_start, back], f"{hint}_doc_offset"),
                        g.const("one_i", np.int32(1))], f"{hint}_least")
   seen = g.op("GreaterOrEqual", [offset, g.op("Reshape", [least, g.ints("shape", [-1, 1, 1, 1])],
-                                              f"{hint}_least4")], f"{hint}_seen")  # [B,1,1,S]
+                                              f"{hint}_least4")], f"{hint}_seen")  # [B,1,1,slots]
   scores = g.op("MatMul", [q, g.op("Transpose", [keys], f"{hint}_keys_t", perm=[0, 1, 3, 2])],
-                f"{hint}_scores")                                                # [B, H, 1, S]
+                f"{hint}_scores")                                                # [B, H, 1, slots]
   scores = g.op("Where", [seen, scores, g.const("minus_inf", np.float32(-np.inf))],
                 f"{hint}_scores_seen")
 

@@ -58,7 +58,8 @@ class KVCache(NamedTuple):
 
 # Score matrices up to this many bytes are formed whole (one fused matmul, fastest for short
 # sequences and single decode steps); larger ones go through the blocked form, whose memory is
-# linear in T. 2 float32 copies of [B, H, T, S] (scores and their exponentials) are counted.
+# linear in T. 2 float32 copies of [B, H, T, T_k] (T_k keys; scores and their exponentials) are
+# counted.
 DENSE_SCORES_BYTES = 64 * 2**20
 BLOCK = 128
 
@@ -119,13 +120,14 @@ class SoftmaxAttention(_layer.AttentionLayer):
 
   Args:
     rotary_base: base of the rotary frequencies.
-    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+    short_conv: the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
-      With S > 0 the cache is a `ConvCache` of the `KVCache` and the last S - 1 inputs.
+      With short_conv > 0 the cache is a `ConvCache` of the `KVCache` and the last
+      short_conv - 1 inputs.
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): every shard gathers all keys,
       values and resets (`all_gather`) and attends its queries to them, so each device holds
-      O(T) keys and O(T / S x T) scores: correct, not memory-scalable (ring attention, which
+      O(T) keys and O(T / shards x T) scores: correct, not memory-scalable (ring attention, which
       passes key blocks around the shards, is the scalable form and is not implemented).
       Calls only (prefill and decoding are not sharded).
 

@@ -71,19 +71,20 @@ class SlidingWindowAttention(_layer.AttentionLayer):
   Args:
     window: W >= 1, tokens each query sees, itself included.
     rotary_base: base of the rotary frequencies.
-    short_conv: S, the width of a causal depthwise convolution over the input of the q, k, v
+    short_conv: the width of a causal depthwise convolution over the input of the q, k, v
       projections (DCA's, `causal_short_conv`, initialised as the identity); 0 (default): none.
-      A token then sees the inputs of its last W + S - 1 tokens. With S > 0 the cache is a
-      `ConvCache` of the `WindowCache` and the last S - 1 inputs.
-    segment_length: "auto" (default), an integer S (>= the window, if any), or None: a call
-      over more than S tokens runs as a scan over segments continuing the cache
+      A token then sees the inputs of its last W + short_conv - 1 tokens. With short_conv > 0
+      the cache is a `ConvCache` of the `WindowCache` and the last short_conv - 1 inputs.
+    segment_length: "auto" (default), an integer L_seg (>= the window, if any), or None: a call
+      over more than L_seg tokens runs as a scan over segments continuing the cache
       (`AttentionLayer._segmented`; "auto": `dca_jax.ops.segment_length`, one pass on every
       backend today, where it measured faster; None: always one pass; an integer bounds the
       memory of a long call).
     sequence_axis: None, or the mesh axis that T is sharded over when the layer is called inside
       `jax.shard_map` (x and reset are then this shard's slice): the previous shard's last W
-      keys and values (and S - 1 inputs of the convolution) arrive by `ppermute`, positions are
-      absolute. Needs W <= the shard's length. Calls only (prefill and decoding are not sharded).
+      keys and values (and short_conv - 1 inputs of the convolution) arrive by `ppermute`,
+      positions are absolute. Needs W <= the shard's length. Calls only (prefill and decoding
+      are not sharded).
 
   Raises:
     ValueError: num_heads does not divide d_model, an odd head dim, window not an integer >= 1
@@ -134,7 +135,7 @@ class SlidingWindowAttention(_layer.AttentionLayer):
     return q, k, v
 
   def _reach(self) -> int:
-    # The convolution hands each key its S - 1 predecessors.
+    # The convolution hands each key its short_conv - 1 predecessors.
     return self.window + max(self.short_conv - 1, 0)
 
   def _sequence(self, x: jax.Array, reset: jax.Array | None) -> jax.Array:

@@ -1,6 +1,6 @@
 """Causal softmax attention in blocks, with memory linear in T: the fair softmax baseline.
 
-The T x S score matrix is never formed. Queries are cut into blocks of P tokens and, for each,
+The T x T_k score matrix is never formed. Queries are cut into blocks of P tokens and, for each,
 the key blocks it can see are visited in order with an online softmax (running max m, running
 normaliser l and running output, rescaled when the max grows), so only one [P, P] block of
 scores exists at a time; key blocks above the diagonal are never visited (a `while_loop` whose
@@ -9,7 +9,7 @@ block from the saved log-normaliser instead of storing probabilities: per key bl
 the query blocks that see it, accumulating dK and dV there and dQ in a [T, K] buffer. Memory is
 O(T (K + V) + P^2) per batch row and head, forward and backward.
 
-Notation: B batch, T queries, S keys, H heads, K key dim, V value dim, P block.
+Notation: B batch, T queries, T_k keys, H heads, K key dim, V value dim, P block.
 
 References:
   Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness",
@@ -143,18 +143,18 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale:
                              confine_nonfinite: bool = True) -> jax.Array:
   """softmax(scale q k^T) v over the keys at or before each query (and of its document).
 
-  Self-attention (q_start = 0, S = T) is differentiable with the recomputing backward pass;
-  with q_start > 0 (queries continuing after S - T cached keys, a prefill) it is forward only.
+  Self-attention (q_start = 0, T_k = T) is differentiable with the recomputing backward pass;
+  with q_start > 0 (queries continuing after T_k - T cached keys, a prefill) it is forward only.
 
   Args:
     q: [B, T, H, K], at absolute positions q_start .. q_start + T - 1.
-    k: [B, S, H, K], at positions 0 .. S - 1.
-    v: [B, S, H, V].
+    k: [B, T_k, H, K], at positions 0 .. T_k - 1.
+    v: [B, T_k, H, V].
     scale: score multiplier.
     doc: optional int [B, T] document ids of the queries (None: one document).
     block: P, the block length of queries and keys.
     q_start: absolute position of the first query (int or int32 scalar); 0 for self-attention.
-    key_doc: optional int [B, S] non-decreasing document ids of the keys (default: `doc`, for
+    key_doc: optional int [B, T_k] non-decreasing document ids of the keys (default: `doc`, for
       self-attention); with q_start > 0 the query at position p must be key p (a prefill).
     confine_nonfinite: non-finite inputs make NaN exactly the queries that can see them (as
       `masked_attention`). False skips that work, for callers whose inputs are finite by
@@ -207,7 +207,7 @@ def _blocked(q, k, v, doc, key_doc, q_start, *, scale, block: int, self_attentio
     else:
       # Each query is also the key at its own position (a prefill writes it into the cache
       # before attending), so what it sees is what that key position sees.
-      seen = segments.sees_nonfinite(bad_kv, kdoc)                        # [B, S, H]
+      seen = segments.sees_nonfinite(bad_kv, kdoc)                        # [B, T_k, H]
       q_pos = jnp.clip(q_start + jnp.arange(time), 0, keys - 1)
       poisoned = jnp.take(seen, q_pos, axis=1) | bad_q
 

@@ -27,11 +27,11 @@ more than ~88 nats (float32), which data-dependent decays easily reach, and into
 difference of prefix sums, which cancels catastrophically after a very negative or -inf log
 decay. Instead the chunk (C a power of two) is split in halves recursively. At level h = 1, 2, 4,
 ..., C/2 it is cut into blocks of 2h tokens, each a left half and a right half of h tokens that
-meet at position m. Every pair j < i of the chunk lies in the left and right halves of exactly one
-block (at the level of the highest bit in which i and j differ), where the decay between them
-splits at m into two direct sums:
+meet at position mid (the right half's first token). Every pair j < i of the chunk lies in the
+left and right halves of exactly one block (at the level of the highest bit in which i and j
+differ), where the decay between them splits at mid into two direct sums:
 
-    g_{j+1..i} = g_{j+1..m-1} + g_{m..i} = after_h(j) + into_h(i),
+    g_{j+1..i} = g_{j+1..mid-1} + g_{mid..i} = after_h(j) + into_h(i),
 
 with into_h(i) the sum from the start of i's segment of h tokens to i (inclusive) and after_h(j)
 the sum after j to the end of j's segment. Both are sums of non-positive terms, so every
@@ -129,7 +129,7 @@ def _per_channel_scores(q, k, g):
   size = 1
   while size < chunk:
     qh, kh, into_h, after_h = (_halves(x, size) for x in (q, k, into, after))
-    # Queries of the right halves scaled from the meeting point m, keys of the left halves to it.
+    # Queries of the right halves scaled from the meeting point mid, keys of the left halves to it.
     q_right = qh[:, :, 1] * jnp.exp(into_h[:, :, 1])
     k_left = kh[:, :, 0] * jnp.exp(after_h[:, :, 0])
     cross = jnp.einsum("mbik,mbjk->mbij", q_right, k_left)    # [M, blocks, h, h]
@@ -151,15 +151,15 @@ def _per_channel_scores(q, k, g):
 def chunked(q, k, v, g, s0, *, chunk_size: int, segment_size: int | None = None):
   """Chunked form (see module docstring). Internal contract as in `scan.py`.
 
-  With `segment_size` S and T > S, the first floor(T / S) S tokens run as a `jax.lax.scan` over
-  segments of S tokens (S rounded down to a multiple of the chunk, at least one chunk), each a
-  chunked pass continuing the state the previous one returned, and the rest as one more pass.
-  The function is the same (the chunk boundaries are the same when S is a multiple of C); the
-  segment body is `jax.checkpoint`ed, so the backward pass recomputes one segment's intra-chunk
-  arrays at a time instead of storing them for the whole sequence: XLA's temporary memory of
-  forward+backward becomes O(T / S) states plus one segment's arrays instead of O(T C). On CPU it
-  is also faster at long T (one segment's arrays stay in the caches; `planner.ENGINE_SEGMENT`
-  has the measurements).
+  With `segment_size` L_seg and T > L_seg, the first floor(T / L_seg) L_seg tokens run as a
+  `jax.lax.scan` over segments of L_seg tokens (L_seg rounded down to a multiple of the chunk, at
+  least one chunk), each a chunked pass continuing the state the previous one returned, and the
+  rest as one more pass. The function is the same (the chunk boundaries are the same when L_seg
+  is a multiple of C); the segment body is `jax.checkpoint`ed, so the backward pass recomputes
+  one segment's intra-chunk arrays at a time instead of storing them for the whole sequence:
+  XLA's temporary memory of forward+backward becomes O(T / L_seg) states plus one segment's arrays
+  instead of O(T C). On CPU it is also faster at long T (one segment's arrays stay in the caches;
+  `planner.ENGINE_SEGMENT` has the measurements).
   """
   chunk = effective_chunk_size(chunk_size, g.shape[-1] > 1)
   if segment_size is None or q.shape[1] <= segment_size:
@@ -169,7 +169,7 @@ def chunked(q, k, v, g, s0, *, chunk_size: int, segment_size: int | None = None)
   count = time // segment
   whole = count * segment
 
-  def split(x):  # [B, count S, ...] -> [count, B, S, ...]
+  def split(x):  # [B, count L_seg, ...] -> [count, B, L_seg, ...]
     x = x[:, :whole].reshape((batch, count, segment) + x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 

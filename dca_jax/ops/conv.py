@@ -20,8 +20,8 @@ from dca_jax.ops.segments import document_ids
 def _conv(ext, kernel, keep):
   """y_t = sum_i [keep_i(t)] kernel[i] * ext[t + i]  (keep None: every term kept).
 
-  ext [B, T + S - 1, D] (history then inputs), kernel [S, D], keep None or bool [S - 1, B, T]
-  (tap S - 1, the token itself, is always kept).
+  ext [B, T + width - 1, D] (history then inputs), kernel [width, D], keep None or bool
+  [width - 1, B, T] (tap width - 1, the token itself, is always kept).
   """
   size = kernel.shape[0]
   time = ext.shape[1] - size + 1
@@ -54,13 +54,13 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def causal_short_conv(x: jax.Array, kernel: jax.Array, reset: jax.Array | None = None,
                       history: jax.Array | None = None) -> jax.Array:
-  """Depthwise causal convolution y_t = sum_i kernel[i] * x_{t - (S - 1) + i} over time.
+  """Depthwise causal convolution y_t = sum_i kernel[i] * x_{t - (width - 1) + i} over time.
 
   Args:
     x: [B, T, D].
-    kernel: [S, D]; kernel[S - 1] weighs the current token.
+    kernel: [width, D], one row per tap; kernel[width - 1] weighs the current token.
     reset: optional bool [B, T]; a token never sees inputs from before its document's start.
-    history: optional [B, S - 1, D], the inputs preceding x (zeros: none).
+    history: optional [B, width - 1, D], the inputs preceding x (zeros: none).
 
   Returns:
     [B, T, D] in x's dtype.

@@ -97,7 +97,8 @@ def _from_length(table: dict[str, int], min_length: int, sequence_length: int,
 
 # Long sequences through a layer in segments (`segment_length`), keyed by backend: the segment
 # length and the T from which "auto" uses it. No backend has an entry today: "auto" keeps one
-# pass everywhere, and `segment_length=S` remains the choice that bounds a long call's memory.
+# pass everywhere, and an integer `segment_length` remains the choice that bounds a long call's
+# memory.
 # Forward+backward of one layer (B = 1, d_model 256, 4 heads) as one call against a scan of
 # 1024-token segments continuing the cache, medians of interleaved repeats on the 2-core Xeon
 # (`python -m experiments.segment_study --lengths 8192,16384,32768 --segments none,1024 --out
@@ -118,7 +119,7 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
   """How many tokens a layer with a constant-size cache processes at a time in a whole-sequence
   call, or None (all at once).
 
-  Such a layer over T tokens can run as a `jax.lax.scan` over segments of S tokens, each
+  Such a layer over T tokens can run as a `jax.lax.scan` over segments of L_seg tokens, each
   continuing the previous one's cache (its `prefill`; `AttentionLayer._segmented`): the same
   function (the tests check outputs, and DCA's gradients), with one segment's intermediates live
   at a time. A backend listed in `SEGMENT_LENGTH` segments from T = `SEGMENT_MIN_T`; none is
@@ -131,7 +132,7 @@ def segment_length(sequence_length: int, *, window: int, backend: str | None = N
     backend: "cpu", "gpu" or "tpu"; defaults to `jax.default_backend()`.
 
   Returns:
-    S, or None for one pass over the whole sequence.
+    L_seg, the segment length, or None for one pass over the whole sequence.
 
   Raises:
     ValueError: sequence_length or window not an integer >= 1, or an unknown backend.

@@ -14,9 +14,9 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
   Args:
     q: [B, T, H, K].
-    k: [B, S, H, K].
-    v: [B, S, H, V].
-    mask: bool, broadcastable to [B, T, S]; true where query t may see key s. Every query must
+    k: [B, T_k, H, K], T_k keys.
+    v: [B, T_k, H, V].
+    mask: bool, broadcastable to [B, T, T_k]; true where query t may see key s. Every query must
       see at least one key.
     scale: score multiplier.
 
@@ -36,7 +36,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   # Non-finite inputs are zeroed (a select) and the queries that can see one set to NaN at the
   # end: a masked key or value must not change an output through 0 x NaN.
   bad_q = segments.nonfinite(q)                                          # [B, T, H]
-  bad_kv = segments.nonfinite(k) | segments.nonfinite(v)                 # [B, S, H]
+  bad_kv = segments.nonfinite(k) | segments.nonfinite(v)                 # [B, T_k, H]
   q, = segments.zero_where(bad_q, q)
   k, v = segments.zero_where(bad_kv, k, v)
   seen = jnp.einsum("bts,bsh->bth", jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1])

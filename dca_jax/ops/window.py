@@ -285,10 +285,10 @@ def window_step_parts(q, keys, values, seen, new=None):
 
   Args:
     q: [B, H, K] the query, rotated at its position (float32).
-    keys: [B, H, S, K] float32, the buffered keys (rotated at theirs), in any slot order.
-    values: [B, H, S, V] float32. A slot that is not seen holds a finite value (zero, or a token
+    keys: [B, H, slots, K] float32, the buffered keys (rotated at theirs), in any slot order.
+    values: [B, H, slots, V] float32. A slot that is not seen holds a finite value (zero, or a token
       of the current document that has left the window): its weight is exactly 0.
-    seen: bool [B, S], the slots the query attends to (its own slot always is, unless `new`).
+    seen: bool [B, slots], the slots the query attends to (its own slot always is, unless `new`).
     new: None, or the query's own token (k [B, H, K] rotated at its position, v [B, H, V]),
       always seen, when the buffers do not hold it yet (`dca_memory.StepWrite`).
 
