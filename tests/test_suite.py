@@ -453,3 +453,55 @@ def test_score_study_recomputes_dca_exactly_with_resets():
     for head in report["heads"]:
       assert all(0 <= x < 1 for x in head["memory_share"])
       assert -1 <= head["spearman_l_log_kappa"] <= 1 and 0 <= head["falling_branch_pairs"] <= 1
+
+
+def test_readout_study_shared_normaliser_is_one_softmax_over_window_and_memory():
+  """The readout study's variant (experiments/readout_study.py) is what it says: one softmax over
+  the window's logits and the memory's logit xi = eta + log W, with the memory's read-out as that
+  entry's value (float64 reference), and the window's softmax alone while the memory is empty.
+  Patched into DCA's delta memory, it keeps T <= W exact (equal to the gated read-out there),
+  changes the output beyond, and a prefill then decode steps still equal one call."""
+  import jax
+  import jax.numpy as jnp
+  from dca_jax import attention_compress, compute_weights, init_params, memory_state_update
+  from experiments import readout_study
+
+  rng = np.random.default_rng(0)
+  b, h, w, v = 2, 3, 7, 5
+  s = rng.normal(size=(b, h, w)) * 3
+  values, r, eta = rng.normal(size=(b, h, w, v)), rng.normal(size=(b, h, v)), rng.normal(size=(b, h))
+  top = s.max(-1)
+  e = np.exp(s - top[..., None])
+  num, den = (e[..., None] * values).sum(-2), e.sum(-1)
+  live = np.array([True, False])          # per row, as the layer passes it (not per head)
+  got = readout_study.shared_read_out(*(jnp.asarray(a, jnp.float32) for a in (num, den, r, eta)),
+                                      top=jnp.asarray(top, jnp.float32), live=jnp.asarray(live),
+                                      window=w)
+  logits = np.concatenate([s, (eta + np.log(w))[..., None]], -1)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  one_softmax = (p[..., :w, None] * values).sum(-2) + p[..., w:] * r
+  expected = np.where(live[:, None, None], one_softmax, num / den[..., None])
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-5, atol=2e-6)
+
+  window, time = 4, 11
+  params = init_params(jax.random.key(1), d_model=16, num_heads=2, window=window, memory="delta")
+  x = jax.random.normal(jax.random.key(2), (1, time, 16))
+  weights = compute_weights(params, x)
+  gated = attention_compress(weights, window=window)
+  with readout_study.shared_readout(window):
+    shared = attention_compress(weights, window=window)
+    short, _ = attention_compress(compute_weights(params, x[:, :window]), window=window,
+                                  return_state=True)
+    o, state = attention_compress(compute_weights(params, x[:, :6]), window=window,
+                                  return_state=True)
+    steps = []
+    for t in range(6, time):
+      o_t, state = memory_state_update(state, compute_weights(params, x[:, t]))
+      steps.append(o_t)
+  np.testing.assert_allclose(np.asarray(short), np.asarray(gated[:, :window]), rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(np.asarray(shared[:, window:]), np.asarray(gated[:, window:]), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(shared[:, 6:]),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(shared[:, :6]), rtol=1e-4, atol=1e-5)

@@ -122,11 +122,15 @@ def _check_state(state: DCADeltaState, batch: int, weights: DCAWeights) -> None:
                        f"K, V).")
 
 
-def _read_out(num, den, memory_out, gate):
+def _read_out(num, den, memory_out, gate, *, top=None, live=None):
   """o = N / Z + sigmoid(g) S^T q^ (the window's softmax plus the gated memory read-out).
 
   Both per-row factors through `rowwise.scale_rows`: the gradients of Z and g are then einsums,
-  not reduce-of-multiply ops, which XLA:CPU runs in YNNPACK's slow reduction (`rowwise`)."""
+  not reduce-of-multiply ops, which XLA:CPU runs in YNNPACK's slow reduction (`rowwise`).
+  `top` (the window's max logit m, N and Z being relative to it) and `live` (bool: whether the
+  memory has received a token of the current document) are not used by this read-out; they are
+  passed for the alternatives `experiments/readout_study.py` measures against it."""
+  del top, live
   return scale_rows(num, 1.0 / den) + scale_rows(memory_out, jax.nn.sigmoid(gate))
 
 
@@ -205,7 +209,7 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
                                              rotary_base)
     state = DCADeltaState(keys=None, values=None, betas=None, doc_start=doc_start,
                           memory=None if incoming is None else incoming.memory, position=start)
-  (num, den, _), (k_in, v_in, beta_in), same_doc, tails = window_and_stream(
+  (num, den, top), (k_in, v_in, beta_in), same_doc, tails = window_and_stream(
       weights.q, new, doc, reset, state, window=window, scale=scale, rotary_base=rotary_base,
       buffered=buffered, guard=guard)
 
@@ -225,7 +229,8 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
   memory_out, memory = run_delta_rule(plans, q_unit, keys_in, values_in, betas_in,
                                       weights.log_decay, initial_state=initial, reset=reset,
                                       guard=guard)
-  o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(out_dtype)
+  o = _read_out(num, den, memory_out, weights.gate.astype(f32), top=top,
+                live=same_doc[..., 0]).astype(out_dtype)
   if not return_state:
     return o
   (keys, values, betas), doc_start, end, memory = state_after(
@@ -281,9 +286,10 @@ def _compiled_delta_step(state: DCADeltaState, weights: DCAWeights, reset, *, ro
   memory = decay * (memory - beta * k_out[..., :, None] * read[..., None, :])
   memory = memory + beta * k_out[..., :, None] * v_out[..., None, :]
 
-  num, den, _ = window_step_parts(step.q, keys, vals, seen, new=new)
+  num, den, top = window_step_parts(step.q, keys, vals, seen, new=new)
   memory_out = jnp.einsum("bhk,bhkv->bhv", l2_normalize(weights.q.astype(f32)), memory)
-  o = _read_out(num, den, memory_out, weights.gate.astype(f32)).astype(weights.v.dtype)
+  o = _read_out(num, den, memory_out, weights.gate.astype(f32), top=top,
+                live=leaving[:, 0]).astype(weights.v.dtype)
   if write_due:
     keys, vals, betas = step.write(o)   # after every read: o needs them all
   return o, DCADeltaState(keys=keys, values=vals, betas=betas, doc_start=step.doc_start,
