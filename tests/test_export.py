@@ -375,3 +375,55 @@ def test_onnx_speed_breakdown_programs_run():
                                providers=["CPUExecutionProvider"])
   (y,) = chain.run(None, {"x": np.zeros((1, 128), np.float32)})
   np.testing.assert_array_equal(y, np.full((1, 128), 7.0, np.float32))
+
+
+def test_uniform_constants_become_constant_of_shape_nodes():
+  """`uniform_constants_as_nodes` turns large all-equal initializers (zeros, -inf, NaN) into
+  ConstantOfShape nodes and leaves the function unchanged; other initializers stay as they are."""
+  import onnx
+  import onnxruntime
+  from onnx import TensorProto, helper, numpy_helper
+
+  values = {"zeros": np.zeros((8, 64), np.float32), "ninf": np.full((8, 64), -np.inf, np.float32),
+            "nans": np.full((8, 64), np.nan, np.float32),
+            "varied": np.arange(512, dtype=np.float32).reshape(8, 64),
+            "small": np.zeros((2,), np.float32)}
+  nodes = [helper.make_node("Max", ["x", "ninf"], ["m"]),
+           helper.make_node("Add", ["m", "zeros"], ["a"]),
+           helper.make_node("Add", ["a", "varied"], ["b"]),
+           helper.make_node("IsNaN", ["nans"], ["isnan"]),
+           helper.make_node("Where", ["isnan", "b", "zeros"], ["y"])]
+  graph = helper.make_graph(
+      nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
+      [numpy_helper.from_array(v, k) for k, v in values.items()])
+  proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+  x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+
+  def run(p):
+    session = onnxruntime.InferenceSession(p.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+  before = run(proto)
+  removed = export_lib.uniform_constants_as_nodes(proto, min_bytes=1024)
+  assert removed == 3 * 8 * 64 * 4
+  assert sorted(t.name for t in proto.graph.initializer) == ["small", "varied"]
+  assert sum(n.op_type == "ConstantOfShape" for n in proto.graph.node) == 3
+  onnx.checker.check_model(proto)
+  np.testing.assert_array_equal(run(proto), before)
+
+
+def test_exported_prefill_holds_no_uniform_fill(dca_export):
+  """The exported prefill (jax2onnx) writes its fills as ConstantOfShape nodes: no initializer
+  of >= UNIFORM_CONSTANT_MIN_BYTES is all one value."""
+  import onnx
+  from onnx import numpy_helper
+  out, _ = dca_export
+  proto = onnx.load(str(out / "prefill.onnx"))
+  for tensor in proto.graph.initializer:
+    array = numpy_helper.to_array(tensor)
+    if array.nbytes >= export_lib.UNIFORM_CONSTANT_MIN_BYTES:
+      flat = array.reshape(-1)
+      assert not (flat == flat[0]).all() and not np.isnan(flat).all(), tensor.name
+  assert any(n.op_type == "ConstantOfShape" for n in proto.graph.node)

@@ -487,6 +487,54 @@ def _float64_tensors(proto: Any) -> list[str]:
   return found
 
 
+# Initializers at least this large whose elements are all equal are written as ConstantOfShape.
+UNIFORM_CONSTANT_MIN_BYTES = 4096
+
+
+def uniform_constants_as_nodes(proto: Any, min_bytes: int = UNIFORM_CONSTANT_MIN_BYTES) -> int:
+  """Rewrites, in place, every initializer of `proto`'s main graph of >= `min_bytes` whose
+  elements are all equal (all NaN counts as equal) as a ConstantOfShape node of the same name,
+  shape, dtype and value; returns the bytes removed from the file.
+
+  jax2onnx writes the zeros, -inf and NaN fills of a traced program (`jnp.zeros`, the masks'
+  `where(mask, x, -inf)`, padding) as full-size tensors: they were 40.6 of the 42.2 MiB of
+  initializers of the demo-size DCA model's prefill at batch 8 x 256 tokens (2026-12-05), the
+  weights 1.6. ConstantOfShape computes the same tensor at run time from its shape alone.
+  """
+  import onnx  # pylint: disable=import-outside-toplevel
+  from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
+
+  graph = proto.graph
+  inputs = {v.name for v in graph.input}
+  keep, nodes, removed = [], [], 0
+  for tensor in graph.initializer:
+    array = numpy_helper.to_array(tensor)
+    flat = array.reshape(-1)
+    uniform = (array.nbytes >= min_bytes and tensor.name not in inputs and flat.size > 0
+               and array.dtype != object
+               and (bool((flat == flat[0]).all())
+                    or (np.issubdtype(array.dtype, np.floating) and bool(np.isnan(flat).all()))))
+    if not uniform:
+      keep.append(tensor)
+      continue
+    removed += array.nbytes
+    shape_name = f"{tensor.name}__shape"
+    nodes.append(helper.make_node(
+        "Constant", [], [shape_name], name=f"{tensor.name}__shape_node",
+        value=numpy_helper.from_array(np.asarray(array.shape, np.int64), shape_name)))
+    nodes.append(helper.make_node(
+        "ConstantOfShape", [shape_name], [tensor.name], name=f"{tensor.name}__fill",
+        value=numpy_helper.from_array(flat[:1].copy(), f"{tensor.name}__value")))
+  if removed:
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)       # before every use: the graph stays sorted
+    onnx.checker.check_model(proto)
+  return removed
+
+
 class OnnxConverter(str, enum.Enum):
   """How `export_onnx` writes a program."""
 
@@ -596,6 +644,7 @@ def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = Non
   else:
     proto, batch, reason = _jax2onnx_proto(model, fn, layout, what, prefill_length,
                                            fallback_batch, symbolic_batch, opset)
+    uniform_constants_as_nodes(proto)
     used = "jax2onnx"
   doubles = _float64_tensors(proto)
   if doubles:
