@@ -240,6 +240,47 @@ def _cell_text(row: Mapping[str, Any]) -> str:
   return "not run"
 
 
+# Issue #12's MQAR targets: the best DCA variant's accuracy per cell (>= goal), and ahead of
+# every other sub-quadratic layer at every cell. SUBQUADRATIC: the layers DCA must beat.
+TARGET_GOALS = {(256, 16): 0.99, (512, 64): 0.9}
+SUBQUADRATIC = ("gated_deltanet", "gla_conv", "window_conv")
+
+
+def targets_markdown(seed0: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The targets table from the seed-0 rows: each layer's best finished run per cell (over the
+  learning rates run there: the sweep on (256, 16), 3e-3 elsewhere)."""
+  label_of = {slug: label for slug, _, _, label in RECALL_LAYERS}
+
+  def best(slugs, cell):
+    runs = [r for r in seed0 if r["status"] == "done" and (r["seq_len"], r["pairs"]) == cell
+            and r["label"] in {label_of[s] for s in slugs}]
+    return max(runs, key=lambda r: r["accuracy"]) if runs else None
+
+  def name(r):
+    return f"{r['label']}, lr {r['lr']:g}"
+
+  lines = ["## Issue #12's targets (seed 0; each layer at its best learning rate where swept)", "",
+           "| target | measured | status |", "|---|---|---|"]
+  dca = ("dca_delta", "dca")
+  for cell in RECALL_CELLS:
+    mine, other = best(dca, cell), best(SUBQUADRATIC, cell)
+    if cell in TARGET_GOALS:
+      goal = TARGET_GOALS[cell]
+      status = "-" if mine is None else ("met" if mine["accuracy"] >= goal else "missed")
+      measured = "not run" if mine is None else f"{mine['accuracy']:.3f} ({name(mine)})"
+      lines.append(f"| best DCA variant >= {goal:g} at {cell} | {measured} | {status} |")
+    if mine is None or other is None:
+      lines.append(f"| best DCA variant ahead of every other sub-quadratic layer at {cell} | "
+                   "not run | - |")
+      continue
+    status = "met" if mine["accuracy"] > other["accuracy"] else "missed"
+    lines.append(f"| best DCA variant ahead of every other sub-quadratic layer at {cell} | "
+                 f"{mine['accuracy']:.3f} ({name(mine)}) vs {other['accuracy']:.3f} "
+                 f"({name(other)}) | {status} |")
+  lines.append("")
+  return lines
+
+
 def markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   from experiments.bookkeeping import machine_line
   done = [r for r in rows if r["status"] == "done"]
@@ -269,6 +310,7 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     by_cell = {(r["seq_len"], r["pairs"]): r for r in main if r["label"] == label}
     lines.append(f"| {label} | " + " | ".join(_cell_text(by_cell[c]) for c in cells) + " |")
   lines.append("")
+  lines += targets_markdown(seed0)
   # Learning-rate sweep on the target cell.
   target = RECALL_CELLS[0]
   lrs = sorted({RECALL_BUDGET["peak_lr"], *SWEEP_LRS})
