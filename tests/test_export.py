@@ -384,13 +384,16 @@ def test_uniform_constants_become_constant_of_shape_nodes():
   import onnxruntime
   from onnx import TensorProto, helper, numpy_helper
 
+  signed = np.zeros((8, 64), np.float32)
+  signed[3, 5] = -0.0                       # equal to 0.0 by value, not by bits: kept
   values = {"zeros": np.zeros((8, 64), np.float32), "ninf": np.full((8, 64), -np.inf, np.float32),
             "nans": np.full((8, 64), np.nan, np.float32),
             "varied": np.arange(512, dtype=np.float32).reshape(8, 64),
-            "small": np.zeros((2,), np.float32)}
+            "signed": signed, "small": np.zeros((2,), np.float32)}
   nodes = [helper.make_node("Max", ["x", "ninf"], ["m"]),
            helper.make_node("Add", ["m", "zeros"], ["a"]),
-           helper.make_node("Add", ["a", "varied"], ["b"]),
+           helper.make_node("Add", ["a", "varied"], ["b0"]),
+           helper.make_node("Add", ["b0", "signed"], ["b"]),
            helper.make_node("IsNaN", ["nans"], ["isnan"]),
            helper.make_node("Where", ["isnan", "b", "zeros"], ["y"])]
   graph = helper.make_graph(
@@ -408,10 +411,18 @@ def test_uniform_constants_become_constant_of_shape_nodes():
   before = run(proto)
   removed = export_lib.uniform_constants_as_nodes(proto, min_bytes=1024)
   assert removed == 3 * 8 * 64 * 4
-  assert sorted(t.name for t in proto.graph.initializer) == ["small", "varied"]
+  assert sorted(t.name for t in proto.graph.initializer) == ["signed", "small", "varied"]
   assert sum(n.op_type == "ConstantOfShape" for n in proto.graph.node) == 3
   onnx.checker.check_model(proto)
   np.testing.assert_array_equal(run(proto), before)
+  # A float64 fill stays visible to the export's float64 check after the rewrite.
+  double = helper.make_model(helper.make_graph(
+      [helper.make_node("Cast", ["z"], ["y"], to=TensorProto.FLOAT)], "d", [],
+      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])],
+      [numpy_helper.from_array(np.zeros((64, 64)), "z")]),
+      opset_imports=[helper.make_opsetid("", 17)])
+  assert export_lib.uniform_constants_as_nodes(double) > 0
+  assert export_lib._float64_tensors(double)
 
 
 def test_exported_prefill_holds_no_uniform_fill(dca_export):

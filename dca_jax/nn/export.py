@@ -478,6 +478,8 @@ def _float64_tensors(proto: Any) -> list[str]:
       if node.op_type == "Cast" and any(a.name == "to" and a.i == double for a in node.attribute):
         found.append(node.output[0])
       for a in node.attribute:
+        if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == double:
+          found.append(f"{node.output[0]} ({node.op_type}.{a.name})")
         if a.type == onnx.AttributeProto.GRAPH:
           visit(a.g)
         for g in a.graphs:
@@ -491,10 +493,21 @@ def _float64_tensors(proto: Any) -> list[str]:
 UNIFORM_CONSTANT_MIN_BYTES = 4096
 
 
+def _fillable_types() -> frozenset[int]:
+  """ONNX element types that ConstantOfShape fills in every opset the exporter uses (>= 17) and
+  ONNX Runtime runs: bool, the integers, float16/32/64 (not bfloat16: opset 20; not float8 or
+  int4: no kernel)."""
+  from onnx import TensorProto  # pylint: disable=import-outside-toplevel
+  return frozenset(getattr(TensorProto, name) for name in (
+      "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
+      "FLOAT16", "FLOAT", "DOUBLE"))
+
+
 def uniform_constants_as_nodes(proto: Any, min_bytes: int = UNIFORM_CONSTANT_MIN_BYTES) -> int:
   """Rewrites, in place, every initializer of `proto`'s main graph of >= `min_bytes` whose
-  elements are all equal (all NaN counts as equal) as a ConstantOfShape node of the same name,
-  shape, dtype and value; returns the bytes removed from the file.
+  elements are bit for bit equal (so -0.0 and 0.0, or NaNs with other payloads, are not merged)
+  as a ConstantOfShape node of the same name, shape, dtype and value; returns the bytes removed
+  from the file. Only the element types of `_fillable_types`; graph inputs are left alone.
 
   jax2onnx writes the zeros, -inf and NaN fills of a traced program (`jnp.zeros`, the masks'
   `where(mask, x, -inf)`, padding) as full-size tensors: they were 40.6 of the 42.2 MiB of
@@ -504,16 +517,16 @@ def uniform_constants_as_nodes(proto: Any, min_bytes: int = UNIFORM_CONSTANT_MIN
   import onnx  # pylint: disable=import-outside-toplevel
   from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
 
+  fillable = _fillable_types()
   graph = proto.graph
   inputs = {v.name for v in graph.input}
   keep, nodes, removed = [], [], 0
   for tensor in graph.initializer:
-    array = numpy_helper.to_array(tensor)
-    flat = array.reshape(-1)
-    uniform = (array.nbytes >= min_bytes and tensor.name not in inputs and flat.size > 0
-               and array.dtype != object
-               and (bool((flat == flat[0]).all())
-                    or (np.issubdtype(array.dtype, np.floating) and bool(np.isnan(flat).all()))))
+    uniform = False
+    if tensor.data_type in fillable and tensor.name not in inputs:
+      array = numpy_helper.to_array(tensor)
+      bits = array.reshape(-1).view(f"u{array.dtype.itemsize}")    # -0.0 != 0.0, NaN payloads
+      uniform = array.nbytes >= min_bytes and bits.size > 0 and bool((bits == bits[0]).all())
     if not uniform:
       keep.append(tensor)
       continue
@@ -524,7 +537,7 @@ def uniform_constants_as_nodes(proto: Any, min_bytes: int = UNIFORM_CONSTANT_MIN
         value=numpy_helper.from_array(np.asarray(array.shape, np.int64), shape_name)))
     nodes.append(helper.make_node(
         "ConstantOfShape", [shape_name], [tensor.name], name=f"{tensor.name}__fill",
-        value=numpy_helper.from_array(flat[:1].copy(), f"{tensor.name}__value")))
+        value=numpy_helper.from_array(array.reshape(-1)[:1].copy(), f"{tensor.name}__value")))
   if removed:
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -644,12 +657,13 @@ def export_onnx(model: Any, max_length: int, *, prefill_length: int | None = Non
   else:
     proto, batch, reason = _jax2onnx_proto(model, fn, layout, what, prefill_length,
                                            fallback_batch, symbolic_batch, opset)
-    uniform_constants_as_nodes(proto)
     used = "jax2onnx"
-  doubles = _float64_tensors(proto)
+  doubles = _float64_tensors(proto)          # before the rewrite below turns fills into nodes
   if doubles:
     raise ValueError(f"ONNX export of the {what} for {_layer_name(model)} holds float64 values "
                      f"(e.g. {doubles[:3]}): a converter promoted float32 arithmetic.")
+  if used == "jax2onnx":
+    uniform_constants_as_nodes(proto)
   data = proto.SerializeToString()
   try:
     options = onnxruntime.SessionOptions()
