@@ -464,6 +464,7 @@ def run(config: Config, command: str, partial: pathlib.Path | None = None,
         result["matmul"] = earlier["matmul"]
   for name in remeasure:
     result.pop(name, None)
+    result.get("sections", {}).pop(name, None)
   provenance = result.setdefault("sections", {})
   for name in SECTIONS:                 # sections measured before provenance was recorded
     if name in result and name not in provenance:
@@ -472,7 +473,18 @@ def run(config: Config, command: str, partial: pathlib.Path | None = None,
                 config=dataclasses.asdict(config))
   measures = {"layers": measure_layers, "engine": measure_engine,
               "training": measure_training, "decoding": measure_decoding}
+  # Each probe records the run that made it, and a report keeps the probes of the runs its
+  # sections come from, no others (an untagged probe predates the tags: kept while a section
+  # without a run tag is). The partial file gets this run's probes with each section it
+  # measures, so a run resumed after an interruption keeps the interrupted run's rate beside
+  # its sections; it is rewritten with the final result at the end.
   probes = result.get("matmul", {}).get("probes", [])
+
+  def held_probes():
+    runs_held = {p.get("run") for p in provenance.values()}
+    mine = [dict(p, run=result["date"]) for p in session.probes]
+    return [p for p in probes + mine if p.get("run") in runs_held]
+
   started = time.perf_counter()
   for name in sections:
     if name in result:
@@ -481,15 +493,10 @@ def run(config: Config, command: str, partial: pathlib.Path | None = None,
     result[name] = measures[name](config)
     provenance[name] = {"command": command, "date": bookkeeping.now(), "run": result["date"]}
     if partial is not None:
+      result["matmul"] = {"probes": held_probes()}
       partial.write_text(json.dumps(result, indent=1, default=bookkeeping.json_default) + "\n")
   session.finish()
-  # Each probe records the run that made it; the matmul rates of earlier runs stay only beside
-  # sections those runs measured (an untagged probe predates the tags: kept while a section
-  # without a run tag is). The partial file is rewritten with the final result, so a later
-  # resumed or partial run starts from these probes, not from ones its sections no longer hold.
-  runs_held = {p.get("run") for p in provenance.values()}
-  probes = [p for p in probes if p.get("run") in runs_held]
-  result["matmul"] = {"probes": probes + [dict(p, run=result["date"]) for p in session.probes]}
+  result["matmul"] = {"probes": held_probes()}
   result["runtime_s"] = result.get("runtime_s", 0.0) + time.perf_counter() - started
   result["targets"] = targets(result)
   if partial is not None:

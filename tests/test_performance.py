@@ -166,7 +166,7 @@ def test_a_partial_rerun_keeps_the_matmul_rates_of_the_runs_its_sections_come_fr
   """The report's dense-matmul probes are those of the runs that measured its sections: after a
   full run and a rerun of one section, the first run's two probes and the rerun's two, never
   the probes of a run whose sections are all gone (they once survived in the partial file)."""
-  rates = iter([100.0, 101.0, 200.0, 201.0, 300.0, 301.0])
+  rates = iter([100.0, 101.0, 200.0, 201.0, 300.0, 301.0, 400.0, 401.0])
 
   class FakeSession:
     def __init__(self, matmul_n):
@@ -191,3 +191,39 @@ def test_a_partial_rerun_keeps_the_matmul_rates_of_the_runs_its_sections_come_fr
   assert run() == [100.0, 101.0]
   assert run(remeasure=performance.SECTIONS) == [200.0, 201.0]     # the first run's sections gone
   assert run(sections=("decoding",), remeasure=("decoding",)) == [200.0, 201.0, 300.0, 301.0]
+  # A run that measures nothing (its section already in the partial file) adds no probe.
+  assert run(sections=("decoding",)) == [200.0, 201.0, 300.0, 301.0]
+
+
+def test_a_resumed_run_keeps_the_interrupted_run_s_matmul_rate(tmp_path, monkeypatch):
+  """Interrupted after one section, then resumed: the report holds the interrupted run's start
+  probe beside the section it measured, and the resumed run's two beside the others."""
+  rates = iter([100.0, 200.0, 201.0])
+
+  class FakeSession:
+    def __init__(self, matmul_n):
+      self.machine, self.probes = {"cpu_model": "cpu"}, [{"gflops": next(rates)}]
+
+    def finish(self):
+      self.probes.append({"gflops": next(rates)})
+
+  calls = {"n": 0}
+
+  def engine(config):
+    calls["n"] += 1
+    if calls["n"] == 1:
+      raise KeyboardInterrupt
+    return ["engine"]
+
+  monkeypatch.setattr(performance.benchmark, "Session", FakeSession)
+  for name in performance.SECTIONS:
+    monkeypatch.setattr(performance, f"measure_{name}", lambda config, name=name: [name])
+  monkeypatch.setattr(performance, "measure_engine", engine)
+  monkeypatch.setattr(performance, "targets", lambda result: [])
+  dates = iter(f"2026-12-05T{i:02d}:00:00+00:00" for i in range(24))
+  monkeypatch.setattr(performance.bookkeeping, "now", lambda: next(dates))
+  config, partial = performance.get_config(True), tmp_path / "p.json"
+  with pytest.raises(KeyboardInterrupt):
+    performance.run(config, "cmd", partial=partial)
+  result = performance.run(config, "cmd", partial=partial)
+  assert [p["gflops"] for p in result["matmul"]["probes"]] == [100.0, 200.0, 201.0]
