@@ -30,7 +30,9 @@ Each variant is trained with the same config, seed and data as the gated run it 
 with (the corpus comparison's `lm_dca_delta`, the recall study's `recall_256_16_d128_dca_delta`:
 `experiments.suite_plan`), by `experiments.suite.run_one` in this process with
 `dca_delta._read_out` replaced by the shared read-out; the gated rows are read from their
-records (docs/corpus_comparison.json, docs/recall_study.json). Single seeds.
+records (docs/corpus_comparison.json, docs/recall_study.json), trained on 2026-12-02 to 12-04 by
+the same function of the same config (the delta memory's code has changed since only in how
+XLA computes it; its tests hold every form to one float64 oracle). Single seeds.
 """
 
 from __future__ import annotations
@@ -96,14 +98,23 @@ def variant_run(which: str):
 def run(which: str, runs_root: pathlib.Path, *, tiny: bool = False) -> dict[str, Any]:
   """Trains (or resumes) and evaluates the variant of `which`; returns its result.json (`tiny`:
   the suite's tiny configuration, a smoke test)."""
-  from experiments import suite
+  from experiments import bookkeeping, suite, suite_plan
   variant = variant_run(which)
   done = runs_root / variant.name / "result.json"
   if done.exists():
-    return json.loads(done.read_text())
-  window = variant.override_dict()["attention_options"]["window"]
+    result = json.loads(done.read_text())
+    if "readout" not in result:            # finished before the record named its read-out
+      result["readout"] = "shared"
+      bookkeeping.write_json(done, result)
+    return result
+  window = suite_plan.run_config(variant, tiny=tiny).attention_options.window
   with shared_readout(window):
-    return suite.run_one(variant, runs_root, tiny=tiny)
+    result = suite.run_one(variant, runs_root, tiny=tiny)
+  # The checkpoint's config is the gated run's: the record says which read-out trained it (a
+  # later `experiments.evaluate` of this workdir outside `shared_readout` would use the gate).
+  result["readout"] = "shared"
+  bookkeeping.write_json(done, result)
+  return result
 
 
 def _gated_row(which: str, records: pathlib.Path) -> dict[str, Any] | None:
