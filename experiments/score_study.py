@@ -84,7 +84,7 @@ def head_scores(q, k, v, q_features, k_features, log_decay, doc, *, window: int,
 
   Args (numpy, one batch row and head): q, k [T, K] (before rotary), v [T, V], q_features,
   k_features [T, F] (Taylor features of the projections), log_decay [T], doc [T] document ids;
-  projection_dim: P, whose linear features phi[1:P+1] = p / P^(1/4) give s = p . p' / sqrt(P).
+  projection_dim: P, whose linear features phi[1:P+1] = p / P^(1/4) give u = p . p' / sqrt(P).
 
   Returns:
     dict of [T, T] arrays s (window logits), kappa, u (projection similarity), weight (memory

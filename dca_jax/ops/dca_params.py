@@ -113,7 +113,8 @@ def compute_weights(params: DCAParams, x: jax.Array, *, feature_map_kind: Featur
   Args:
     params: `DCAParams`.
     x: [B, T, D] or, for one decoding step, [B, D].
-    feature_map_kind: "taylor" (default; phi(q).phi(k) = 1 + s + s^2/2) or "elu".
+    feature_map_kind: "taylor" (default; phi(q).phi(k) = 1 + u + u^2/2, u the projections'
+      similarity, `feature_maps.taylor_features`) or "elu".
 
   Returns:
     `DCAWeights` with shapes [B, T, H, .] (or [B, H, .] for [B, D] input); q, k, v, features in

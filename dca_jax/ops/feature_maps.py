@@ -2,8 +2,8 @@
 
 The compressed memory of DCA scores a query against a summary of old keys through a kernel
 phi(p) . phi(p'), where p, p' are learned projections of the query and key (no positions). The
-Taylor map gives 1 + s + s^2 / 2 with s = p . p' / sqrt(P): exp-like near s = 0 but not monotone
-(5.0 at s = -4, where exp gives 0.018), so it is a kernel of its own, not an approximation of the
+Taylor map gives 1 + u + u^2 / 2 with u = p . p' / sqrt(P): exp-like near u = 0 but not monotone
+(5.0 at u = -4, where exp gives 0.018), so it is a kernel of its own, not an approximation of the
 window's softmax. It must be positive (it enters the same normaliser as the exact softmax scores
 of the window) and cheap (docs/theory.md, section 5).
 """
@@ -47,10 +47,10 @@ def feature_dim(kind: FeatureMap | str, dim: int) -> int:
 
 
 def taylor_features(x):
-  """Second-order Taylor features: phi(x) . phi(y) = 1 + s + s^2 / 2 with s = x . y / sqrt(d).
+  """Second-order Taylor features: phi(x) . phi(y) = 1 + u + u^2 / 2 with u = x . y / sqrt(d).
 
-  The kernel 1 + s + s^2/2 >= 1/2 for every s, so it is strictly positive, and it matches
-  exp(s) to second order around s = 0.
+  The kernel 1 + u + u^2/2 >= 1/2 for every u, so it is strictly positive, and it matches
+  exp(u) to second order around u = 0 (u: the letter of docs/theory.md, section 5).
 
   Args:
     x: [..., d] inputs (d is small: the features grow as d^2 / 2).
@@ -61,8 +61,8 @@ def taylor_features(x):
   Example:
     >>> import jax.numpy as jnp
     >>> x, y = jnp.array([0.3, -0.2]), jnp.array([0.1, 0.5])
-    >>> s = x @ y / jnp.sqrt(2.0)
-    >>> bool(jnp.allclose(taylor_features(x) @ taylor_features(y), 1 + s + s**2 / 2))
+    >>> u = x @ y / jnp.sqrt(2.0)
+    >>> bool(jnp.allclose(taylor_features(x) @ taylor_features(y), 1 + u + u**2 / 2))
     True
 
   References:
