@@ -429,6 +429,23 @@ def render(result: Mapping[str, Any]) -> str:
               + ("." if acc["tiny"] else " (the lm_dca config is the demo model's DCA: the same "
                  "figure as the state table above)."), ""]
 
+  trained = result.get("accuracy_trained")
+  if trained:
+    lines += ["### The same check on longer-trained runs", "",
+              "Checkpoints of runs trained elsewhere (`--trained RUN`), exported and scored as "
+              "above (prefill length = the run's T).", "",
+              "| run | attention | steps | fp32 bpb | int8 bpb | int8 - fp32 | decode step .onnx "
+              "fp32 / int8 | prefill .onnx fp32 / int8 |", "|---|---|---:|---:|---:|---:|---|---|"]
+    for name, r in trained.items():
+      lines.append(
+          f"| {name} | {r['attention']} | {r['steps']} | {r['fp32']['bpb']:.4f} | "
+          f"{r['int8']['bpb']:.4f} | {r['int8']['bpb'] - r['fp32']['bpb']:+.4f} | "
+          f"{report.format_bytes(r['fp32']['decode_bytes'])} / "
+          f"{report.format_bytes(r['int8']['decode_bytes'])} | "
+          f"{report.format_bytes(r['fp32']['prefill_bytes'])} / "
+          f"{report.format_bytes(r['int8']['prefill_bytes'])} |")
+    lines.append("")
+
   if result.get("targets"):
     lines += report.targets_section(result["targets"], lambda r: "-" if r["value"] is None
                                     else f"{r['value']:.2f}x")
@@ -691,6 +708,47 @@ class Run:
     self.result["param_bytes"] = params
     self.save()
 
+  def int8_bits_per_byte(self, model, prefill_length: int, out: pathlib.Path):
+    """({"fp32": ..., "int8": ...} bits per byte through the runner, manifest) of `model`
+    exported with int8 to `out` (reused when there), on the first `bpb_rows` test rows."""
+    from experiments import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
+    from experiments import export as export_cli  # pylint: disable=import-outside-toplevel
+    from experiments import onnx_generate  # pylint: disable=import-outside-toplevel
+    c, p = self.config, prefill_length
+    if not (out / "manifest.json").exists():
+      with _quiet_root_logger():
+        export_cli.export_model(model, out, prefill_length=p, max_length=p, batch=c.bpb_batch,
+                                int8=True, log=log)
+    manifest = json.loads((out / "manifest.json").read_text())
+    corpus = corpus_lib.build_default_corpus()
+    data = b"".join(corpus.splits["test"])[:c.bpb_rows * p + 1]
+    figures = {}
+    for name, int8 in (("fp32", False), ("int8", True)):
+      lm = onnx_generate.OnnxLM(out, int8=int8, threads=max(self.threads))
+      bpb = onnx_generate.bits_per_byte(lm, data, rows=c.bpb_rows, batch_size=c.bpb_batch)
+      prefill = "prefill.int8.onnx" if int8 else "prefill.onnx"
+      decode = "decode_step.int8.onnx" if int8 else "decode_step.onnx"
+      figures[name] = {**bpb, "prefill_bytes": manifest["files"][prefill]["bytes"],
+                       "decode_bytes": manifest["files"][decode]["bytes"]}
+      log(f"int8 check: {name} {bpb['bpb']:.4f} bits per byte ({bpb['seconds']:.1f} s)")
+    return figures, manifest
+
+  def measure_trained(self, runs: Sequence[pathlib.Path]) -> None:
+    """The int8 check on runs trained elsewhere (e.g. the corpus comparison's), when given."""
+    from experiments import checkpoints as checkpoints_lib  # pylint: disable=import-outside-toplevel
+    table = self.result.setdefault("accuracy_trained", {})
+    for run_dir in runs:
+      name = run_dir.name
+      if name in table:
+        log(f"int8 check on {run_dir}: kept from {self.partial}")
+        continue
+      config, model, step = checkpoints_lib.load_checkpoint(run_dir)
+      figures, _ = self.int8_bits_per_byte(model, config.seq_len,
+                                           self.workdir / f"trained_{name}_export")
+      table[name] = {"workdir": str(run_dir), "steps": step, "seq_len": config.seq_len,
+                     "attention": config.attention, **figures, "date": bookkeeping.now()}
+      self.save()
+
   def measure_accuracy(self) -> None:
     """Trains the config briefly (reused when done), exports with int8, bits per byte."""
     if "accuracy" in self.result:
@@ -698,9 +756,6 @@ class Run:
       return
     from experiments import checkpoints as checkpoints_lib  # pylint: disable=import-outside-toplevel
     from experiments import configs as configs_lib  # pylint: disable=import-outside-toplevel
-    from experiments import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
-    from experiments import export as export_cli  # pylint: disable=import-outside-toplevel
-    from experiments import onnx_generate  # pylint: disable=import-outside-toplevel
     from experiments import train as train_lib  # pylint: disable=import-outside-toplevel
     c = self.config
     steps = c.train_steps
@@ -715,22 +770,8 @@ class Run:
       train_lib.train(config, run_dir, resume=done is not None, progress=False)
     train_s = time.perf_counter() - start
     _, model, step = checkpoints_lib.load_checkpoint(run_dir)
-    out = run_dir / "export"
     p = config.seq_len
-    if not (out / "manifest.json").exists():
-      with _quiet_root_logger():
-        export_cli.export_model(model, out, prefill_length=p, max_length=p, batch=c.bpb_batch,
-                                int8=True, log=log)
-    manifest = json.loads((out / "manifest.json").read_text())
-    corpus = corpus_lib.build_default_corpus()
-    data = b"".join(corpus.splits["test"])[:c.bpb_rows * p + 1]
-    figures = {}
-    for name, int8 in (("fp32", False), ("int8", True)):
-      lm = onnx_generate.OnnxLM(out, int8=int8, threads=max(self.threads))
-      bpb = onnx_generate.bits_per_byte(lm, data, rows=c.bpb_rows, batch_size=c.bpb_batch)
-      prefill = "prefill.int8.onnx" if int8 else "prefill.onnx"
-      figures[name] = {**bpb, "prefill_bytes": manifest["files"][prefill]["bytes"]}
-      log(f"accuracy: {name} {bpb['bpb']:.4f} bits per byte ({bpb['seconds']:.1f} s)")
+    figures, manifest = self.int8_bits_per_byte(model, p, run_dir / "export")
     sets = " ".join(f"--set {k}={v}" for k, v in overrides.items())
     self.result["accuracy"] = {
         "train_command": f"python -m experiments.train --config {c.train_config}"
@@ -743,7 +784,8 @@ class Run:
 
 
 def run(config: Config, command: str, partial: pathlib.Path | None, workdir: pathlib.Path,
-        threads: Sequence[int], fresh: bool = False) -> dict[str, Any]:
+        threads: Sequence[int], fresh: bool = False,
+        trained: Sequence[pathlib.Path] = ()) -> dict[str, Any]:
   """Measures everything `config` asks for, resuming from `partial` (see the module docstring)."""
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   result: dict[str, Any] = {}
@@ -761,6 +803,7 @@ def run(config: Config, command: str, partial: pathlib.Path | None, workdir: pat
   state.measure_sizes()
   state.measure_speed()
   state.measure_accuracy()
+  state.measure_trained(trained)
   result["runtime_s"] = result.get("runtime_s", 0.0) + time.perf_counter() - started
   result["machine"]["load_average_end"] = bookkeeping.load_average()
   result["targets"] = targets(result)
@@ -790,6 +833,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       help="comma-separated intra_op_num_threads to time each ONNX Runtime cell "
                            "with; the fastest is reported (default: 1,2)")
   parser.add_argument("--fresh", action="store_true", help="ignore the partial file")
+  parser.add_argument("--trained", action="append", default=[], metavar="RUN",
+                      help="also run the int8 check on this trained run's checkpoint (e.g. "
+                           "runs/corpus/lm_dca_x3; repeatable)")
   parser.add_argument("--render-only", action="store_true",
                       help="measure nothing: rewrite the .md from the .json in --out")
   args = parser.parse_args(argv)
@@ -803,7 +849,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     result = run(get_config(args.quick), command.strip(), stem.with_suffix(".partial.json"),
                  pathlib.Path(args.workdir), _thread_counts(parser, args.threads),
-                 fresh=args.fresh)
+                 fresh=args.fresh, trained=[pathlib.Path(t) for t in args.trained])
     bookkeeping.write_json(stem.with_suffix(".json"), result, indent=1)
   stem.with_suffix(".md").write_text(render(result) + "\n", encoding="utf-8")
   report.log_targets(result["targets"], none_text="-")

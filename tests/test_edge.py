@@ -129,3 +129,15 @@ def test_render_gives_implied_watts_contradictions_and_the_brain():
           "is estimated at 0.500") in text
   assert "at 8k, batch 1, the measured" not in text
 
+
+
+def test_render_shows_the_int8_check_on_trained_runs():
+  result = _result()
+  figures = {name: {"bpb": bpb, "rows": 128, "bytes": 32768, "seconds": 1.0,
+                    "prefill_bytes": size, "decode_bytes": size // 2}
+             for name, bpb, size in (("fp32", 1.6100, 4_000_000), ("int8", 1.6125, 1_000_000))}
+  result["accuracy_trained"] = {"lm_dca_x3": {"workdir": "runs/corpus/lm_dca_x3", "steps": 3000,
+                                              "seq_len": 256, "attention": "dca", **figures}}
+  text = edge.render(result)
+  assert "### The same check on longer-trained runs" in text
+  assert "| lm_dca_x3 | dca | 3000 | 1.6100 | 1.6125 | +0.0025 |" in text
