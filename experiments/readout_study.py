@@ -153,6 +153,14 @@ def markdown(collected: dict[str, Any], date: str) -> list[str]:
            "`--which recall` (experiments/readout_study.py defines both read-outs and the "
            f"runs); rendered {date}. Single seeds (seed 0), each variant with the config, seed "
            "and data of the gated run beside it.", ""]
+  for which, pair in collected.items():
+    for variant, row in pair.items():
+      if row and row.get("machine"):
+        m = row["machine"]
+        lines.append(f"- {which}, {variant}: trained {str(row.get('date', '?'))[:10]} on "
+                     f"{m.get('cpu_model', '?')} ({m.get('cpu_count', '?')} CPUs), backend "
+                     f"{m.get('backend', '?')}, jax {m.get('jax', '?')}")
+  lines.append("")
   corpus = collected["corpus"]
   gated, shared = _corpus_bpb(corpus["gated"]), _corpus_bpb(corpus["shared"])
   contexts = sorted(set(gated) | set(shared))
