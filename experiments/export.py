@@ -321,11 +321,17 @@ def quantize_int8(source: str | os.PathLike[str], target: str | os.PathLike[str]
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     model = onnx.load(str(folded))
     _gemm_to_matmul(model)
+    # The folding materialises the exporter's ConstantOfShape fills again: back to nodes, here
+    # and after the quantiser (the demo prefill's int8 file was 13.7 MB against 2.7 MB in fp32).
+    export_lib.uniform_constants_as_nodes(model)
     staged = pathlib.Path(tmp) / "matmul.onnx"
     onnx.save(model, str(staged))
     # The quantiser prints the shapes it cannot infer; they are not errors.
     with contextlib.redirect_stdout(io.StringIO()):
       quantize_dynamic(str(staged), str(target), weight_type=QuantType.QInt8)
+  quantized = onnx.load(str(target))
+  if export_lib.uniform_constants_as_nodes(quantized):
+    onnx.save(quantized, str(target))
 
 
 def main(argv: list[str] | None = None) -> int:

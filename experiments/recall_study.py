@@ -236,7 +236,7 @@ def _cell_text(row: Mapping[str, Any]) -> str:
     stop = "" if row["stopped_early"] else ", budget spent"
     return f"{_fmt(row['accuracy'])} ({row['steps']} steps{stop})"
   if row["status"] == "under way":
-    return f"under way: val {_fmt(row['val_accuracy'])} at {row['steps']}"
+    return f"unfinished (resumable): val {_fmt(row['val_accuracy'])} at step {row['steps']}"
   return "not run"
 
 

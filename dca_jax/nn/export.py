@@ -520,6 +520,17 @@ def uniform_constants_as_nodes(proto: Any, min_bytes: int = UNIFORM_CONSTANT_MIN
   fillable = _fillable_types()
   graph = proto.graph
   inputs = {v.name for v in graph.input}
+  taken = inputs | {t.name for t in graph.initializer} | {
+      name for node in graph.node for name in list(node.output) + [node.name]}
+
+  def fresh(name: str) -> str:       # a name the graph does not use yet (it may be re-run)
+    candidate, i = name, 0
+    while candidate in taken:
+      i += 1
+      candidate = f"{name}_{i}"
+    taken.add(candidate)
+    return candidate
+
   keep, nodes, removed = [], [], 0
   for tensor in graph.initializer:
     uniform = False
@@ -531,12 +542,12 @@ def uniform_constants_as_nodes(proto: Any, min_bytes: int = UNIFORM_CONSTANT_MIN
       keep.append(tensor)
       continue
     removed += array.nbytes
-    shape_name = f"{tensor.name}__shape"
+    shape_name = fresh(f"{tensor.name}__shape")
     nodes.append(helper.make_node(
-        "Constant", [], [shape_name], name=f"{tensor.name}__shape_node",
+        "Constant", [], [shape_name], name=fresh(f"{tensor.name}__shape_node"),
         value=numpy_helper.from_array(np.asarray(array.shape, np.int64), shape_name)))
     nodes.append(helper.make_node(
-        "ConstantOfShape", [shape_name], [tensor.name], name=f"{tensor.name}__fill",
+        "ConstantOfShape", [shape_name], [tensor.name], name=fresh(f"{tensor.name}__fill"),
         value=numpy_helper.from_array(array.reshape(-1)[:1].copy(), f"{tensor.name}__value")))
   if removed:
     del graph.initializer[:]
