@@ -90,3 +90,23 @@ def test_readme_headline_and_targets_are_the_performance_report_s():
                         "| DCA demo model decodes", "| engine: ")):
       assert line in readme, line
   assert tables >= 1
+
+
+def test_readme_opening_quotes_the_recorded_fresh_clone_runs():
+  """The README's two commands and the times it gives for them are those of the newest entries of
+  docs/ci_runs.json (`python -m experiments.ci_record`: each command run on a fresh clone)."""
+  import json
+  from experiments import ci_record
+  opening = " ".join((ROOT / "README.md").read_text().split("---")[0].split())
+  assert ci_record.DEMO_COMMAND in opening
+  runs = json.loads((ROOT / "docs" / "ci_runs.json").read_text())["runs"]
+  latest = {}
+  for entry in runs:
+    if entry["exit_code"] == 0:
+      latest[entry["job"]] = entry
+  ci, demo = latest["ci"], latest["demo"]
+  assert f"{ci['wall_s'] / 60:.1f} min" in opening and ci["commit"][:7] in opening
+  for p in ci["pytest"]:
+    assert f"{p['summary']} in {p['seconds'] / 60:.1f} min" in opening
+  assert f"{demo['wall_s'] / 60:.1f} min" in opening and demo["commit"][:7] in opening
+  assert f"{demo['demo_total_s'] / 60:.1f} min" in opening
