@@ -31,7 +31,8 @@ attention, at batch 1 and 8 and at contexts of 1k, 8k and 32k tokens already in 
    parameter and the row's whole cache from DRAM).
 4. Int8 against fp32 accuracy: `lm_dca` trained briefly (its tiny variant with `--quick`),
    exported by `experiments.export.export_model` with `--int8`, bits per byte of a slice of the
-   test split through the runner's `bits_per_byte`.
+   test split through the runner's `bits_per_byte`; with `--trained RUN` (repeatable) the same
+   check on checkpoints trained elsewhere, e.g. the corpus comparison's 3000-step DCA run.
 5. The targets (`targets`): DCA in ONNX Runtime at batch 1 at least as fast as JAX `generate`;
    its rate at the longest context within 15% of its rate at 1k; at 8k at least 5x softmax's
    through the same runtime.
