@@ -102,11 +102,7 @@ def run(which: str, runs_root: pathlib.Path, *, tiny: bool = False) -> dict[str,
   variant = variant_run(which)
   done = runs_root / variant.name / "result.json"
   if done.exists():
-    result = json.loads(done.read_text())
-    if "readout" not in result:            # finished before the record named its read-out
-      result["readout"] = "shared"
-      bookkeeping.write_json(done, result)
-    return result
+    return json.loads(done.read_text())
   window = suite_plan.run_config(variant, tiny=tiny).attention_options.window
   with shared_readout(window):
     result = suite.run_one(variant, runs_root, tiny=tiny)
@@ -142,8 +138,7 @@ def _corpus_bpb(row: dict[str, Any] | None) -> dict[str, float]:
   """{context: bpb} of a corpus row (record row or result.json)."""
   if row is None:
     return {}
-  evaluation = row.get("evaluation") or row.get("bpb") or {}
-  return {int(t): (v["bpb"] if isinstance(v, dict) else v) for t, v in evaluation.items()}
+  return {int(t): v["bpb"] for t, v in row["evaluation"].items()}
 
 
 def markdown(collected: dict[str, Any], date: str) -> list[str]:
