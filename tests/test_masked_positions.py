@@ -169,12 +169,16 @@ def test_decoding_poisons_what_the_forward_poisons(name, rows):
 @pytest.mark.parametrize("variant", [{}, {"decay": "channel", "combine": "gated"},
                                      {"memory": "delta"}])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_unconfined_attention_compress_is_the_same_function(variant, with_state):
+# Without a state the unconfined path runs the memory's engine on the last T - W steps only:
+# T = W, W + 1, and a window of the engine's chunk length (64) with T not a multiple of it.
+@pytest.mark.parametrize("window,time", [(4, 13), (4, 4), (4, 5), (64, 150)])
+def test_unconfined_attention_compress_is_the_same_function(variant, with_state, window, time):
   from oracles import D_MODEL, random_params, random_x
-  window, time = 4, 13
+  if with_state and time != 13:
+    pytest.skip("the new shapes change the stateless path only")
   params = random_params(31, window=window, **variant)
   x = random_x(32, (B, time, D_MODEL))
-  reset = jnp.zeros((B, time), bool).at[1, 6].set(True)
+  reset = jnp.zeros((B, time), bool).at[1, min(6, time - 1)].set(True)
 
   def run(params, x, confine):
     weights = dca_jax.compute_weights(params, x)
@@ -194,8 +198,11 @@ def test_unconfined_attention_compress_is_the_same_function(variant, with_state)
                                     for c in (True, False)])
   (out, grads), (out_u, grads_u) = both(params, x)
   np.testing.assert_allclose(out_u, out, rtol=1e-6, atol=1e-6)
+  # float32 rounding of two orders of the same sums: at T = 150 the delta memory's gradients
+  # differ by up to 3.4e-5 relative (measured before the engine skipped the first W steps too).
+  rtol, atol = (1e-5, 1e-6) if time < 64 else (1e-4, 1e-5)
   for a, b in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("op", ["window", "blocked"])

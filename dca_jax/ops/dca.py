@@ -187,10 +187,19 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   inserted_features = jnp.where(same_doc, kf_in, 0.0)
   ones = jnp.ones(v_in.shape[:-1] + (1,), f32)
   inserted_values = jnp.where(same_doc, jnp.concatenate([v_in, ones], axis=-1), 0.0)
+  # Without a state (training, evaluation, a first prefill) the memory starts empty and its
+  # first W steps insert nothing, so it is still zero after them and the first W queries read
+  # zero from it: the engine runs on the other T - W steps only. The same function, 1/N fewer
+  # chunks of the engine's work. Only where non-finite inputs need not be confined: a NaN decay
+  # among the first W steps would otherwise have to poison the later outputs it reaches.
+  skip = window if state is None and axis_name is None and not guard and time > window else 0
+  later = lambda x: x if x is None or not skip else x[:, skip:]
   memory_out, memory = run_engine(
-      (plan.engine, plan.engine_grad), weights.q_features.astype(f32), inserted_features,
-      inserted_values, weights.log_decay,
-      initial_state=None if state is None else state.memory, reset=reset, guard=guard)
+      (plan.engine, plan.engine_grad), later(weights.q_features.astype(f32)),
+      later(inserted_features), later(inserted_values), later(weights.log_decay),
+      initial_state=None if state is None else state.memory, reset=later(reset), guard=guard)
+  if skip:
+    memory_out = jnp.pad(memory_out, ((0, 0), (skip, 0), (0, 0), (0, 0)))
   if axis_name is not None:
     memory_out, memory = sequence_parallel.combine_shards(
         memory_out, memory, weights.q_features.astype(f32),

@@ -226,9 +226,15 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
                              state.memory, reset, axis_name)
   else:
     initial = None if state is None else state.memory
-  memory_out, memory = run_delta_rule(plans, q_unit, keys_in, values_in, betas_in,
-                                      weights.log_decay, initial_state=initial, reset=reset,
-                                      guard=guard)
+  # As `dca._compiled_compress`: without a state the first W steps write nothing into an empty
+  # memory (k = 0, beta = 0), so the engine runs on the other T - W steps only.
+  skip = window if state is None and axis_name is None and not guard and time > window else 0
+  later = lambda x: x if x is None or not skip else x[:, skip:]
+  memory_out, memory = run_delta_rule(plans, later(q_unit), later(keys_in), later(values_in),
+                                      later(betas_in), later(weights.log_decay),
+                                      initial_state=initial, reset=later(reset), guard=guard)
+  if skip:
+    memory_out = jnp.pad(memory_out, ((0, 0), (skip, 0), (0, 0), (0, 0)))
   o = _read_out(num, den, memory_out, weights.gate.astype(f32), top=top,
                 live=same_doc[..., 0]).astype(out_dtype)
   if not return_state:
