@@ -90,6 +90,8 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       non-finite input x itself; non-finite weights then give NaN outputs beyond the ones that
       see them, earlier tokens included (with one decay per head, the engine's chunk states of a
       pass of up to `chunked.MAX_CHUNK_MATRIX` chunks are one matmul, where 0 * NaN is NaN).
+      Without a state, False also lets the memory's engine skip the first W steps, which insert
+      nothing into the empty memory (T - W steps instead of T; the same function).
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
