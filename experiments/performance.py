@@ -19,7 +19,8 @@ Writes `docs/performance.{json,md,png}` (`--out` elsewhere). One run, one proces
    and the fraction of the matmul rate; the engine planner's sweep
    (`experiments.benchmark_engine`).
 4. LM training steps: `lm_dca` against `lm_softmax` (the demo's model, 2 layers, d_model 128),
-   tokens/s at T = 256 (batch 8) and T = 2048 (batch 1).
+   tokens/s at T = 256 (batch 8) and T = 2048 (batch 1), with the sliding-window and GLA models of
+   `lm_softmax`'s config beside them as references (`TRAINING_MODELS`).
 5. Decoding: `generate` on the demo-size model after a 4k prompt, tokens/s at batch 1 and 32
    (`experiments.decode_rate`), against the bound set by the bytes a step reads.
 
@@ -128,8 +129,8 @@ def measure_engine(config: Config) -> dict[str, Any]:
 
 # Section 4's models: (row name, experiment config, overrides). The targets compare lm_dca with
 # lm_softmax; the sliding-window and GLA models (lm_softmax's config with another attention
-# layer, the same size) are the references that say where DCA's step time goes: DCA is the
-# window plus the compressed memory.
+# layer: the same widths and depth; GLA's layer has a few more parameters) are the references
+# that say where DCA's step time goes: DCA is the window plus the compressed memory.
 TRAINING_MODELS = (
     ("lm_dca", "lm_dca", {}),
     ("lm_softmax", "lm_softmax", {}),

@@ -168,17 +168,21 @@ def test_decoding_poisons_what_the_forward_poisons(name, rows):
 # finite inputs that must be the same function, forward and gradient, on every path it changes.
 @pytest.mark.parametrize("variant", [{}, {"decay": "channel", "combine": "gated"},
                                      {"memory": "delta"}])
-@pytest.mark.parametrize("with_state", [False, True])
 # Without a state the unconfined path runs the memory's engine on the last T - W steps only:
-# T = W, W + 1, and a window of the engine's chunk length (64) with T not a multiple of it.
-@pytest.mark.parametrize("window,time", [(4, 13), (4, 4), (4, 5), (64, 150)])
+# T = W, W + 1, and a window of the engine's chunk length (64) with T not a multiple of it, with
+# resets before, at and after W, and (with_state) a first call of 90 > W tokens returning its
+# state.
+@pytest.mark.parametrize("with_state,window,time", [
+    (False, 4, 13), (True, 4, 13), (False, 4, 4), (False, 4, 5), (False, 64, 150),
+    (True, 64, 150)])
 def test_unconfined_attention_compress_is_the_same_function(variant, with_state, window, time):
   from oracles import D_MODEL, random_params, random_x
-  if with_state and time != 13:
-    pytest.skip("the new shapes change the stateless path only")
   params = random_params(31, window=window, **variant)
   x = random_x(32, (B, time, D_MODEL))
   reset = jnp.zeros((B, time), bool).at[1, min(6, time - 1)].set(True)
+  if time > 100:
+    reset = reset.at[0, window].set(True).at[1, 100].set(True)
+  split = 5 if time < 64 else 90
 
   def run(params, x, confine):
     weights = dca_jax.compute_weights(params, x)
@@ -186,11 +190,11 @@ def test_unconfined_attention_compress_is_the_same_function(variant, with_state,
       return dca_jax.attention_compress(weights, window=window, reset=reset,
                                         confine_nonfinite=confine)
     first, state = dca_jax.attention_compress(
-        dca_jax.DCAWeights(*(None if w is None else w[:, :5] for w in weights)), window=window,
-        return_state=True, confine_nonfinite=confine)
+        dca_jax.DCAWeights(*(None if w is None else w[:, :split] for w in weights)),
+        window=window, reset=reset[:, :split], return_state=True, confine_nonfinite=confine)
     rest = dca_jax.attention_compress(
-        dca_jax.DCAWeights(*(None if w is None else w[:, 5:] for w in weights)), window=window,
-        reset=reset[:, 5:], state=state, confine_nonfinite=confine)
+        dca_jax.DCAWeights(*(None if w is None else w[:, split:] for w in weights)),
+        window=window, reset=reset[:, split:], state=state, confine_nonfinite=confine)
     return jnp.concatenate([first, rest], axis=1)
 
   loss = lambda params, x, confine: jnp.sum(jnp.sin(run(params, x, confine)))

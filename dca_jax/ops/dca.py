@@ -90,8 +90,9 @@ def attention_compress(weights: DCAWeights, *, window: int, reset: jax.Array | N
       non-finite input x itself; non-finite weights then give NaN outputs beyond the ones that
       see them, earlier tokens included (with one decay per head, the engine's chunk states of a
       pass of up to `chunked.MAX_CHUNK_MATRIX` chunks are one matmul, where 0 * NaN is NaN).
-      Without a state, False also lets the memory's engine skip the first W steps, which insert
-      nothing into the empty memory (T - W steps instead of T; the same function).
+      Without a state, on one device (axis_name None) and for T > W, False also lets the
+      memory's engine skip the first W steps, which insert nothing into the empty memory (T - W
+      steps instead of T; the same function).
 
   Returns:
     o [B, T, H, V] in v's dtype, or (o, state) when `return_state`.
@@ -191,8 +192,8 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   inserted_values = jnp.where(same_doc, jnp.concatenate([v_in, ones], axis=-1), 0.0)
   # Without a state (training, evaluation, a first prefill) the memory starts empty and its
   # first W steps insert nothing, so it is still zero after them and the first W queries read
-  # zero from it: the engine runs on the other T - W steps only. The same function, 1/N fewer
-  # chunks of the engine's work. Only where non-finite inputs need not be confined: a NaN decay
+  # zero from it: the engine runs on the other T - W steps only. The same function, with one
+  # chunk fewer of the engine's N when W equals the chunk length (a quarter at T = 256). Only where non-finite inputs need not be confined: a NaN decay
   # among the first W steps would otherwise have to poison the later outputs it reaches.
   skip = window if state is None and axis_name is None and not guard and time > window else 0
   later = lambda x: x if x is None or not skip else x[:, skip:]
