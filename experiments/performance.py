@@ -387,9 +387,9 @@ def write_markdown(path: pathlib.Path, result: dict[str, Any]) -> None:
       lines.append("")
   if result.get("training"):
     lines += ["## LM training steps (demo model: 2 layers, d_model 128)", "",
-              "The references are `lm_softmax`'s config with the sliding-window (W = 64) or the GLA "
-              "layer in place of softmax (`performance.TRAINING_MODELS`): DCA's layer is that "
-              "window plus the compressed memory.", "",
+              "The references are `lm_softmax`'s config with the sliding-window (W = 64) or the "
+              "GLA layer in place of softmax (`performance.TRAINING_MODELS`): DCA's layer is "
+              "that window plus the compressed memory.", "",
               "| experiment | T x batch | step | tokens/s |", "|---|---|---|---|"]
     for r in result["training"]:
       lines.append(f"| {r['experiment']} | {r['T']} x {r['batch']} | {_fmt_time(r.get('median_s'))}"

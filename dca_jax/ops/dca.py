@@ -193,8 +193,9 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   # Without a state (training, evaluation, a first prefill) the memory starts empty and its
   # first W steps insert nothing, so it is still zero after them and the first W queries read
   # zero from it: the engine runs on the other T - W steps only. The same function, with one
-  # chunk fewer of the engine's N when W equals the chunk length (a quarter at T = 256). Only where non-finite inputs need not be confined: a NaN decay
-  # among the first W steps would otherwise have to poison the later outputs it reaches.
+  # chunk fewer of the engine's N when W equals the chunk length (a quarter at T = 256). Only
+  # where non-finite inputs need not be confined: a NaN decay among the first W steps would
+  # otherwise have to poison the later outputs it reaches.
   skip = window if state is None and axis_name is None and not guard and time > window else 0
   later = lambda x: x if x is None or not skip else x[:, skip:]
   memory_out, memory = run_engine(
