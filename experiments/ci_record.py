@@ -77,7 +77,7 @@ def run_job(job: str, repo: pathlib.Path, commit: str,
     wall = time.perf_counter() - start
     demo_record = clone / "docs" / "demo.json"
     entry = {"job": job, "date": started, "commit": commit,
-             "command": ".ci/run" if job == "ci" else f"{DEMO_COMMAND} --record docs/demo.json",
+             "command": ".ci/run" if job == "ci" else command,
              "machine": bookkeeping.machine_info(), "wall_s": round(wall, 1),
              "exit_code": proc.returncode}
     if job == "ci":

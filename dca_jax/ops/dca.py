@@ -38,7 +38,8 @@ import jax.numpy as jnp
 
 from dca_jax.ops import _checks, sequence_parallel
 from dca_jax.ops.dca_delta import attention_compress_delta
-from dca_jax.ops.dca_memory import (DCAState, check_state, combine_memories, shard_entry,
+from dca_jax.ops.dca_memory import (DCAState, after_lead, before_lead, check_state,
+                                    combine_memories, empty_lead, shard_entry,
                                     softmax_over_window, state_after, window_and_stream)
 from dca_jax.ops.dca_params import DCAWeights, check_weights
 from dca_jax.ops.gla import run_engine
@@ -190,20 +191,13 @@ def _compiled_compress(weights: DCAWeights, reset, state, *, plan, window: int, 
   inserted_features = jnp.where(same_doc, kf_in, 0.0)
   ones = jnp.ones(v_in.shape[:-1] + (1,), f32)
   inserted_values = jnp.where(same_doc, jnp.concatenate([v_in, ones], axis=-1), 0.0)
-  # Without a state (training, evaluation, a first prefill) the memory starts empty and its
-  # first W steps insert nothing, so it is still zero after them and the first W queries read
-  # zero from it: the engine runs on the other T - W steps only. The same function, with one
-  # chunk fewer of the engine's N when W equals the chunk length (a quarter at T = 256). Only
-  # where non-finite inputs need not be confined: a NaN decay among the first W steps would
-  # otherwise have to poison the later outputs it reaches.
-  skip = window if state is None and axis_name is None and not guard and time > window else 0
-  later = lambda x: x if x is None or not skip else x[:, skip:]
+  skip = empty_lead(window, time, state=state, axis_name=axis_name, guard=guard)
+  *engine_in, engine_reset = after_lead(skip, weights.q_features.astype(f32), inserted_features,
+                                        inserted_values, weights.log_decay, reset)
   memory_out, memory = run_engine(
-      (plan.engine, plan.engine_grad), later(weights.q_features.astype(f32)),
-      later(inserted_features), later(inserted_values), later(weights.log_decay),
-      initial_state=None if state is None else state.memory, reset=later(reset), guard=guard)
-  if skip:
-    memory_out = jnp.pad(memory_out, ((0, 0), (skip, 0), (0, 0), (0, 0)))
+      (plan.engine, plan.engine_grad), *engine_in,
+      initial_state=None if state is None else state.memory, reset=engine_reset, guard=guard)
+  memory_out = before_lead(skip, memory_out)
   if axis_name is not None:
     memory_out, memory = sequence_parallel.combine_shards(
         memory_out, memory, weights.q_features.astype(f32),

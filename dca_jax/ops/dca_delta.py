@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from dca_jax.ops import _checks
-from dca_jax.ops.dca_memory import (shard_entry, softmax_over_window, state_after, step_reads,
+from dca_jax.ops.dca_memory import (after_lead, before_lead, empty_lead, shard_entry,
+                                    softmax_over_window, state_after, step_reads,
                                     window_and_stream, write_step)
 from dca_jax.ops.dca_params import DCAWeights
 from dca_jax.ops.delta_rule import entering_state, l2_normalize, run_delta_rule
@@ -226,15 +227,12 @@ def _compiled_compress_delta(weights: DCAWeights, reset, state, *, plan, window:
                              state.memory, reset, axis_name)
   else:
     initial = None if state is None else state.memory
-  # As `dca._compiled_compress`: without a state the first W steps write nothing into an empty
-  # memory (k = 0, beta = 0), so the engine runs on the other T - W steps only.
-  skip = window if state is None and axis_name is None and not guard and time > window else 0
-  later = lambda x: x if x is None or not skip else x[:, skip:]
-  memory_out, memory = run_delta_rule(plans, later(q_unit), later(keys_in), later(values_in),
-                                      later(betas_in), later(weights.log_decay),
-                                      initial_state=initial, reset=later(reset), guard=guard)
-  if skip:
-    memory_out = jnp.pad(memory_out, ((0, 0), (skip, 0), (0, 0), (0, 0)))
+  skip = empty_lead(window, time, state=state, axis_name=axis_name, guard=guard)
+  *engine_in, engine_reset = after_lead(skip, q_unit, keys_in, values_in, betas_in,
+                                        weights.log_decay, reset)
+  memory_out, memory = run_delta_rule(plans, *engine_in, initial_state=initial,
+                                      reset=engine_reset, guard=guard)
+  memory_out = before_lead(skip, memory_out)
   o = _read_out(num, den, memory_out, weights.gate.astype(f32), top=top,
                 live=same_doc[..., 0]).astype(out_dtype)
   if not return_state:

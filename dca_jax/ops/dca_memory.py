@@ -255,6 +255,30 @@ def window_and_stream(q, new, doc: jax.Array, reset, state, *, window: int, scal
           [x[:, -window:] for x in extended])
 
 
+def empty_lead(window: int, time: int, *, state, axis_name, guard: bool) -> int:
+  """How many leading steps of a call's memory stream (`window_and_stream`) the engine may skip.
+
+  Without a state (training, evaluation, a first prefill) the memory starts empty and its first
+  W steps insert nothing (the token leaving the window at step t is t - W), so it is still zero
+  after them and the first W queries read zero from it: the engine can run on the other T - W
+  steps (`after_lead`), its output padded back with zeros (`before_lead`). The same function,
+  one chunk fewer of the engine's N when W equals the chunk length (a quarter at T = 256). Only
+  on one device and where non-finite inputs need not be confined (`guard` False): a NaN decay
+  among the first W steps would otherwise have to poison the later outputs it reaches.
+  """
+  return window if state is None and axis_name is None and not guard and time > window else 0
+
+
+def after_lead(skip: int, *xs):
+  """Each x [B, T, ...] (or None) without its first `skip` steps (`empty_lead`)."""
+  return [x if x is None or not skip else x[:, skip:] for x in xs]
+
+
+def before_lead(skip: int, out: jax.Array) -> jax.Array:
+  """The engine's output [B, T - skip, ...] with `skip` zero steps in front (`empty_lead`)."""
+  return out if not skip else jnp.pad(out, ((0, 0), (skip, 0)) + ((0, 0),) * (out.ndim - 2))
+
+
 def shard_entry(new, reset, window: int, axis_name, state=None, rotary_base=None):
   """(position, doc_start, buffered) entering this shard when T is sharded over `axis_name`.
 
